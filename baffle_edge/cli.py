@@ -1,0 +1,160 @@
+"""The ``baffle-edge`` command line."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+DEFAULTS_NOTE = "defaults follow the BAFFLE reference setup (arXiv 2301.12195) unless noted"
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .models import MODEL_NAMES
+    from .data import DATASETS
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="lenet", choices=MODEL_NAMES, help="model architecture (default: lenet)")
+    g.add_argument("--activation", default="hardswish", choices=["hardswish", "relu"],
+                   help="activation (default: hardswish, the reference's)")
+    g.add_argument("--norm", default=None, choices=["none", "group"],
+                   help="normalisation (default: none for lenet/mlp, group for wrn-10-2; BatchNorm is refused)")
+    g.add_argument("--dataset", default="digits", choices=DATASETS,
+                   help="digits is embedded (scikit-learn); mnist/cifar10 read local files (default: digits)")
+    g.add_argument("--data-dir", default=None, help="folder with MNIST IDX files or CIFAR-10 batches")
+    g = p.add_argument_group("federation")
+    g.add_argument("--clients", type=int, default=10, help="number of clients (default: 10)")
+    g.add_argument("--partition", default="iid", choices=["iid", "dirichlet"], help="client data split (default: iid)")
+    g.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet (default: 0.5)")
+    g.add_argument("--batch-size", type=int, default=32, help="samples per client batch (default: 32)")
+    g.add_argument("--strategy", default="fedsgd", choices=["fedsgd", "fedavg"],
+                   help="fedsgd: one estimated gradient per client per round; fedavg: local steps, server "
+                        "replays them from the scalars (default: fedsgd)")
+    g.add_argument("--local-steps", type=int, default=5, help="fedavg local steps per round (default: 5)")
+    g.add_argument("--local-lr", type=float, default=1e-2, help="fedavg local SGD step size (default: 0.01)")
+    g.add_argument("--rounds", type=int, default=None, help="total rounds (default: 200, or from --epochs)")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="total epochs; an epoch = ceil(train samples / (clients x batch)) rounds")
+    g = p.add_argument_group("BAFFLE estimator")
+    g.add_argument("--method", default="baffle", choices=["baffle", "bp"],
+                   help="baffle: forward passes + K loss scalars; bp: exact backprop baseline (default: baffle)")
+    g.add_argument("--k", type=int, default=100, help="perturbations K per client per round (default: 100)")
+    g.add_argument("--sigma", type=float, default=1e-4, help="perturbation scale sigma (default: 1e-4)")
+    g.add_argument("--scheme", default="forward", choices=["forward", "central"],
+                   help="forward: K+1 forwards; central: 2K forwards (default: forward)")
+    g.add_argument("--noise", default="gaussian", choices=["gaussian", "rademacher"],
+                   help="distribution of eps_k, see docs/noise.md (default: gaussian)")
+    g.add_argument("--noise-scope", default="client", choices=["client", "shared"],
+                   help="one noise stream per client, or one per round shared by all (default: client)")
+    g.add_argument("--runtime", default="torch", help="client runtime (default: torch); see `baffle-edge runtimes`")
+    g = p.add_argument_group("server optimizer")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="(default: adam)")
+    g.add_argument("--lr", type=float, default=1e-2, help="server learning rate (default: 0.01)")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4)")
+    g.add_argument("--milestones", default="", help="comma-separated epochs where lr *= 0.2 (default: none)")
+    g.add_argument("--clip", type=float, default=0.3,
+                   help="inf-norm clip of each client's gradient, 0 = off (default: 0.3)")
+    g.add_argument("--ema-decay", type=float, default=0.995,
+                   help="EMA decay of the weights, updated per epoch, 0 = off (default: 0.995)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    g.add_argument("--out", default=None, help="run folder (default: runs/<time>-<model>-<dataset>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--compare-bp", action="store_true",
+                   help="also train the backprop baseline on the same schedule (OUT/bp) and plot both")
+    g.add_argument("--eval-every", type=int, default=5, help="rounds between test evaluations (default: 5)")
+    g.add_argument("--checkpoint-every", type=int, default=50, help="rounds between checkpoints (default: 50)")
+    g.add_argument("--workers", type=int, default=2, help="threads simulating clients (default: 2)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(a: argparse.Namespace):
+    from .data import load_dataset
+    from .models import Activation, Norm
+    from .perturb import NoiseKind
+    from .protocol import NoiseScope, Scheme
+    from .server import OptimConfig, OptimizerName
+    from .simulate import Method, TrainConfig
+
+    for name in ("clients", "k", "batch_size", "eval_every", "checkpoint_every", "workers", "local_steps"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.sigma <= 0 or a.lr <= 0:
+        raise ValueError("--sigma and --lr must be > 0")
+    milestones = tuple(int(m) for m in a.milestones.split(",") if m.strip())
+    cfg = TrainConfig(
+        model=a.model, dataset=a.dataset, data_dir=a.data_dir, activation=Activation(a.activation),
+        norm=Norm(a.norm) if a.norm else None, clients=a.clients, partition=a.partition, alpha=a.alpha,
+        batch_size=a.batch_size, method=Method(a.method), strategy=a.strategy, local_steps=a.local_steps,
+        k=a.k, sigma=a.sigma, scheme=Scheme(a.scheme), noise=NoiseKind(a.noise),
+        noise_scope=NoiseScope(a.noise_scope), seed=a.seed, eval_every=a.eval_every,
+        checkpoint_every=a.checkpoint_every, runtime=a.runtime, workers=a.workers,
+        optim=OptimConfig(optimizer=OptimizerName(a.optimizer), lr=a.lr, weight_decay=a.weight_decay,
+                          milestones=milestones, clip=a.clip or None, ema_decay=a.ema_decay or None,
+                          local_lr=a.local_lr))
+    if a.rounds is not None and a.epochs is not None:
+        raise ValueError("give --rounds or --epochs, not both")
+    rounds = a.rounds if a.rounds is not None else 200
+    if a.epochs is not None:
+        from .simulate import rounds_per_epoch
+        data = load_dataset(a.dataset, a.data_dir, seed=a.seed)
+        rounds = max(1, round(a.epochs * rounds_per_epoch(cfg, data)))
+    if rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {rounds}")
+    return dataclasses.replace(cfg, rounds=rounds)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .simulate import Method, train
+    cfg = config_from_args(a)
+    out = Path(a.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{cfg.dataset}")
+    m = train(cfg, out, resume=a.resume, progress=not a.no_progress)
+    f = m["final"]
+    print(f"{cfg.method.value}: test accuracy {100 * f['test_accuracy']:.2f}% after {f['rounds_done']} rounds "
+          f"({f['seconds_total']:.0f} s; {f['rejected_reports']} rejected reports) -> {out}")
+    if a.compare_bp and cfg.method is Method.BAFFLE:
+        bp_cfg = dataclasses.replace(cfg, method=Method.BP)
+        bp = train(bp_cfg, out / "bp", resume=a.resume and (out / "bp" / "checkpoint.pt").exists(),
+                   progress=not a.no_progress)
+        from .plots import plot_curves
+        plot_curves({"baffle": m["rounds"], "bp": bp["rounds"]}, out / "curves.png",
+                    title=f"{cfg.model} on {cfg.dataset}: BAFFLE (K={cfg.k}) vs backprop")
+        print(f"bp: test accuracy {100 * bp['final']['test_accuracy']:.2f}% -> {out / 'bp'}")
+    print(f"curves: {out / 'curves.png'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="baffle-edge", description=(
+        "Backpropagation-free federated learning (BAFFLE) on edge inference runtimes. " + DEFAULTS_NOTE + "."))
+    p.add_argument("--version", action="version", version=f"baffle-edge {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    t = sub.add_parser("train", help="federated training in one process (BAFFLE or the backprop baseline)",
+                       description="Train a model with C simulated clients. Writes OUT/metrics.json, "
+                                   "OUT/curves.png and OUT/checkpoint.pt.")
+    _add_train_args(t)
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return a.func(a)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"baffle-edge {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"baffle-edge {a.command}: interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

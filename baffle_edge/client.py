@@ -1,0 +1,94 @@
+"""The BAFFLE client: runs a RoundTask on any runtime Session and returns a ClientReport.
+
+Depends on numpy only (no torch), so it is the code path a device port mirrors:
+
+    for each local step s:                       # FedSGD: one step
+        losses = session.losses(batch_s, task, step=s)    # K+1 (forward) or 2K (central) scalars
+        if more steps follow (FedAvg):
+            w -= local_lr * clip(stein_gradient(...))      # same noise, regenerated
+            session.set_weights(w)
+    return ClientReport(losses, base losses, sample count, timing)
+
+The perturbation for step s and index k uses the noise counter word ``s * K + k``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from . import perturb
+from .estimator import clip_inf, loss_differences, stein_gradient
+from .protocol import ClientReport, RoundTask, Scheme
+
+
+@dataclass(frozen=True)
+class Batch:
+    x: np.ndarray  # float32 (B, C, H, W), normalised as the dataset documents
+    y: np.ndarray  # int64 (B,)
+
+    def __post_init__(self):
+        if len(self.x) != len(self.y) or len(self.y) == 0:
+            raise ValueError(f"batch: {len(self.x)} inputs but {len(self.y)} labels")
+
+
+class Session(Protocol):
+    """A loaded model on some runtime that can evaluate perturbed losses."""
+
+    def set_weights(self, flat: np.ndarray) -> None: ...
+    def losses(self, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray: ...
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean softmax cross-entropy, computed in float64 (every runtime's losses use this)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def step_noise(task: RoundTask, step: int, dim: int) -> Callable[[int], np.ndarray]:
+    """eps_k for local step ``step`` of ``task`` (counter word k' = step * K + k)."""
+    return lambda k: perturb.noise(task.seed, task.round, task.noise_client, step * task.k + k, dim, task.noise)
+
+
+def split_step(task: RoundTask, out: np.ndarray) -> tuple[float | None, np.ndarray]:
+    """Split a session's output for one step into (base loss, perturbed losses)."""
+    if Scheme(task.scheme) is Scheme.FORWARD:
+        return float(out[0]), out[1:]
+    return None, out
+
+
+def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | None, dim: int,
+                  step_size: float | np.ndarray | None = None, clip: float | None = None) -> np.ndarray:
+    """The (clipped) gradient estimate of one local step, as client and server both compute it."""
+    diffs = loss_differences(losses, base, task.scheme)
+    g = stein_gradient(diffs, task.sigma if step_size is None else step_size, step_noise(task, step, dim), dim)
+    return clip_inf(g, clip)
+
+
+def run_task(task: RoundTask, session: Session, batches: list[Batch], *, weights: np.ndarray,
+             runtime: str = "", local_lr: float = 0.0, clip: float | None = 0.3) -> ClientReport:
+    """Evaluate ``task`` at ``weights`` on ``batches`` (one per local step) and report the losses."""
+    if len(batches) != task.local_steps:
+        raise ValueError(f"task has {task.local_steps} local step(s) but {len(batches)} batch(es) were given")
+    start = time.perf_counter()
+    w = np.array(weights, dtype=np.float32)
+    session.set_weights(w)
+    bases, losses = [], []
+    for s, batch in enumerate(batches):
+        out = np.asarray(session.losses(batch, task, step=s), dtype=np.float64)
+        base, pert = split_step(task, out)
+        if base is not None:
+            bases.append(base)
+        losses.append(pert)
+        if s + 1 < len(batches):
+            g = step_gradient(task, s, pert, base, w.size, clip=clip)
+            w = (w - np.float32(local_lr) * g.astype(np.float32)).astype(np.float32)
+            session.set_weights(w)
+    return ClientReport(round=task.round, client=task.client, losses=np.concatenate(losses),
+                        base_losses=np.asarray(bases), num_samples=int(sum(len(b.y) for b in batches)),
+                        model_version=task.model_version, runtime=runtime,
+                        seconds=time.perf_counter() - start)

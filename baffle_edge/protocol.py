@@ -1,0 +1,256 @@
+"""The wire protocol: what the server sends (RoundTask) and what a client returns (ClientReport).
+
+Both are frozen dataclasses, versioned, serialised as JSON (``to_json``/``from_json``) or NPZ
+(``to_npz``/``from_npz``, ``allow_pickle=False``). Nothing is ever unpickled. Every field is
+validated at the boundary; a bad value raises ``ValueError`` naming the field, and the server
+records such a report as rejected instead of crashing.
+
+Loss layout in a report: forward scheme -> ``losses[k] = L(w + delta_k)`` for k < K, plus
+``base_loss = L(w)``; central scheme -> ``losses[k] = L(w + delta_k)``, ``losses[K + k] =
+L(w - delta_k)``, ``base_loss`` optional. With ``local_steps = S > 1`` (FedAvg) the report holds
+S such blocks, one per local step, and S base losses.
+"""
+from __future__ import annotations
+
+import enum
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from .perturb import NoiseKind
+
+PROTOCOL_VERSION = 1
+MAX_K = 1_000_000
+
+
+class Scheme(str, enum.Enum):
+    FORWARD = "forward"  # (L(w+d) - L(w)) / sigma: K+1 forwards (reference default)
+    CENTRAL = "central"  # (L(w+d) - L(w-d)) / (2 sigma): 2K forwards
+
+
+class NoiseScope(str, enum.Enum):
+    CLIENT = "client"  # every client has its own stream (default: errors average out)
+    SHARED = "shared"  # one stream per round for all clients (server regenerates K, not C*K)
+
+
+class Domain(str, enum.Enum):
+    """Where the perturbation is applied (see docs/quantized-perturbation.md)."""
+
+    FLOAT = "float"  # delta = sigma * eps on float weights
+    INT8_STEP = "int8-step"  # delta = scale * eps: whole int8 quantization steps per channel
+
+
+def _require(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{field_name}: {msg}")
+
+
+def _int(d: dict, name: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
+    v = d.get(name)
+    _require(isinstance(v, int) and not isinstance(v, bool), name, f"expected an integer, got {v!r}")
+    _require(lo <= v <= hi, name, f"{v} outside [{lo}, {hi}]")
+    return v
+
+
+def _float(d: dict, name: str, *, positive: bool = False, optional: bool = False) -> float | None:
+    v = d.get(name)
+    if v is None and optional:
+        return None
+    _require(isinstance(v, (int, float)) and not isinstance(v, bool), name, f"expected a number, got {v!r}")
+    _require(math.isfinite(v), name, f"must be finite, got {v!r}")
+    if positive:
+        _require(v > 0, name, f"must be > 0, got {v!r}")
+    return float(v)
+
+
+def _enum(d: dict, name: str, kind: type[enum.Enum]):
+    v = d.get(name)
+    try:
+        return kind(v)
+    except ValueError:
+        raise ValueError(f"{name}: {v!r} is not one of {[e.value for e in kind]}") from None
+
+
+def _str(d: dict, name: str) -> str:
+    v = d.get(name)
+    _require(isinstance(v, str) and len(v) <= 256, name, f"expected a string of <= 256 chars, got {v!r}")
+    return v
+
+
+def _check_version(d: dict) -> None:
+    _require(isinstance(d, dict), "message", f"expected a JSON object, got {type(d).__name__}")
+    v = d.get("version")
+    _require(v == PROTOCOL_VERSION, "version", f"protocol version {v!r} is not supported "
+             f"(this build speaks {PROTOCOL_VERSION})")
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """What one client must compute in one round."""
+
+    round: int  # 0-based round index
+    client: int  # client id (also keys the noise stream unless noise_scope is shared)
+    seed: int  # run seed, uint64: with round/client/k it keys eps_k (docs/noise.md)
+    k: int  # number of perturbations K
+    sigma: float  # perturbation scale (float domain; multiplier of the step in int8-step)
+    scheme: Scheme = Scheme.FORWARD
+    noise: NoiseKind = NoiseKind.GAUSSIAN
+    noise_scope: NoiseScope = NoiseScope.CLIENT
+    domain: Domain = Domain.FLOAT
+    local_steps: int = 1  # FedSGD 1; FedAvg: local estimated-gradient steps on the client
+    model_version: str = ""  # hash of the global weights the losses must be evaluated at
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def noise_client(self) -> int:
+        """The client word of the noise counter (docs/noise.md)."""
+        from .perturb import SHARED_CLIENT
+        return SHARED_CLIENT if NoiseScope(self.noise_scope) is NoiseScope.SHARED else self.client
+
+    @property
+    def losses_per_step(self) -> int:
+        return self.k * (2 if Scheme(self.scheme) is Scheme.CENTRAL else 1)
+
+    def validate(self) -> None:
+        d = self.to_dict()
+        RoundTask._parse(d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for f in ("scheme", "noise", "noise_scope", "domain"):
+            d[f] = getattr(self, f).value if isinstance(getattr(self, f), enum.Enum) else d[f]
+        return d
+
+    @classmethod
+    def _parse(cls, d: dict) -> dict:
+        _check_version(d)
+        unknown = set(d) - {f.name for f in fields(cls)}
+        _require(not unknown, "task", f"unknown fields {sorted(unknown)}")
+        return dict(
+            round=_int(d, "round", 0, 2**32 - 1), client=_int(d, "client", 0, 2**32 - 2),
+            seed=_int(d, "seed"), k=_int(d, "k", 1, MAX_K), sigma=_float(d, "sigma", positive=True),
+            scheme=_enum(d, "scheme", Scheme), noise=_enum(d, "noise", NoiseKind),
+            noise_scope=_enum(d, "noise_scope", NoiseScope), domain=_enum(d, "domain", Domain),
+            local_steps=_int(d, "local_steps", 1, 10_000), model_version=_str(d, "model_version"),
+            version=PROTOCOL_VERSION,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoundTask":
+        return cls(**cls._parse(d))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "RoundTask":
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"task: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    """What a client returns: loss scalars only (never noise, never a gradient)."""
+
+    round: int
+    client: int
+    losses: np.ndarray  # float64, shape (local_steps * losses_per_step,)
+    base_losses: np.ndarray  # float64, shape (local_steps,): L(w) per step (NaN-free; central: may be empty)
+    num_samples: int  # samples in the client's batch (the server weights clients by it)
+    model_version: str = ""
+    runtime: str = ""  # which runtime produced the losses, e.g. "torch", "onnxruntime-int8"
+    seconds: float = 0.0  # client wall time for the task
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self):
+        object.__setattr__(self, "losses", np.asarray(self.losses, dtype=np.float64).reshape(-1))
+        object.__setattr__(self, "base_losses", np.asarray(self.base_losses, dtype=np.float64).reshape(-1))
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["losses"] = [float(x) for x in self.losses]
+        d["base_losses"] = [float(x) for x in self.base_losses]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClientReport":
+        _check_version(d)
+        unknown = set(d) - {f.name for f in fields(cls)}
+        _require(not unknown, "report", f"unknown fields {sorted(unknown)}")
+        arrays = {}
+        for name in ("losses", "base_losses"):
+            v = d.get(name)
+            _require(isinstance(v, (list, np.ndarray)), name, f"expected a list of numbers, got {type(v).__name__}")
+            try:
+                arrays[name] = np.asarray(v, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}: expected a list of numbers") from None
+        seconds = _float(d, "seconds")
+        _require(seconds >= 0, "seconds", f"must be >= 0, got {seconds}")
+        return cls(round=_int(d, "round", 0, 2**32 - 1), client=_int(d, "client", 0, 2**32 - 2),
+                   losses=arrays["losses"], base_losses=arrays["base_losses"],
+                   num_samples=_int(d, "num_samples", 1, 2**31), model_version=_str(d, "model_version"),
+                   runtime=_str(d, "runtime"), seconds=seconds)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ClientReport":
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"report: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    def to_npz(self) -> bytes:
+        header = {k: v for k, v in self.to_dict().items() if k not in ("losses", "base_losses")}
+        buf = io.BytesIO()
+        np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+                 losses=self.losses, base_losses=self.base_losses)
+        return buf.getvalue()
+
+    @classmethod
+    def from_npz(cls, data: bytes) -> "ClientReport":
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                header = json.loads(z["header"].tobytes().decode())
+                _require(isinstance(header, dict), "header", "expected a JSON object")
+                header["losses"], header["base_losses"] = z["losses"], z["base_losses"]
+        except ValueError:
+            raise
+        except Exception as e:  # zipfile/format errors from a corrupt upload
+            raise ValueError(f"report: not a valid NPZ report ({type(e).__name__}: {e})") from None
+        return cls.from_dict(header)
+
+    def check_against(self, task: RoundTask) -> None:
+        """Raise ValueError if this report does not answer ``task`` exactly."""
+        _require(self.round == task.round, "round", f"report is for round {self.round}, task is {task.round}")
+        _require(self.client == task.client, "client", f"report is from client {self.client}, "
+                 f"task was for {task.client}")
+        _require(self.model_version == task.model_version, "model_version",
+                 f"losses were computed at model {self.model_version!r}, task is {task.model_version!r}")
+        want = task.local_steps * task.losses_per_step
+        _require(self.losses.size == want, "losses", f"expected {want} values "
+                 f"({task.local_steps} step(s) x {task.losses_per_step}), got {self.losses.size}")
+        want_base = task.local_steps if Scheme(task.scheme) is Scheme.FORWARD else self.base_losses.size
+        _require(self.base_losses.size == want_base and self.base_losses.size in (0, task.local_steps),
+                 "base_losses", f"expected {task.local_steps} value(s), got {self.base_losses.size}")
+        for name in ("losses", "base_losses"):
+            bad = np.flatnonzero(~np.isfinite(getattr(self, name)))
+            _require(bad.size == 0, name, f"{bad.size} non-finite value(s), first at index "
+                     f"{int(bad[0]) if bad.size else -1}")
+
+
+def wire_bytes(msg: RoundTask | ClientReport) -> int:
+    """Size of a message as sent (compact JSON, UTF-8)."""
+    return len(msg.to_json().encode())

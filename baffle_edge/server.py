@@ -1,0 +1,258 @@
+"""The reference server: one round loop, variation in Strategy hooks (FedSGD, FedAvg).
+
+A round: the strategy writes one RoundTask per client; client updates come back (BAFFLE:
+reports of loss scalars, decoded here by regenerating the noise; BP baseline: exact gradients);
+each report is validated and a bad one is recorded and skipped; the strategy folds the valid
+updates into the global model. Epoch boundaries step the LR schedule and the EMA of the weights.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .client import split_step, step_gradient
+from .params import flat_params, set_flat_params, trainable
+from .protocol import ClientReport, RoundTask
+
+
+class OptimizerName(str, enum.Enum):
+    ADAM = "adam"  # reference default
+    SGD = "sgd"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: OptimizerName = OptimizerName.ADAM
+    lr: float = 1e-2  # reference MNIST recipe
+    betas: tuple[float, float] = (0.9, 0.99)  # reference Adam betas
+    momentum: float = 0.9  # SGD only (reference)
+    weight_decay: float = 5e-4  # reference
+    milestones: tuple[int, ...] = ()  # epochs at which lr *= gamma (reference MNIST: none within 20)
+    gamma: float = 0.2  # reference lr decay ratio
+    clip: float | None = 0.3  # inf-norm clipping of each client's gradient (reference); None = off
+    ema_decay: float | None = 0.995  # EMA of weights, updated per epoch (reference); None = off
+    local_lr: float = 1e-2  # FedAvg: clients' local SGD step size
+
+
+@dataclass
+class ClientUpdate:
+    client: int
+    weight: float  # aggregation weight (sample count)
+    gradient: np.ndarray | None = None  # FedSGD
+    weights: np.ndarray | None = None  # FedAvg: the client's final local weights
+
+
+@dataclass
+class RoundLog:
+    accepted: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)  # client -> reason
+
+
+def model_version(model: nn.Module) -> str:
+    """A short hash of the global weights: reports must be computed at exactly these."""
+    return hashlib.sha256(flat_params(model).numpy().tobytes()).hexdigest()[:16]
+
+
+class Strategy:
+    """Hooks of the round loop. Subclasses override ``local_steps``, ``decode`` and ``apply``."""
+
+    name = "base"
+    local_steps = 1
+
+    def decode(self, server: "Server", task: RoundTask, report: ClientReport) -> ClientUpdate:
+        raise NotImplementedError
+
+    def apply(self, server: "Server", updates: list[ClientUpdate]) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def weighted_mean(updates: list[ClientUpdate], attr: str) -> np.ndarray:
+        total = sum(u.weight for u in updates)
+        return sum((u.weight / total) * getattr(u, attr).astype(np.float64) for u in updates)
+
+
+class FedSGD(Strategy):
+    """Each client estimates the gradient on one batch; the server averages and steps."""
+
+    name = "fedsgd"
+
+    def decode(self, server, task, report):
+        base, losses = split_step(task, np.concatenate([report.base_losses, report.losses]))
+        g = step_gradient(task, 0, losses, base, server.dim, clip=server.config.clip)
+        return ClientUpdate(report.client, report.num_samples, gradient=g)
+
+    def apply(self, server, updates):
+        g = torch.from_numpy(self.weighted_mean(updates, "gradient").astype(np.float32))
+        offset = 0
+        for p in server.params:
+            p.grad = g[offset: offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        server.optimizer.step()
+        server.optimizer.zero_grad(set_to_none=True)
+
+
+class FedAvg(Strategy):
+    """Each client runs ``local_steps`` SGD steps on estimated gradients; the server replays them
+    from the uploaded scalars (regenerating the same noise) and averages the local weights."""
+
+    name = "fedavg"
+
+    def __init__(self, local_steps: int):
+        if local_steps < 1:
+            raise ValueError(f"local_steps must be >= 1, got {local_steps}")
+        self.local_steps = local_steps
+
+    def decode(self, server, task, report):
+        w = server.flat().numpy().copy()
+        per = task.losses_per_step
+        for s in range(task.local_steps):
+            base = float(report.base_losses[s]) if report.base_losses.size else None
+            g = step_gradient(task, s, report.losses[s * per:(s + 1) * per], base, w.size,
+                              clip=server.config.clip)
+            w = (w - np.float32(server.config.local_lr) * g.astype(np.float32)).astype(np.float32)
+        return ClientUpdate(report.client, report.num_samples, weights=w)
+
+    def apply(self, server, updates):
+        server.set_flat(self.weighted_mean(updates, "weights").astype(np.float32))
+
+
+class EMA:
+    """Exponential moving average of the weights (torch_ema semantics, as in the reference):
+    decay_t = min(decay, (1 + t) / (10 + t)) for the t-th update."""
+
+    def __init__(self, flat: torch.Tensor, decay: float):
+        self.shadow = flat.clone()
+        self.decay = decay
+        self.updates = 0
+
+    def update(self, flat: torch.Tensor) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        self.shadow.mul_(d).add_(flat, alpha=1 - d)
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.shadow, self.updates, self.decay = s["shadow"].clone(), int(s["updates"]), float(s["decay"])
+
+
+class Server:
+    def __init__(self, model: nn.Module, strategy: Strategy, config: OptimConfig = OptimConfig()):
+        self.model = model
+        self.strategy = strategy
+        self.config = config
+        self.params = trainable(model)
+        self.dim = sum(p.numel() for p in self.params)
+        opt = OptimizerName(config.optimizer)
+        if opt is OptimizerName.ADAM:
+            self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=config.betas,
+                                              weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
+                                             weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=list(config.milestones), gamma=config.gamma)
+        self.ema = EMA(self.flat(), config.ema_decay) if config.ema_decay else None
+
+    def flat(self) -> torch.Tensor:
+        return flat_params(self.model)
+
+    def set_flat(self, flat: np.ndarray) -> None:
+        set_flat_params(self.model, torch.from_numpy(np.asarray(flat, dtype=np.float32)))
+
+    def version(self) -> str:
+        return model_version(self.model)
+
+    def make_task(self, round_: int, client: int, **task_fields) -> RoundTask:
+        return RoundTask(round=round_, client=client, local_steps=self.strategy.local_steps,
+                         model_version=self.version(), **task_fields)
+
+    def decode(self, task: RoundTask, report: ClientReport | Exception) -> ClientUpdate | str:
+        """Validate and decode one client's answer: the update, or the reason it is rejected.
+        Pure with respect to the server state, so clients can be decoded in parallel."""
+        if isinstance(report, Exception):
+            return f"client failed: {type(report).__name__}: {report}"
+        if not isinstance(report, ClientReport):
+            return f"not a ClientReport: {type(report).__name__}"
+        try:
+            report.check_against(task)
+            update = self.strategy.decode(self, task, report)
+        except ValueError as e:
+            return str(e)
+        vec = update.gradient if update.gradient is not None else update.weights
+        if not np.all(np.isfinite(vec)):
+            return "decoded update is not finite"
+        return update
+
+    def accept(self, task: RoundTask, report: ClientReport | Exception, log: RoundLog) -> ClientUpdate | None:
+        """``decode`` and record the outcome in ``log``; a bad report is skipped, never raised."""
+        out = self.decode(task, report)
+        if isinstance(out, str):
+            log.rejected[task.client] = out
+            return None
+        log.accepted.append(task.client)
+        return out
+
+    def apply(self, updates: list[ClientUpdate], log: RoundLog) -> bool:
+        """Fold the valid updates into the model; a round with none leaves the model unchanged."""
+        if not updates:
+            return False
+        self.strategy.apply(self, updates)
+        return True
+
+    def end_epoch(self) -> None:
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.flat())
+
+    def eval_weights(self) -> torch.Tensor:
+        """The weights evaluation uses: the EMA if enabled and updated at least once."""
+        return self.ema.shadow if self.ema is not None and self.ema.updates else self.flat()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        if self.ema is not None and s.get("ema") is not None:
+            self.ema.load_state_dict(s["ema"])
+
+
+def make_strategy(name: str, *, local_steps: int = 1) -> Strategy:
+    if name == "fedsgd":
+        return FedSGD()
+    if name == "fedavg":
+        return FedAvg(local_steps)
+    raise ValueError(f"unknown strategy {name!r}; known: fedsgd, fedavg")
+
+
+def accuracy(model: nn.Module, flat: torch.Tensor, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` with weights ``flat`` (restores the model's own weights)."""
+    keep = flat_params(model)
+    set_flat_params(model, flat)
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch):
+            pred = model(torch.from_numpy(x[i:i + batch])).argmax(1).numpy()
+            correct += int((pred == y[i:i + batch]).sum())
+    set_flat_params(model, keep)
+    return correct / max(1, len(y))
+
+
+def mean_loss(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)))
+
+
+__all__ = ["Server", "Strategy", "FedSGD", "FedAvg", "OptimConfig", "ClientUpdate", "RoundLog",
+           "make_strategy", "accuracy", "model_version"]

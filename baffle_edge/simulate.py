@@ -1,0 +1,321 @@
+"""One-process federated training: the reference server plus C simulated clients.
+
+``train(config, out_dir)`` runs the schedule, writes ``metrics.json``, ``curves.png`` and
+``checkpoint.pt`` (atomically, every ``checkpoint_every`` rounds and at the end) and can resume
+from that checkpoint bit-identically: every random choice is a pure function of the seed and
+the round, and the checkpoint holds all optimizer/EMA/schedule state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import platform
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .client import Batch, run_task
+from .data import Dataset, batch_indices, load_dataset, partition
+from .models import Activation, ModelConfig, Norm, build_model
+from .params import flat_grad, flat_params, layout_of, set_flat_params
+from .perturb import NoiseKind
+from .protocol import NoiseScope, RoundTask, Scheme, wire_bytes
+from .server import (ClientUpdate, OptimConfig, OptimizerName, RoundLog, Server, accuracy, make_strategy,
+                     mean_loss)
+from .estimator import clip_inf
+
+
+class Method(str, enum.Enum):
+    BAFFLE = "baffle"  # forward passes only, K loss scalars per client
+    BP = "bp"  # exact backprop gradients on the same schedule (the float baseline)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "lenet"  # lenet | wrn-10-2 | mlp
+    dataset: str = "digits"  # digits (embedded) | mnist | cifar10 (need data_dir)
+    data_dir: str | None = None
+    activation: Activation = Activation.HARDSWISH
+    norm: Norm | None = None  # None: model default (lenet/mlp none, wrn group)
+    clients: int = 10  # reference: 10 IID clients
+    partition: str = "iid"  # iid | dirichlet
+    alpha: float = 0.5  # Dirichlet concentration (partition=dirichlet)
+    batch_size: int = 32  # reference
+    method: Method = Method.BAFFLE
+    strategy: str = "fedsgd"  # fedsgd (reference default) | fedavg
+    local_steps: int = 5  # fedavg only: local steps per round (~ one local epoch on digits)
+    k: int = 100  # perturbations per client per step (reference MNIST recipe)
+    sigma: float = 1e-4  # reference
+    scheme: Scheme = Scheme.FORWARD
+    noise: NoiseKind = NoiseKind.GAUSSIAN
+    noise_scope: NoiseScope = NoiseScope.CLIENT
+    rounds: int = 200  # total rounds (an epoch = ceil(N_train / (clients * batch)) rounds)
+    optim: OptimConfig = OptimConfig()
+    seed: int = 0
+    eval_every: int = 5  # rounds between test evaluations (the last round is always evaluated)
+    checkpoint_every: int = 50  # rounds between checkpoints (and at the end)
+    runtime: str = "torch"
+    workers: int = 2  # threads simulating clients / decoding reports (results do not depend on it)
+
+    def to_json(self) -> dict:
+        def conv(v):
+            if isinstance(v, enum.Enum):
+                return v.value
+            if dataclasses.is_dataclass(v):
+                return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            if isinstance(v, tuple):
+                return [conv(x) for x in v]
+            return v
+        return conv(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        o = dict(d.pop("optim"))
+        o["betas"] = tuple(o["betas"])
+        o["milestones"] = tuple(o["milestones"])
+        return cls(optim=OptimConfig(**o), **d)
+
+
+def model_config(cfg: TrainConfig, data: Dataset) -> ModelConfig:
+    norm = cfg.norm if cfg.norm is not None else (Norm.GROUP if cfg.model.startswith("wrn") else Norm.NONE)
+    return ModelConfig(cfg.model, data.in_channels, data.image_size, data.num_classes, cfg.activation, norm)
+
+
+def rounds_per_epoch(cfg: TrainConfig, data: Dataset) -> int:
+    return max(1, math.ceil(len(data.y_train) / (cfg.clients * cfg.batch_size)))
+
+
+class Federation:
+    """The fixed parts of a run: data, partition, model, server; rounds are run by ``step``."""
+
+    def __init__(self, cfg: TrainConfig, *, data: Dataset | None = None):
+        if cfg.k < 1 or cfg.sigma <= 0 or cfg.rounds < 1 or cfg.clients < 1:
+            raise ValueError(f"need k >= 1, sigma > 0, rounds >= 1, clients >= 1; got k={cfg.k}, "
+                             f"sigma={cfg.sigma}, rounds={cfg.rounds}, clients={cfg.clients}")
+        self.cfg = cfg
+        self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+        self.parts = partition(self.data.y_train, cfg.clients, scheme=cfg.partition, alpha=cfg.alpha,
+                               seed=cfg.seed)
+        self.model_cfg = model_config(cfg, self.data)
+        self.model = build_model(self.model_cfg, seed=cfg.seed)
+        self.layout = layout_of(self.model)
+        local_steps = cfg.local_steps if cfg.strategy == "fedavg" else 1
+        self.server = Server(self.model, make_strategy(cfg.strategy, local_steps=local_steps), cfg.optim)
+        self.client_model = build_model(self.model_cfg, seed=cfg.seed)  # the BP baseline's copy
+        self._local = threading.local()  # one simulated device (model + session) per worker thread
+        self.pool = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="client")
+        self.rpe = rounds_per_epoch(cfg, self.data)
+
+    def batches(self, client: int, round_: int) -> list[Batch]:
+        s = self.server.strategy.local_steps
+        out = []
+        for step in range(s):
+            idx = batch_indices(self.parts[client], round_ * s + step, self.cfg.batch_size,
+                                seed=self.cfg.seed, client=client)
+            out.append(Batch(self.data.x_train[idx], self.data.y_train[idx]))
+        return out
+
+    def task(self, round_: int, client: int) -> RoundTask:
+        c = self.cfg
+        return self.server.make_task(round_, client, seed=c.seed, k=c.k, sigma=c.sigma, scheme=c.scheme,
+                                     noise=c.noise, noise_scope=c.noise_scope)
+
+    def _session(self):
+        if getattr(self._local, "session", None) is None:
+            from baffle_edge.runtimes import get_runtime
+            self._local.session = get_runtime(self.cfg.runtime).load(build_model(self.model_cfg, seed=self.cfg.seed))
+        return self._local.session
+
+    def baffle_client(self, task: RoundTask, batches: list[Batch]):
+        """What a device does: evaluate the task's perturbed losses at the global weights."""
+        return run_task(task, self._session(), batches, weights=self.server.flat().numpy(),
+                        runtime=self.cfg.runtime, local_lr=self.cfg.optim.local_lr, clip=self.cfg.optim.clip)
+
+    def bp_update(self, client: int, batches: list[Batch]) -> tuple[ClientUpdate, float]:
+        """The float baseline: exact backprop gradients on the same batches (simulation only).
+        Returns the update and the loss at the global weights on the first batch."""
+        m = self.client_model
+        set_flat_params(m, self.server.flat())
+        first_loss = None
+        for b in batches:
+            m.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(m(torch.from_numpy(b.x)), torch.from_numpy(b.y))
+            loss.backward()
+            first_loss = float(loss.detach()) if first_loss is None else first_loss
+            g = clip_inf(flat_grad(m).numpy().astype(np.float64), self.cfg.optim.clip)
+            if self.server.strategy.name == "fedsgd":
+                return ClientUpdate(client, len(b.y), gradient=g), first_loss
+            w = flat_params(m).numpy() - np.float32(self.cfg.optim.local_lr) * g.astype(np.float32)
+            set_flat_params(m, torch.from_numpy(w.astype(np.float32)))
+        return ClientUpdate(client, sum(len(b.y) for b in batches), weights=flat_params(m).numpy()), first_loss
+
+    def step(self, round_: int, *, client_fn: Callable | None = None) -> dict:
+        """Run one round; return its metrics row (without evaluation)."""
+        start = time.perf_counter()
+        log, updates = RoundLog(), []
+        bytes_up = bytes_down = 0
+        losses = []
+        model_bytes = 4 * self.server.dim
+        if self.cfg.method is Method.BP:
+            for c in range(self.cfg.clients):
+                update, loss = self.bp_update(c, self.batches(c, round_))
+                updates.append(update)
+                losses.append(loss)
+                bytes_down += model_bytes
+                bytes_up += model_bytes
+        else:
+            device = client_fn or self.baffle_client
+
+            def one_client(c: int):
+                task = self.task(round_, c)
+                try:
+                    report = device(task, self.batches(c, round_))
+                except Exception as e:  # a failing device is data, not a crash
+                    report = e
+                return task, report, self.server.decode(task, report)
+
+            for task, report, out in self.pool.map(one_client, range(self.cfg.clients)):
+                bytes_down += model_bytes + wire_bytes(task)
+                if isinstance(out, str):
+                    log.rejected[task.client] = out
+                    continue
+                log.accepted.append(task.client)
+                updates.append(out)
+                bytes_up += wire_bytes(dataclasses.replace(report, seconds=0.0))  # timing-free: reproducible
+                # L(w): the base loss, or for the central scheme the mean of L(w+d), L(w-d) (= L(w) + O(sigma^2))
+                losses.append(float(report.base_losses[0] if report.base_losses.size
+                                    else report.losses[:2 * task.k].mean()))
+        if self.cfg.method is Method.BP:
+            log.accepted = list(range(self.cfg.clients))
+        applied = self.server.apply(updates, log)
+        if (round_ + 1) % self.rpe == 0:
+            self.server.end_epoch()
+        return {"round": round_ + 1, "train_loss": float(np.mean(losses)) if losses else None,
+                "clients_accepted": len(log.accepted), "rejected": {str(k): v for k, v in log.rejected.items()},
+                "applied": applied, "bytes_up": bytes_up, "bytes_down": bytes_down,
+                "seconds": time.perf_counter() - start}
+
+    def evaluate(self) -> dict:
+        d, s = self.data, self.server
+        acc = accuracy(self.model, s.flat(), d.x_test, d.y_test)
+        acc_eval = accuracy(self.model, s.eval_weights(), d.x_test, d.y_test)
+        return {"test_accuracy": acc_eval, "test_accuracy_raw": acc,
+                "test_loss": mean_loss(self.model, d.x_test, d.y_test)}
+
+
+def _versions() -> dict:
+    import onnx  # noqa: F401  (core dependency; version recorded for reproducibility)
+    return {"baffle_edge": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, fed: Federation, next_round: int, history: list[dict]) -> None:
+    state = {"format": 1, "next_round": next_round, "config": json.dumps(fed.cfg.to_json()),
+             "server": fed.server.state_dict(), "history": json.dumps(history)}
+    _atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a run checkpoint safely (``weights_only=True``: no arbitrary unpickling)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable baffle-edge checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != 1 or "server" not in state:
+        raise ValueError(f"{path}: not a baffle-edge run checkpoint (missing format/server fields)")
+    return state
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None, client_fn: Callable | None = None) -> dict:
+    """Run (or resume) a federated training run and write its folder. Returns the metrics dict.
+
+    ``stop_after`` ends the process-level loop after that many rounds of this call (tests use it to
+    simulate an interrupted run); ``client_fn(task, batches)`` replaces the simulated device."""
+    out = Path(out_dir)
+    ckpt = out / "checkpoint.pt"
+    history: list[dict] = []
+    start_round = 0
+    if resume:
+        if not ckpt.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
+        state = load_checkpoint(ckpt)
+        saved = TrainConfig.from_json(json.loads(state["config"]))
+        if dataclasses.replace(saved, rounds=cfg.rounds) != cfg:
+            diff = [f.name for f in dataclasses.fields(cfg) if getattr(saved, f.name) != getattr(cfg, f.name)
+                    and f.name != "rounds"]
+            raise ValueError(f"--resume: the run in {out} used different settings ({', '.join(diff)})")
+        fed = Federation(cfg)
+        fed.server.load_state_dict(state["server"])
+        start_round, history = int(state["next_round"]), json.loads(state["history"])
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"output folder {out} is not empty; pass --resume to continue it "
+                                  "or choose another --out")
+        fed = Federation(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"config": cfg.to_json(), "versions": _versions(), "parameters": fed.server.dim,
+               "rounds_per_epoch": fed.rpe, "rounds": history}
+    end = cfg.rounds if stop_after is None else min(cfg.rounds, start_round + stop_after)
+    bar = _progress(range(start_round, end), progress, cfg)
+    for r in bar:
+        row = fed.step(r, client_fn=client_fn)
+        if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
+            row.update(fed.evaluate())
+        history.append(row)
+        if hasattr(bar, "set_postfix"):
+            last = next((h for h in reversed(history) if "test_accuracy" in h), {})
+            bar.set_postfix(loss=f"{row['train_loss'] or float('nan'):.3f}",
+                            acc=f"{last.get('test_accuracy', float('nan')):.3f}")
+        if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == end:
+            save_checkpoint(ckpt, fed, r + 1, history)
+            _write_metrics(out, metrics)
+    metrics["final"] = _final(history, cfg)
+    _write_metrics(out, metrics)
+    if history:
+        from .plots import plot_curves
+        plot_curves({cfg.method.value: history}, out / "curves.png", title=f"{cfg.model} on {cfg.dataset}")
+    return metrics
+
+
+def _final(history: list[dict], cfg: TrainConfig) -> dict:
+    evals = [h for h in history if "test_accuracy" in h]
+    last = evals[-1] if evals else {}
+    return {"rounds_done": len(history), "complete": len(history) >= cfg.rounds,
+            "test_accuracy": last.get("test_accuracy"), "test_accuracy_raw": last.get("test_accuracy_raw"),
+            "bytes_up_total": sum(h["bytes_up"] for h in history),
+            "bytes_down_total": sum(h["bytes_down"] for h in history),
+            "seconds_total": sum(h["seconds"] for h in history),
+            "rejected_reports": sum(len(h["rejected"]) for h in history)}
+
+
+def _write_metrics(out: Path, metrics: dict) -> None:
+    _atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=1)))
+
+
+def _progress(it, enabled: bool, cfg: TrainConfig):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+    return tqdm(it, desc=f"{cfg.method.value} {cfg.model}/{cfg.dataset}", unit="round", initial=it[0] if len(it) else 0,
+                total=it[-1] + 1 if len(it) else 0, dynamic_ncols=True)

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from baffle_edge.client import Batch, split_step, step_gradient
+from baffle_edge.estimator import clip_inf, cosine, expected_cosine, loss_differences, stein_gradient
+from baffle_edge.protocol import RoundTask
+from baffle_edge.runtimes.torch_runtime import TorchSession
+from baffle_edge.params import flat_params
+from conftest import exact_grad
+
+
+def estimate(model, x, y, k, *, seed=0, scheme="forward", noise="gaussian", sigma=1e-4):
+    session = TorchSession(model)
+    task = RoundTask(round=0, client=seed, seed=123, k=k, sigma=sigma, scheme=scheme, noise=noise)
+    out = session.losses(Batch(x, y), task)
+    base, losses = split_step(task, out)
+    return step_gradient(task, 0, losses, base, session.dim)
+
+
+@pytest.mark.parametrize("scheme", ["forward", "central"])
+def test_cosine_to_backprop_in_expected_band_and_rising_with_k(lenet_batch, scheme):
+    model, x, y = lenet_batch
+    g_true = exact_grad(model, x, y)
+    d = g_true.size
+    means = {}
+    for k in (10, 100, 400):
+        cos = [cosine(estimate(model, x, y, k, seed=s, scheme=scheme), g_true) for s in range(3)]
+        means[k] = float(np.mean(cos))
+        expect = expected_cosine(k, d)
+        assert 0.5 * expect < means[k] < 2.0 * expect, (k, means[k], expect)
+    assert means[10] < means[100] < means[400]
+
+
+def test_rademacher_estimates_the_gradient_too(lenet_batch):
+    model, x, y = lenet_batch
+    g_true = exact_grad(model, x, y)
+    cos = cosine(estimate(model, x, y, 400, noise="rademacher"), g_true)
+    assert cos > 0.5 * expected_cosine(400, g_true.size)
+
+
+def test_session_restores_weights_exactly(lenet_batch):
+    model, x, y = lenet_batch
+    before = flat_params(model).clone()
+    estimate(model, x, y, 5, scheme="central")
+    assert torch.equal(before, flat_params(model))
+
+
+def test_stein_gradient_is_streaming_and_linear():
+    rng = np.random.default_rng(0)
+    eps = rng.standard_normal((4, 7))
+    diffs = np.array([0.5, -1.0, 0.0, 2.0])
+    g = stein_gradient(diffs, 0.1, lambda k: eps[k], 7)
+    assert np.allclose(g, (diffs[:, None] * eps).mean(0) / 0.1)
+    step = np.linspace(0.1, 0.7, 7)  # per-parameter step sizes (int8-step domain)
+    assert np.allclose(stein_gradient(diffs, step, lambda k: eps[k], 7), (diffs[:, None] * eps).mean(0) / step)
+
+
+def test_loss_differences_layouts():
+    assert np.allclose(loss_differences([3.0, 1.0], 2.0, "forward"), [1.0, -1.0])
+    assert np.allclose(loss_differences([3.0, 5.0, 1.0, 1.0], None, "central"), [1.0, 2.0])
+    with pytest.raises(ValueError):
+        loss_differences([1.0], None, "forward")
+    with pytest.raises(ValueError):
+        loss_differences([1.0, 2.0, 3.0], None, "central")
+
+
+def test_clip_inf_matches_torch():
+    g = np.array([0.1, -2.0, 0.5])
+    t = torch.tensor(g.copy(), requires_grad=True)
+    t.grad = torch.tensor(g.copy())
+    torch.nn.utils.clip_grad_norm_([t], max_norm=0.3, norm_type="inf")
+    assert np.allclose(clip_inf(g, 0.3), t.grad.numpy())
+    assert np.max(np.abs(clip_inf(g, 0.3))) <= 0.3 + 1e-9
+    assert np.array_equal(clip_inf(g, None), g)
+    small = np.array([0.01, -0.02])
+    assert np.array_equal(clip_inf(small, 0.3), small)

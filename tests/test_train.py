@@ -1,0 +1,157 @@
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from baffle_edge.cli import main
+from baffle_edge.protocol import ClientReport
+from baffle_edge.simulate import Federation, Method, TrainConfig, load_checkpoint, train
+
+SMALL = TrainConfig(clients=3, k=6, rounds=6, eval_every=2, checkpoint_every=3, workers=2)
+
+
+def strip(metrics):
+    """Metrics without wall-clock fields, for exact comparison."""
+    rows = [{k: v for k, v in r.items() if k != "seconds"} for r in metrics["rounds"]]
+    final = {k: v for k, v in metrics["final"].items() if k != "seconds_total"}
+    return rows, final
+
+
+def test_run_folder_contents(tmp_path):
+    m = train(SMALL, tmp_path / "run", progress=False)
+    for f in ("metrics.json", "curves.png", "checkpoint.pt"):
+        assert (tmp_path / "run" / f).stat().st_size > 0
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["final"]["rounds_done"] == 6 and saved["parameters"] == 26_730
+    row = saved["rounds"][-1]
+    assert {"round", "test_accuracy", "train_loss", "bytes_up", "bytes_down", "seconds"} <= set(row)
+    assert 0 < row["bytes_up"] < 3 * 400  # 3 clients, K=6 scalars each: a few hundred bytes
+    assert row["bytes_down"] > 3 * 4 * 26_730  # the weights go down every round
+    assert m["final"]["test_accuracy"] is not None
+
+
+def test_same_seed_same_metrics_and_workers_do_not_matter(tmp_path):
+    a = train(SMALL, tmp_path / "a", progress=False)
+    b = train(dataclasses.replace(SMALL, workers=1), tmp_path / "b", progress=False)
+    assert strip(a) == strip(b)
+    c = train(dataclasses.replace(SMALL, seed=1), tmp_path / "c", progress=False)
+    assert strip(a) != strip(c)
+
+
+def test_interrupted_and_resumed_run_is_identical(tmp_path):
+    full = train(SMALL, tmp_path / "full", progress=False)
+    part = train(SMALL, tmp_path / "part", progress=False, stop_after=4)  # checkpoint at round 3 and 4
+    assert part["final"]["rounds_done"] == 4 and not part["final"]["complete"]
+    resumed = train(SMALL, tmp_path / "part", progress=False, resume=True)
+    assert strip(full) == strip(resumed)
+    sd_full = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["server"]["model"]
+    sd_res = load_checkpoint(tmp_path / "part" / "checkpoint.pt")["server"]["model"]
+    assert all(np.array_equal(sd_full[k].numpy(), sd_res[k].numpy()) for k in sd_full)
+
+
+def test_resume_with_other_settings_or_missing_checkpoint_fails(tmp_path):
+    train(dataclasses.replace(SMALL, rounds=2), tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match="k"):
+        train(dataclasses.replace(SMALL, k=7), tmp_path / "r", progress=False, resume=True)
+    with pytest.raises(FileNotFoundError):
+        train(SMALL, tmp_path / "none", progress=False, resume=True)
+    with pytest.raises(FileExistsError):
+        train(SMALL, tmp_path / "r", progress=False)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    p = tmp_path / "checkpoint.pt"
+    p.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_checkpoint(p)
+
+
+def test_bad_reports_are_skipped_and_the_round_completes(tmp_path):
+    fed_cfg = dataclasses.replace(SMALL, clients=5, rounds=2)
+    honest = Federation(fed_cfg)
+
+    def device(task, batches):
+        good = honest.baffle_client(task, batches)
+        c = task.client
+        if c == 0:
+            return dataclasses.replace(good, losses=good.losses[:-1])  # short
+        if c == 1:
+            return dataclasses.replace(good, losses=np.full_like(good.losses, np.nan))  # NaN
+        if c == 2:
+            raise ConnectionError("device vanished")
+        if c == 3:
+            return dataclasses.replace(good, round=task.round + 1)  # wrong round
+        return good
+
+    m = train(fed_cfg, tmp_path / "bad", progress=False, client_fn=device)
+    rows = m["rounds"]
+    assert all(r["clients_accepted"] == 1 and r["applied"] for r in rows)
+    rej = rows[0]["rejected"]
+    assert "losses" in rej["0"] and "non-finite" in rej["1"] and "vanished" in rej["2"] and "round" in rej["3"]
+    assert m["final"]["rejected_reports"] == 8
+
+
+def test_all_clients_bad_leaves_model_unchanged(tmp_path):
+    cfg = dataclasses.replace(SMALL, rounds=1)
+    fed = Federation(cfg)
+    before = fed.server.flat().clone()
+    row = fed.step(0, client_fn=lambda t, b: (_ for _ in ()).throw(RuntimeError("down")))
+    assert not row["applied"] and row["clients_accepted"] == 0
+    assert np.array_equal(before.numpy(), fed.server.flat().numpy())
+
+
+@pytest.mark.parametrize("variant", [dict(method=Method.BP), dict(strategy="fedavg", local_steps=2),
+                                     dict(strategy="fedavg", local_steps=2, method=Method.BP),
+                                     dict(scheme="central", noise="rademacher", noise_scope="shared"),
+                                     dict(partition="dirichlet", alpha=0.3)])
+def test_variants_run_and_learn_something(tmp_path, variant):
+    cfg = dataclasses.replace(SMALL, rounds=4, **variant)
+    m = train(cfg, tmp_path / "v", progress=False)
+    assert m["final"]["rounds_done"] == 4 and m["final"]["rejected_reports"] == 0
+    assert all(r["train_loss"] is not None and np.isfinite(r["train_loss"]) for r in m["rounds"])
+
+
+def test_fedavg_server_replay_matches_the_client_trajectory():
+    """The server rebuilds a FedAvg client's local weights from its scalars alone."""
+    from baffle_edge.client import run_task, step_gradient
+    from baffle_edge.models import build_model
+    from baffle_edge.runtimes.torch_runtime import TorchSession
+
+    cfg = dataclasses.replace(SMALL, strategy="fedavg", local_steps=3)
+    fed = Federation(cfg)
+    task = fed.task(0, 1)
+    session = TorchSession(build_model(fed.model_cfg))
+    w_global = fed.server.flat().numpy()
+    report = run_task(task, session, fed.batches(1, 0), weights=w_global, local_lr=cfg.optim.local_lr,
+                      clip=cfg.optim.clip)
+    assert report.losses.size == 3 * cfg.k and report.base_losses.size == 3
+    # the client applied 2 local steps (the last is left to the server); replay them from scalars
+    w = w_global.copy()
+    for s in range(2):
+        g = step_gradient(task, s, report.losses[s * cfg.k:(s + 1) * cfg.k], report.base_losses[s], w.size,
+                          clip=cfg.optim.clip)
+        w = (w - np.float32(cfg.optim.local_lr) * g.astype(np.float32)).astype(np.float32)
+    assert np.array_equal(w, session.w0.numpy())
+    update = fed.server.strategy.decode(fed.server, task, report)
+    assert not np.array_equal(update.weights, w) and np.all(np.isfinite(update.weights))
+
+
+def test_cli_train_and_errors(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["train", "--rounds", "2", "--clients", "2", "--k", "3", "--out", str(out), "--no-progress",
+                 "--compare-bp"]) == 0
+    assert (out / "bp" / "metrics.json").exists() and (out / "curves.png").exists()
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(["train", "--dataset", "mnist", "--out", str(tmp_path / "m")]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    assert main(["train", "--k", "0", "--out", str(tmp_path / "z")]) == 2
+    assert main(["train", "--rounds", "2", "--out", str(out)]) == 2  # exists, no --resume
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "baffle_edge", "train", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--sigma" in r.stdout and "default" in r.stdout
