@@ -127,6 +127,12 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+# Sub-commands that live in their own modules: each module defines ``add_parser(subparsers)``,
+# which registers its parser and sets ``func`` (returning the exit code).
+COMMAND_MODULES: list[str] = [
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="baffle-edge", description=(
         "Backpropagation-free federated learning (BAFFLE) on edge inference runtimes. " + DEFAULTS_NOTE + "."))
@@ -137,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/curves.png and OUT/checkpoint.pt.")
     _add_train_args(t)
     t.set_defaults(func=cmd_train)
+    import importlib
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod).add_parser(sub)
     return p
 
 
