@@ -161,16 +161,26 @@ class Federation:
             set_flat_params(m, torch.from_numpy(w.astype(np.float32)))
         return ClientUpdate(client, sum(len(b.y) for b in batches), weights=flat_params(m).numpy()), first_loss
 
-    def step(self, round_: int, *, client_fn: Callable | None = None) -> dict:
-        """Run one round; return its metrics row (without evaluation)."""
+    def step(self, round_: int, *, client_fn: Callable | None = None,
+             on_update: Callable | None = None) -> dict:
+        """Run one round; return its metrics row (without evaluation).
+
+        ``on_update(round_, client, weights, batches, update)`` (optional) sees every accepted
+        client update before the server applies the round: the global float32 weights it was
+        computed at, the client's batches and the decoded ``ClientUpdate`` (verification uses it
+        to compare estimates with exact gradients)."""
         start = time.perf_counter()
+        weights = self.server.flat().numpy().copy() if on_update is not None else None
         log, updates = RoundLog(), []
         bytes_up = bytes_down = 0
         losses = []
         model_bytes = 4 * self.server.dim
         if self.cfg.method is Method.BP:
             for c in range(self.cfg.clients):
-                update, loss = self.bp_update(c, self.batches(c, round_))
+                batches = self.batches(c, round_)
+                update, loss = self.bp_update(c, batches)
+                if on_update is not None:
+                    on_update(round_, c, weights, batches, update)
                 updates.append(update)
                 losses.append(loss)
                 bytes_down += model_bytes
@@ -180,18 +190,21 @@ class Federation:
 
             def one_client(c: int):
                 task = self.task(round_, c)
+                batches = self.batches(c, round_)
                 try:
-                    report = device(task, self.batches(c, round_))
+                    report = device(task, batches)
                 except Exception as e:  # a failing device is data, not a crash
                     report = e
-                return task, report, self.server.decode(task, report)
+                return task, batches, report, self.server.decode(task, report)
 
-            for task, report, out in self.pool.map(one_client, range(self.cfg.clients)):
+            for task, batches, report, out in self.pool.map(one_client, range(self.cfg.clients)):
                 bytes_down += model_bytes + wire_bytes(task)
                 if isinstance(out, str):
                     log.rejected[task.client] = out
                     continue
                 log.accepted.append(task.client)
+                if on_update is not None:
+                    on_update(round_, task.client, weights, batches, out)
                 updates.append(out)
                 bytes_up += wire_bytes(dataclasses.replace(report, seconds=0.0))  # timing-free: reproducible
                 # L(w): the base loss, or for the central scheme the mean of L(w+d), L(w-d) (= L(w) + O(sigma^2))
