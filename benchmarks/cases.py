@@ -1,0 +1,93 @@
+"""What the suites measure: model cases, runtimes, batches. Pure data, no pytest fixtures.
+
+Inputs are seeded random tensors of each dataset's shape: the suites need no data files, so
+they run on a device with only the package installed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pytest
+
+from baffle_edge.client import Batch
+from baffle_edge.models import ModelConfig, Norm, build_model
+from baffle_edge.runtimes import REGISTRY
+
+# Runtimes that are planned but may not be registered yet: they are still listed, so that the
+# report shows them as skipped with a reason instead of silently leaving them out.
+PLANNED_RUNTIMES = ("onnxruntime", "onnxruntime-int8", "tflite-int8")
+
+FULL = pytest.mark.bench_full  # slow configurations: run with --bench-full
+SIGMA = 1e-4  # reference perturbation scale
+SEED = 0
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    id: str  # test id and table label, e.g. "lenet-8"
+    model: str  # baffle_edge.models name
+    in_channels: int  # 1 digits/MNIST, 3 CIFAR
+    image_size: int  # 8 digits, 28 MNIST, 32 CIFAR
+    norm: Norm = Norm.NONE  # reference: NoNorm for LeNet/MLP, GroupNorm for WRN
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig(self.model, self.in_channels, self.image_size, 10, norm=self.norm)
+
+    @property
+    def input_shape(self) -> str:
+        return f"{self.in_channels}x{self.image_size}x{self.image_size}"
+
+    def build(self):
+        """A fresh torch model with the case's fixed initial weights."""
+        return build_model(self.config, seed=SEED)
+
+    @cached_property
+    def dim(self) -> int:
+        return sum(p.numel() for p in self.build().parameters() if p.requires_grad)
+
+    def batch(self, size: int, *, seed: int = SEED) -> Batch:
+        rng = np.random.default_rng([seed, size, self.image_size])
+        x = rng.standard_normal((size, self.in_channels, self.image_size, self.image_size)).astype(np.float32)
+        return Batch(x, rng.integers(0, 10, size).astype(np.int64))
+
+    def info(self) -> dict:
+        return {"model": self.model, "case": self.id, "input": self.input_shape, "params": self.dim}
+
+
+MODELS: dict[str, ModelCase] = {c.id: c for c in (
+    ModelCase("lenet-8", "lenet", 1, 8),  # digits-shaped (8x8), the embedded dataset
+    ModelCase("lenet-28", "lenet", 1, 28),  # MNIST-shaped, the paper's headline setup
+    ModelCase("wrn-10-2", "wrn-10-2", 3, 32, Norm.GROUP),  # CIFAR-shaped
+    ModelCase("mlp", "mlp", 1, 8),
+)}
+
+
+def dtype_of(runtime: str) -> str:
+    return "int8" if "int8" in runtime else "fp32"
+
+
+def runtime_names() -> list[str]:
+    """Every registered runtime (new ones appear automatically), then the planned ones."""
+    return list(REGISTRY) + [n for n in PLANNED_RUNTIMES if n not in REGISTRY]
+
+
+def providers_of(runtime: str) -> list[str]:
+    """Execution providers / delegates to measure a runtime on: those this machine offers."""
+    if runtime.startswith("onnxruntime"):
+        try:  # the runtime's own short names ("cpu", "xnnpack", ...)
+            from baffle_edge.runtimes.onnxruntime_runtime import available_providers
+            found = [p for p in available_providers() if p not in ("azure", "AzureExecutionProvider")]
+            return found or ["cpu"]
+        except ImportError:
+            return ["cpu"]
+    if runtime.startswith("tflite"):
+        return ["default"]  # the runtime picks its op resolver (see docs/benchmarks.md)
+    return ["cpu"] if runtime == "torch" else ["default"]
+
+
+def runtime_params() -> list:
+    """pytest params (runtime, provider) for every runtime x available provider."""
+    return [pytest.param((r, p), id=f"{r}-{p}") for r in runtime_names() for p in providers_of(r)]

@@ -1,0 +1,268 @@
+"""Fixture layer of the benchmarks: options, machine info, and the one place sessions are built.
+
+Every suite gets a runtime session through ``sessions.get(runtime, case, provider)``, which calls
+``load_session`` below. To plug in a new runtime: register it in ``baffle_edge.runtimes.REGISTRY``
+(it then appears in every suite) and, if it loads an exported bundle rather than a torch
+module, fill in ``build_artifact`` / ``runtime_options`` / ``forward_loss_fn`` at the places
+marked ``PLUG-IN``.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from baffle_edge.client import Batch, cross_entropy
+from baffle_edge.runtimes import REGISTRY, get_runtime
+
+from .cases import MODELS, SIGMA, ModelCase, runtime_names
+
+
+# ---------------------------------------------------------------------------------- options
+def pytest_addoption(parser):
+    g = parser.getgroup("baffle-edge benchmarks")
+    g.addoption("--bench-full", action="store_true", default=False,
+                help="also run the slow configurations (WRN-10-2 at batch 128, K=500, C=100, "
+                     "memory of WRN-10-2); the default is a quick set for CI and a first look")
+    g.addoption("--bench-threads", type=int, default=None,
+                help="intra-op threads for every runtime (default: each library's default)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bench_full: slow benchmark configuration, runs with --bench-full")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--bench-full", default=False):
+        return
+    skip = pytest.mark.skip(reason="slow configuration: run with --bench-full")
+    for item in items:
+        if "bench_full" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def bench_full(request) -> bool:
+    return bool(request.config.getoption("--bench-full"))
+
+
+@pytest.fixture(scope="session")
+def bench_threads(request) -> int | None:
+    return request.config.getoption("--bench-threads")
+
+
+@pytest.fixture(scope="session")
+def measuring(request) -> bool:
+    """True when timings are kept (--benchmark-only or benchmarks enabled), False in plain test runs."""
+    return not request.config.getoption("benchmark_disable", default=False)
+
+
+# ----------------------------------------------------------------------------- machine info
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "processor\t: arm")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def runtime_environment() -> dict:
+    """Library versions, execution providers / delegates and which runtimes load here."""
+    import numpy
+    import torch
+
+    import baffle_edge
+    env: dict = {"baffle_edge": baffle_edge.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+                 "torch_threads": torch.get_num_threads()}
+    try:
+        import onnxruntime as ort
+        env["onnxruntime"] = ort.__version__
+        env["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        env["onnxruntime"] = None
+    try:
+        from importlib.metadata import version
+        env["ai_edge_litert"] = version("ai-edge-litert")
+        env["tflite_delegates"] = ["builtin", "xnnpack (default resolver)"]
+    except Exception:
+        env["ai_edge_litert"] = None
+    runtimes = {}
+    for name in runtime_names():
+        if name not in REGISTRY:
+            runtimes[name] = "not registered"
+            continue
+        try:
+            get_runtime(name)
+            runtimes[name] = "available"
+        except Exception as e:  # ImportError with the install hint, or a constructor error
+            runtimes[name] = f"unavailable: {e}"
+    env["runtimes"] = runtimes
+    return env
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import psutil
+    machine_info["cpu_model"] = _cpu_model()
+    machine_info["cores_logical"] = os.cpu_count()
+    machine_info["cores_physical"] = psutil.cpu_count(logical=False)
+    machine_info["memory_total_bytes"] = psutil.virtual_memory().total
+    machine_info["bench_full"] = bool(config.getoption("--bench-full", default=False))
+    machine_info["bench_threads"] = config.getoption("--bench-threads", default=None)
+    machine_info["baffle_edge"] = runtime_environment()
+
+
+# --------------------------------------------------------------------------- session layer
+def runtime_options(runtime: str, provider: str) -> dict:
+    """Keyword options for ``get_runtime(runtime, **options)`` that select ``provider``."""
+    if runtime.startswith("onnxruntime") and provider != "default":
+        return {"provider": provider}  # OrtFloatRuntime(provider="cpu" | "xnnpack" | ...)
+    return {}
+
+
+def synthetic_dataset(case: ModelCase, n: int = 256):
+    """A stand-in training set of the case's shape: exporters calibrate int8 ranges on it."""
+    from baffle_edge.data import Dataset
+    b, t = case.batch(n, seed=1), case.batch(32, seed=2)
+    c = case.in_channels
+    return Dataset(f"synthetic-{case.input_shape}", b.x, b.y, t.x, t.y, 10, (0.0,) * c, (1.0,) * c, 1.0)
+
+
+def build_artifact(runtime: str, case: ModelCase, workdir: Path):
+    """What ``get_runtime(runtime).load(...)`` takes for ``case``: the torch module for
+    ``artifact == "torch-model"`` runtimes, an exported bundle folder for ``"bundle"`` ones.
+    The ONE place where exported bundles are made; export failures skip, naming the cause."""
+    info = REGISTRY[runtime]
+    model = case.build()
+    if getattr(info, "artifact", "torch-model") == "torch-model":
+        return model
+    # ---- PLUG-IN: bundle-based runtimes (onnxruntime, onnxruntime-int8, tflite-int8, ...) -------
+    # A runtime whose RuntimeInfo says artifact="bundle", format=F is fed a bundle exported with
+    # formats=(F,) (export/bundle.py). A new bundle runtime needs nothing here; a new kind of
+    # artifact needs one more branch.
+    fmt = getattr(info, "format", None)
+    try:
+        from baffle_edge.export.bundle import ExportConfig, export_bundle
+    except ImportError as e:
+        pytest.skip(f"runtime {runtime!r} loads an exported bundle but the exporter is not importable ({e}); "
+                    "install the package with its export extras or wire it in benchmarks/conftest.py:build_artifact")
+    out = workdir / f"{case.id}-{fmt}"
+    if not (out / "baffle.json").exists():
+        try:
+            export_bundle(model, case.config, synthetic_dataset(case), out, ExportConfig(formats=(fmt,)), force=True,
+                          source="benchmarks")
+        except ImportError as e:  # e.g. litert-torch for tflite-int8
+            pytest.skip(f"runtime {runtime!r}: exporting format {fmt!r} needs a missing package ({e}); "
+                        "pip install 'baffle-edge[tflite]' for TFLite")
+        except Exception as e:  # noqa: BLE001 - an export that cannot be built here is a skip, not a failure
+            pytest.skip(f"runtime {runtime!r}: cannot export format {fmt!r} for {case.id} here "
+                        f"({type(e).__name__}: {e})")
+    return out
+
+
+def load_session(runtime: str, case: ModelCase, *, provider: str, workdir: Path, threads: int | None):
+    """Build the session for (runtime, model case, provider) at the case's initial weights,
+    or skip saying how to enable it."""
+    if runtime not in REGISTRY:
+        pytest.skip(f"runtime {runtime!r} is not registered in baffle_edge.runtimes.REGISTRY yet "
+                    f"(known: {', '.join(REGISTRY)}); it is benchmarked as soon as it is")
+    try:
+        rt = get_runtime(runtime, **runtime_options(runtime, provider))
+    except ImportError as e:  # the message names the pip extra to install
+        pytest.skip(str(e))
+    except TypeError as e:
+        pytest.skip(f"runtime {runtime!r} does not take options {runtime_options(runtime, provider)} ({e}); "
+                    "adjust benchmarks/conftest.py:runtime_options")
+    artifact = build_artifact(runtime, case, workdir)
+    try:
+        session = rt.load(artifact, threads=threads)
+    except ValueError as e:  # e.g. an execution provider this build lacks
+        pytest.skip(f"runtime {runtime!r} ({provider}) cannot load here: {e}")
+    from baffle_edge.params import flat_params
+    session.set_weights(flat_params(case.build()).numpy())  # bundle sessions start without weights
+    return session
+
+
+def task_for(runtime: str, *, k: int, scheme: str = "forward", client: int = 0, round_: int = 0,
+             model_version: str = ""):
+    """A RoundTask that ``runtime`` can answer: its perturbation domain, and for whole-step
+    int8 perturbation Rademacher noise with sigma = 1 step."""
+    from baffle_edge.perturb import NoiseKind
+    from baffle_edge.protocol import Domain, RoundTask, Scheme
+    domain = Domain(getattr(REGISTRY.get(runtime), "domain", "float"))
+    int8 = domain is Domain.INT8_STEP
+    return RoundTask(round=round_, client=client, seed=7, k=k, sigma=1.0 if int8 else SIGMA,
+                     scheme=Scheme(scheme), noise=NoiseKind.RADEMACHER if int8 else NoiseKind.GAUSSIAN,
+                     domain=domain, model_version=model_version)
+
+
+class Sessions:
+    """Session-scoped cache: a (runtime, case, provider) session is built (exported) once."""
+
+    def __init__(self, workdir: Path, threads: int | None):
+        self.workdir, self.threads = workdir, threads
+        self._cache: dict[tuple, object] = {}
+
+    def get(self, runtime: str, case: str | ModelCase, provider: str | None = None):
+        case = MODELS[case] if isinstance(case, str) else case
+        key = (runtime, case.id, provider)
+        if key not in self._cache:
+            try:
+                self._cache[key] = load_session(runtime, case, provider=provider or "default",
+                                                workdir=self.workdir / runtime, threads=self.threads)
+            except pytest.skip.Exception as e:
+                self._cache[key] = e
+        got = self._cache[key]
+        if isinstance(got, pytest.skip.Exception):
+            pytest.skip(str(got.msg))
+        return got
+
+
+@pytest.fixture(scope="session")
+def sessions(tmp_path_factory, bench_threads) -> Sessions:
+    return Sessions(tmp_path_factory.mktemp("bundles"), bench_threads)
+
+
+def forward_loss_fn(session, batch: Batch) -> Callable[[], float]:
+    """One plain forward + loss at the session's current weights: what each of the K+1 forwards
+    of a client round costs without the perturbation. Returns a zero-argument callable."""
+    from baffle_edge.runtimes.torch_runtime import TorchSession
+    if isinstance(session, TorchSession):
+        import torch
+        x = torch.from_numpy(np.ascontiguousarray(batch.x, dtype=np.float32))
+
+        def run() -> float:
+            with torch.no_grad():
+                return cross_entropy(session.model(x).numpy(), batch.y)
+        return run
+    # ---- PLUG-IN: bundle sessions. ORT sessions expose forward(x, weights) and _weights(0, None,
+    # task) (the unperturbed inputs, prepared once, outside the timed call); another runtime
+    # needs one branch here, or a public logits(x) method.
+    logits = getattr(session, "logits", None)
+    if logits is not None:
+        return lambda: cross_entropy(np.asarray(logits(batch.x)), batch.y)
+    if hasattr(session, "forward") and hasattr(session, "_weights"):
+        runtime = getattr(session, "name", "")
+        weights = session._weights(0, None, task_for(runtime, k=1))
+        x = np.ascontiguousarray(batch.x, dtype=np.float32)
+        return lambda: cross_entropy(session.forward(x, weights), batch.y)
+    pytest.skip(f"{type(session).__name__} has no logits(x) method; add one or adapt "
+                "benchmarks/conftest.py:forward_loss_fn")
+
+
+def reference_loss(case: ModelCase, batch: Batch) -> float:
+    """The torch fp32 reference: loss of the case's initial weights on ``batch`` (float64 CE)."""
+    import torch
+    with torch.no_grad():
+        logits = case.build()(torch.from_numpy(batch.x)).double()
+        return float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch.y)))
+
+
+def loss_tolerance(runtime: str) -> float:
+    """Absolute tolerance of a runtime's loss vs the fp32 reference (int8: quantization error)."""
+    return 0.15 if "int8" in runtime else 1e-4
