@@ -4,11 +4,15 @@ A round: the strategy writes one RoundTask per client; client updates come back 
 reports of loss scalars, decoded here by regenerating the noise; BP baseline: exact gradients);
 each report is validated and a bad one is recorded and skipped; the strategy folds the valid
 updates into the global model. Epoch boundaries step the LR schedule and the EMA of the weights.
+
+Aggregation is the ``Strategy.aggregate`` hook: the weighted mean by default, or a Byzantine-robust
+coordinate-wise median / trimmed mean over the per-client estimates (``make_strategy(aggregate=)``).
 """
 from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,11 +62,22 @@ def model_version(model: nn.Module) -> str:
     return hashlib.sha256(flat_params(model).numpy().tobytes()).hexdigest()[:16]
 
 
+class Aggregate(str, enum.Enum):
+    MEAN = "mean"  # sample-weighted mean (reference FedSGD/FedAvg)
+    MEDIAN = "median"  # coordinate-wise median (Byzantine-robust, breakdown point 1/2)
+    TRIMMED_MEAN = "trimmed-mean"  # coordinate-wise mean after dropping the `trim` fraction at each end
+
+
 class Strategy:
-    """Hooks of the round loop. Subclasses override ``local_steps``, ``decode`` and ``apply``."""
+    """Hooks of the round loop. Subclasses override ``local_steps``, ``decode``, ``apply`` and
+    ``aggregate`` (how the per-client vectors become one)."""
 
     name = "base"
     local_steps = 1
+
+    def aggregate(self, updates: list[ClientUpdate], attr: str) -> np.ndarray:
+        """Fold the clients' ``attr`` vectors (gradient or weights) into one: the weighted mean."""
+        return self.weighted_mean(updates, attr)
 
     def decode(self, server: "Server", task: RoundTask, report: ClientReport) -> ClientUpdate:
         raise NotImplementedError
@@ -87,7 +102,7 @@ class FedSGD(Strategy):
         return ClientUpdate(report.client, report.num_samples, gradient=g)
 
     def apply(self, server, updates):
-        g = torch.from_numpy(self.weighted_mean(updates, "gradient").astype(np.float32))
+        g = torch.from_numpy(self.aggregate(updates, "gradient").astype(np.float32))
         offset = 0
         for p in server.params:
             p.grad = g[offset: offset + p.numel()].view_as(p).clone()
@@ -118,7 +133,73 @@ class FedAvg(Strategy):
         return ClientUpdate(report.client, report.num_samples, weights=w)
 
     def apply(self, server, updates):
-        server.set_flat(self.weighted_mean(updates, "weights").astype(np.float32))
+        server.set_flat(self.aggregate(updates, "weights").astype(np.float32))
+
+
+class CoordinateMedian(Strategy):
+    """Aggregate hook: the coordinate-wise median of the client vectors (unweighted).
+    Mixed in before FedSGD/FedAvg: ``class MedianFedSGD(CoordinateMedian, FedSGD)``."""
+
+    def aggregate(self, updates, attr):
+        return np.median(np.stack([getattr(u, attr).astype(np.float64) for u in updates]), axis=0)
+
+
+class TrimmedMean(Strategy):
+    """Aggregate hook: per coordinate, drop the ``floor(trim * n)`` lowest and highest client
+    values and average the rest (unweighted). ``trim`` in [0, 0.5)."""
+
+    trim = 0.1
+
+    def aggregate(self, updates, attr):
+        stack = np.sort(np.stack([getattr(u, attr).astype(np.float64) for u in updates]), axis=0)
+        cut = min(math.floor(self.trim * len(updates)), (len(updates) - 1) // 2)
+        return stack[cut: len(updates) - cut].mean(axis=0)
+
+
+class MedianFedSGD(CoordinateMedian, FedSGD):
+    name = "fedsgd+median"
+
+
+class TrimmedMeanFedSGD(TrimmedMean, FedSGD):
+    name = "fedsgd+trimmed-mean"
+
+
+class MedianFedAvg(CoordinateMedian, FedAvg):
+    name = "fedavg+median"
+
+
+class TrimmedMeanFedAvg(TrimmedMean, FedAvg):
+    name = "fedavg+trimmed-mean"
+
+
+class ReplayGuard:
+    """One round's memory of accepted reports. Refuses a second report for the same (round,
+    client) and a report whose loss values are a byte-exact copy of one already accepted (a
+    replayed or cloned upload). Reports of earlier rounds are refused before this by
+    ``ClientReport.check_against`` (their round and model version differ)."""
+
+    def __init__(self):
+        self.clients: set[tuple[int, int]] = set()
+        self.digests: dict[str, int] = {}  # content hash -> client that sent it first
+
+    @staticmethod
+    def digest(report: ClientReport) -> str:
+        h = hashlib.sha256(report.losses.tobytes())
+        h.update(b"|")
+        h.update(report.base_losses.tobytes())
+        return h.hexdigest()
+
+    def admit(self, report: ClientReport) -> str | None:
+        """Record ``report``; return why it must be rejected, or None if it is new."""
+        key = (report.round, report.client)
+        if key in self.clients:
+            return f"duplicate: a report for round {report.round} from client {report.client} was already accepted"
+        d = self.digest(report)
+        if d in self.digests:
+            return f"replay: losses are identical to client {self.digests[d]}'s report (sha256 {d[:12]})"
+        self.clients.add(key)
+        self.digests[d] = report.client
+        return None
 
 
 class EMA:
@@ -228,12 +309,29 @@ class Server:
             self.ema.load_state_dict(s["ema"])
 
 
-def make_strategy(name: str, *, local_steps: int = 1) -> Strategy:
-    if name == "fedsgd":
-        return FedSGD()
-    if name == "fedavg":
-        return FedAvg(local_steps)
-    raise ValueError(f"unknown strategy {name!r}; known: fedsgd, fedavg")
+_STRATEGIES: dict[tuple[str, Aggregate], type[Strategy]] = {
+    ("fedsgd", Aggregate.MEAN): FedSGD, ("fedsgd", Aggregate.MEDIAN): MedianFedSGD,
+    ("fedsgd", Aggregate.TRIMMED_MEAN): TrimmedMeanFedSGD,
+    ("fedavg", Aggregate.MEAN): FedAvg, ("fedavg", Aggregate.MEDIAN): MedianFedAvg,
+    ("fedavg", Aggregate.TRIMMED_MEAN): TrimmedMeanFedAvg,
+}
+
+
+def make_strategy(name: str, *, local_steps: int = 1, aggregate: Aggregate | str = Aggregate.MEAN,
+                  trim: float = 0.1) -> Strategy:
+    try:
+        agg = Aggregate(aggregate)
+    except ValueError:
+        raise ValueError(f"unknown aggregate {aggregate!r}; known: {[a.value for a in Aggregate]}") from None
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    if (name, agg) not in _STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; known: fedsgd, fedavg")
+    cls = _STRATEGIES[(name, agg)]
+    strategy = cls(local_steps) if issubclass(cls, FedAvg) else cls()
+    if isinstance(strategy, TrimmedMean):
+        strategy.trim = trim
+    return strategy
 
 
 def accuracy(model: nn.Module, flat: torch.Tensor, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> float:
@@ -254,5 +352,6 @@ def mean_loss(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
         return float(nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)))
 
 
-__all__ = ["Server", "Strategy", "FedSGD", "FedAvg", "OptimConfig", "ClientUpdate", "RoundLog",
-           "make_strategy", "accuracy", "model_version"]
+__all__ = ["Server", "Strategy", "FedSGD", "FedAvg", "CoordinateMedian", "TrimmedMean", "Aggregate",
+           "ReplayGuard", "OptimConfig", "ClientUpdate", "RoundLog", "make_strategy", "accuracy",
+           "model_version"]

@@ -16,9 +16,10 @@ import platform
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -30,9 +31,9 @@ from .data import Dataset, batch_indices, load_dataset, partition
 from .models import Activation, ModelConfig, Norm, build_model
 from .params import flat_grad, flat_params, layout_of, set_flat_params
 from .perturb import NoiseKind
-from .protocol import NoiseScope, RoundTask, Scheme, wire_bytes
-from .server import (ClientUpdate, OptimConfig, OptimizerName, RoundLog, Server, accuracy, make_strategy,
-                     mean_loss)
+from .protocol import ClientReport, NoiseScope, RoundTask, Scheme, wire_bytes
+from .server import (Aggregate, ClientUpdate, OptimConfig, OptimizerName, ReplayGuard, RoundLog, Server, accuracy,
+                     make_strategy, mean_loss)
 from .estimator import clip_inf
 
 
@@ -67,6 +68,12 @@ class TrainConfig:
     checkpoint_every: int = 50  # rounds between checkpoints (and at the end)
     runtime: str = "torch"
     workers: int = 2  # threads simulating clients / decoding reports (results do not depend on it)
+    # faults (docs/faults.md)
+    quorum: float = 0.0  # fraction of clients whose valid reports a round needs, else it is skipped (0: >= 1)
+    round_timeout: float | None = None  # seconds a round waits for reports; None = wait for all
+    aggregate: Aggregate = Aggregate.MEAN  # mean | median | trimmed-mean over per-client estimates
+    trim: float = 0.1  # trimmed-mean: fraction dropped at each end
+    byzantine: float = 0.0  # simulation only: seeded fraction of clients that upload garbage losses
 
     def to_json(self) -> dict:
         def conv(v):
@@ -85,6 +92,8 @@ class TrainConfig:
         o = dict(d.pop("optim"))
         o["betas"] = tuple(o["betas"])
         o["milestones"] = tuple(o["milestones"])
+        if "aggregate" in d:
+            d["aggregate"] = Aggregate(d["aggregate"])
         return cls(optim=OptimConfig(**o), **d)
 
 
@@ -104,6 +113,11 @@ class Federation:
         if cfg.k < 1 or cfg.sigma <= 0 or cfg.rounds < 1 or cfg.clients < 1:
             raise ValueError(f"need k >= 1, sigma > 0, rounds >= 1, clients >= 1; got k={cfg.k}, "
                              f"sigma={cfg.sigma}, rounds={cfg.rounds}, clients={cfg.clients}")
+        for name in ("quorum", "byzantine"):
+            if not 0 <= getattr(cfg, name) <= 1:
+                raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(cfg, name)}")
+        if cfg.round_timeout is not None and not cfg.round_timeout > 0:
+            raise ValueError(f"round_timeout must be > 0 seconds (or None), got {cfg.round_timeout}")
         self.cfg = cfg
         self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
         self.parts = partition(self.data.y_train, cfg.clients, scheme=cfg.partition, alpha=cfg.alpha,
@@ -112,11 +126,13 @@ class Federation:
         self.model = build_model(self.model_cfg, seed=cfg.seed)
         self.layout = layout_of(self.model)
         local_steps = cfg.local_steps if cfg.strategy == "fedavg" else 1
-        self.server = Server(self.model, make_strategy(cfg.strategy, local_steps=local_steps), cfg.optim)
+        self.server = Server(self.model, make_strategy(cfg.strategy, local_steps=local_steps,
+                                                       aggregate=cfg.aggregate, trim=cfg.trim), cfg.optim)
         self.client_model = build_model(self.model_cfg, seed=cfg.seed)  # the BP baseline's copy
         self._local = threading.local()  # one simulated device (model + session) per worker thread
         self.pool = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="client")
         self.rpe = rounds_per_epoch(cfg, self.data)
+        self.byzantine = byzantine_clients(cfg.clients, cfg.byzantine, seed=cfg.seed)
 
     def batches(self, client: int, round_: int) -> list[Batch]:
         s = self.server.strategy.local_steps
@@ -138,10 +154,35 @@ class Federation:
             self._local.session = get_runtime(self.cfg.runtime).load(build_model(self.model_cfg, seed=self.cfg.seed))
         return self._local.session
 
-    def baffle_client(self, task: RoundTask, batches: list[Batch]):
-        """What a device does: evaluate the task's perturbed losses at the global weights."""
-        return run_task(task, self._session(), batches, weights=self.server.flat().numpy(),
+    def baffle_client(self, task: RoundTask, batches: list[Batch], *, weights: np.ndarray | None = None):
+        """What a device does: evaluate the task's perturbed losses at the global weights (or at
+        the round's snapshot ``weights``, so a straggler never sees a later model)."""
+        w = self.server.flat().numpy() if weights is None else weights
+        return run_task(task, self._session(), batches, weights=w,
                         runtime=self.cfg.runtime, local_lr=self.cfg.optim.local_lr, clip=self.cfg.optim.clip)
+
+    def gather_local(self, tasks: list[RoundTask], device: Callable, round_: int) -> list[tuple]:
+        """Run ``device(task, batches)`` for every task on the worker threads and close the round
+        at ``round_timeout``. Returns ``(task, report or exception)`` for the clients that answered
+        in time, in client order; the simulated Byzantine clients' reports are replaced by garbage."""
+        def one(task: RoundTask):
+            try:
+                report = device(task, self.batches(task.client, round_))
+            except Exception as e:  # a failing device is data, not a crash
+                report = e
+            if task.client in self.byzantine and isinstance(report, ClientReport):
+                report = garbage_report(report, seed=self.cfg.seed)
+            return report
+
+        futures = [self.pool.submit(one, t) for t in tasks]
+        wait_futures(futures, timeout=self.cfg.round_timeout)
+        answered = []
+        for task, fut in zip(tasks, futures):
+            if fut.done():
+                answered.append((task, fut.result()))
+            else:
+                fut.cancel()  # not started: never runs; a running straggler's answer is dropped
+        return answered
 
     def bp_update(self, client: int, batches: list[Batch]) -> tuple[ClientUpdate, float]:
         """The float baseline: exact backprop gradients on the same batches (simulation only).
@@ -162,18 +203,25 @@ class Federation:
         return ClientUpdate(client, sum(len(b.y) for b in batches), weights=flat_params(m).numpy()), first_loss
 
     def step(self, round_: int, *, client_fn: Callable | None = None,
-             on_update: Callable | None = None) -> dict:
+             on_update: Callable | None = None,
+             gather: Callable[[list[RoundTask]], Iterable[tuple]] | None = None) -> dict:
         """Run one round; return its metrics row (without evaluation).
+
+        ``client_fn(task, batches)`` replaces the simulated device; ``gather(tasks)`` replaces the
+        whole collection (e.g. Flower messaging) and returns ``(task, report or exception)`` pairs
+        for the answers that arrived before the deadline (duplicates possible; absent clients are
+        missing). The round is applied only if at least ``quorum * clients`` reports are valid.
 
         ``on_update(round_, client, weights, batches, update)`` (optional) sees every accepted
         client update before the server applies the round: the global float32 weights it was
         computed at, the client's batches and the decoded ``ClientUpdate`` (verification uses it
         to compare estimates with exact gradients)."""
         start = time.perf_counter()
-        weights = self.server.flat().numpy().copy() if on_update is not None else None
+        weights = self.server.flat().numpy().copy()
         log, updates = RoundLog(), []
         bytes_up = bytes_down = 0
         losses = []
+        absent: list[int] = []
         model_bytes = 4 * self.server.dim
         if self.cfg.method is Method.BP:
             for c in range(self.cfg.clients):
@@ -185,40 +233,40 @@ class Federation:
                 losses.append(loss)
                 bytes_down += model_bytes
                 bytes_up += model_bytes
+            log.accepted = list(range(self.cfg.clients))
         else:
-            device = client_fn or self.baffle_client
-
-            def one_client(c: int):
-                task = self.task(round_, c)
-                batches = self.batches(c, round_)
-                try:
-                    report = device(task, batches)
-                except Exception as e:  # a failing device is data, not a crash
-                    report = e
-                return task, batches, report, self.server.decode(task, report)
-
-            for task, batches, report, out in self.pool.map(one_client, range(self.cfg.clients)):
-                bytes_down += model_bytes + wire_bytes(task)
-                if isinstance(out, str):
-                    log.rejected[task.client] = out
+            tasks = [self.task(round_, c) for c in range(self.cfg.clients)]
+            if gather is None:
+                device = client_fn or (lambda t, b: self.baffle_client(t, b, weights=weights))
+                answered = self.gather_local(tasks, device, round_)
+            else:
+                answered = list(gather(tasks))
+            decoded = self.pool.map(lambda answer: self.server.decode(*answer), answered)
+            guard = ReplayGuard()
+            for (task, report), out in zip(answered, decoded):
+                reason = out if isinstance(out, str) else guard.admit(report)
+                if reason is not None:
+                    log.rejected[task.client] = reason
                     continue
                 log.accepted.append(task.client)
                 if on_update is not None:
-                    on_update(round_, task.client, weights, batches, out)
+                    on_update(round_, task.client, weights, self.batches(task.client, round_), out)
                 updates.append(out)
                 bytes_up += wire_bytes(dataclasses.replace(report, seconds=0.0))  # timing-free: reproducible
                 # L(w): the base loss, or for the central scheme the mean of L(w+d), L(w-d) (= L(w) + O(sigma^2))
                 losses.append(float(report.base_losses[0] if report.base_losses.size
                                     else report.losses[:2 * task.k].mean()))
-        if self.cfg.method is Method.BP:
-            log.accepted = list(range(self.cfg.clients))
-        applied = self.server.apply(updates, log)
+            bytes_down = sum(model_bytes + wire_bytes(t) for t in tasks)
+            heard = {t.client for t, _ in answered}
+            absent = [t.client for t in tasks if t.client not in heard]
+        quorum_met = len(updates) >= max(1, math.ceil(self.cfg.quorum * self.cfg.clients))
+        applied = self.server.apply(updates, log) if quorum_met else False
         if (round_ + 1) % self.rpe == 0:
             self.server.end_epoch()
         return {"round": round_ + 1, "train_loss": float(np.mean(losses)) if losses else None,
                 "clients_accepted": len(log.accepted), "rejected": {str(k): v for k, v in log.rejected.items()},
-                "applied": applied, "bytes_up": bytes_up, "bytes_down": bytes_down,
-                "seconds": time.perf_counter() - start}
+                "absent": absent, "skipped": not quorum_met, "applied": applied,
+                "bytes_up": bytes_up, "bytes_down": bytes_down, "seconds": time.perf_counter() - start}
 
     def evaluate(self) -> dict:
         d, s = self.data, self.server
@@ -226,6 +274,21 @@ class Federation:
         acc_eval = accuracy(self.model, s.eval_weights(), d.x_test, d.y_test)
         return {"test_accuracy": acc_eval, "test_accuracy_raw": acc,
                 "test_loss": mean_loss(self.model, d.x_test, d.y_test)}
+
+
+def byzantine_clients(clients: int, fraction: float, *, seed: int) -> frozenset[int]:
+    """The seeded set of ``round(fraction * clients)`` clients that misbehave in a simulation."""
+    n = round(fraction * clients)
+    rng = np.random.default_rng([seed, 0xB7])
+    return frozenset(int(c) for c in rng.choice(clients, size=n, replace=False)) if n else frozenset()
+
+
+def garbage_report(report: ClientReport, *, seed: int) -> ClientReport:
+    """A Byzantine upload: well-formed and finite, but random large losses (uniform in [0, 1e3))
+    instead of the measured ones; seeded by (seed, round, client)."""
+    rng = np.random.default_rng([seed, report.round, report.client, 0xB7])
+    return dataclasses.replace(report, losses=rng.uniform(0, 1e3, report.losses.size),
+                               base_losses=rng.uniform(0, 1e3, report.base_losses.size))
 
 
 def _versions() -> dict:
@@ -319,7 +382,9 @@ def _final(history: list[dict], cfg: TrainConfig) -> dict:
             "bytes_up_total": sum(h["bytes_up"] for h in history),
             "bytes_down_total": sum(h["bytes_down"] for h in history),
             "seconds_total": sum(h["seconds"] for h in history),
-            "rejected_reports": sum(len(h["rejected"]) for h in history)}
+            "rejected_reports": sum(len(h["rejected"]) for h in history),
+            "absent_reports": sum(len(h.get("absent", ())) for h in history),
+            "skipped_rounds": sum(bool(h.get("skipped")) for h in history)}
 
 
 def _write_metrics(out: Path, metrics: dict) -> None:
