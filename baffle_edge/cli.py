@@ -130,6 +130,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 # Sub-commands that live in their own modules: each module defines ``add_parser(subparsers)``,
 # which registers its parser and sets ``func`` (returning the exit code).
 COMMAND_MODULES: list[str] = [
+    "baffle_edge.verify",
 ]
 
 
