@@ -69,6 +69,19 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int, default=50, help="rounds between checkpoints (default: 50)")
     g.add_argument("--workers", type=int, default=2, help="threads simulating clients (default: 2)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("faults (docs/faults.md)")
+    g.add_argument("--quorum", type=float, default=0.0,
+                   help="fraction of clients whose valid reports a round needs; below it the model is "
+                        "unchanged and the round is recorded as skipped (default: 0 = at least one)")
+    g.add_argument("--round-timeout", type=float, default=None,
+                   help="seconds a round waits for reports; late clients are recorded as absent (default: none)")
+    g.add_argument("--aggregate", default="mean", choices=["mean", "median", "trimmed-mean"],
+                   help="how per-client estimates are combined; median and trimmed-mean resist "
+                        "Byzantine clients (default: mean)")
+    g.add_argument("--trim", type=float, default=0.1,
+                   help="--aggregate trimmed-mean: fraction dropped at each end (default: 0.1)")
+    g.add_argument("--byzantine", type=float, default=0.0,
+                   help="simulation: seeded fraction of clients that upload random large losses (default: 0)")
 
 
 def config_from_args(a: argparse.Namespace):
@@ -76,7 +89,7 @@ def config_from_args(a: argparse.Namespace):
     from .models import Activation, Norm
     from .perturb import NoiseKind
     from .protocol import NoiseScope, Scheme
-    from .server import OptimConfig, OptimizerName
+    from .server import Aggregate, OptimConfig, OptimizerName
     from .simulate import Method, TrainConfig
 
     for name in ("clients", "k", "batch_size", "eval_every", "checkpoint_every", "workers", "local_steps"):
@@ -92,6 +105,8 @@ def config_from_args(a: argparse.Namespace):
         k=a.k, sigma=a.sigma, scheme=Scheme(a.scheme), noise=NoiseKind(a.noise),
         noise_scope=NoiseScope(a.noise_scope), seed=a.seed, eval_every=a.eval_every,
         checkpoint_every=a.checkpoint_every, runtime=a.runtime, workers=a.workers,
+        quorum=a.quorum, round_timeout=a.round_timeout, aggregate=Aggregate(a.aggregate), trim=a.trim,
+        byzantine=a.byzantine,
         optim=OptimConfig(optimizer=OptimizerName(a.optimizer), lr=a.lr, weight_decay=a.weight_decay,
                           milestones=milestones, clip=a.clip or None, ema_decay=a.ema_decay or None,
                           local_lr=a.local_lr))
@@ -130,6 +145,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 # Sub-commands that live in their own modules: each module defines ``add_parser(subparsers)``,
 # which registers its parser and sets ``func`` (returning the exit code).
 COMMAND_MODULES: list[str] = [
+    "baffle_edge.flower_app",
     "baffle_edge.verify",
 ]
 

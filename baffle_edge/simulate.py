@@ -204,11 +204,12 @@ class Federation:
 
     def step(self, round_: int, *, client_fn: Callable | None = None,
              on_update: Callable | None = None,
-             gather: Callable[[list[RoundTask]], Iterable[tuple]] | None = None) -> dict:
+             gather: Callable[[list[RoundTask], np.ndarray], Iterable[tuple]] | None = None) -> dict:
         """Run one round; return its metrics row (without evaluation).
 
-        ``client_fn(task, batches)`` replaces the simulated device; ``gather(tasks)`` replaces the
-        whole collection (e.g. Flower messaging) and returns ``(task, report or exception)`` pairs
+        ``client_fn(task, batches)`` replaces the simulated device; ``gather(tasks, weights)``
+        replaces the whole collection (e.g. Flower messaging: send the tasks and the global float32
+        weights to the devices) and returns ``(task, report or exception)`` pairs
         for the answers that arrived before the deadline (duplicates possible; absent clients are
         missing). The round is applied only if at least ``quorum * clients`` reports are valid.
 
@@ -240,7 +241,7 @@ class Federation:
                 device = client_fn or (lambda t, b: self.baffle_client(t, b, weights=weights))
                 answered = self.gather_local(tasks, device, round_)
             else:
-                answered = list(gather(tasks))
+                answered = list(gather(tasks, weights))
             decoded = self.pool.map(lambda answer: self.server.decode(*answer), answered)
             guard = ReplayGuard()
             for (task, report), out in zip(answered, decoded):
@@ -323,11 +324,13 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None, client_fn: Callable | None = None) -> dict:
+          stop_after: int | None = None, client_fn: Callable | None = None,
+          gather: Callable | None = None) -> dict:
     """Run (or resume) a federated training run and write its folder. Returns the metrics dict.
 
     ``stop_after`` ends the process-level loop after that many rounds of this call (tests use it to
-    simulate an interrupted run); ``client_fn(task, batches)`` replaces the simulated device."""
+    simulate an interrupted run); ``client_fn(task, batches)`` replaces the simulated device and
+    ``gather(tasks, weights)`` the whole collection of reports (``Federation.step``; Flower uses it)."""
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
     history: list[dict] = []
@@ -355,7 +358,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     end = cfg.rounds if stop_after is None else min(cfg.rounds, start_round + stop_after)
     bar = _progress(range(start_round, end), progress, cfg)
     for r in bar:
-        row = fed.step(r, client_fn=client_fn)
+        row = fed.step(r, client_fn=client_fn, gather=gather)
         if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
             row.update(fed.evaluate())
         history.append(row)
