@@ -76,6 +76,7 @@ class VerifyConfig:
     train_subset: int | None = None  # use this many training samples (seeded subset); None = all
     test_subset: int | None = None
     preset: str = "full"
+    torch_threads: int = 1  # torch intra-op threads during the check (clients run in parallel already)
 
 
 FULL = dict(rounds=100, k=100, clients=10, eval_every=5, sweep=Sweep())  # digits: 100 rounds = 20 epochs
@@ -482,7 +483,7 @@ def summary_table(report: dict) -> str:
     for name, run in runs.items():
         if run["status"] != "ok":
             v = verdicts[name]
-            lines.append(f"| {name} | – | – | – | – | – | – | {'unavailable' if v['pass'] else 'FAIL'}: "
+            lines.append(f"| {name} | – | – | – | – | – | – | {'unavailable' if v['pass'] else 'FAIL: unavailable'}: "
                          f"{_md(run['reason'])} |")
             continue
         s = run["summary"]
@@ -564,6 +565,15 @@ def _pm(row: dict) -> str:
 def verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool = False, argv: list[str] | None = None,
            log=print) -> dict:
     """Run the whole check and write ``out_dir``; return the report dict (``report['passed']``)."""
+    keep = torch.get_num_threads()
+    torch.set_num_threads(vc.torch_threads)  # clients already run in parallel (workers); restored below
+    try:
+        return _verify(vc, out_dir, progress=progress, argv=argv, log=log)
+    finally:
+        torch.set_num_threads(keep)
+
+
+def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list[str] | None, log) -> dict:
     from .simulate import _versions
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -624,6 +634,7 @@ def verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool = False, arg
     failing = [n for n, v in verdicts.items() if not v["pass"]]
     report = {
         "format": FORMAT, "command": argv, "preset": vc.preset, "config": base.to_json(),
+        "torch_threads": vc.torch_threads, "workers": base.workers,
         "runtimes_requested": list(vc.runtimes), "runtimes_explicit": vc.explicit,
         "train_subset": vc.train_subset, "test_subset": vc.test_subset,
         "data_hash": data_fp, "train_samples": int(len(data.y_train)), "test_samples": int(len(data.y_test)),
@@ -712,6 +723,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=None, help="rounds between evaluations (default: 5)")
     g.add_argument("--seed", type=int, default=0, help="(default: 0)")
     g.add_argument("--workers", type=int, default=2, help="threads simulating clients (default: 2)")
+    g.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op threads per simulated client; 1 avoids oversubscribing the "
+                        "cores the --workers already use (default: 1)")
     g = p.add_argument_group("thresholds")
     g.add_argument("--acc-margin", type=float, default=Thresholds.acc_margin,
                    help="percentage points a runtime's final accuracy may trail fp32 BAFFLE's "
@@ -751,8 +765,8 @@ def config_from_args(a: argparse.Namespace) -> VerifyConfig:
         v = getattr(a, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if a.batch_size < 1 or a.workers < 1 or a.sigma <= 0:
-        raise ValueError("--batch-size and --workers must be >= 1, --sigma > 0")
+    if a.batch_size < 1 or a.workers < 1 or a.torch_threads < 1 or a.sigma <= 0:
+        raise ValueError("--batch-size, --workers and --torch-threads must be >= 1, --sigma > 0")
     if a.acc_margin < 0 or not 0 <= a.cos_fraction or a.ref_cos_fraction < 0 or a.max_rejected < 0:
         raise ValueError("thresholds must be >= 0")
     train = TrainConfig(model=model, dataset=dataset, data_dir=a.data_dir, clients=pick(a.clients, "clients"),
@@ -781,7 +795,7 @@ def config_from_args(a: argparse.Namespace) -> VerifyConfig:
     return VerifyConfig(train=train, runtimes=runtimes, explicit=explicit, thresholds=th, sweep=sweep,
                         train_subset=a.train_subset or (CIFAR["train_subset"] if cifar else None),
                         test_subset=a.test_subset or (CIFAR["test_subset"] if cifar else None),
-                        preset="quick" if a.quick else "full")
+                        preset="quick" if a.quick else "full", torch_threads=a.torch_threads)
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
