@@ -55,11 +55,26 @@ def _int(d: dict, name: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
     return v
 
 
+def _loads(text: str | bytes, what: str):
+    """json.loads that fails only with ValueError: no NaN/Infinity literals, no deep nesting."""
+    def no_constant(c: str):
+        raise ValueError(f"{what}: non-finite literal {c} is not allowed")
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise ValueError(f"{what}: expected JSON text, got {type(text).__name__}")
+    try:
+        return json.loads(text, parse_constant=no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{what}: JSON nested too deeply") from None
+
+
 def _float(d: dict, name: str, *, positive: bool = False, optional: bool = False) -> float | None:
     v = d.get(name)
     if v is None and optional:
         return None
     _require(isinstance(v, (int, float)) and not isinstance(v, bool), name, f"expected a number, got {v!r}")
+    _require(isinstance(v, float) or abs(v) < 2**1000, name, "must be finite, got an integer too large for a float")
     _require(math.isfinite(v), name, f"must be finite, got {v!r}")
     if positive:
         _require(v > 0, name, f"must be > 0, got {v!r}")
@@ -150,11 +165,21 @@ class RoundTask:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "RoundTask":
-        try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"task: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(_loads(text, "task"))
+
+
+def _loss_array(v, name: str) -> np.ndarray:
+    """A flat list (JSON) or 1-D real array (NPZ) of numbers as float64; anything else (bools,
+    strings, nesting, complex, objects, out-of-range integers) is a ValueError."""
+    if isinstance(v, np.ndarray):
+        _require(v.ndim == 1 and v.dtype.kind in "fiu", name,
+                 f"expected a 1-D array of real numbers, got shape {v.shape} dtype {v.dtype}")
+        return v.astype(np.float64)
+    _require(isinstance(v, list), name, f"expected a list of numbers, got {type(v).__name__}")
+    bad = next((x for x in v if isinstance(x, bool) or not isinstance(x, (int, float))
+                or (isinstance(x, int) and abs(x) >= 2**1000)), None)
+    _require(bad is None, name, f"expected a flat list of numbers, found {str(bad)[:40]!r}")
+    return np.asarray(v, dtype=np.float64).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -186,14 +211,7 @@ class ClientReport:
         _check_version(d)
         unknown = set(d) - {f.name for f in fields(cls)}
         _require(not unknown, "report", f"unknown fields {sorted(unknown)}")
-        arrays = {}
-        for name in ("losses", "base_losses"):
-            v = d.get(name)
-            _require(isinstance(v, (list, np.ndarray)), name, f"expected a list of numbers, got {type(v).__name__}")
-            try:
-                arrays[name] = np.asarray(v, dtype=np.float64).reshape(-1)
-            except (TypeError, ValueError):
-                raise ValueError(f"{name}: expected a list of numbers") from None
+        arrays = {name: _loss_array(d.get(name), name) for name in ("losses", "base_losses")}
         seconds = _float(d, "seconds")
         _require(seconds >= 0, "seconds", f"must be >= 0, got {seconds}")
         return cls(round=_int(d, "round", 0, 2**32 - 1), client=_int(d, "client", 0, 2**32 - 2),
@@ -206,11 +224,7 @@ class ClientReport:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "ClientReport":
-        try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"report: not valid JSON ({e})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(_loads(text, "report"))
 
     def to_npz(self) -> bytes:
         header = {k: v for k, v in self.to_dict().items() if k not in ("losses", "base_losses")}
@@ -223,7 +237,9 @@ class ClientReport:
     def from_npz(cls, data: bytes) -> "ClientReport":
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                header = json.loads(z["header"].tobytes().decode())
+                raw = z["header"]
+                _require(raw.dtype == np.uint8 and raw.ndim == 1, "header", "expected UTF-8 JSON bytes")
+                header = _loads(raw.tobytes(), "header")
                 _require(isinstance(header, dict), "header", "expected a JSON object")
                 header["losses"], header["base_losses"] = z["losses"], z["base_losses"]
         except ValueError:
