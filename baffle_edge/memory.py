@@ -11,7 +11,8 @@ Modes (one step each, on a random batch of the model's input shape):
     bp-sgd      forward + backward + SGD (momentum) step: the backprop client, small optimizer state
     bp-adam     forward + backward + Adam step: the backprop client of the reference recipe
     baffle      ``client.run_task`` with the torch runtime: K+1 forwards, in-place perturbation
-    baffle-<runtime>   the same through another registered runtime (e.g. baffle-onnxruntime-int8)
+    baffle-<runtime>   the same through another registered runtime (e.g. baffle-onnxruntime-int8);
+                       bundle runtimes get a bundle exported during setup (not measured)
 
 How peak memory is measured (``method`` in the output):
 
@@ -169,23 +170,46 @@ def _prepare(cfg: MemoryConfig):
         state["opt"] = lambda: _tensor_bytes(v for s in opt.state.values() for v in s.values()
                                              if torch.is_tensor(v) and v.dim() > 0)
     elif cfg.mode == "baffle" or cfg.mode.startswith("baffle-"):
-        from .protocol import RoundTask
-        from .runtimes import get_runtime
         runtime = "torch" if cfg.mode == "baffle" else cfg.mode[len("baffle-"):]
-        if runtime != "torch":
-            raise ValueError(f"mode {cfg.mode!r}: memory of runtime {runtime!r} needs its exported "
-                             "bundle; only the torch runtime is wired up in baffle_edge.memory so far")
-        session = get_runtime(runtime).load(model, threads=cfg.threads)
+        session, task = _runtime_session(runtime, cfg, model, x, y)
         weights = flat_params(model).numpy()
-        task = RoundTask(round=0, client=0, seed=cfg.seed, k=cfg.k, sigma=1e-4)
         batch = Batch(x, y)
+        run_task(task, session, [Batch(x[:1], y[:1])], weights=weights, runtime=runtime)  # warm at batch 1
 
         def step():
             report = run_task(task, session, [batch], weights=weights, runtime=runtime)
-            return float(report.base_losses[0])
+            return float(report.base_losses[0] if report.base_losses.size else report.losses.mean())
     else:
         raise ValueError(f"mode: {cfg.mode!r} is not one of {MODES} or 'baffle-<runtime>'")
     return step, state, _tensor_bytes(params)
+
+
+def _runtime_session(runtime: str, cfg: MemoryConfig, model, x: np.ndarray, y: np.ndarray):
+    """A loaded session of a registered runtime and a RoundTask it can answer. Bundle runtimes
+    get a bundle exported here (setup, not measured) into a temporary folder."""
+    from .perturb import NoiseKind
+    from .protocol import Domain, RoundTask
+    from .runtimes import REGISTRY, get_runtime
+    rt = get_runtime(runtime)  # ValueError for unknown names, ImportError naming the extra
+    info = REGISTRY[runtime]
+    artifact = model
+    if getattr(info, "artifact", "torch-model") == "bundle":
+        import tempfile
+        from pathlib import Path
+
+        from baffle_edge.export.bundle import ExportConfig, export_bundle
+        from .data import Dataset
+        c = cfg.in_channels
+        data = Dataset("synthetic", x, y, x[:1], y[:1], 10, (0.0,) * c, (1.0,) * c, 1.0)
+        artifact = Path(tempfile.mkdtemp(prefix="baffle-memory-")) / "bundle"
+        export_bundle(model, _model_config(cfg), data, artifact, ExportConfig(formats=(info.format,)),
+                      source="baffle_edge.memory")
+    session = rt.load(artifact, threads=cfg.threads)
+    domain = Domain(getattr(info, "domain", "float"))
+    int8 = domain is Domain.INT8_STEP
+    task = RoundTask(round=0, client=0, seed=cfg.seed, k=cfg.k, sigma=1.0 if int8 else 1e-4, domain=domain,
+                     noise=NoiseKind.RADEMACHER if int8 else NoiseKind.GAUSSIAN)
+    return session, task
 
 
 def measure(cfg: MemoryConfig) -> MemoryResult:

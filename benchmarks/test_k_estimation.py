@@ -1,0 +1,73 @@
+"""A full client round (``client.run_task``) per runtime, K and scheme, next to the same number of
+plain forwards on the same session: the ratio is BAFFLE's overhead (noise generation, writing
+perturbed weights) on top of the forwards it cannot avoid. Target: ratio <= 1.15.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import pytest
+
+from baffle_edge.client import run_task
+from baffle_edge.params import flat_params
+from baffle_edge.protocol import Scheme
+
+from .cases import FULL, MODELS, dtype_of, runtime_names
+from .conftest import forward_loss_fn, task_for
+
+BATCH = 32  # reference client batch
+TARGET_RATIO = 1.15
+QUICK = {("lenet-8", 10, "forward"), ("lenet-8", 10, "central"), ("lenet-8", 100, "forward"),
+         ("wrn-10-2", 10, "forward")}  # the default set; everything else needs --bench-full
+CASES = [pytest.param(m, k, s, id=f"{m}-K{k}-{s}", marks=[] if (m, k, s) in QUICK else [FULL])
+         for m in ("lenet-8", "wrn-10-2") for k in (10, 100, 500) for s in ("forward", "central")]
+
+
+@pytest.mark.parametrize("case_id,k,scheme", CASES)
+@pytest.mark.parametrize("runtime", runtime_names())
+def test_client_round(benchmark, sessions, measuring, runtime, case_id, k, scheme):
+    case = MODELS[case_id]
+    session = sessions.get(runtime, case)
+    batch = case.batch(BATCH)
+    weights = flat_params(case.build()).numpy()
+    task = task_for(runtime, k=k, scheme=scheme)
+    forwards = k + 1 if Scheme(scheme) is Scheme.FORWARD else 2 * k
+    rounds = 1 if (k >= 500 or case_id.startswith("wrn")) else 3
+    round_seconds: list[float] = []
+
+    def client_round():
+        report = run_task(task, session, [batch], weights=weights, runtime=runtime)
+        round_seconds.append(report.seconds)
+        return report
+
+    benchmark.group = f"k_estimation {case_id} {scheme}"
+    report = benchmark.pedantic(client_round, rounds=rounds if measuring else 1, warmup_rounds=0)
+
+    # side by side: the same number of plain forwards on the same session, same batch
+    one_forward = forward_loss_fn(session, batch)
+    forward_seconds = []
+    for _ in range(rounds if measuring else 1):
+        t0 = time.perf_counter()
+        for _ in range(forwards):
+            base = one_forward()
+        forward_seconds.append(time.perf_counter() - t0)
+    t_round, t_fwd = statistics.median(round_seconds), statistics.median(forward_seconds)
+    ratio = t_round / t_fwd
+    benchmark.extra_info.update(case.info(), runtime=runtime, dtype=dtype_of(runtime), batch=BATCH, K=k,
+                                scheme=scheme, forwards=forwards, round_s=t_round, forwards_s=t_fwd,
+                                ratio_to_forwards=ratio, target_ratio=TARGET_RATIO,
+                                meets_target=bool(ratio <= TARGET_RATIO), stage="k_estimation")
+
+    report.check_against(task)  # K (or 2K) finite losses for this task
+    pert = report.losses
+    assert pert.size == task.losses_per_step and np.all(np.isfinite(pert))
+    if Scheme(scheme) is Scheme.FORWARD:  # the unperturbed loss is exactly a plain forward's
+        assert report.base_losses[0] == pytest.approx(base, rel=1e-6, abs=1e-7)
+        ref = report.base_losses[0]
+    else:
+        ref = base
+    assert np.all(np.abs(pert - ref) < 0.5), "perturbed losses far from L(w): perturbation too large"
+    assert np.ptp(pert) > 0, "every perturbed loss is identical: the perturbation was not applied"
+    assert one_forward() == pytest.approx(base, rel=1e-6), "session weights were not restored after the round"

@@ -1,0 +1,62 @@
+"""Peak memory of one client training step, each in a fresh interpreter (``baffle_edge.memory``):
+backprop (SGD, Adam) vs BAFFLE (in-place perturbation, per runtime) vs plain inference.
+
+The timed figure is the child process's wall time (imports included: not a latency figure); the
+results are in ``extra_info``: ``step_peak_bytes`` (the step's resident memory on top of the
+loaded model), ``peak_rss_bytes``, ``tracemalloc_peak_bytes``, parameter / gradient / optimizer
+state bytes. Targets on WRN-10-2 at batch 128 (--bench-full): BAFFLE <= 1.2 x inference and
+>= 3 x below backprop + Adam (checked by ``baffle-edge bench-report``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from baffle_edge.memory import MemoryConfig, measure_in_subprocess
+from baffle_edge.runtimes import REGISTRY
+
+from .cases import FULL, MODELS, PLANNED_RUNTIMES, dtype_of
+
+MODES = ["inference", "baffle", "bp-sgd", "bp-adam"] + [f"baffle-{r}" for r in
+                                                       [n for n in REGISTRY if n != "torch"] +
+                                                       [n for n in PLANNED_RUNTIMES if n not in REGISTRY]]
+SHAPES = [("lenet-28", 32, False), ("lenet-28", 128, False), ("wrn-10-2", 32, True), ("wrn-10-2", 128, True)]
+
+
+def _slow(case_id: str, batch: int, mode: str, slow: bool) -> bool:
+    return slow or (mode.startswith("baffle-") and batch != 32)
+
+
+CASES = [pytest.param(c, b, m, id=f"{c}-b{b}-{m}", marks=[FULL] if _slow(c, b, m, s) else [])
+         for c, b, s in SHAPES for m in MODES]
+
+
+@pytest.mark.parametrize("case_id,batch,mode", CASES)
+def test_step_memory(benchmark, bench_threads, case_id, batch, mode):
+    runtime = "torch" if not mode.startswith("baffle-") else mode[len("baffle-"):]
+    if runtime not in REGISTRY:
+        pytest.skip(f"runtime {runtime!r} is not registered in baffle_edge.runtimes.REGISTRY yet; "
+                    f"its memory entry runs as soon as it is")
+    case = MODELS[case_id]
+    cfg = MemoryConfig(mode=mode, model=case.model, in_channels=case.in_channels, image_size=case.image_size,
+                       batch=batch, threads=bench_threads)
+    try:
+        r = benchmark.pedantic(measure_in_subprocess, args=(cfg,), rounds=1, warmup_rounds=0)
+    except RuntimeError as e:
+        if "ImportError" in str(e) or "ModuleNotFoundError" in str(e):
+            pytest.skip(f"{mode}: {e}")
+        raise
+    benchmark.group = f"memory {case_id} b{batch}"
+    benchmark.extra_info.update(case.info(), runtime=runtime, dtype=dtype_of(runtime), batch=batch,
+                                K=cfg.k if mode.startswith("baffle") else None, mode=mode, stage="memory",
+                                **{k: v for k, v in dataclasses.asdict(r).items() if k not in ("config", "result")})
+
+    assert r.peak_rss_bytes >= r.rss_before_bytes > 0 and r.step_peak_bytes >= 0
+    assert r.param_bytes == 4 * case.dim
+    if mode.startswith("bp-"):  # backprop keeps gradients and optimizer state
+        assert r.grad_bytes == r.param_bytes
+        assert r.optimizer_state_bytes == r.param_bytes * (2 if mode == "bp-adam" else 1)
+    else:
+        assert r.grad_bytes == 0 and r.optimizer_state_bytes == 0
+    assert 0.5 < r.result < 5.0, f"loss {r.result} of a 10-class model at its initial weights"
