@@ -198,8 +198,8 @@ def default_runtimes() -> tuple[str, ...]:
     """torch plus every registered int8 runtime that is importable here."""
     from baffle_edge.runtimes import REGISTRY
     out = [REFERENCE]
-    for name in REGISTRY:
-        if "int8" in name and name != REFERENCE:
+    for name, info in REGISTRY.items():
+        if name != REFERENCE and ("int8" in name or getattr(info, "domain", "float") == "int8-step"):
             try:
                 ok = runtime_status(name) is None
             except Exception:
