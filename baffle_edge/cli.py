@@ -147,6 +147,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 COMMAND_MODULES: list[str] = [
     "baffle_edge.flower_app",
     "baffle_edge.verify",
+    "baffle_edge.bench_report",
 ]
 
 
