@@ -345,6 +345,10 @@ def judge(runs: dict[str, dict], batches: dict, th: Thresholds, theory: float, e
         if name == BASELINE:
             continue
         checks, reasons = {}, []
+        if run["status"] == "error":
+            verdicts[name] = {"pass": False, "status": "error", "reasons": [f"error: {run['reason']}"],
+                              "checks": checks}
+            continue
         if run["status"] != "ok":
             passed = not explicit
             reasons.append(f"unavailable: {run['reason']}" + ("" if explicit else " (not requested: ignored)"))
@@ -483,8 +487,8 @@ def summary_table(report: dict) -> str:
     for name, run in runs.items():
         if run["status"] != "ok":
             v = verdicts[name]
-            lines.append(f"| {name} | – | – | – | – | – | – | {'unavailable' if v['pass'] else 'FAIL: unavailable'}: "
-                         f"{_md(run['reason'])} |")
+            what = "unavailable" if v["pass"] else f"FAIL: {run['status']}"  # unavailable or error
+            lines.append(f"| {name} | – | – | – | – | – | – | {what}: {_md(run['reason'])} |")
             continue
         s = run["summary"]
         acc = s["final_accuracy"]
@@ -605,7 +609,15 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
             continue
         cfg = dataclasses.replace(base, method=Method.BP) if name == BASELINE else \
             dataclasses.replace(base, runtime=name)
-        run = run_one(name, cfg, data, progress=progress, snapshot_round=snap_round if name == BASELINE else None)
+        try:
+            run = run_one(name, cfg, data, progress=progress,
+                          snapshot_round=snap_round if name == BASELINE else None)
+        except Exception as e:  # a runtime that cannot even start is a failed check, not a crash
+            if name in (BASELINE, REFERENCE):
+                raise
+            runs[name] = {"name": name, "status": "error", "reason": f"{type(e).__name__}: {e}", "runtime": name}
+            log(f"verify: {name}: error ({runs[name]['reason']})")
+            continue
         if data_hash(data) != data_fp:
             raise RuntimeError(f"run {name!r} modified the shared dataset arrays; verification is void")
         runs[name] = run
@@ -626,7 +638,12 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
                  "clients": sw.clients, "k_at": base.k, "sigma_at": base.sigma, "runtimes": {}}
         for name in judged:
             if runs[name]["status"] == "ok":
-                sweep["runtimes"][name] = sweep_runtime(name, base, data, weights, sw, snap_round)
+                try:
+                    sweep["runtimes"][name] = sweep_runtime(name, base, data, weights, sw, snap_round)
+                except Exception as e:  # reported, and the run's own verdict already covers the runtime
+                    sweep.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+                    log(f"verify: sweep {name}: error ({sweep['errors'][name]})")
+                    continue
                 log(f"verify: sweep {name}: " + ", ".join(
                     f"K={r['k']}: {_num(r['cos_mean'])}" for r in sweep["runtimes"][name]["k"]))
 

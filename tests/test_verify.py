@@ -65,6 +65,15 @@ def test_runtimes(monkeypatch):
     def batches(self, client, round_):
         return orig(self, client, round_ + (self.cfg.runtime == "torch-shifted"))
     monkeypatch.setattr(Federation, "batches", batches)
+    # "torch-boom" cannot even build its federation (e.g. a failed export): an error, not a crash
+    monkeypatch.setitem(REGISTRY, "torch-boom", dataclasses.replace(REGISTRY["torch"], name="torch-boom"))
+    init = Federation.__init__
+
+    def boom(self, cfg, **kw):
+        if cfg.runtime == "torch-boom":
+            raise RuntimeError("export failed")
+        init(self, cfg, **kw)
+    monkeypatch.setattr(Federation, "__init__", boom)
     return list(entries)
 
 
@@ -105,12 +114,12 @@ def test_quick_preset_passes_a_sound_runtime_and_writes_the_report(tmp_path, tes
 def test_broken_runtimes_fail_by_name(tmp_path, test_runtimes, capsys):
     out = tmp_path / "bad"
     rc = main(["verify", *TINY, "--no-sweep", "--out", str(out),
-               "--runtimes", "torch,broken-sign,broken-vanish,torch-shifted,ghost-int8"])
+               "--runtimes", "torch,broken-sign,broken-vanish,torch-shifted,ghost-int8,torch-boom"])
     err = capsys.readouterr().err
     assert rc == 1
     rep = json.loads((out / "verify.json").read_text())
     assert not rep["passed"]
-    assert sorted(rep["failing"]) == ["broken-sign", "broken-vanish", "ghost-int8", "torch-shifted"]
+    assert sorted(rep["failing"]) == ["broken-sign", "broken-vanish", "ghost-int8", "torch-boom", "torch-shifted"]
     for name in rep["failing"]:
         assert f"FAIL {name}:" in err
     v = rep["verdicts"]
@@ -120,7 +129,9 @@ def test_broken_runtimes_fail_by_name(tmp_path, test_runtimes, capsys):
     assert not v["torch-shifted"]["checks"]["same_batches"]["ok"] and not rep["same_batches"]["ok"]
     assert "batches differ" in " ".join(v["torch-shifted"]["reasons"])
     assert v["ghost-int8"]["status"] == "unavailable" and "baffle_edge_no_such_module" in v["ghost-int8"]["reasons"][0]
+    assert v["torch-boom"]["status"] == "error" and "export failed" in v["torch-boom"]["reasons"][0]
     md = (out / "report.md").read_text()
+    assert "FAIL: error: RuntimeError: export failed" in md
     assert "**Result: FAIL**" in md and "broken-sign" in md and "unavailable" in md
 
 
