@@ -19,8 +19,7 @@ from .conftest import forward_loss_fn, task_for
 
 BATCH = 32  # reference client batch
 TARGET_RATIO = 1.15
-QUICK = {("lenet-8", 10, "forward"), ("lenet-8", 10, "central"), ("lenet-8", 100, "forward"),
-         ("wrn-10-2", 10, "forward")}  # the default set; everything else needs --bench-full
+QUICK = {("lenet-8", 10, "forward"), ("lenet-8", 10, "central"), ("lenet-8", 100, "forward")}  # the default set; everything else needs --bench-full
 CASES = [pytest.param(m, k, s, id=f"{m}-K{k}-{s}", marks=[] if (m, k, s) in QUICK else [FULL])
          for m in ("lenet-8", "wrn-10-2") for k in (10, 100, 500) for s in ("forward", "central")]
 
