@@ -60,7 +60,7 @@ class Sweep:
     """Cosine vs K and vs sigma on fixed weights and batches, averaged over noise seeds."""
 
     ks: tuple[int, ...] = (10, 50, 100, 500)  # K values (at the run's sigma)
-    sigmas: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2)  # sigma values (at the run's K)
+    sigmas: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # sigma values (at the run's K)
     seeds: int = 3  # noise seeds averaged per point
     clients: int = 2  # client batches per seed (clients 0..n-1 of the snapshot round)
     at_round: int | None = None  # weights = the bp run's weights before this round (None: rounds // 4)
@@ -80,8 +80,8 @@ class VerifyConfig:
 
 
 FULL = dict(rounds=100, k=100, clients=10, eval_every=5, sweep=Sweep())  # digits: 100 rounds = 20 epochs
-QUICK = dict(rounds=20, k=20, clients=4, eval_every=5,
-             sweep=Sweep(ks=(10, 50, 200), sigmas=(1e-4, 1e-3, 1e-2), seeds=2, clients=1))
+QUICK = dict(rounds=30, k=20, clients=10, eval_every=5,
+             sweep=Sweep(ks=(10, 50, 200), sigmas=(1e-5, 1e-3, 1e-1), seeds=2, clients=1))
 CIFAR = dict(train_subset=5000, test_subset=1000)  # WRN-10-2 on a CIFAR-10 subset (with --data-dir)
 
 
@@ -296,6 +296,8 @@ def sweep_runtime(name: str, base: TrainConfig, data: Dataset, weights: np.ndarr
         fed = Federation(dataclasses.replace(cfg, rounds=max(cfg.rounds, round_ + 1)), data=data)
         try:
             fed.server.set_flat(weights)
+            if getattr(fed, "bundle_dir", None) is not None:  # exported runtimes: re-export at these weights
+                fed.refresh_bundle(fed.server.flat())
             exact = ExactGradient(fed)
             clients = list(range(min(sw.clients, cfg.clients)))
             batches = {c: fed.batches(c, round_) for c in clients}
@@ -721,7 +723,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"smoke-test preset (a few minutes on 2 cores): {QUICK['clients']} clients, "
                         f"K={QUICK['k']}, {QUICK['rounds']} rounds, a small sweep. Default: the full preset "
                         f"({FULL['clients']} clients, K={FULL['k']}, {FULL['rounds']} rounds = 20 epochs "
-                        "of digits, sweep K 10/50/100/500 and sigma 1e-5..1e-2 over 3 seeds)")
+                        "of digits, sweep K 10/50/100/500 and sigma 1e-6..1e-1 over 3 seeds)")
     g.add_argument("--model", default=None, choices=MODEL_NAMES,
                    help="default: lenet (wrn-10-2 with --data-dir)")
     g.add_argument("--dataset", default=None, choices=DATASETS, help="default: digits (cifar10 with --data-dir)")
@@ -732,10 +734,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--test-subset", type=int, default=None,
                    help=f"seeded subset of test samples (default: all; CIFAR-10: {CIFAR['test_subset']})")
     g = p.add_argument_group("schedule (preset values unless given)")
-    g.add_argument("--rounds", type=int, default=None, help="FedSGD rounds (full 100, quick 20)")
+    g.add_argument("--rounds", type=int, default=None, help="FedSGD rounds (full 100, quick 30)")
     g.add_argument("--k", type=int, default=None, help="perturbations per client (full 100, quick 20)")
     g.add_argument("--sigma", type=float, default=1e-4, help="perturbation scale (default: 1e-4)")
-    g.add_argument("--clients", type=int, default=None, help="clients (full 10, quick 4)")
+    g.add_argument("--clients", type=int, default=None, help="clients (full 10, quick 10)")
     g.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
     g.add_argument("--eval-every", type=int, default=None, help="rounds between evaluations (default: 5)")
     g.add_argument("--seed", type=int, default=0, help="(default: 0)")
@@ -758,7 +760,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("sweep")
     g.add_argument("--sweep-k", default=None, help="comma-separated K values (full 10,50,100,500; quick 10,50,200)")
     g.add_argument("--sweep-sigma", default=None,
-                   help="comma-separated sigma values (full 1e-5,1e-4,1e-3,1e-2; quick 1e-4,1e-3,1e-2)")
+                   help="comma-separated sigma values (full 1e-6,...,1e-1; quick 1e-5,1e-3,1e-1)")
     g.add_argument("--sweep-seeds", type=int, default=None, help="noise seeds per point (full 3, quick 2)")
     g.add_argument("--sweep-clients", type=int, default=None, help="client batches per seed (full 2, quick 1)")
     g.add_argument("--sweep-round", type=int, default=None,
