@@ -200,7 +200,8 @@ def _typed_config(d: dict) -> TrainConfig:
     try:
         return dataclasses.replace(
             cfg, activation=Activation(cfg.activation), norm=Norm(cfg.norm) if cfg.norm else None,
-            method=Method(cfg.method), scheme=Scheme(cfg.scheme), noise=NoiseKind(cfg.noise),
+            method=Method(cfg.method), scheme=Scheme(cfg.scheme),
+            noise=NoiseKind(cfg.noise) if cfg.noise is not None else None,
             noise_scope=NoiseScope(cfg.noise_scope),
             optim=dataclasses.replace(cfg.optim, optimizer=OptimizerName(cfg.optim.optimizer)))
     except ValueError as e:
