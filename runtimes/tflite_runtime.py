@@ -1,0 +1,173 @@
+"""LiteRT (TFLite) int8 runtime: K perturbed forwards of one interpreter, integers written in place.
+
+numpy + ai_edge_litert (or tflite_runtime) only — no torch — so this is the path a device client
+mirrors. Per round (docs/quantized-perturbation.md):
+
+    q = table.quantize(w)                                  # set_weights: int8 / int32, torch layout
+    for k:  q' = table.perturb(q, eps_k, sign)             # whole quantization steps
+            interpreter.tensor(i)()[...] = transpose(q')   # into the model's constant buffer
+            invoke; loss = cross_entropy(dequantized logits)
+    write q back (bit-exact restore)
+
+The interpreter is created from a private ``bytes`` copy of the model (constant tensors point into
+it; a ``model_path`` interpreter maps the file read-only and a write would crash) with the
+built-in kernels (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``): the XNNPACK delegate packs the weights at
+init and ignores later writes. ``load`` checks that a write changes the output and raises
+otherwise, so a delegate that caches weights can never silently produce wrong losses.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from baffle_edge.client import Batch, cross_entropy, step_noise
+from baffle_edge.export.bundle import read_bundle
+from baffle_edge.export.tflite_export import dequantize_output, quantize_input
+from baffle_edge.perturb import NoiseKind
+from baffle_edge.protocol import Domain, RoundTask, Scheme
+
+FORMAT = "tflite-int8"
+DELEGATES = ("builtin", "xnnpack")
+
+
+def _litert():
+    """(Interpreter class, OpResolverType enum) from ai_edge_litert, else tflite_runtime."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter, OpResolverType  # type: ignore
+        except ImportError:
+            raise ImportError("runtime 'tflite-int8' needs ai_edge_litert (or tflite_runtime), which is not "
+                              "importable; install it with: pip install 'baffle-edge[tflite]'") from None
+    return Interpreter, OpResolverType
+
+
+class TFLiteSession:
+    """One interpreter of a bundle's int8 .tflite; implements ``baffle_edge.client.Session``."""
+
+    def __init__(self, bundle_dir: str | Path, *, threads: int | None = None, delegate: str = "builtin"):
+        if delegate not in DELEGATES:
+            raise ValueError(f"unknown delegate {delegate!r}; known: {', '.join(DELEGATES)}")
+        Interpreter, OpResolverType = _litert()
+        self.bundle = read_bundle(bundle_dir)
+        path = self.bundle.file(FORMAT)  # verifies the sha256 recorded in baffle.json
+        self.meta = self.bundle.meta["formats"][FORMAT]
+        self.table = self.bundle.quant_table(FORMAT)
+        self.dim = self.table.dim
+        self.name = FORMAT
+        self.delegate = delegate
+        self._rows = self.meta["tensors"]
+        if [r["param"] for r in self._rows] != [t.name for t in self.table.tensors]:
+            raise ValueError(f"{path}: baffle.json 'tensors' and 'quantization' list different parameters")
+        self._inp, self._out = self.meta["input"], self.meta["output"]
+        # a private bytes object: the interpreter's constant tensors live in it and are written in place
+        self._content = Path(path).read_bytes()
+        resolver = (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if delegate == "builtin"
+                    else OpResolverType.AUTO)
+        self.interp = Interpreter(model_content=self._content, num_threads=threads or 1,
+                                  experimental_op_resolver_type=resolver)
+        self.interp.allocate_tensors()
+        self._batch = int(self.interp.get_input_details()[0]["shape"][0])
+        self._q: list[np.ndarray] | None = None
+        self._scales = [t._bcast(t.scale).astype(np.float32) for t in self.table.tensors]
+        self._check_writes_take_effect()
+
+    # ------------------------------------------------------------------ weights
+    def set_weights(self, flat: np.ndarray) -> None:
+        """Quantize the global float weights with the bundle's scales and write them."""
+        self._q = self.table.quantize(np.asarray(flat, dtype=np.float32))
+        self._write(self._q)
+
+    def _write(self, qs: list[np.ndarray]) -> None:
+        for row, t, q, s in zip(self._rows, self.table.tensors, qs, self._scales):
+            a = np.transpose(q, row["permutation"])
+            if row["tflite_dtype"] == "float32":  # float-logits head: the dequantized integers, in float32
+                a = np.transpose(q.astype(np.float32) * s.astype(np.float32), row["permutation"])
+            view = self.interp.tensor(row["index"])()
+            view[...] = a
+            del view  # invoke refuses to run while a view into internal data is alive
+
+    def _resize(self, n: int) -> None:
+        if n != self._batch:
+            self.interp.resize_tensor_input(self._inp["index"], [n] + list(self.bundle.input_shape))
+            self.interp.allocate_tensors()
+            self._batch = n
+            if self._q is not None:
+                self._write(self._q)
+
+    def _logits(self, xq: np.ndarray) -> np.ndarray:
+        self.interp.set_tensor(self._inp["index"], xq)
+        self.interp.invoke()
+        return dequantize_output(self.interp.get_tensor(self._out["index"]), self._out)
+
+    def _check_writes_take_effect(self) -> None:
+        """Write +1 step into every weight and check the output moves; write back and check the
+        output returns bit-exactly. Fails under delegates that pack weights at init (XNNPACK)."""
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((1, *self.bundle.input_shape)).astype(np.float32)
+        self._resize(1)
+        xq = quantize_input(x, self._inp)
+        q0 = [np.transpose(self.interp.get_tensor(r["index"]), np.argsort(r["permutation"])) for r in self._rows]
+        q0 = [np.rint(q.astype(np.float64) / s).astype(t.dtype) if q.dtype == np.float32 else q
+              for q, s, t in zip(q0, self._scales, self.table.tensors)]
+        self._write(q0)  # float-head tensors now hold float32(q * scale) exactly as later writes will
+        base = self._logits(xq).copy()
+        steps = np.full(self.dim, 8.0, dtype=np.float32)  # 8 steps: far above rounding noise
+        ignored = []
+        for i, t in enumerate(self.table.tensors):  # each tensor on its own: a partial delegate is caught too
+            moved = self.table.perturb(q0, steps, 1)
+            self._write([m if j == i else q for j, (m, q) in enumerate(zip(moved, q0))])
+            if np.array_equal(self._logits(xq), base):
+                ignored.append(t.name)
+        self._write(q0)
+        back = self._logits(xq)
+        if ignored:
+            raise RuntimeError(f"TFLite delegate {self.delegate!r} ignores in-place weight writes to {ignored} (it "
+                               "packed the weights when the model was loaded): perturbed losses would silently "
+                               "equal the base loss. Use delegate='builtin' "
+                               "(OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)")
+        if not np.array_equal(back, base):
+            raise RuntimeError("TFLite: writing the original integers back did not restore the output exactly")
+
+    # ------------------------------------------------------------------ losses
+    def losses(self, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
+        if Domain(task.domain) is not Domain.INT8_STEP:
+            raise ValueError(f"runtime {self.name!r} perturbs int8 integers; task asks for domain "
+                             f"{Domain(task.domain).value!r} (expected {Domain.INT8_STEP.value!r})")
+        if NoiseKind(task.noise) is not NoiseKind.RADEMACHER:
+            raise ValueError(f"runtime {self.name!r}: int8-step perturbation needs noise 'rademacher' "
+                             f"(whole +-1 steps), task asks for {NoiseKind(task.noise).value!r}")
+        if self._q is None:
+            raise ValueError("call set_weights(global weights) before losses()")
+        x = np.asarray(batch.x)
+        self.bundle.check_batch(x)
+        y = np.asarray(batch.y, dtype=np.int64)
+        self._resize(len(x))
+        xq = quantize_input(x, self._inp)
+        noise = step_noise(task, step, self.dim)
+        central = Scheme(task.scheme) is Scheme.CENTRAL
+        plus, minus = [], []
+        try:
+            base = [] if central else [cross_entropy(self._logits(xq), y)]
+            for k in range(task.k):
+                eps = noise(k)
+                self._write(self.table.perturb(self._q, eps, 1))
+                plus.append(cross_entropy(self._logits(xq), y))
+                if central:
+                    self._write(self.table.perturb(self._q, eps, -1))
+                    minus.append(cross_entropy(self._logits(xq), y))
+        finally:
+            self._write(self._q)
+        return np.asarray(base + plus + minus, dtype=np.float64)
+
+
+class TFLiteRuntime:
+    name = FORMAT
+
+    def __init__(self, *, delegate: str = "builtin"):
+        self.delegate = delegate
+
+    def load(self, bundle_dir: str | Path, *, threads: int | None = None, delegate: str | None = None) -> TFLiteSession:
+        return TFLiteSession(bundle_dir, threads=threads, delegate=delegate or self.delegate)
