@@ -91,11 +91,15 @@ def parse_reply(reply: "Message") -> ClientReport | Exception:
     """A reply as a validated ClientReport, or the exception saying why it is not one."""
     if reply.has_error():
         return RuntimeError(f"client error {reply.error.code}: {reply.error.reason}")
+    return parse_report_content(reply.content)
+
+
+def parse_report_content(content: "RecordDict") -> ClientReport | Exception:
     try:
-        header = json.loads(reply.content["report"]["header"])
+        header = json.loads(content["report"]["header"])
         if not isinstance(header, dict):
             raise ValueError("report header: expected a JSON object")
-        arrays = reply.content["losses"]
+        arrays = content["losses"]
         header["losses"], header["base_losses"] = arrays["losses"].numpy(), arrays["base_losses"].numpy()
         return ClientReport.from_dict(header)
     except ValueError as e:

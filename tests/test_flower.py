@@ -28,17 +28,16 @@ def test_flower_simulation_matches_in_process_train(tmp_path):
 
 
 def test_reply_round_trip_and_malformed_replies():
-    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.app import ConfigRecord, RecordDict
     r = ClientReport(round=1, client=2, losses=[1.0, 2.0], base_losses=[1.5], num_samples=32, model_version="ab")
     content = flower_app.report_content(r)
     assert set(content) == {"losses", "report"}  # loss scalars and a header: never a gradient
-    msg = Message(content, dst_node_id=1, message_type="train")
-    back = flower_app.parse_reply(msg)
+    back = flower_app.parse_report_content(content)
     assert np.array_equal(back.losses, r.losses) and back.client == 2
-    bad = Message(RecordDict({"report": ConfigRecord({"header": "[1"})}), dst_node_id=1, message_type="train")
-    assert isinstance(flower_app.parse_reply(bad), ValueError)
+    bad = RecordDict({"report": ConfigRecord({"header": "[1"})})
+    assert isinstance(flower_app.parse_report_content(bad), ValueError)
     content["report"]["header"] = json.dumps({"round": 1})
-    assert isinstance(flower_app.parse_reply(Message(content, dst_node_id=1, message_type="train")), ValueError)
+    assert isinstance(flower_app.parse_report_content(content), ValueError)
 
 
 def test_run_config_parsing():
