@@ -154,6 +154,10 @@ class GradientProbe:
         return row
 
 
+def _val(x):
+    return getattr(x, "value", x)
+
+
 def _mean(xs) -> float | None:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return float(np.mean(xs)) if xs else None
@@ -226,6 +230,9 @@ def run_one(name: str, cfg: TrainConfig, data: Dataset, *, progress: bool = Fals
     """Train one run with its own Federation; return its record (rows, summary, batch hashes)."""
     fed = Federation(cfg, data=data)
     probe = GradientProbe(fed)
+    t0 = fed.task(0, 0)  # what the Federation made of this runtime: noise, domain (recorded, not chosen here)
+    effective = {"noise": _val(t0.noise), "domain": _val(t0.domain), "scheme": _val(t0.scheme), "k": t0.k,
+                 "sigma": t0.sigma}
     rows, snapshot = [], None
     start = time.perf_counter()
     it = range(cfg.rounds)
@@ -260,7 +267,8 @@ def run_one(name: str, cfg: TrainConfig, data: Dataset, *, progress: bool = Fals
         "seconds": time.perf_counter() - start,
     }
     return {"name": name, "status": "ok", "method": cfg.method.value, "runtime": cfg.runtime,
-            "config": cfg.to_json(), "versions": _runtime_versions(cfg.runtime), "summary": summary,
+            "config": cfg.to_json(), "effective": effective, "versions": _runtime_versions(cfg.runtime),
+            "summary": summary,
             "rounds": rows, "_hashes": probe.hashes, "_snapshot": snapshot}
 
 
@@ -311,9 +319,9 @@ def sweep_runtime(name: str, base: TrainConfig, data: Dataset, weights: np.ndarr
                     out = fed.server.decode(task, fed.baffle_client(task, batches[c]))
                 except Exception as e:  # a failing runtime is a result
                     out = f"{type(e).__name__}: {e}"
-                return k, (cosine(out.gradient, true[c]) if isinstance(out, ClientUpdate) else None)
+                return k, (cosine(out.gradient, true[c]) if isinstance(out, ClientUpdate) else str(out))
 
-            res: dict[int, list[float]] = {k: [] for k in ks}
+            res: dict[int, list] = {k: [] for k in ks}
             for k, c in fed.pool.map(one, jobs):
                 res[k].append(c)
             return res
@@ -321,9 +329,10 @@ def sweep_runtime(name: str, base: TrainConfig, data: Dataset, weights: np.ndarr
             fed.pool.shutdown(wait=True)
 
     def stat(k: int, xs: list) -> dict:
-        ok = [x for x in xs if x is not None]
+        ok = [x for x in xs if not isinstance(x, str)]
+        errors = [x for x in xs if isinstance(x, str)]
         return {"cos_mean": float(np.mean(ok)) if ok else None, "cos_std": float(np.std(ok)) if ok else None,
-                "n": len(ok), "failed": len(xs) - len(ok)}
+                "n": len(ok), "failed": len(errors), "first_error": errors[0] if errors else None}
 
     base = dataclasses.replace(base, method=Method.BAFFLE, runtime=name)
     start = time.perf_counter()
