@@ -492,15 +492,18 @@ def summary_table(report: dict) -> str:
     runs, verdicts = report["runs"], report["verdicts"]
     bp_acc = runs[BASELINE]["summary"]["final_accuracy"]
     ref_acc = runs[REFERENCE]["summary"]["final_accuracy"]
-    lines = ["| run | final accuracy | gap to fp32 BAFFLE | gap to backprop | mean cosine (clients) "
+    lines = ["| run | perturbation | final accuracy | gap to fp32 BAFFLE | gap to backprop | mean cosine (clients) "
              "| mean cosine (aggregate) | norm ratio | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
         if run["status"] != "ok":
             v = verdicts[name]
             what = "unavailable" if v["pass"] else f"FAIL: {run['status']}"  # unavailable or error
-            lines.append(f"| {name} | – | – | – | – | – | – | {what}: {_md(run['reason'])} |")
+            lines.append(f"| {name} | – | – | – | – | – | – | – | {what}: {_md(run['reason'])} |")
             continue
+        eff = run.get("effective", {})
+        pert = ("exact gradient" if name == BASELINE else
+                f"{eff['noise']}, {eff['domain']}" if eff.get("noise") else "–")
         s = run["summary"]
         acc = s["final_accuracy"]
         gap = lambda ref: "–" if acc is None or ref is None else f"{100 * (acc - ref):+.2f}"  # noqa: E731
@@ -510,7 +513,7 @@ def summary_table(report: dict) -> str:
             v = verdicts[name]
             verdict = ("PASS" if v["pass"] else "FAIL: " + "; ".join(_md(x) for x in v["reasons"]))
             verdict += " (reference)" if name == REFERENCE else ""
-        lines.append(f"| {_label(name)} | {_pct(acc)} | {gap(ref_acc) if name != REFERENCE else '0 (reference)'} "
+        lines.append(f"| {_label(name)} | {pert} | {_pct(acc)} | {gap(ref_acc) if name != REFERENCE else '0 (reference)'} "
                      f"| {gap(bp_acc) if name != BASELINE else '–'} | {_num(s['mean_cos_clients'])} "
                      f"| {_num(s['mean_cos_aggregate'])} | {_num(s['mean_norm_ratio'], 2)} | {verdict} |")
     return "\n".join(lines)
