@@ -106,15 +106,16 @@ class TFLiteSession:
         """Write +1 step into every weight and check the output moves; write back and check the
         output returns bit-exactly. Fails under delegates that pack weights at init (XNNPACK)."""
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((1, *self.bundle.input_shape)).astype(np.float32)
-        self._resize(1)
+        x = rng.standard_normal((4, *self.bundle.input_shape)).astype(np.float32)
+        self._resize(len(x))
         xq = quantize_input(x, self._inp)
         q0 = [np.transpose(self.interp.get_tensor(r["index"]), np.argsort(r["permutation"])) for r in self._rows]
         q0 = [np.rint(q.astype(np.float64) / s).astype(t.dtype) if q.dtype == np.float32 else q
               for q, s, t in zip(q0, self._scales, self.table.tensors)]
         self._write(q0)  # float-head tensors now hold float32(q * scale) exactly as later writes will
         base = self._logits(xq).copy()
-        steps = np.full(self.dim, 8.0, dtype=np.float32)  # 8 steps: far above rounding noise
+        # 32 steps: a bias moves by ~32 weight steps in float, above one int8 logit step too
+        steps = np.full(self.dim, 32.0, dtype=np.float32)
         ignored = []
         for i, t in enumerate(self.table.tensors):  # each tensor on its own: a partial delegate is caught too
             moved = self.table.perturb(q0, steps, 1)
