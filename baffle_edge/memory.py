@@ -78,6 +78,10 @@ class MemoryResult:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+class MemoryUnsupported(RuntimeError):
+    """The configuration cannot run here (e.g. a runtime that cannot execute the model's ops)."""
+
+
 def _status_kb(key: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -251,6 +255,8 @@ def measure_in_subprocess(cfg: MemoryConfig, *, timeout: float = 600.0) -> Memor
     """Run ``measure`` in a fresh interpreter (``python -m baffle_edge.memory``) and parse its JSON."""
     proc = subprocess.run([sys.executable, "-m", "baffle_edge.memory", *_cli_args(cfg)],
                           capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    if proc.returncode == 2:  # the child refused the configuration (ValueError): not a crash
+        raise MemoryUnsupported(f"memory child refused {cfg.mode!r}: {proc.stderr.strip()[-2000:]}")
     if proc.returncode != 0:
         raise RuntimeError(f"memory child failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     d = json.loads(proc.stdout.strip().splitlines()[-1])
