@@ -106,7 +106,8 @@ def test_quick_preset_passes_a_sound_runtime_and_writes_the_report(tmp_path, tes
     assert [r["k"] for r in k_rows] == [5, 20] and k_rows[1]["cos_mean"] > k_rows[0]["cos_mean"] > 0
     assert all(r["n"] == 2 and r["failed"] == 0 for r in k_rows)
     md = (out / "report.md").read_text()
-    assert "| run | final accuracy | gap to fp32 BAFFLE" in md and "| torch-copy |" in md
+    assert "| run | perturbation | final accuracy | gap to fp32 BAFFLE" in md
+    assert "| torch-copy | gaussian, float |" in md
     assert "![accuracy vs round](accuracy.png)" in md and "**Result: PASS**" in md
     assert "verify: PASS" in capsys.readouterr().out
 
