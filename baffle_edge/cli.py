@@ -35,7 +35,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "replays them from the scalars (default: fedsgd)")
     g.add_argument("--local-steps", type=int, default=5, help="fedavg local steps per round (default: 5)")
     g.add_argument("--local-lr", type=float, default=1e-2, help="fedavg local SGD step size (default: 0.01)")
-    g.add_argument("--rounds", type=int, default=None, help="total rounds (default: 200, or from --epochs)")
+    g.add_argument("--rounds", type=int, default=None, help="total rounds (default: 150, or from --epochs)")
     g.add_argument("--epochs", type=float, default=None,
                    help="total epochs; an epoch = ceil(train samples / (clients x batch)) rounds")
     g = p.add_argument_group("BAFFLE estimator")
@@ -112,7 +112,7 @@ def config_from_args(a: argparse.Namespace):
                           local_lr=a.local_lr))
     if a.rounds is not None and a.epochs is not None:
         raise ValueError("give --rounds or --epochs, not both")
-    rounds = a.rounds if a.rounds is not None else 200
+    rounds = a.rounds if a.rounds is not None else 150
     if a.epochs is not None:
         from .simulate import rounds_per_epoch
         data = load_dataset(a.dataset, a.data_dir, seed=a.seed)
@@ -145,6 +145,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 # Sub-commands that live in their own modules: each module defines ``add_parser(subparsers)``,
 # which registers its parser and sets ``func`` (returning the exit code).
 COMMAND_MODULES: list[str] = [
+    "baffle_edge.export.cli",
+    "baffle_edge.runtimes.cli",
     "baffle_edge.flower_app",
     "baffle_edge.verify",
     "baffle_edge.bench_report",

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import perturb
 from .estimator import clip_inf, loss_differences, stein_gradient
-from .protocol import ClientReport, RoundTask, Scheme
+from .protocol import ClientReport, Domain, RoundTask, Scheme
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,22 @@ def split_step(task: RoundTask, out: np.ndarray) -> tuple[float | None, np.ndarr
 
 
 def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | None, dim: int,
-                  step_size: float | np.ndarray | None = None, clip: float | None = None) -> np.ndarray:
-    """The (clipped) gradient estimate of one local step, as client and server both compute it."""
+                  clip: float | None = None, *, table=None, weights: np.ndarray | None = None) -> np.ndarray:
+    """The (clipped) gradient estimate of one local step, as client and server both compute it.
+
+    Float domain: delta = sigma * eps. int8-step domain (``table``: the bundle's
+    ``quant.QuantTable``, ``weights``: the float weights the integers were quantized from):
+    delta = step * eps_eff, with the steps and the saturation-aware eps_eff of quant.py."""
     diffs = loss_differences(losses, base, task.scheme)
-    g = stein_gradient(diffs, task.sigma if step_size is None else step_size, step_noise(task, step, dim), dim)
-    return clip_inf(g, clip)
+    noise = step_noise(task, step, dim)
+    if Domain(task.domain) is Domain.FLOAT:
+        return clip_inf(stein_gradient(diffs, task.sigma, noise, dim), clip)
+    if table is None or weights is None:
+        raise ValueError("an int8-step report needs the bundle's quantization table to be decoded")
+    q = table.quantize(weights)
+    central = Scheme(task.scheme) is Scheme.CENTRAL
+    eff = lambda k: table.effective_noise(q, noise(k), central=central)  # noqa: E731
+    return clip_inf(stein_gradient(diffs, table.step(), eff, dim), clip)
 
 
 def run_task(task: RoundTask, session: Session, batches: list[Batch], *, weights: np.ndarray,
@@ -85,7 +96,8 @@ def run_task(task: RoundTask, session: Session, batches: list[Batch], *, weights
             bases.append(base)
         losses.append(pert)
         if s + 1 < len(batches):
-            g = step_gradient(task, s, pert, base, w.size, clip=clip)
+            g = step_gradient(task, s, pert, base, w.size, clip=clip, table=getattr(session, "table", None),
+                              weights=w)
             w = (w - np.float32(local_lr) * g.astype(np.float32)).astype(np.float32)
             session.set_weights(w)
     return ClientReport(round=task.round, client=task.client, losses=np.concatenate(losses),

@@ -98,7 +98,8 @@ class FedSGD(Strategy):
 
     def decode(self, server, task, report):
         base, losses = split_step(task, np.concatenate([report.base_losses, report.losses]))
-        g = step_gradient(task, 0, losses, base, server.dim, clip=server.config.clip)
+        g = step_gradient(task, 0, losses, base, server.dim, clip=server.config.clip, table=server.quant_table,
+                          weights=server.flat().numpy())
         return ClientUpdate(report.client, report.num_samples, gradient=g)
 
     def apply(self, server, updates):
@@ -128,7 +129,7 @@ class FedAvg(Strategy):
         for s in range(task.local_steps):
             base = float(report.base_losses[s]) if report.base_losses.size else None
             g = step_gradient(task, s, report.losses[s * per:(s + 1) * per], base, w.size,
-                              clip=server.config.clip)
+                              clip=server.config.clip, table=server.quant_table, weights=w)
             w = (w - np.float32(server.config.local_lr) * g.astype(np.float32)).astype(np.float32)
         return ClientUpdate(report.client, report.num_samples, weights=w)
 
@@ -240,6 +241,7 @@ class Server:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(config.milestones), gamma=config.gamma)
         self.ema = EMA(self.flat(), config.ema_decay) if config.ema_decay else None
+        self.quant_table = None  # the current int8 bundle's quant.QuantTable (int8-step runtimes)
 
     def flat(self) -> torch.Tensor:
         return flat_params(self.model)

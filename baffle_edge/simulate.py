@@ -31,7 +31,7 @@ from .data import Dataset, batch_indices, load_dataset, partition
 from .models import Activation, ModelConfig, Norm, build_model
 from .params import flat_grad, flat_params, layout_of, set_flat_params
 from .perturb import NoiseKind
-from .protocol import ClientReport, NoiseScope, RoundTask, Scheme, wire_bytes
+from .protocol import Domain, ClientReport, NoiseScope, RoundTask, Scheme, wire_bytes
 from .server import (Aggregate, ClientUpdate, OptimConfig, OptimizerName, ReplayGuard, RoundLog, Server, accuracy,
                      make_strategy, mean_loss)
 from .estimator import clip_inf
@@ -59,14 +59,16 @@ class TrainConfig:
     k: int = 100  # perturbations per client per step (reference MNIST recipe)
     sigma: float = 1e-4  # reference
     scheme: Scheme = Scheme.FORWARD
-    noise: NoiseKind = NoiseKind.GAUSSIAN
+    noise: NoiseKind | None = None  # None: the runtime's default (float: gaussian; int8-step: rademacher)
     noise_scope: NoiseScope = NoiseScope.CLIENT
-    rounds: int = 200  # total rounds (an epoch = ceil(N_train / (clients * batch)) rounds)
+    rounds: int = 150  # total rounds (an epoch = ceil(N_train / (clients * batch)) rounds)
     optim: OptimConfig = OptimConfig()
     seed: int = 0
     eval_every: int = 5  # rounds between test evaluations (the last round is always evaluated)
     checkpoint_every: int = 50  # rounds between checkpoints (and at the end)
-    runtime: str = "torch"
+    runtime: str = "torch"  # client runtime by name (runtimes.REGISTRY)
+    provider: str = "cpu"  # onnxruntime execution provider (runtimes/onnxruntime_runtime.py PROVIDERS)
+    refresh_every: int = 10  # bundle runtimes: re-export (re-calibrate int8 scales) every N rounds
     workers: int = 2  # threads simulating clients / decoding reports (results do not depend on it)
     # faults (docs/faults.md)
     quorum: float = 0.0  # fraction of clients whose valid reports a round needs, else it is skipped (0: >= 1)
@@ -133,6 +135,55 @@ class Federation:
         self.pool = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="client")
         self.rpe = rounds_per_epoch(cfg, self.data)
         self.byzantine = byzantine_clients(cfg.clients, cfg.byzantine, seed=cfg.seed)
+        self._setup_runtime()
+
+    # --- the client runtime: a torch model, or a bundle exported (and refreshed) by the server ---
+    def _setup_runtime(self) -> None:
+        from baffle_edge.runtimes import REGISTRY
+        if self.cfg.runtime not in REGISTRY:
+            raise ValueError(f"unknown runtime {self.cfg.runtime!r}; known: {', '.join(sorted(REGISTRY))}")
+        self.runtime_info = REGISTRY[self.cfg.runtime]
+        self.domain = Domain(self.runtime_info.domain)
+        self.noise = NoiseKind(self.cfg.noise) if self.cfg.noise is not None else (
+            NoiseKind.RADEMACHER if self.domain is Domain.INT8_STEP else NoiseKind.GAUSSIAN)
+        if self.domain is Domain.INT8_STEP and self.noise is not NoiseKind.RADEMACHER:
+            raise ValueError(f"runtime {self.cfg.runtime!r} moves int8 weights by whole quantization steps: "
+                             "use --noise rademacher (the default for int8 runtimes)")
+        if self.cfg.refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1 round, got {self.cfg.refresh_every}")
+        self.bundle_dir: Path | None = None
+        self.bundle_generation = 0
+        self.refresh_weights: torch.Tensor | None = None  # the weights the current bundle was exported from
+        if self.runtime_info.artifact == "bundle" and self.cfg.method is Method.BAFFLE:
+            import atexit
+            import shutil
+            import tempfile
+            self._workdir = Path(tempfile.mkdtemp(prefix="baffle-bundle-"))
+            atexit.register(shutil.rmtree, self._workdir, ignore_errors=True)
+            self.refresh_bundle(self.server.flat())
+
+    def refresh_bundle(self, weights: torch.Tensor) -> None:
+        """Export the runtime's bundle from ``weights`` (deterministic: same weights, same bundle)."""
+        from baffle_edge.export.bundle import ExportConfig, export_bundle
+        fmt = self.runtime_info.format
+        self.bundle_generation += 1
+        path = self._workdir / f"bundle-{self.bundle_generation}"
+        model = build_model(self.model_cfg, seed=self.cfg.seed)
+        set_flat_params(model, weights)
+        meta = export_bundle(model, self.model_cfg, self.data, path, ExportConfig(formats=(fmt,), seed=self.cfg.seed),
+                             source=f"train refresh {self.bundle_generation}")
+        if self.bundle_dir is not None:
+            import shutil
+            shutil.rmtree(self.bundle_dir, ignore_errors=True)
+        self.bundle_dir = path
+        self.refresh_weights = weights.clone()
+        if self.domain is Domain.INT8_STEP:
+            from baffle_edge.quant import QuantTable
+            self.server.quant_table = QuantTable.from_json(meta["formats"][fmt]["quantization"])
+
+    def maybe_refresh(self, round_: int) -> None:
+        if self.bundle_dir is not None and round_ > 0 and round_ % self.cfg.refresh_every == 0:
+            self.refresh_bundle(self.server.flat())
 
     def batches(self, client: int, round_: int) -> list[Batch]:
         s = self.server.strategy.local_steps
@@ -146,13 +197,19 @@ class Federation:
     def task(self, round_: int, client: int) -> RoundTask:
         c = self.cfg
         return self.server.make_task(round_, client, seed=c.seed, k=c.k, sigma=c.sigma, scheme=c.scheme,
-                                     noise=c.noise, noise_scope=c.noise_scope)
+                                     noise=self.noise, noise_scope=c.noise_scope, domain=self.domain)
 
     def _session(self):
-        if getattr(self._local, "session", None) is None:
+        """This worker thread's simulated device (reloaded when the server refreshes the bundle)."""
+        loc = self._local
+        if getattr(loc, "session", None) is None or getattr(loc, "generation", 0) != self.bundle_generation:
             from baffle_edge.runtimes import get_runtime
-            self._local.session = get_runtime(self.cfg.runtime).load(build_model(self.model_cfg, seed=self.cfg.seed))
-        return self._local.session
+            options = {"provider": self.cfg.provider} if self.cfg.runtime.startswith("onnxruntime") else {}
+            rt = get_runtime(self.cfg.runtime, **options)
+            artifact = (self.bundle_dir if self.runtime_info.artifact == "bundle"
+                        else build_model(self.model_cfg, seed=self.cfg.seed))
+            loc.session, loc.generation = rt.load(artifact), self.bundle_generation
+        return loc.session
 
     def baffle_client(self, task: RoundTask, batches: list[Batch], *, weights: np.ndarray | None = None):
         """What a device does: evaluate the task's perturbed losses at the global weights (or at
@@ -217,6 +274,7 @@ class Federation:
         client update before the server applies the round: the global float32 weights it was
         computed at, the client's batches and the decoded ``ClientUpdate`` (verification uses it
         to compare estimates with exact gradients)."""
+        self.maybe_refresh(round_)
         start = time.perf_counter()
         weights = self.server.flat().numpy().copy()
         log, updates = RoundLog(), []
@@ -306,7 +364,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def save_checkpoint(path: Path, fed: Federation, next_round: int, history: list[dict]) -> None:
     state = {"format": 1, "next_round": next_round, "config": json.dumps(fed.cfg.to_json()),
-             "server": fed.server.state_dict(), "history": json.dumps(history)}
+             "server": fed.server.state_dict(), "history": json.dumps(history),
+             "refresh_weights": fed.refresh_weights}
     _atomic_write(path, lambda p: torch.save(state, p))
 
 
@@ -346,6 +405,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             raise ValueError(f"--resume: the run in {out} used different settings ({', '.join(diff)})")
         fed = Federation(cfg)
         fed.server.load_state_dict(state["server"])
+        if fed.bundle_dir is not None and state.get("refresh_weights") is not None:
+            fed.refresh_bundle(state["refresh_weights"])  # the bundle the interrupted run was using
         start_round, history = int(state["next_round"]), json.loads(state["history"])
     else:
         if out.exists() and any(out.iterdir()):

@@ -25,11 +25,29 @@ class RuntimeInfo:
     requires: tuple[str, ...]  # importable modules it needs
     extra: str | None  # pip extra that installs them
     summary: str
+    artifact: str = "torch-model"  # what load() takes: "torch-model" (an nn.Module) or "bundle" (a folder)
+    format: str | None = None  # bundle format the runtime reads (export/bundle.py FORMATS)
+    domain: str = "float"  # perturbation domain: "float" or "int8-step" (protocol.Domain)
 
 
 REGISTRY: dict[str, RuntimeInfo] = {
     "torch": RuntimeInfo("torch", "torch_runtime", "TorchRuntime", ("torch",), None,
                          "fp32 PyTorch reference, in-place (MeZO-style) perturbation"),
+    "onnxruntime": RuntimeInfo("onnxruntime", "onnxruntime_runtime", "OrtFloatRuntime", ("onnxruntime",), None,
+                               "fp32 ONNX graph, trainable tensors fed as inputs (one session for all K)",
+                               artifact="bundle", format="onnx", domain="float"),
+    "onnxruntime-int8": RuntimeInfo("onnxruntime-int8", "onnxruntime_runtime", "OrtInt8Runtime", ("onnxruntime",),
+                                    None, "int8 QDQ graph (QLinearConv/QGemm), integer weights fed as inputs, "
+                                    "perturbed by whole quantization steps", artifact="bundle", format="onnx-int8",
+                                    domain="int8-step"),
+    "torch-int8": RuntimeInfo("torch-int8", "torch_int8_runtime", "TorchInt8Runtime", ("torch", "onnxruntime"), None,
+                              "int8 oracle: the QDQ graph executed in float32 torch (fake quantization), same "
+                              "integer feeds as onnxruntime-int8", artifact="bundle", format="onnx-int8",
+                              domain="int8-step"),
+    "tflite-int8": RuntimeInfo("tflite-int8", "tflite_runtime", "TFLiteRuntime", ("ai_edge_litert",), "tflite",
+                               "full-integer int8 LiteRT model (int8 CONV_2D kernels, built-in resolver), integer "
+                               "weights written in place, perturbed by whole quantization steps",
+                               artifact="bundle", format="tflite-int8", domain="int8-step"),
 }
 
 

@@ -1,0 +1,122 @@
+"""The integer-domain perturbation of int8 graphs (numpy only; a device client mirrors it).
+
+An int8 bundle stores every trainable tensor as integers with fixed per-channel scales:
+weights as int8 (symmetric, zero point 0, scale ``s_c`` per output channel), biases as int32
+(scale ``s_in * s_c``). For one round the client quantizes the global float weights with the
+bundle's scales and evaluates K perturbations that move each integer by whole steps:
+
+    weights:  q' = clip(q + eps, lo, hi)                       eps in {-1, +1} (Rademacher)
+    biases:   q' = q + m * eps,   m = max(1, round(1 / s_in))   (about one weight step in float)
+
+so ``delta = step * eps_eff`` with ``step = s_c`` (weights) or ``m * s_in * s_c`` (biases) and
+``eps_eff = (q' - q) / m`` (equal to eps except where a weight saturates at a bound). The server
+regenerates eps, recomputes q from the same weights and bundle, and estimates
+``g = (1/K) sum_k dL_k * eps_eff_k / step`` (estimator.stein_gradient with a step vector).
+See docs/quantized-perturbation.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+INT_RANGE = {"int8": (-128, 127), "int32": (-(2**31), 2**31 - 1)}
+
+
+@dataclass(frozen=True)
+class QTensor:
+    name: str  # torch parameter name (the float model's layout)
+    input: str  # where the integers go: ONNX graph input name / TFLite tensor name
+    offset: int  # position in the flat parameter vector (docs/noise.md section 3)
+    shape: tuple[int, ...]
+    dtype: str  # "int8" (weights) or "int32" (biases)
+    axis: int  # channel axis of ``scale``
+    scale: tuple[float, ...]  # float scale per channel (dequantized value = q * scale)
+    multiplier: int = 1  # integer units per perturbation step
+    qmax: int = 127  # quantization clip when rounding float weights (symmetric int8: 127; 7-bit: 64)
+    lo: int | None = None  # bounds of perturbed integers (default: the dtype's range)
+    hi: int | None = None
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        dlo, dhi = INT_RANGE[self.dtype]
+        return (dlo if self.lo is None else self.lo), (dhi if self.hi is None else self.hi)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def _bcast(self, v: np.ndarray) -> np.ndarray:
+        shape = [1] * len(self.shape)
+        shape[self.axis] = -1
+        return np.asarray(v, dtype=np.float64).reshape(shape)
+
+    def quantize(self, w: np.ndarray) -> np.ndarray:
+        s = self._bcast(np.asarray(self.scale, dtype=np.float32))
+        q = np.rint(np.asarray(w, dtype=np.float32).reshape(self.shape) / s)
+        return np.clip(q, -self.qmax, self.qmax).astype(self.dtype)
+
+    def step(self) -> np.ndarray:
+        return np.broadcast_to(self._bcast(self.scale) * self.multiplier, self.shape).reshape(-1)
+
+    def perturb(self, q: np.ndarray, eps: np.ndarray, sign: int = 1) -> np.ndarray:
+        lo, hi = self.bounds
+        moved = q.astype(np.int64) + sign * self.multiplier * eps.reshape(self.shape).astype(np.int64)
+        return np.clip(moved, lo, hi).astype(self.dtype)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "input": self.input, "offset": self.offset, "shape": list(self.shape),
+                "dtype": self.dtype, "axis": self.axis, "scale": [float(s) for s in self.scale],
+                "multiplier": self.multiplier, "qmax": self.qmax, "lo": self.bounds[0], "hi": self.bounds[1]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "QTensor":
+        return cls(d["name"], d["input"], int(d["offset"]), tuple(int(x) for x in d["shape"]), d["dtype"],
+                   int(d["axis"]), tuple(float(s) for s in d["scale"]), int(d["multiplier"]), int(d["qmax"]),
+                   d.get("lo"), d.get("hi"))
+
+
+@dataclass(frozen=True)
+class QuantTable:
+    """All trainable tensors of an int8 graph, in parameter order."""
+
+    tensors: tuple[QTensor, ...]
+
+    @property
+    def dim(self) -> int:
+        return sum(t.size for t in self.tensors)
+
+    def quantize(self, flat_w: np.ndarray) -> list[np.ndarray]:
+        flat_w = np.asarray(flat_w, dtype=np.float32)
+        if flat_w.size != self.dim:
+            raise ValueError(f"weights: expected {self.dim} values, got {flat_w.size}")
+        return [t.quantize(flat_w[t.offset:t.offset + t.size]) for t in self.tensors]
+
+    def step(self) -> np.ndarray:
+        """Per-parameter float step of one perturbation unit (float64, length dim)."""
+        return np.concatenate([t.step() for t in self.tensors])
+
+    def perturb(self, qs: list[np.ndarray], eps: np.ndarray, sign: int = 1) -> list[np.ndarray]:
+        return [t.perturb(q, eps[t.offset:t.offset + t.size], sign) for t, q in zip(self.tensors, qs)]
+
+    def effective_noise(self, qs: list[np.ndarray], eps: np.ndarray, *, central: bool = False) -> np.ndarray:
+        """The perturbation actually applied, in steps: (q' - q) / m, or for the central scheme
+        (q'(+eps) - q'(-eps)) / (2 m). Equals eps except where an int8 weight saturates."""
+        out = np.empty(self.dim, dtype=np.float64)
+        for t, q in zip(self.tensors, qs):
+            e = eps[t.offset:t.offset + t.size]
+            lo = t.perturb(q, e, -1) if central else q
+            diff = t.perturb(q, e, 1).astype(np.int64) - lo.astype(np.int64)
+            out[t.offset:t.offset + t.size] = diff.reshape(-1) / ((2 if central else 1) * t.multiplier)
+        return out
+
+    def dequantize(self, qs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([(q.astype(np.float64) * t._bcast(t.scale)).reshape(-1)
+                               for t, q in zip(self.tensors, qs)])
+
+    def to_json(self) -> list[dict]:
+        return [t.to_json() for t in self.tensors]
+
+    @classmethod
+    def from_json(cls, rows: list[dict]) -> "QuantTable":
+        return cls(tuple(QTensor.from_json(r) for r in rows))

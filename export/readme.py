@@ -1,0 +1,62 @@
+"""The README.md written into every bundle: how an app developer loads and feeds it."""
+from __future__ import annotations
+
+
+def bundle_readme(meta: dict) -> str:
+    m, inp, out = meta["model"], meta["input"], meta["output"]
+    shape = ", ".join(str(s) for s in inp["shape"])
+    norm = inp["normalisation"]
+    lines = [
+        f"# baffle-edge bundle: {m['name']} ({m['parameters']:,} trainable parameters)",
+        "",
+        "Files and their sha256 are listed in `baffle.json` (schema version "
+        f"{meta['schema_version']}); a client must check them before loading.",
+        "",
+        "| format | files | perturbation domain |",
+        "|---|---|---|",
+    ]
+    for fmt, info in meta["formats"].items():
+        lines.append(f"| {fmt} | {', '.join('`%s`' % f for f in info['files'].values())} | {info['domain']} |")
+    lines += [
+        "",
+        "## Input and output",
+        f"- input `{inp['name']}`: {inp['dtype']} [{shape}], {inp['layout']}; "
+        f"`{norm['formula']}` with scale {norm['scale']}, mean {norm['mean']}, std {norm['std']}",
+        f"- output `{out['name']}`: {out['dtype']} [{', '.join(map(str, out['shape']))}]; {out['loss']}",
+        "",
+        "## A BAFFLE client round",
+        "1. Receive the RoundTask (JSON) and the round's float weights (flat, parameter order of `baffle.json`"
+        " `parameters`).",
+        "2. For k = 0..K-1 regenerate eps_k (Philox4x32-10 keyed by seed/round/client/k, see `noise` in "
+        "`baffle.json` and docs/noise.md), evaluate the loss at the perturbed weights, then upload the K "
+        "losses (+ the unperturbed loss) as a ClientReport.",
+        "- float graphs (`model.train.onnx`): feed every parameter input `w + float32(sigma) * eps`.",
+        "- int8 graphs: quantize w with the scales in `formats.<fmt>.quantization` "
+        "(`q = clip(rint(w / scale), -127, 127)`), then feed `clip(q + eps, -128, 127)` for int8 weights and "
+        "`q + multiplier * eps` for int32 biases (Rademacher eps).",
+        "",
+        "## ONNX Runtime Mobile (Kotlin)",
+        "```kotlin",
+        "val env = OrtEnvironment.getEnvironment()",
+        'val session = env.createSession(assets.open("model.int8.train.onnx").readBytes(), OrtSession.SessionOptions())',
+        f'val x = OnnxTensor.createTensor(env, FloatBuffer.wrap(batch), longArrayOf(n, {", ".join(map(str, inp["shape"][1:]))}L))',
+        "// one OnnxTensor per trainable tensor: name = quantization[i].input, dtype int8/int32, shape = its shape",
+        f'val logits = session.run(mapOf("{inp["name"]}" to x) + weightTensors)["{out["name"]}"]',
+        "```",
+        "For plain inference load `model.int8.ort` (ORT format) or `model.int8.onnx` and feed only "
+        f"`{inp['name']}`.",
+    ]
+    if "tflite-int8" in meta["formats"]:
+        lines += [
+            "",
+            "## LiteRT (TFLite) Interpreter",
+            "```kotlin",
+            'val options = Interpreter.Options().setUseXNNPACK(false)  // in-place weight writes need built-in kernels',
+            'val interpreter = Interpreter(loadModelFile("model.int8.tflite"), options)',
+            "// write the perturbed int8 weights into the tensors listed in formats.tflite-int8, then run",
+            "interpreter.run(input, logits)",
+            "```",
+            "XNNPACK packs the weights at load time and silently ignores later writes: keep it off for training "
+            "rounds (plain inference may use it).",
+        ]
+    return "\n".join(lines) + "\n"
