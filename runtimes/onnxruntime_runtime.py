@@ -70,6 +70,8 @@ class _OrtSession:
                              f"{Domain(task.domain).value!r}")
         x = np.ascontiguousarray(batch.x, dtype=np.float32)
         self.bundle.check_batch(x)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("input batch contains non-finite values")
         return x
 
     def _weights(self, sign: int, eps: np.ndarray | None, task: RoundTask) -> dict[str, np.ndarray]:
