@@ -40,6 +40,9 @@ def make_session(path: Path, *, provider: str = "cpu", threads: int | None = Non
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.enable_profiling = profile
+    if profile:  # the trace goes to the temp folder, not the working directory
+        import tempfile
+        so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "baffle-ort-profile")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
