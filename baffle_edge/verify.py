@@ -473,7 +473,7 @@ def plot_sweep(sweep: dict, dim: int, path: Path) -> Path:
                    label=f"sqrt(K/(K+d)), K={sweep['k_at']}")
     a1.set(xscale="log", xlabel="K (perturbations)", ylabel="cosine to exact gradient",
            title=f"cosine vs K (sigma={sweep['sigma_at']:g})")
-    a2.set(xscale="log", xlabel="sigma (float scale; int8-step: step multiplier)",
+    a2.set(xscale="log", xlabel="sigma (float domain; int8-step runtimes move whole steps)",
            title=f"cosine vs sigma (K={sweep['k_at']})")
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
