@@ -152,10 +152,21 @@ class OrtFloatRuntime:
     name = "onnxruntime"
     session_class = OrtFloatSession
 
-    def __init__(self, provider: str = "cpu"):
+    def __init__(self, provider: str = "cpu", perturbations_per_call: int | str = 1):
+        from .batching import resolve
+        resolve(perturbations_per_call, self.name)  # a bad value fails here, not at load
         self.provider = provider
+        self.perturbations_per_call = perturbations_per_call  # > 1 / "auto": onnxruntime_batched.py
 
     def load(self, bundle_dir, *, threads: int | None = None, profile: bool = False):
+        from .batching import resolve
+        from baffle_edge.export.bundle import read_bundle
+        p = resolve(self.perturbations_per_call, self.name, read_bundle(bundle_dir).meta["model"]["name"])
+        if p > 1:
+            from . import onnxruntime_batched as ob
+            cls = ob.OrtInt8BatchedSession if self.session_class is OrtInt8Session else ob.OrtFloatBatchedSession
+            return cls(bundle_dir, perturbations_per_call=p, provider=self.provider, threads=threads,
+                       profile=profile)
         return self.session_class(bundle_dir, provider=self.provider, threads=threads, profile=profile)
 
 

@@ -64,7 +64,17 @@ class TorchSession:
 class TorchRuntime:
     name = "torch"
 
+    def __init__(self, perturbations_per_call: int | str = 1):
+        from .batching import resolve
+        resolve(perturbations_per_call, self.name)  # a bad value fails here, not at load
+        self.perturbations_per_call = perturbations_per_call  # 1: this module; > 1 / "auto": torch_batched.py
+
     def load(self, model: nn.Module, *, threads: int | None = None) -> TorchSession:
         if threads:
             torch.set_num_threads(threads)
+        from .batching import model_name, resolve
+        p = resolve(self.perturbations_per_call, self.name, model_name(model))
+        if p > 1:
+            from .torch_batched import TorchBatchedSession
+            return TorchBatchedSession(model, perturbations_per_call=p)
         return TorchSession(model)

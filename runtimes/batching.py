@@ -1,0 +1,52 @@
+"""How many perturbations a session evaluates per runtime call (``--perturbations-per-call``).
+
+``resolve(p, runtime, model)`` turns the user's choice into an int: an int >= 1 is kept, ``"auto"``
+looks up ``AUTO`` (measured, docs/batched-k.md: LeNet 28x28 / WRN-10-2 32x32 / MLP, batch 32, K=100,
+this 2-core x86 machine), and anything else is a ValueError. The rule behind the table:
+
+* the fastest P of the measured grid (1, 5, 10, 25), rounded down to the smaller P when two are
+  within ~10% (smaller P = less memory: activations grow linearly with P);
+* capped so that the client's peak RSS stays within 1.5x the plain-inference peak (``MEMORY_CAP``);
+* 1 for runtimes without a batched session (they ignore the option).
+"""
+from __future__ import annotations
+
+AUTO_KEY = "auto"
+
+# (runtime, model) -> P chosen by the measured rule; unknown models use the runtime's "*" entry.
+AUTO: dict[tuple[str, str], int] = {
+    ("torch", "lenet"): 10,
+    ("torch", "mlp"): 25,
+    ("torch", "wrn-10-2"): 5,
+    ("torch", "*"): 5,
+    ("onnxruntime", "lenet"): 10,
+    ("onnxruntime", "mlp"): 25,
+    ("onnxruntime", "wrn-10-2"): 5,
+    ("onnxruntime", "*"): 5,
+    ("onnxruntime-int8", "lenet"): 10,
+    ("onnxruntime-int8", "mlp"): 25,
+    ("onnxruntime-int8", "wrn-10-2"): 5,
+    ("onnxruntime-int8", "*"): 5,
+}
+BATCHED_RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8")
+
+
+def resolve(p: int | str, runtime: str, model: str = "*") -> int:
+    """P for ``runtime`` on ``model`` (a baffle_edge.models name) from an int or ``"auto"``."""
+    if isinstance(p, str):
+        if p.strip().lower() == AUTO_KEY:
+            if runtime not in BATCHED_RUNTIMES:
+                return 1
+            return AUTO.get((runtime, model), AUTO[(runtime, "*")])
+        try:
+            p = int(p)
+        except ValueError:
+            raise ValueError(f"perturbations per call must be an integer >= 1 or 'auto', got {p!r}") from None
+    from baffle_edge.export.batched import check_p
+    return check_p(p)
+
+
+def model_name(model) -> str:
+    """The baffle_edge.models name of a torch module (``*`` when it is not one of them)."""
+    from baffle_edge.models import MLP, LeNet, WideResNet
+    return {LeNet: "lenet", WideResNet: "wrn-10-2", MLP: "mlp"}.get(type(model), "*")

@@ -1,0 +1,169 @@
+"""fp32 PyTorch, P perturbations per call (GitHub issue 9): the batched variant of torch_runtime.
+
+The P perturbed weight vectors ``w0 + float32(sigma) * eps_k`` (the same float32 arithmetic as the
+sequential session) are stacked to ``[P, dim]`` and the model runs once on all of them with a
+functional forward that keeps the P copies side by side in the channel axis (``[B, P*C, H, W]``):
+
+* ``Conv2d``: weights ``[P*O, I, kh, kw]``, ``groups = P * groups`` (on the shared image input:
+  ``groups`` unchanged, P*O output channels - the input batch is never repeated);
+* ``Linear``: ``einsum('bpf,pof->bpo')`` (a batched matmul) + bias;
+* ``GroupNorm(G, affine=False)``: ``group_norm(x, P*G)`` (each group lies inside one copy, so the
+  statistics are the per-copy ones);
+* activations, pooling, ``Flatten``, identity: unchanged (element- or channel-wise).
+
+Models are walked module by module (``Sequential``) with a forward rule for each container of
+``baffle_edge.models`` (LeNet, WideResNet + its blocks, MLP); an unknown module raises ValueError.
+``torch.func.vmap`` over ``functional_call`` was measured against this and is slower (docs/batched-k.md).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baffle_edge.client import Batch, cross_entropy, step_noise
+from baffle_edge.export.batched import check_p
+from baffle_edge.models import MLP, LeNet, WideResNet, _WideBlock
+from baffle_edge.params import layout_of
+from baffle_edge.protocol import Domain, RoundTask, Scheme
+
+from .torch_runtime import TorchSession
+
+_ELEMENTWISE = (nn.Hardswish, nn.ReLU, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.SELU,
+                nn.Hardsigmoid, nn.Sigmoid, nn.Tanh)
+
+
+class _X:
+    """An activation: ``t`` is [B, P*C, ...] when ``stacked`` (copy-major channels), else shared by all copies."""
+
+    __slots__ = ("t", "stacked")
+
+    def __init__(self, t: torch.Tensor, stacked: bool):
+        self.t, self.stacked = t, stacked
+
+
+class BatchedForward:
+    """``forward(x, weights)``: logits [P, B, classes] of ``model`` at P weight vectors ``weights [P, dim]``."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layout = layout_of(model)
+        self.dim = self.layout.dim
+        self._check(model)
+
+    def _check(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Sequential, LeNet, WideResNet, MLP, _WideBlock)):
+            for c in m.children():
+                self._check(c)
+        elif isinstance(m, nn.GroupNorm):
+            if m.affine:
+                raise ValueError("batched torch forward: GroupNorm with affine=True is not supported")
+        elif not isinstance(m, (nn.Conv2d, nn.Linear, nn.Flatten) + _ELEMENTWISE):
+            raise ValueError(f"batched torch forward: module {type(m).__name__} is not supported "
+                             "(runtimes/torch_batched.py)")
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        p = weights.shape[0]
+        self.p = p
+        self.w = {s.name: weights[:, s.offset:s.offset + s.size].reshape(p, *s.shape) for s in self.layout.specs}
+        out = self._run(self.model, "", _X(x, False))
+        b = x.shape[0]
+        t = out.t if out.stacked else out.t.repeat(1, p)
+        return t.reshape(b, p, -1).transpose(0, 1)
+
+    def _run(self, m: nn.Module, name: str, x: _X) -> _X:
+        pre = f"{name}." if name else ""
+        sub = lambda child, v: self._run(getattr(m, child), pre + child, v)  # noqa: E731
+        if isinstance(m, nn.Sequential):
+            for i, c in enumerate(m):
+                x = self._run(c, f"{pre}{i}", x)
+            return x
+        if isinstance(m, (LeNet, WideResNet)):
+            return sub("fc", sub("features", x))
+        if isinstance(m, MLP):
+            return sub("net", x)
+        if isinstance(m, _WideBlock):
+            o = sub("pre", x)
+            y = sub("conv2", sub("post", sub("conv1", o)))
+            s = x if isinstance(m.shortcut, nn.Identity) else sub("shortcut", o)
+            return self._add(y, s)
+        if isinstance(m, nn.Conv2d):
+            return self._conv(m, pre, x)
+        if isinstance(m, nn.Linear):
+            return self._linear(m, pre, x)
+        if isinstance(m, nn.GroupNorm):
+            return _X(F.group_norm(x.t, m.num_groups * (self.p if x.stacked else 1), eps=m.eps), x.stacked)
+        if isinstance(m, nn.Flatten):
+            return _X(torch.flatten(x.t, m.start_dim, m.end_dim), x.stacked)
+        return _X(m(x.t), x.stacked)  # element- / channel-wise
+
+    def _conv(self, m: nn.Conv2d, pre: str, x: _X) -> _X:
+        p = self.p
+        w = self.w[pre + "weight"]
+        w = w.reshape(p * w.shape[1], *w.shape[2:])
+        b = self.w[pre + "bias"].reshape(-1) if m.bias is not None else None
+        if not x.stacked and m.groups != 1:
+            raise ValueError("batched torch forward: a grouped conv on the shared input is not supported")
+        groups = m.groups * (p if x.stacked else 1)
+        if m.padding_mode != "zeros":
+            raise ValueError(f"batched torch forward: padding_mode {m.padding_mode!r} is not supported")
+        return _X(F.conv2d(x.t, w, b, m.stride, m.padding, m.dilation, groups), True)
+
+    def _linear(self, m: nn.Linear, pre: str, x: _X) -> _X:
+        w = self.w[pre + "weight"]  # [P, O, F]
+        b = self.w[pre + "bias"] if m.bias is not None else None  # [P, O]
+        bsz = x.t.shape[0]
+        if x.stacked:
+            y = torch.einsum("bpf,pof->bpo", x.t.reshape(bsz, self.p, -1), w)
+        else:
+            y = torch.einsum("bf,pof->bpo", x.t, w)
+        if b is not None:
+            y = y + b
+        return _X(y.reshape(bsz, -1), True)
+
+    def _add(self, a: _X, b: _X) -> _X:
+        if a.stacked != b.stacked:
+            a, b = (a, _X(b.t.repeat(1, self.p, *([1] * (b.t.dim() - 2))), True)) if a.stacked else \
+                   (_X(a.t.repeat(1, self.p, *([1] * (a.t.dim() - 2))), True), b)
+        return _X(a.t + b.t, a.stacked or b.stacked)
+
+
+class TorchBatchedSession(TorchSession):
+    """Same protocol and loss layout as TorchSession; evaluates ``perturbations_per_call`` weight
+    vectors per forward call (the last call of a step takes the remainder)."""
+
+    def __init__(self, model: nn.Module, *, perturbations_per_call: int, name: str = "torch"):
+        super().__init__(model, name=name)
+        self.p = check_p(perturbations_per_call)
+        self.forward = BatchedForward(self.model)
+
+    def losses(self, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
+        if Domain(task.domain) is not Domain.FLOAT:
+            raise ValueError(f"runtime {self.name!r} perturbs float weights; task asks for domain {task.domain!r}")
+        x = torch.from_numpy(np.ascontiguousarray(batch.x, dtype=np.float32))
+        noise = step_noise(task, step, self.dim)
+        sigma = np.float32(task.sigma)
+        central = Scheme(task.scheme) is Scheme.CENTRAL
+        # rows: [base] + (+eps_k for k) for the forward scheme; (+eps_k, -eps_k) interleaved for the
+        # central one (so at most P noise vectors live at once), reordered to plus..., minus... at the end
+        rows = [(s, k) for k in range(task.k) for s in ((1, -1) if central else (1,))]
+        rows = ([] if central else [(0, -1)]) + rows
+        out: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(rows), self.p):
+                chunk = rows[start:start + self.p]
+                w = torch.empty(len(chunk), self.dim)
+                delta, delta_k = None, None
+                for i, (sign, k) in enumerate(chunk):
+                    if sign == 0:
+                        w[i] = self.w0
+                        continue
+                    if k != delta_k:
+                        delta, delta_k = torch.from_numpy(sigma * noise(k)), k
+                    w[i] = self.w0 + delta if sign > 0 else self.w0 - delta
+                logits = self.forward(x, w).numpy()
+                out.extend(cross_entropy(z, batch.y) for z in logits)
+        if central:
+            out = out[0::2] + out[1::2]
+        return np.asarray(out, dtype=np.float64)
