@@ -39,8 +39,11 @@ class ExportConfig:
     calibration_method: str = "minmax"  # minmax | entropy | percentile (onnxruntime)
     reduce_range: bool = True  # onnx-int8: 7-bit weights, safe on x86 without VNNI (onnx_export.quantize_int8)
     seed: int = 0  # which calibration samples are drawn
+    perturbations_per_call: int = 1  # > 1: also write model[.int8].p{P}.train.onnx (export/batched.py, issue 9)
 
     def __post_init__(self):
+        from .batched import check_p
+        check_p(self.perturbations_per_call)
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown or not self.formats:
             raise ValueError(f"unknown format(s) {unknown or '(none)'}; known: {', '.join(FORMATS)}")
@@ -119,6 +122,8 @@ def export_bundle(model, model_cfg, data, out: str | Path, cfg: ExportConfig = E
                 "perturbation": "each trainable tensor's integers are a graph input (table 'quantization', field "
                                 "'input'); feed q' per docs/quantized-perturbation.md",
                 "quantization": table.to_json(), "reduce_range": cfg.reduce_range}
+        if cfg.perturbations_per_call > 1:
+            _add_batched(tmp, meta, cfg.perturbations_per_call)
         if "ort" in formats:
             ort, config = ox.to_ort_format(tmp / "model.int8.onnx", tmp)
             files = {"inference": ort.name}
@@ -146,6 +151,21 @@ def export_bundle(model, model_cfg, data, out: str | Path, cfg: ExportConfig = E
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**meta, "export_seconds": round(time.perf_counter() - started, 3)}  # timing kept out of the file
+
+
+def _add_batched(folder: Path, meta: dict, p: int) -> None:
+    """Write the P-perturbations-per-call variant of every ONNX train graph (export/batched.py)."""
+    import onnx
+    from .batched import batch_graph, train_file_name
+    for fmt in ("onnx", "onnx-int8"):
+        if fmt not in meta["formats"]:
+            continue
+        entry = meta["formats"][fmt]
+        name = train_file_name(entry["files"]["train"], p)
+        (folder / name).write_bytes(batch_graph(onnx.load(str(folder / entry["files"]["train"])), p)
+                                    .SerializeToString())
+        entry["files"][f"train_p{p}"] = name
+        entry["perturbations_per_call"] = p
 
 
 def _base_meta(model_cfg, data, layout, cfg: ExportConfig, source: str) -> dict:
