@@ -50,6 +50,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise-scope", default="client", choices=["client", "shared"],
                    help="one noise stream per client, or one per round shared by all (default: client)")
     g.add_argument("--runtime", default="torch", help="client runtime (default: torch); see `baffle-edge runtimes`")
+    g.add_argument("--perturbations-per-call", default="auto", metavar="P",
+                   help="perturbations evaluated per runtime call (torch, onnxruntime[-int8]); 'auto' picks P "
+                        "per model and runtime by the measured rule in docs/batched-k.md (default: auto)")
     g = p.add_argument_group("server optimizer")
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="(default: adam)")
     g.add_argument("--lr", type=float, default=1e-2, help="server learning rate (default: 0.01)")
@@ -98,6 +101,9 @@ def config_from_args(a: argparse.Namespace):
     if a.sigma <= 0 or a.lr <= 0:
         raise ValueError("--sigma and --lr must be > 0")
     milestones = tuple(int(m) for m in a.milestones.split(",") if m.strip())
+    from baffle_edge.runtimes.batching import AUTO_KEY, resolve
+    ppc = getattr(a, "perturbations_per_call", AUTO_KEY)
+    ppc = AUTO_KEY if str(ppc).strip().lower() == AUTO_KEY else resolve(ppc, a.runtime)  # ValueError if bad
     cfg = TrainConfig(
         model=a.model, dataset=a.dataset, data_dir=a.data_dir, activation=Activation(a.activation),
         norm=Norm(a.norm) if a.norm else None, clients=a.clients, partition=a.partition, alpha=a.alpha,
@@ -106,7 +112,7 @@ def config_from_args(a: argparse.Namespace):
         noise_scope=NoiseScope(a.noise_scope), seed=a.seed, eval_every=a.eval_every,
         checkpoint_every=a.checkpoint_every, runtime=a.runtime, workers=a.workers,
         quorum=a.quorum, round_timeout=a.round_timeout, aggregate=Aggregate(a.aggregate), trim=a.trim,
-        byzantine=a.byzantine,
+        byzantine=a.byzantine, perturbations_per_call=ppc,
         optim=OptimConfig(optimizer=OptimizerName(a.optimizer), lr=a.lr, weight_decay=a.weight_decay,
                           milestones=milestones, clip=a.clip or None, ema_decay=a.ema_decay or None,
                           local_lr=a.local_lr))

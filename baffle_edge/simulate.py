@@ -68,7 +68,9 @@ class TrainConfig:
     checkpoint_every: int = 50  # rounds between checkpoints (and at the end)
     runtime: str = "torch"  # client runtime by name (runtimes.REGISTRY)
     provider: str = "cpu"  # onnxruntime execution provider (runtimes/onnxruntime_runtime.py PROVIDERS)
-    refresh_every: int = 10  # bundle runtimes: re-export (re-calibrate int8 scales) every N rounds
+    perturbations_per_call: int | str = "auto"  # P per runtime call; "auto": runtimes/batching.py AUTO (docs/batched-k.md)
+    refresh_every: int | None = None  # bundle runtimes: re-export (re-calibrate int8 scales) every N rounds;
+    # None = the format's default (REFRESH_DEFAULT: ONNX exports in < 1 s, TFLite conversion takes ~15 s)
     workers: int = 2  # threads simulating clients / decoding reports (results do not depend on it)
     # faults (docs/faults.md)
     quorum: float = 0.0  # fraction of clients whose valid reports a round needs, else it is skipped (0: >= 1)
@@ -97,6 +99,11 @@ class TrainConfig:
         if "aggregate" in d:
             d["aggregate"] = Aggregate(d["aggregate"])
         return cls(optim=OptimConfig(**o), **d)
+
+
+# rounds between bundle re-exports per format: int8 activation ranges and weight scales go stale as
+# the weights move (measured: int8 gradient cosine drops until the next refresh)
+REFRESH_DEFAULT = {"onnx": 1, "onnx-int8": 1, "tflite-int8": 10}
 
 
 def model_config(cfg: TrainConfig, data: Dataset) -> ModelConfig:
@@ -149,8 +156,10 @@ class Federation:
         if self.domain is Domain.INT8_STEP and self.noise is not NoiseKind.RADEMACHER:
             raise ValueError(f"runtime {self.cfg.runtime!r} moves int8 weights by whole quantization steps: "
                              "use --noise rademacher (the default for int8 runtimes)")
-        if self.cfg.refresh_every < 1:
-            raise ValueError(f"refresh_every must be >= 1 round, got {self.cfg.refresh_every}")
+        self.refresh_every = (self.cfg.refresh_every if self.cfg.refresh_every is not None
+                              else REFRESH_DEFAULT.get(self.runtime_info.format, 10))
+        if self.refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1 round, got {self.refresh_every}")
         self.bundle_dir: Path | None = None
         self.bundle_generation = 0
         self.refresh_weights: torch.Tensor | None = None  # the weights the current bundle was exported from
@@ -182,7 +191,7 @@ class Federation:
             self.server.quant_table = QuantTable.from_json(meta["formats"][fmt]["quantization"])
 
     def maybe_refresh(self, round_: int) -> None:
-        if self.bundle_dir is not None and round_ > 0 and round_ % self.cfg.refresh_every == 0:
+        if self.bundle_dir is not None and round_ > 0 and round_ % self.refresh_every == 0:
             self.refresh_bundle(self.server.flat())
 
     def batches(self, client: int, round_: int) -> list[Batch]:
@@ -205,6 +214,9 @@ class Federation:
         if getattr(loc, "session", None) is None or getattr(loc, "generation", 0) != self.bundle_generation:
             from baffle_edge.runtimes import get_runtime
             options = {"provider": self.cfg.provider} if self.cfg.runtime.startswith("onnxruntime") else {}
+            from baffle_edge.runtimes.batching import BATCHED_RUNTIMES
+            if self.cfg.runtime in BATCHED_RUNTIMES:  # the session evaluates P perturbations per call
+                options["perturbations_per_call"] = self.cfg.perturbations_per_call
             rt = get_runtime(self.cfg.runtime, **options)
             artifact = (self.bundle_dir if self.runtime_info.artifact == "bundle"
                         else build_model(self.model_cfg, seed=self.cfg.seed))
