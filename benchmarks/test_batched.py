@@ -1,0 +1,101 @@
+"""Batched-K evaluation (issue 9): a client round with P perturbations per runtime call, next to the
+sequential round (P = 1) of the same runtime in the same run; LeNet at 28x28, batch 32.
+
+Targets (docs/batched-k.md): batched >= 2x faster than sequential (torch fp32, ORT int8); ORT int8
+batched >= 5x faster than torch fp32 sequential (in-place). Quick default K=24 (25 forwards, fits
+P=25 exactly); --bench-full: K=100. Every benchmark asserts the batched losses equal the sequential
+ones (fp32: 1e-5 relative; int8: bit-identical).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import pytest
+
+from baffle_edge.client import run_task
+from baffle_edge.params import flat_params
+from baffle_edge.runtimes import get_runtime
+
+from .cases import MODELS, dtype_of
+from .conftest import build_artifact, task_for
+
+BATCH = 32
+CASE = "lenet-28"
+PS = (1, 5, 10, 25)
+RUNTIMES = ("torch", "onnxruntime-int8")
+TARGET_VS_SEQUENTIAL = 2.0
+TARGET_INT8_VS_TORCH = 5.0
+_cache: dict = {}
+
+
+def _session(runtime: str, p: int, workdir, threads):
+    case = MODELS[CASE]
+    key = ("artifact", runtime)
+    if key not in _cache:
+        _cache[key] = build_artifact(runtime, case, workdir / runtime)
+    artifact = case.build() if runtime == "torch" else _cache[key]
+    session = get_runtime(runtime, perturbations_per_call=p).load(artifact, threads=threads)
+    session.set_weights(flat_params(case.build()).numpy())
+    return session
+
+
+def _timed_round(runtime, session, k, rounds):
+    case = MODELS[CASE]
+    task, batch, w = task_for(runtime, k=k), case.batch(BATCH), flat_params(case.build()).numpy()
+    times, report = [], None
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        report = run_task(task, session, [batch], weights=w, runtime=runtime)
+        times.append(time.perf_counter() - t0)
+    return report, statistics.median(times)
+
+
+def _sequential(runtime, k, rounds, workdir, threads):
+    """The P=1 round of ``runtime`` (cached for the run: every P is compared with the same one)."""
+    key = ("seq", runtime, k)
+    if key not in _cache:
+        _cache[key] = _timed_round(runtime, _session(runtime, 1, workdir, threads), k, rounds)
+    return _cache[key]
+
+
+@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_batched_round(benchmark, tmp_path_factory, bench_full, bench_threads, measuring, runtime, p):
+    k = 100 if bench_full else 24
+    rounds = 3 if measuring else 1
+    workdir = _cache.setdefault("workdir", tmp_path_factory.mktemp("batched"))
+    seq_report, seq_s = _sequential(runtime, k, rounds, workdir, bench_threads)
+    torch_report, torch_s = _sequential("torch", k, rounds, workdir, bench_threads)
+    session = _session(runtime, p, workdir, bench_threads)
+    times: list[float] = []
+
+    def client_round():
+        report, t = _timed_round(runtime, session, k, 1)
+        times.append(t)
+        return report
+
+    benchmark.group = "batched_k"
+    report = benchmark.pedantic(client_round, rounds=rounds, warmup_rounds=0)
+    t = statistics.median(times)
+    vs_seq, vs_torch = seq_s / t, torch_s / t
+    case = MODELS[CASE]
+    benchmark.extra_info.update(
+        case.info(), runtime=runtime, dtype=dtype_of(runtime), batch=BATCH, K=k, perturbations_per_call=p,
+        round_s=t, sequential_round_s=seq_s, torch_fp32_sequential_round_s=torch_s,
+        speedup_vs_sequential=vs_seq, speedup_vs_torch_fp32_sequential=vs_torch,
+        target_vs_sequential=TARGET_VS_SEQUENTIAL,
+        meets_target_vs_sequential=bool(p == 1 or vs_seq >= TARGET_VS_SEQUENTIAL),
+        target_vs_torch=TARGET_INT8_VS_TORCH if "int8" in runtime else None,
+        meets_target_vs_torch=bool(vs_torch >= TARGET_INT8_VS_TORCH) if "int8" in runtime else None,
+        stage="batched_k")
+
+    assert report.losses.shape == seq_report.losses.shape
+    if "int8" in runtime:
+        np.testing.assert_array_equal(report.losses, seq_report.losses)
+        np.testing.assert_array_equal(report.base_losses, seq_report.base_losses)
+    else:
+        np.testing.assert_allclose(report.losses, seq_report.losses, rtol=1e-5, atol=0)
+        np.testing.assert_allclose(report.base_losses, seq_report.base_losses, rtol=1e-5, atol=0)
+    assert np.ptp(report.losses) > 0
