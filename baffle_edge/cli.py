@@ -45,11 +45,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sigma", type=float, default=1e-4, help="perturbation scale sigma (default: 1e-4)")
     g.add_argument("--scheme", default="forward", choices=["forward", "central"],
                    help="forward: K+1 forwards; central: 2K forwards (default: forward)")
-    g.add_argument("--noise", default="gaussian", choices=["gaussian", "rademacher"],
-                   help="distribution of eps_k, see docs/noise.md (default: gaussian)")
+    g.add_argument("--noise", default=None, choices=["gaussian", "rademacher"],
+                   help="distribution of eps_k, see docs/noise.md (default: the runtime's: gaussian for float "
+                        "runtimes, rademacher for int8 ones)")
     g.add_argument("--noise-scope", default="client", choices=["client", "shared"],
                    help="one noise stream per client, or one per round shared by all (default: client)")
     g.add_argument("--runtime", default="torch", help="client runtime (default: torch); see `baffle-edge runtimes`")
+    g.add_argument("--provider", default="cpu",
+                   help="onnxruntime execution provider: cpu, xnnpack, nnapi, qnn, coreml, ... (default: cpu)")
+    g.add_argument("--refresh-every", type=int, default=None,
+                   help="bundle runtimes: re-export and re-calibrate the bundle every N rounds (default: 1 for "
+                        "onnx formats, 10 for tflite-int8)")
     g.add_argument("--perturbations-per-call", default="auto", metavar="P",
                    help="perturbations evaluated per runtime call (torch, onnxruntime[-int8]); 'auto' picks P "
                         "per model and runtime by the measured rule in docs/batched-k.md (default: auto)")
@@ -108,9 +114,10 @@ def config_from_args(a: argparse.Namespace):
         model=a.model, dataset=a.dataset, data_dir=a.data_dir, activation=Activation(a.activation),
         norm=Norm(a.norm) if a.norm else None, clients=a.clients, partition=a.partition, alpha=a.alpha,
         batch_size=a.batch_size, method=Method(a.method), strategy=a.strategy, local_steps=a.local_steps,
-        k=a.k, sigma=a.sigma, scheme=Scheme(a.scheme), noise=NoiseKind(a.noise),
+        k=a.k, sigma=a.sigma, scheme=Scheme(a.scheme), noise=NoiseKind(a.noise) if a.noise else None,
         noise_scope=NoiseScope(a.noise_scope), seed=a.seed, eval_every=a.eval_every,
-        checkpoint_every=a.checkpoint_every, runtime=a.runtime, workers=a.workers,
+        checkpoint_every=a.checkpoint_every, runtime=a.runtime, provider=a.provider,
+        refresh_every=a.refresh_every, workers=a.workers,
         quorum=a.quorum, round_timeout=a.round_timeout, aggregate=Aggregate(a.aggregate), trim=a.trim,
         byzantine=a.byzantine, perturbations_per_call=ppc,
         optim=OptimConfig(optimizer=OptimizerName(a.optimizer), lr=a.lr, weight_decay=a.weight_decay,

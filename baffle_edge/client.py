@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -52,6 +53,23 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
 def step_noise(task: RoundTask, step: int, dim: int) -> Callable[[int], np.ndarray]:
     """eps_k for local step ``step`` of ``task`` (counter word k' = step * K + k)."""
     return lambda k: perturb.noise(task.seed, task.round, task.noise_client, step * task.k + k, dim, task.noise)
+
+
+def noise_stream(task: RoundTask, step: int, dim: int, *, prefetch: bool = True) -> Iterator[np.ndarray]:
+    """eps_0 .. eps_{K-1} of one step, in order. With ``prefetch`` the next eps is generated in a
+    helper thread while the caller runs the forward pass (numpy releases the GIL in the Philox and
+    Box-Muller array ops), so noise generation overlaps inference on a multi-core device."""
+    noise = step_noise(task, step, dim)
+    if not prefetch or task.k == 1:
+        yield from (noise(k) for k in range(task.k))
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="noise") as pool:
+        ahead = pool.submit(noise, 0)
+        for k in range(task.k):
+            eps = ahead.result()
+            if k + 1 < task.k:
+                ahead = pool.submit(noise, k + 1)
+            yield eps
 
 
 def split_step(task: RoundTask, out: np.ndarray) -> tuple[float | None, np.ndarray]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from baffle_edge.client import Batch, cross_entropy, step_noise
+from baffle_edge.client import Batch, cross_entropy, noise_stream
 from baffle_edge.export.bundle import read_bundle
 from baffle_edge.perturb import NoiseKind
 from baffle_edge.protocol import Domain, RoundTask, Scheme
@@ -67,6 +67,12 @@ class _OrtSession:
     def forward(self, x: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: x, **weights})[0]
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Plain forward at the current (unperturbed) weights."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        self.bundle.check_batch(x)
+        return self.forward(x, self._weights(0, None, None))
+
     def _check(self, batch: Batch, task: RoundTask) -> np.ndarray:
         if Domain(task.domain) is not self.domain:
             raise ValueError(f"runtime {self.name!r} perturbs in the {self.domain.value!r} domain; task asks for "
@@ -82,13 +88,11 @@ class _OrtSession:
 
     def losses(self, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
         x = self._check(batch, task)
-        noise = step_noise(task, step, self.dim)
         central = Scheme(task.scheme) is Scheme.CENTRAL
         loss = lambda w: cross_entropy(self.forward(x, w), batch.y)  # noqa: E731
         base = [] if central else [loss(self._weights(0, None, task))]
         plus, minus = [], []
-        for k in range(task.k):
-            eps = noise(k)
+        for eps in noise_stream(task, step, self.dim):
             plus.append(loss(self._weights(1, eps, task)))
             if central:
                 minus.append(loss(self._weights(-1, eps, task)))

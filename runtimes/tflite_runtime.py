@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from baffle_edge.client import Batch, cross_entropy, step_noise
+from baffle_edge.client import Batch, cross_entropy, noise_stream
 from baffle_edge.export.bundle import read_bundle
 from baffle_edge.export.tflite_export import dequantize_output, quantize_input
 from baffle_edge.perturb import NoiseKind
@@ -132,6 +132,15 @@ class TFLiteSession:
         if not np.array_equal(back, base):
             raise RuntimeError("TFLite: writing the original integers back did not restore the output exactly")
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Plain forward at the current (unperturbed) weights: float32 logits."""
+        x = np.asarray(x, dtype=np.float32)
+        self.bundle.check_batch(x)
+        if self._q is None:
+            raise ValueError("call set_weights(global weights) before logits()")
+        self._resize(len(x))
+        return self._logits(quantize_input(x, self._inp)).copy()
+
     # ------------------------------------------------------------------ losses
     def losses(self, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
         if Domain(task.domain) is not Domain.INT8_STEP:
@@ -147,13 +156,11 @@ class TFLiteSession:
         y = np.asarray(batch.y, dtype=np.int64)
         self._resize(len(x))
         xq = quantize_input(x, self._inp)
-        noise = step_noise(task, step, self.dim)
         central = Scheme(task.scheme) is Scheme.CENTRAL
         plus, minus = [], []
         try:
             base = [] if central else [cross_entropy(self._logits(xq), y)]
-            for k in range(task.k):
-                eps = noise(k)
+            for eps in noise_stream(task, step, self.dim):
                 self._write(self.table.perturb(self._q, eps, 1))
                 plus.append(cross_entropy(self._logits(xq), y))
                 if central:
@@ -161,7 +168,10 @@ class TFLiteSession:
                     minus.append(cross_entropy(self._logits(xq), y))
         finally:
             self._write(self._q)
-        return np.asarray(base + plus + minus, dtype=np.float64)
+        out = np.asarray(base + plus + minus, dtype=np.float64)
+        if not np.all(np.isfinite(out)):
+            raise ValueError(f"runtime {self.name!r} produced non-finite losses")
+        return out
 
 
 class TFLiteRuntime:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from baffle_edge.client import Batch, cross_entropy, step_noise
+from baffle_edge.client import Batch, cross_entropy, noise_stream
 from baffle_edge.params import flat_params, trainable
 from baffle_edge.protocol import Domain, RoundTask, Scheme
 
@@ -44,14 +44,13 @@ class TorchSession:
         if Domain(task.domain) is not Domain.FLOAT:
             raise ValueError(f"runtime {self.name!r} perturbs float weights; task asks for domain {task.domain!r}")
         x = torch.from_numpy(np.ascontiguousarray(batch.x, dtype=np.float32))
-        noise = step_noise(task, step, self.dim)
         sigma = np.float32(task.sigma)
         central = Scheme(task.scheme) is Scheme.CENTRAL
         plus, minus = [], []
         with torch.no_grad():
             base = [] if central else [self._loss(x, batch.y)]
-            for k in range(task.k):
-                delta = torch.from_numpy(sigma * noise(k))
+            for eps in noise_stream(task, step, self.dim):
+                delta = torch.from_numpy(sigma * eps)
                 self._load(self.w0 + delta)
                 plus.append(self._loss(x, batch.y))
                 if central:
