@@ -240,3 +240,30 @@ def test_xnnpack_refused(bundle):
     """XNNPACK packs the int8 weights at init: in-place writes would be ignored silently."""
     with pytest.raises(RuntimeError, match="ignores in-place weight writes"):
         TFLiteSession(bundle[0], delegate="xnnpack")
+
+
+def test_plain_interpreter_loads_the_model_without_baffle_edge_or_torch(bundle, digits, tmp_path):
+    """The .tflite is an ordinary model: LiteRT alone runs it (as an Android app would)."""
+    import subprocess
+    import sys
+    import textwrap
+    out, _ = bundle
+    np.save(tmp_path / "x.npy", digits.x_test[:8])
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None; sys.modules["baffle_edge"] = None
+        import numpy as np
+        from ai_edge_litert.interpreter import Interpreter
+        it = Interpreter(model_path={str(out / 'model.int8.tflite')!r})
+        inp, outp = it.get_input_details()[0], it.get_output_details()[0]
+        x = np.load({str(tmp_path / 'x.npy')!r})
+        it.resize_tensor_input(inp["index"], list(x.shape)); it.allocate_tensors()
+        s, z = inp["quantization"]
+        xq = np.clip(np.rint(x / s) + z, -128, 127).astype(inp["dtype"]) if s else x.astype(inp["dtype"])
+        it.set_tensor(inp["index"], xq); it.invoke()
+        y = it.get_tensor(outp["index"])
+        assert y.shape == (8, 10) and np.isfinite(y.astype(float)).all()
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
