@@ -17,6 +17,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from .plots import save_figure
+
 MB = 1024 * 1024
 # The project's targets (issue 7); reported, never hidden.
 MEMORY_VS_INFERENCE = 1.2  # BAFFLE step peak <= 1.2 x inference, WRN-10-2 batch 128
@@ -98,9 +100,7 @@ def _bars(path: Path, groups: list[str], series: dict[str, list[float | None]], 
         ax.set_yscale("log")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

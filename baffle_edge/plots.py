@@ -11,6 +11,15 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path) -> Path:
+    """Lay out, write as PNG (110 dpi) and free a matplotlib figure."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_curves(runs: dict[str, list[dict]], path: Path, *, title: str = "") -> Path:
     """Test accuracy and train loss vs round, one line per run (e.g. baffle and bp)."""
     plt = _plt()
@@ -27,7 +36,4 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, *, title: str = "") -> 
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

@@ -37,6 +37,7 @@ from .data import Dataset, load_dataset
 from .estimator import clip_inf, cosine, expected_cosine
 from .models import build_model
 from .params import flat_grad, set_flat_params
+from .plots import save_figure
 from .server import ClientUpdate, OptimConfig
 from .simulate import Federation, Method, TrainConfig, model_config
 
@@ -425,9 +426,7 @@ def plot_accuracy(runs: dict[str, dict], path: Path, title: str) -> Path:
     ax.set(xlabel="round", ylabel="test accuracy (%, EMA weights)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -449,9 +448,7 @@ def plot_cosine(runs: dict[str, dict], theory: float, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("cosine to exact gradient")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -478,9 +475,7 @@ def plot_sweep(sweep: dict, dim: int, path: Path) -> Path:
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
