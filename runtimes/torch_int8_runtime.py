@@ -103,15 +103,11 @@ class TorchInt8Session(OrtInt8Session):
     """Same feeds and perturbations as the ORT int8 session; forward = QdqInterpreter."""
 
     def __init__(self, bundle_dir, **kw):
-        from baffle_edge.export.bundle import read_bundle
-        self.bundle = read_bundle(bundle_dir)
-        self.table = self.bundle.quant_table(self.fmt)
-        self.interpreter = QdqInterpreter(onnx.load(str(self.bundle.file(self.fmt, "train"))))
-        self.input_name = self.bundle.meta["input"]["name"]
-        self.output_name = self.bundle.meta["output"]["name"]
-        self.dim = int(self.bundle.meta["model"]["parameters"])
+        super().__init__(bundle_dir, **kw)
         self.name = "torch-int8"
-        self.q = self.table.quantize(np.zeros(self.dim, np.float32))
+
+    def _open(self, path, **options) -> None:
+        self.interpreter = QdqInterpreter(onnx.load(str(path)))
 
     def forward(self, x, weights):
         return self.interpreter.run({self.input_name: x, **weights})
