@@ -50,6 +50,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "runtimes, rademacher for int8 ones)")
     g.add_argument("--noise-scope", default="client", choices=["client", "shared"],
                    help="one noise stream per client, or one per round shared by all (default: client)")
+    g.add_argument("--int8-estimator", default="rms-step", choices=["rms-step", "per-step"],
+                   help="int8 runtimes: how the server turns +-1-step losses into a gradient. rms-step: the "
+                        "gradient w.r.t. the integers over one RMS step (lower variance); per-step: divide "
+                        "each coordinate by its own step (unbiased, noisier). docs/quantized-perturbation.md "
+                        "(default: rms-step)")
     g.add_argument("--runtime", default="torch", help="client runtime (default: torch); see `baffle-edge runtimes`")
     g.add_argument("--provider", default="cpu",
                    help="onnxruntime execution provider: cpu, xnnpack, nnapi, qnn, coreml, ... (default: cpu)")
@@ -97,7 +102,7 @@ def config_from_args(a: argparse.Namespace):
     from .data import load_dataset
     from .models import Activation, Norm
     from .perturb import NoiseKind
-    from .protocol import NoiseScope, Scheme
+    from .protocol import NoiseScope, Scheme, StepEstimator
     from .server import Aggregate, OptimConfig, OptimizerName
     from .simulate import Method, TrainConfig
 
@@ -115,7 +120,7 @@ def config_from_args(a: argparse.Namespace):
         norm=Norm(a.norm) if a.norm else None, clients=a.clients, partition=a.partition, alpha=a.alpha,
         batch_size=a.batch_size, method=Method(a.method), strategy=a.strategy, local_steps=a.local_steps,
         k=a.k, sigma=a.sigma, scheme=Scheme(a.scheme), noise=NoiseKind(a.noise) if a.noise else None,
-        noise_scope=NoiseScope(a.noise_scope), seed=a.seed, eval_every=a.eval_every,
+        noise_scope=NoiseScope(a.noise_scope), int8_estimator=StepEstimator(a.int8_estimator), seed=a.seed, eval_every=a.eval_every,
         checkpoint_every=a.checkpoint_every, runtime=a.runtime, provider=a.provider,
         refresh_every=a.refresh_every, workers=a.workers,
         quorum=a.quorum, round_timeout=a.round_timeout, aggregate=Aggregate(a.aggregate), trim=a.trim,

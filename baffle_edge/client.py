@@ -22,7 +22,7 @@ import numpy as np
 
 from . import perturb
 from .estimator import clip_inf, loss_differences, stein_gradient
-from .protocol import ClientReport, Domain, RoundTask, Scheme
+from .protocol import ClientReport, Domain, RoundTask, Scheme, StepEstimator
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
 
     Float domain: delta = sigma * eps. int8-step domain (``table``: the bundle's
     ``quant.QuantTable``, ``weights``: the float weights the integers were quantized from):
-    delta = step * eps_eff, with the steps and the saturation-aware eps_eff of quant.py."""
+    delta = step * eps_eff, with the steps and the saturation-aware eps_eff of quant.py; the
+    estimate divides by one RMS step or by each coordinate's step (``task.estimator``)."""
     diffs = loss_differences(losses, base, task.scheme)
     noise = step_noise(task, step, dim)
     if Domain(task.domain) is Domain.FLOAT:
@@ -95,7 +96,7 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
     q = table.quantize(weights)
     central = Scheme(task.scheme) is Scheme.CENTRAL
     eff = lambda k: table.effective_noise(q, noise(k), central=central)  # noqa: E731
-    return clip_inf(stein_gradient(diffs, table.step(), eff, dim), clip)
+    return clip_inf(stein_gradient(diffs, table.divisor(StepEstimator(task.estimator)), eff, dim), clip)
 
 
 def run_task(task: RoundTask, session: Session, batches: list[Batch], *, weights: np.ndarray,

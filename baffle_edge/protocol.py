@@ -43,6 +43,14 @@ class Domain(str, enum.Enum):
     INT8_STEP = "int8-step"  # delta = scale * eps: whole int8 quantization steps per channel
 
 
+class StepEstimator(str, enum.Enum):
+    """How an int8-step estimate turns integer steps back into a float gradient
+    (docs/quantized-perturbation.md, "Decoding")."""
+
+    RMS = "rms-step"  # g = mean_k(dL_k eps_k) / rms(step): the gradient w.r.t. the integers, one scale
+    PER_STEP = "per-step"  # g = mean_k(dL_k eps_k) / step_i: unbiased, but noise x 1/step_i per coordinate
+
+
 def _require(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{field_name}: {msg}")
@@ -115,6 +123,7 @@ class RoundTask:
     noise: NoiseKind = NoiseKind.GAUSSIAN
     noise_scope: NoiseScope = NoiseScope.CLIENT
     domain: Domain = Domain.FLOAT
+    estimator: StepEstimator = StepEstimator.RMS  # int8-step only: how losses decode into a gradient
     local_steps: int = 1  # FedSGD 1; FedAvg: local estimated-gradient steps on the client
     model_version: str = ""  # hash of the global weights the losses must be evaluated at
     version: int = PROTOCOL_VERSION
@@ -138,7 +147,7 @@ class RoundTask:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for f in ("scheme", "noise", "noise_scope", "domain"):
+        for f in ("scheme", "noise", "noise_scope", "domain", "estimator"):
             d[f] = getattr(self, f).value if isinstance(getattr(self, f), enum.Enum) else d[f]
         return d
 
@@ -152,6 +161,7 @@ class RoundTask:
             seed=_int(d, "seed"), k=_int(d, "k", 1, MAX_K), sigma=_float(d, "sigma", positive=True),
             scheme=_enum(d, "scheme", Scheme), noise=_enum(d, "noise", NoiseKind),
             noise_scope=_enum(d, "noise_scope", NoiseScope), domain=_enum(d, "domain", Domain),
+            estimator=_enum(d, "estimator", StepEstimator),
             local_steps=_int(d, "local_steps", 1, 10_000), model_version=_str(d, "model_version"),
             version=PROTOCOL_VERSION,
         )

@@ -11,14 +11,20 @@ bundle's scales and evaluates K perturbations that move each integer by whole st
 so ``delta = step * eps_eff`` with ``step = s_c`` (weights) or ``m * s_in * s_c`` (biases) and
 ``eps_eff = (q' - q) / m`` (equal to eps except where a weight saturates at a bound). The server
 regenerates eps, recomputes q from the same weights and bundle, and estimates
-``g = (1/K) sum_k dL_k * eps_eff_k / step`` (estimator.stein_gradient with a step vector).
-See docs/quantized-perturbation.md.
+
+    g = (1/K) sum_k dL_k * eps_eff_k / rms(step)      ("rms-step", default: the gradient with
+                                                        respect to the integers, one float scale)
+    g = (1/K) sum_k dL_k * eps_eff_k / step            ("per-step": unbiased, noisier)
+
+(``QuantTable.divisor``, estimator.stein_gradient). See docs/quantized-perturbation.md.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from .protocol import StepEstimator
 
 INT_RANGE = {"int8": (-128, 127), "int32": (-(2**31), 2**31 - 1)}
 
@@ -99,6 +105,14 @@ class QuantTable:
     def step(self) -> np.ndarray:
         """Per-parameter float step of one perturbation unit (float64, length dim)."""
         return np.concatenate([t.step() for t in self.tensors])
+
+    def divisor(self, estimator: StepEstimator | str = StepEstimator.RMS) -> float | np.ndarray:
+        """What the Stein sum mean_k(dL_k * eps_eff_k) is divided by: one RMS step (the gradient with
+        respect to the integers, in float units) or every coordinate's own step (unbiased)."""
+        step = self.step()
+        if StepEstimator(estimator) is StepEstimator.PER_STEP:
+            return step
+        return float(np.sqrt(np.mean(step * step)))
 
     def perturb(self, qs: list[np.ndarray], eps: np.ndarray, sign: int = 1) -> list[np.ndarray]:
         return [t.perturb(q, eps[t.offset:t.offset + t.size], sign) for t, q in zip(self.tensors, qs)]

@@ -31,7 +31,7 @@ from .data import Dataset, batch_indices, load_dataset, partition
 from .models import Activation, ModelConfig, Norm, build_model
 from .params import flat_grad, flat_params, layout_of, set_flat_params
 from .perturb import NoiseKind
-from .protocol import Domain, ClientReport, NoiseScope, RoundTask, Scheme, wire_bytes
+from .protocol import Domain, ClientReport, NoiseScope, RoundTask, Scheme, StepEstimator, wire_bytes
 from .server import (Aggregate, ClientUpdate, OptimConfig, OptimizerName, ReplayGuard, RoundLog, Server, accuracy,
                      make_strategy, mean_loss)
 from .estimator import clip_inf
@@ -61,6 +61,7 @@ class TrainConfig:
     scheme: Scheme = Scheme.FORWARD
     noise: NoiseKind | None = None  # None: the runtime's default (float: gaussian; int8-step: rademacher)
     noise_scope: NoiseScope = NoiseScope.CLIENT
+    int8_estimator: StepEstimator = StepEstimator.RMS  # int8-step runtimes: how steps decode (protocol.py)
     rounds: int = 150  # total rounds (an epoch = ceil(N_train / (clients * batch)) rounds)
     optim: OptimConfig = OptimConfig()
     seed: int = 0
@@ -98,6 +99,8 @@ class TrainConfig:
         o["milestones"] = tuple(o["milestones"])
         if "aggregate" in d:
             d["aggregate"] = Aggregate(d["aggregate"])
+        if "int8_estimator" in d:
+            d["int8_estimator"] = StepEstimator(d["int8_estimator"])
         return cls(optim=OptimConfig(**o), **d)
 
 
@@ -206,7 +209,8 @@ class Federation:
     def task(self, round_: int, client: int) -> RoundTask:
         c = self.cfg
         return self.server.make_task(round_, client, seed=c.seed, k=c.k, sigma=c.sigma, scheme=c.scheme,
-                                     noise=self.noise, noise_scope=c.noise_scope, domain=self.domain)
+                                     noise=self.noise, noise_scope=c.noise_scope, domain=self.domain,
+                                     estimator=c.int8_estimator)
 
     def _session(self):
         """This worker thread's simulated device (reloaded when the server refreshes the bundle)."""

@@ -37,6 +37,7 @@ from .data import Dataset, load_dataset
 from .estimator import clip_inf, cosine, expected_cosine
 from .models import build_model
 from .params import flat_grad, set_flat_params
+from .protocol import Domain, StepEstimator
 from .plots import save_figure
 from .server import ClientUpdate, OptimConfig
 from .simulate import Federation, Method, TrainConfig, model_config
@@ -234,6 +235,8 @@ def run_one(name: str, cfg: TrainConfig, data: Dataset, *, progress: bool = Fals
     t0 = fed.task(0, 0)  # what the Federation made of this runtime: noise, domain (recorded, not chosen here)
     effective = {"noise": _val(t0.noise), "domain": _val(t0.domain), "scheme": _val(t0.scheme), "k": t0.k,
                  "sigma": t0.sigma}
+    if t0.domain is Domain.INT8_STEP:
+        effective["estimator"] = _val(t0.estimator)
     rows, snapshot = [], None
     start = time.perf_counter()
     it = range(cfg.rounds)
@@ -744,6 +747,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=None, help="FedSGD rounds (full 100, quick 30)")
     g.add_argument("--k", type=int, default=None, help="perturbations per client (full 100, quick 20)")
     g.add_argument("--sigma", type=float, default=1e-4, help="perturbation scale (default: 1e-4)")
+    g.add_argument("--int8-estimator", default="rms-step", choices=["rms-step", "per-step"],
+                   help="how int8 runtimes' +-1-step losses decode into a gradient (as in `train`; "
+                        "docs/quantized-perturbation.md) (default: rms-step)")
     g.add_argument("--clients", type=int, default=None, help="clients (full 10, quick 10)")
     g.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
     g.add_argument("--eval-every", type=int, default=None, help="rounds between evaluations (default: 5)")
@@ -799,7 +805,8 @@ def config_from_args(a: argparse.Namespace) -> VerifyConfig:
                         batch_size=a.batch_size, method=Method.BAFFLE, strategy="fedsgd",
                         k=pick(a.k, "k"), sigma=a.sigma, rounds=pick(a.rounds, "rounds"),
                         optim=OptimConfig(), seed=a.seed, eval_every=pick(a.eval_every, "eval_every"),
-                        checkpoint_every=10**9, runtime=REFERENCE, workers=a.workers)
+                        checkpoint_every=10**9, runtime=REFERENCE, workers=a.workers,
+                        int8_estimator=StepEstimator(a.int8_estimator))
     sweep = None
     if not a.no_sweep:
         ps: Sweep = preset["sweep"]

@@ -75,3 +75,44 @@ def test_clip_inf_matches_torch():
     assert np.array_equal(clip_inf(g, None), g)
     small = np.array([0.01, -0.02])
     assert np.array_equal(clip_inf(small, 0.3), small)
+
+
+
+def linear_int8_estimates(k, estimator, seeds):
+    """int8-step estimates of a linear loss g.w over two tensors whose steps differ 4x (as in LeNet)."""
+    from baffle_edge.client import step_noise
+    from baffle_edge.quant import QTensor, QuantTable
+    table = QuantTable((QTensor("a", "a", 0, (20, 5), "int8", 0, (0.004,) * 20),
+                        QTensor("b", "b", 100, (4, 50), "int8", 0, (0.001,) * 4)))
+    rng = np.random.default_rng(1)
+    w = rng.uniform(-0.05, 0.05, 300).astype(np.float32)
+    g = rng.standard_normal(300)
+    q = table.quantize(w)
+    out = []
+    for seed in seeds:
+        task = RoundTask(round=0, client=0, seed=seed, k=k, sigma=1.0, noise="rademacher", domain="int8-step",
+                         estimator=estimator)
+        noise = step_noise(task, 0, 300)
+        losses = np.array([g @ table.dequantize(table.perturb(q, noise(j))) for j in range(k)])
+        out.append(step_gradient(task, 0, losses, g @ table.dequantize(q), 300, table=table, weights=w))
+    return g, table.step(), out
+
+
+def projection(v, direction):
+    return float(v @ direction / (direction @ direction))
+
+
+def test_int8_estimators_expectation_and_variance():
+    # averaged over rounds: per-step is unbiased (-> g), rms-step is the integer gradient s*g / rms(s)
+    g, s, per = linear_int8_estimates(200, "per-step", range(30))
+    _, _, rms = linear_int8_estimates(200, "rms-step", range(30))
+    integer = s * g / np.sqrt(np.mean(s * s))
+    assert abs(projection(np.mean(per, axis=0), g) - 1) < 0.1
+    assert abs(projection(np.mean(rms, axis=0), integer) - 1) < 0.05
+    assert cosine(np.mean(rms, axis=0), integer) > 0.95 > cosine(integer, g)
+    # one round with K << d: per-step drowns the large-step tensor in the small-step tensor's 1/s noise
+    g, s, per = linear_int8_estimates(10, "per-step", range(30))
+    _, _, rms = linear_int8_estimates(10, "rms-step", range(30))
+    assert np.mean([cosine(e, g) for e in rms]) > 1.3 * np.mean([cosine(e, g) for e in per])
+    with pytest.raises(ValueError, match="estimator"):
+        RoundTask(round=0, client=0, seed=0, k=1, sigma=1.0, estimator="exact")

@@ -5,6 +5,7 @@ Contract: parsing (``ClientReport.from_json/from_npz``, ``RoundTask.from_json``)
 independent oracle (right round/client/model, 1-D float64 finite losses of the right length, a
 positive sample count). Counts are printed (pytest -s) for docs/faults.md.
 """
+import copy
 import io
 import json
 import math
@@ -56,11 +57,11 @@ def mutate_obj(rng: random.Random, d: dict) -> dict:
         if op == 0:
             d.pop(key, None)
         elif op == 1:
-            d[key] = rng.choice(WEIRD)
+            d[key] = copy.deepcopy(rng.choice(WEIRD))  # a shared WEIRD list must not end up inside itself
         elif op == 2 and isinstance(d.get(key), list) and d[key]:
             lst = d[key]
             i = rng.randrange(len(lst))
-            lst[i] = rng.choice(WEIRD + [float("nan"), float("inf"), -float("inf")])
+            lst[i] = copy.deepcopy(rng.choice(WEIRD + [float("nan"), float("inf"), -float("inf")]))
         elif op == 3 and isinstance(d.get(key), list):
             d[key] = d[key] + [1.0] if rng.random() < 0.5 else d[key][:-1]
         elif op == 4 and isinstance(d.get(key), (int, float)) and not isinstance(d.get(key), bool):
