@@ -22,6 +22,7 @@ import numpy as np
 
 from . import perturb
 from .estimator import clip_inf, loss_differences, stein_gradient
+from .perturb import NoiseKind
 from .protocol import ClientReport, Domain, RoundTask, Scheme, StepEstimator
 
 
@@ -50,16 +51,24 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(-logp[np.arange(len(labels)), labels].mean())
 
 
-def step_noise(task: RoundTask, step: int, dim: int) -> Callable[[int], np.ndarray]:
-    """eps_k for local step ``step`` of ``task`` (counter word k' = step * K + k)."""
-    return lambda k: perturb.noise(task.seed, task.round, task.noise_client, step * task.k + k, dim, task.noise)
+def step_noise(task: RoundTask, step: int, dim: int, *, signs: bool = False) -> Callable[[int], np.ndarray]:
+    """eps_k for local step ``step`` of ``task`` (counter word k' = step * K + k). ``signs``: the
+    Rademacher eps_k as a boolean mask, True where eps = -1 (quant.StepSelector's input)."""
+    c, base = task.noise_client, step * task.k
+    if signs:
+        if NoiseKind(task.noise) is not NoiseKind.RADEMACHER:
+            raise ValueError(f"sign masks need Rademacher noise, task has {NoiseKind(task.noise).value!r}")
+        return lambda k: perturb.negative_signs(task.seed, task.round, c, base + k, dim)
+    return lambda k: perturb.noise(task.seed, task.round, c, base + k, dim, task.noise)
 
 
-def noise_stream(task: RoundTask, step: int, dim: int, *, prefetch: bool = True) -> Iterator[np.ndarray]:
-    """eps_0 .. eps_{K-1} of one step, in order. With ``prefetch`` the next eps is generated in a
-    helper thread while the caller runs the forward pass (numpy releases the GIL in the Philox and
-    Box-Muller array ops), so noise generation overlaps inference on a multi-core device."""
-    noise = step_noise(task, step, dim)
+def noise_stream(task: RoundTask, step: int, dim: int, *, prefetch: bool = True,
+                 signs: bool = False) -> Iterator[np.ndarray]:
+    """eps_0 .. eps_{K-1} of one step, in order (as ``step_noise``). With ``prefetch`` the next eps
+    is generated in a helper thread while the caller runs the forward pass (numpy releases the GIL
+    in the Philox and Box-Muller array ops), so noise generation overlaps inference on a multi-core
+    device."""
+    noise = step_noise(task, step, dim, signs=signs)
     if not prefetch or task.k == 1:
         yield from (noise(k) for k in range(task.k))
         return

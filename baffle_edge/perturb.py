@@ -116,10 +116,22 @@ def box_muller(w: np.ndarray) -> np.ndarray:
     return z
 
 
+def rademacher_negative(w: np.ndarray, n: int) -> np.ndarray:
+    """Unpack uint32 words LSB-first into n booleans: True where the Rademacher value is -1."""
+    return np.unpackbits(w.astype("<u4").view(np.uint8), bitorder="little")[:n].view(bool)
+
+
 def rademacher_bits(w: np.ndarray, n: int) -> np.ndarray:
     """Unpack uint32 words LSB-first into n float32 values: bit 0 -> +1, bit 1 -> -1."""
-    bits = np.unpackbits(w.astype("<u4").view(np.uint8), bitorder="little")[:n]
-    return (1.0 - 2.0 * bits).astype(np.float32)
+    return np.where(rademacher_negative(w, n), np.float32(-1.0), np.float32(1.0))
+
+
+def negative_signs(seed: int, round_: int, client: int, k: int, d: int) -> np.ndarray:
+    """Rademacher eps_k as a boolean mask (True where eps = -1): the draw of ``noise(...,
+    kind='rademacher')`` in a quarter of the memory, for clients that select instead of add."""
+    if d < 0:
+        raise ValueError(f"d must be >= 0, got {d}")
+    return rademacher_negative(words(seed, round_, client, k, -(-d // 32)), d)
 
 
 def noise(

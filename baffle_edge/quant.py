@@ -138,3 +138,21 @@ class QuantTable:
     @classmethod
     def from_json(cls, rows: list[dict]) -> "QuantTable":
         return cls(tuple(QTensor.from_json(r) for r in rows))
+
+
+class StepSelector:
+    """``QuantTable.perturb`` for Rademacher eps as one select per tensor, bit-identical to it:
+    q' = where(eps < 0, clip(q - m), clip(q + m)) with both candidates computed once per set of
+    weights. A client evaluating K perturbations at the same weights saves the add/clip/cast per k
+    and takes eps as a boolean mask (perturb.negative_signs: 1 byte per parameter, not 4)."""
+
+    def __init__(self, table: QuantTable, qs: list[np.ndarray]):
+        ones = np.ones(table.dim, dtype=np.float32)
+        self.tensors = table.tensors
+        self.up, self.down = table.perturb(qs, ones, 1), table.perturb(qs, ones, -1)
+
+    def __call__(self, negative: np.ndarray, sign: int = 1) -> list[np.ndarray]:
+        """The perturbed integers for eps = where(negative, -1, +1), moved by ``sign`` * eps."""
+        plus, minus = (self.up, self.down) if sign > 0 else (self.down, self.up)
+        return [np.where(negative[t.offset:t.offset + t.size].reshape(t.shape), m, p)
+                for t, p, m in zip(self.tensors, plus, minus)]

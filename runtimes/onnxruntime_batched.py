@@ -52,7 +52,7 @@ class _BatchedMixin:
 
     def losses(self, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
         x = self._check(batch, task)
-        noise = step_noise(task, step, self.dim)
+        noise = step_noise(task, step, self.dim, signs=self.signs)
         central = Scheme(task.scheme) is Scheme.CENTRAL
         rows = ([] if central else [(0, -1)]) + [(s, k) for k in range(task.k) for s in ((1, -1) if central else (1,))]
         out: list[float] = []

@@ -16,6 +16,7 @@ from baffle_edge.client import Batch, cross_entropy, noise_stream
 from baffle_edge.export.bundle import read_bundle
 from baffle_edge.perturb import NoiseKind
 from baffle_edge.protocol import Domain, RoundTask, Scheme
+from baffle_edge.quant import StepSelector
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider", "nnapi": "NnapiExecutionProvider",
@@ -53,6 +54,7 @@ def make_session(path: Path, *, provider: str = "cpu", threads: int | None = Non
 class _OrtSession:
     fmt = ""
     domain = Domain.FLOAT
+    signs = False  # how eps_k reaches _weights: float32 values, or a Rademacher sign mask (client.step_noise)
 
     def __init__(self, bundle_dir: str | Path, *, provider: str = "cpu", threads: int | None = None,
                  profile: bool = False):
@@ -95,7 +97,7 @@ class _OrtSession:
         loss = lambda w: cross_entropy(self.forward(x, w), batch.y)  # noqa: E731
         base = [] if central else [loss(self._weights(0, None, task))]
         plus, minus = [], []
-        for eps in noise_stream(task, step, self.dim):
+        for eps in noise_stream(task, step, self.dim, signs=self.signs):
             plus.append(loss(self._weights(1, eps, task)))
             if central:
                 minus.append(loss(self._weights(-1, eps, task)))
@@ -131,18 +133,22 @@ class OrtFloatSession(_OrtSession):
 
 class OrtInt8Session(_OrtSession):
     """int8: the integers of every trainable tensor are inputs; perturbation k feeds
-    ``QuantTable.perturb(q, eps_k)`` (whole quantization steps, baffle_edge/quant.py)."""
+    ``QuantTable.perturb(q, eps_k)`` (whole quantization steps, baffle_edge/quant.py), computed as a
+    select between q - m and q + m (``StepSelector``)."""
 
     fmt = "onnx-int8"
     domain = Domain.INT8_STEP
 
+    signs = True  # eps arrives as a boolean mask (True = -1) and selects between q - m and q + m
+
     def __init__(self, bundle_dir, **kw):
         super().__init__(bundle_dir, **kw)
         self.table = self.bundle.quant_table(self.fmt)
-        self.q = self.table.quantize(np.zeros(self.dim, np.float32))
+        self.set_weights(np.zeros(self.dim, np.float32))
 
     def set_weights(self, flat: np.ndarray) -> None:
         self.q = self.table.quantize(flat)
+        self.select = StepSelector(self.table, self.q)
 
     def _check(self, batch, task):
         if NoiseKind(task.noise) is not NoiseKind.RADEMACHER:
@@ -151,7 +157,7 @@ class OrtInt8Session(_OrtSession):
         return super()._check(batch, task)
 
     def _weights(self, sign, eps, task):
-        qs = self.q if eps is None else self.table.perturb(self.q, eps, sign)
+        qs = self.q if eps is None else self.select(eps, sign)
         return {t.input: q for t, q in zip(self.table.tensors, qs)}
 
 

@@ -116,3 +116,21 @@ def test_int8_estimators_expectation_and_variance():
     assert np.mean([cosine(e, g) for e in rms]) > 1.3 * np.mean([cosine(e, g) for e in per])
     with pytest.raises(ValueError, match="estimator"):
         RoundTask(round=0, client=0, seed=0, k=1, sigma=1.0, estimator="exact")
+
+
+def test_step_selector_is_bit_identical_to_perturb():
+    from baffle_edge import perturb
+    from baffle_edge.quant import QTensor, QuantTable, StepSelector
+    table = QuantTable((QTensor("w", "w", 0, (3, 40), "int8", 0, (0.01, 0.02, 0.03), qmax=64, lo=-64, hi=64),
+                        QTensor("b", "b", 120, (3,), "int32", 0, (1e-4, 2e-4, 3e-4), multiplier=96)))
+    w = np.random.default_rng(0).uniform(-1, 1, 123).astype(np.float32)  # many weights saturate at +-64
+    qs = table.quantize(w)
+    assert (np.abs(qs[0]) == 64).sum() > 10
+    select = StepSelector(table, qs)
+    for k in range(4):
+        eps = perturb.noise(1, 2, 3, k, 123, "rademacher")
+        neg = perturb.negative_signs(1, 2, 3, k, 123)
+        assert neg.dtype == bool and np.array_equal(neg, eps < 0)
+        for sign in (1, -1):
+            for a, b in zip(select(neg, sign), table.perturb(qs, eps, sign)):
+                assert a.dtype == b.dtype and np.array_equal(a, b)
