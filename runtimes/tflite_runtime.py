@@ -4,7 +4,8 @@ numpy + ai_edge_litert (or tflite_runtime) only — no torch — so this is the 
 mirrors. Per round (docs/quantized-perturbation.md):
 
     q = table.quantize(w)                                  # set_weights: int8 / int32, torch layout
-    for k:  q' = table.perturb(q, eps_k, sign)             # whole quantization steps
+    for k:  q' = table.perturb(q, eps_k, sign)             # whole quantization steps (as a select
+                                                           # between q -/+ m: quant.StepSelector)
             interpreter.tensor(i)()[...] = transpose(q')   # into the model's constant buffer
             invoke; loss = cross_entropy(dequantized logits)
     write q back (bit-exact restore)
@@ -26,6 +27,7 @@ from baffle_edge.export.bundle import read_bundle
 from baffle_edge.export.tflite_export import dequantize_output, quantize_input
 from baffle_edge.perturb import NoiseKind
 from baffle_edge.protocol import Domain, RoundTask, Scheme
+from baffle_edge.quant import StepSelector
 
 FORMAT = "tflite-int8"
 DELEGATES = ("builtin", "xnnpack")
@@ -78,6 +80,7 @@ class TFLiteSession:
     def set_weights(self, flat: np.ndarray) -> None:
         """Quantize the global float weights with the bundle's scales and write them."""
         self._q = self.table.quantize(np.asarray(flat, dtype=np.float32))
+        self._select = StepSelector(self.table, self._q)  # q' for a Rademacher sign mask
         self._write(self._q)
 
     def _write(self, qs: list[np.ndarray]) -> None:
@@ -160,11 +163,11 @@ class TFLiteSession:
         plus, minus = [], []
         try:
             base = [] if central else [cross_entropy(self._logits(xq), y)]
-            for eps in noise_stream(task, step, self.dim):
-                self._write(self.table.perturb(self._q, eps, 1))
+            for negative in noise_stream(task, step, self.dim, signs=True):
+                self._write(self._select(negative, 1))
                 plus.append(cross_entropy(self._logits(xq), y))
                 if central:
-                    self._write(self.table.perturb(self._q, eps, -1))
+                    self._write(self._select(negative, -1))
                     minus.append(cross_entropy(self._logits(xq), y))
         finally:
             self._write(self._q)
