@@ -747,6 +747,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=None, help="FedSGD rounds (full 100, quick 30)")
     g.add_argument("--k", type=int, default=None, help="perturbations per client (full 100, quick 20)")
     g.add_argument("--sigma", type=float, default=1e-4, help="perturbation scale (default: 1e-4)")
+    g.add_argument("--refresh-every", type=int, default=None,
+                   help="bundle runtimes: re-export and re-calibrate every N rounds (as in `train`; default: "
+                        "the format's, 1 for ONNX, 10 for TFLite)")
     g.add_argument("--int8-estimator", default="rms-step", choices=["rms-step", "per-step"],
                    help="how int8 runtimes' +-1-step losses decode into a gradient (as in `train`; "
                         "docs/quantized-perturbation.md) (default: rms-step)")
@@ -797,6 +800,8 @@ def config_from_args(a: argparse.Namespace) -> VerifyConfig:
         v = getattr(a, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if a.refresh_every is not None and a.refresh_every < 1:
+        raise ValueError(f"--refresh-every must be >= 1, got {a.refresh_every}")
     if a.batch_size < 1 or a.workers < 1 or a.torch_threads < 1 or a.sigma <= 0:
         raise ValueError("--batch-size, --workers and --torch-threads must be >= 1, --sigma > 0")
     if a.acc_margin < 0 or not 0 <= a.cos_fraction or a.ref_cos_fraction < 0 or a.max_rejected < 0:
@@ -806,7 +811,7 @@ def config_from_args(a: argparse.Namespace) -> VerifyConfig:
                         k=pick(a.k, "k"), sigma=a.sigma, rounds=pick(a.rounds, "rounds"),
                         optim=OptimConfig(), seed=a.seed, eval_every=pick(a.eval_every, "eval_every"),
                         checkpoint_every=10**9, runtime=REFERENCE, workers=a.workers,
-                        int8_estimator=StepEstimator(a.int8_estimator))
+                        int8_estimator=StepEstimator(a.int8_estimator), refresh_every=a.refresh_every)
     sweep = None
     if not a.no_sweep:
         ps: Sweep = preset["sweep"]
