@@ -55,12 +55,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "gradient w.r.t. the integers over one RMS step (lower variance); per-step: divide "
                         "each coordinate by its own step (unbiased, noisier). docs/quantized-perturbation.md "
                         "(default: rms-step)")
+    g.add_argument("--baseline", default=None, choices=["base", "leave-one-out"],
+                   help="what each perturbed loss is compared with: L(w) (the reference), or the mean of the "
+                        "other K-1 perturbed losses (unbiased; cancels the curvature offset of whole-step "
+                        "perturbations). Default: base for float runtimes, leave-one-out for int8 ones")
     g.add_argument("--runtime", default="torch", help="client runtime (default: torch); see `baffle-edge runtimes`")
     g.add_argument("--provider", default="cpu",
                    help="onnxruntime execution provider: cpu, xnnpack, nnapi, qnn, coreml, ... (default: cpu)")
     g.add_argument("--refresh-every", type=int, default=None,
                    help="bundle runtimes: re-export and re-calibrate the bundle every N rounds (default: 1 for "
-                        "onnx formats, 10 for tflite-int8)")
+                        "every format: stale int8 scales cost accuracy; TFLite conversion takes ~5 s per refresh)")
     g.add_argument("--perturbations-per-call", default="auto", metavar="P",
                    help="perturbations evaluated per runtime call (torch, onnxruntime[-int8]); 'auto' picks P "
                         "per model and runtime by the measured rule in docs/batched-k.md (default: auto)")
@@ -102,7 +106,7 @@ def config_from_args(a: argparse.Namespace):
     from .data import load_dataset
     from .models import Activation, Norm
     from .perturb import NoiseKind
-    from .protocol import NoiseScope, Scheme, StepEstimator
+    from .protocol import Baseline, NoiseScope, Scheme, StepEstimator
     from .server import Aggregate, OptimConfig, OptimizerName
     from .simulate import Method, TrainConfig
 
@@ -120,7 +124,8 @@ def config_from_args(a: argparse.Namespace):
         norm=Norm(a.norm) if a.norm else None, clients=a.clients, partition=a.partition, alpha=a.alpha,
         batch_size=a.batch_size, method=Method(a.method), strategy=a.strategy, local_steps=a.local_steps,
         k=a.k, sigma=a.sigma, scheme=Scheme(a.scheme), noise=NoiseKind(a.noise) if a.noise else None,
-        noise_scope=NoiseScope(a.noise_scope), int8_estimator=StepEstimator(a.int8_estimator), seed=a.seed, eval_every=a.eval_every,
+        noise_scope=NoiseScope(a.noise_scope), int8_estimator=StepEstimator(a.int8_estimator),
+        baseline=Baseline(a.baseline) if a.baseline else None, seed=a.seed, eval_every=a.eval_every,
         checkpoint_every=a.checkpoint_every, runtime=a.runtime, provider=a.provider,
         refresh_every=a.refresh_every, workers=a.workers,
         quorum=a.quorum, round_timeout=a.round_timeout, aggregate=Aggregate(a.aggregate), trim=a.trim,

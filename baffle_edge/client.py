@@ -21,9 +21,9 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 from . import perturb
-from .estimator import clip_inf, loss_differences, stein_gradient
+from .estimator import clip_inf, leave_one_out, loss_differences, stein_gradient
 from .perturb import NoiseKind
-from .protocol import ClientReport, Domain, RoundTask, Scheme, StepEstimator
+from .protocol import Baseline, ClientReport, Domain, RoundTask, Scheme, StepEstimator
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,12 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
     Float domain: delta = sigma * eps. int8-step domain (``table``: the bundle's
     ``quant.QuantTable``, ``weights``: the float weights the integers were quantized from):
     delta = step * eps_eff, with the steps and the saturation-aware eps_eff of quant.py; the
-    estimate divides by one RMS step or by each coordinate's step (``task.estimator``)."""
+    estimate divides by one RMS step or by each coordinate's step (``task.estimator``). With
+    ``task.baseline`` leave-one-out each loss difference is taken against the other perturbations'
+    mean instead of L(w) (estimator.leave_one_out)."""
     diffs = loss_differences(losses, base, task.scheme)
+    if Baseline(task.baseline) is Baseline.LOO:
+        diffs = leave_one_out(diffs)
     noise = step_noise(task, step, dim)
     if Domain(task.domain) is Domain.FLOAT:
         return clip_inf(stein_gradient(diffs, task.sigma, noise, dim), clip)

@@ -46,6 +46,16 @@ def stein_gradient(diffs: np.ndarray, step: float | np.ndarray, noise_at: Callab
     return g / step
 
 
+def leave_one_out(diffs: np.ndarray) -> np.ndarray:
+    """d_k - mean_{j != k} d_j = K/(K-1) (d_k - mean d): an unbiased baseline (eps_k is independent
+    of the other perturbations' losses) that removes any part of the differences common to all k,
+    such as the curvature term 1/2 sum_i H_ii delta_i^2 of +-1-step perturbations. Needs K >= 2."""
+    diffs = np.asarray(diffs, dtype=np.float64)
+    if diffs.size < 2:
+        raise ValueError("leave-one-out baseline needs at least 2 loss differences")
+    return (diffs - diffs.mean()) * (diffs.size / (diffs.size - 1))
+
+
 def clip_inf(g: np.ndarray, max_norm: float | None) -> np.ndarray:
     """Reference clipping: scale g so that max|g_i| <= max_norm (torch clip_grad_norm_, inf norm)."""
     if max_norm is None:

@@ -43,6 +43,14 @@ class Domain(str, enum.Enum):
     INT8_STEP = "int8-step"  # delta = scale * eps: whole int8 quantization steps per channel
 
 
+class Baseline(str, enum.Enum):
+    """What each perturbed loss is compared with (docs/quantized-perturbation.md, "Decoding")."""
+
+    BASE = "base"  # L(w + delta_k) - L(w): the reference BAFFLE estimator
+    LOO = "leave-one-out"  # L(w + delta_k) - mean_{j != k} L(w + delta_j): unbiased, cancels the
+    # perturbation-independent curvature term 1/2 sum_i H_ii delta_i^2 of whole-step perturbations
+
+
 class StepEstimator(str, enum.Enum):
     """How an int8-step estimate turns integer steps back into a float gradient
     (docs/quantized-perturbation.md, "Decoding")."""
@@ -124,6 +132,7 @@ class RoundTask:
     noise_scope: NoiseScope = NoiseScope.CLIENT
     domain: Domain = Domain.FLOAT
     estimator: StepEstimator = StepEstimator.RMS  # int8-step only: how losses decode into a gradient
+    baseline: Baseline = Baseline.BASE  # what each perturbed loss is compared with
     local_steps: int = 1  # FedSGD 1; FedAvg: local estimated-gradient steps on the client
     model_version: str = ""  # hash of the global weights the losses must be evaluated at
     version: int = PROTOCOL_VERSION
@@ -147,7 +156,7 @@ class RoundTask:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for f in ("scheme", "noise", "noise_scope", "domain", "estimator"):
+        for f in ("scheme", "noise", "noise_scope", "domain", "estimator", "baseline"):
             d[f] = getattr(self, f).value if isinstance(getattr(self, f), enum.Enum) else d[f]
         return d
 
@@ -156,15 +165,18 @@ class RoundTask:
         _check_version(d)
         unknown = set(d) - {f.name for f in fields(cls)}
         _require(not unknown, "task", f"unknown fields {sorted(unknown)}")
-        return dict(
+        out = dict(
             round=_int(d, "round", 0, 2**32 - 1), client=_int(d, "client", 0, 2**32 - 2),
             seed=_int(d, "seed"), k=_int(d, "k", 1, MAX_K), sigma=_float(d, "sigma", positive=True),
             scheme=_enum(d, "scheme", Scheme), noise=_enum(d, "noise", NoiseKind),
             noise_scope=_enum(d, "noise_scope", NoiseScope), domain=_enum(d, "domain", Domain),
-            estimator=_enum(d, "estimator", StepEstimator),
+            estimator=_enum(d, "estimator", StepEstimator), baseline=_enum(d, "baseline", Baseline),
             local_steps=_int(d, "local_steps", 1, 10_000), model_version=_str(d, "model_version"),
             version=PROTOCOL_VERSION,
         )
+        _require(out["baseline"] is not Baseline.LOO or out["k"] >= 2, "baseline",
+                 "leave-one-out needs k >= 2 perturbations")
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "RoundTask":

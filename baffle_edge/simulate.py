@@ -31,7 +31,7 @@ from .data import Dataset, batch_indices, load_dataset, partition
 from .models import Activation, ModelConfig, Norm, build_model
 from .params import flat_grad, flat_params, layout_of, set_flat_params
 from .perturb import NoiseKind
-from .protocol import Domain, ClientReport, NoiseScope, RoundTask, Scheme, StepEstimator, wire_bytes
+from .protocol import Baseline, Domain, ClientReport, NoiseScope, RoundTask, Scheme, StepEstimator, wire_bytes
 from .server import (Aggregate, ClientUpdate, OptimConfig, OptimizerName, ReplayGuard, RoundLog, Server, accuracy,
                      make_strategy, mean_loss)
 from .estimator import clip_inf
@@ -62,6 +62,7 @@ class TrainConfig:
     noise: NoiseKind | None = None  # None: the runtime's default (float: gaussian; int8-step: rademacher)
     noise_scope: NoiseScope = NoiseScope.CLIENT
     int8_estimator: StepEstimator = StepEstimator.RMS  # int8-step runtimes: how steps decode (protocol.py)
+    baseline: Baseline | None = None  # None: the runtime's (float: base loss; int8-step: leave-one-out)
     rounds: int = 150  # total rounds (an epoch = ceil(N_train / (clients * batch)) rounds)
     optim: OptimConfig = OptimConfig()
     seed: int = 0
@@ -71,7 +72,7 @@ class TrainConfig:
     provider: str = "cpu"  # onnxruntime execution provider (runtimes/onnxruntime_runtime.py PROVIDERS)
     perturbations_per_call: int | str = "auto"  # P per runtime call; "auto": runtimes/batching.py AUTO (docs/batched-k.md)
     refresh_every: int | None = None  # bundle runtimes: re-export (re-calibrate int8 scales) every N rounds;
-    # None = the format's default (REFRESH_DEFAULT: ONNX exports in < 1 s, TFLite conversion takes ~15 s)
+    # None = the format's default (REFRESH_DEFAULT: every round; ONNX exports in < 1 s, TFLite in ~5 s)
     workers: int = 2  # threads simulating clients / decoding reports (results do not depend on it)
     # faults (docs/faults.md)
     quorum: float = 0.0  # fraction of clients whose valid reports a round needs, else it is skipped (0: >= 1)
@@ -101,12 +102,14 @@ class TrainConfig:
             d["aggregate"] = Aggregate(d["aggregate"])
         if "int8_estimator" in d:
             d["int8_estimator"] = StepEstimator(d["int8_estimator"])
+        if d.get("baseline") is not None:
+            d["baseline"] = Baseline(d["baseline"])
         return cls(optim=OptimConfig(**o), **d)
 
 
 # rounds between bundle re-exports per format: int8 activation ranges and weight scales go stale as
 # the weights move (measured: int8 gradient cosine drops until the next refresh)
-REFRESH_DEFAULT = {"onnx": 1, "onnx-int8": 1, "tflite-int8": 10}
+REFRESH_DEFAULT = {"onnx": 1, "onnx-int8": 1, "tflite-int8": 1}  # tflite every 10: 73% vs 88% (verify)
 
 
 def model_config(cfg: TrainConfig, data: Dataset) -> ModelConfig:
@@ -159,6 +162,11 @@ class Federation:
         if self.domain is Domain.INT8_STEP and self.noise is not NoiseKind.RADEMACHER:
             raise ValueError(f"runtime {self.cfg.runtime!r} moves int8 weights by whole quantization steps: "
                              "use --noise rademacher (the default for int8 runtimes)")
+        self.baseline = Baseline(self.cfg.baseline) if self.cfg.baseline is not None else (
+            Baseline.LOO if self.domain is Domain.INT8_STEP else Baseline.BASE)
+        if self.baseline is Baseline.LOO and self.cfg.k < 2 and self.cfg.method is Method.BAFFLE:
+            raise ValueError("the leave-one-out baseline (the default for int8 runtimes) needs --k >= 2; "
+                             "use --baseline base for k = 1")
         self.refresh_every = (self.cfg.refresh_every if self.cfg.refresh_every is not None
                               else REFRESH_DEFAULT.get(self.runtime_info.format, 10))
         if self.refresh_every < 1:
@@ -210,7 +218,7 @@ class Federation:
         c = self.cfg
         return self.server.make_task(round_, client, seed=c.seed, k=c.k, sigma=c.sigma, scheme=c.scheme,
                                      noise=self.noise, noise_scope=c.noise_scope, domain=self.domain,
-                                     estimator=c.int8_estimator)
+                                     estimator=c.int8_estimator, baseline=self.baseline)
 
     def _session(self):
         """This worker thread's simulated device (reloaded when the server refreshes the bundle)."""

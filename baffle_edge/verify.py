@@ -37,7 +37,7 @@ from .data import Dataset, load_dataset
 from .estimator import clip_inf, cosine, expected_cosine
 from .models import build_model
 from .params import flat_grad, set_flat_params
-from .protocol import Domain, StepEstimator
+from .protocol import Baseline, Domain, StepEstimator
 from .plots import save_figure
 from .server import ClientUpdate, OptimConfig
 from .simulate import Federation, Method, TrainConfig, model_config
@@ -235,6 +235,7 @@ def run_one(name: str, cfg: TrainConfig, data: Dataset, *, progress: bool = Fals
     t0 = fed.task(0, 0)  # what the Federation made of this runtime: noise, domain (recorded, not chosen here)
     effective = {"noise": _val(t0.noise), "domain": _val(t0.domain), "scheme": _val(t0.scheme), "k": t0.k,
                  "sigma": t0.sigma}
+    effective["baseline"] = _val(t0.baseline)
     if t0.domain is Domain.INT8_STEP:
         effective["estimator"] = _val(t0.estimator)
     rows, snapshot = [], None
@@ -598,7 +599,7 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
         raise ValueError("verify compares per-client gradients: it runs FedSGD only")
     start = time.perf_counter()
     data = _load_data(vc)
-    base = dataclasses.replace(vc.train, runtime=REFERENCE, method=Method.BAFFLE)
+    base = dataclasses.replace(vc.train, runtime=REFERENCE, method=Method.BAFFLE, baseline=None)  # the reference
     judged = [REFERENCE] + [n for n in vc.runtimes if n != REFERENCE]
     unavailable = {}
     for name in judged:
@@ -619,8 +620,8 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
             runs[name] = {"name": name, "status": "unavailable", "reason": unavailable[name], "runtime": name}
             log(f"verify: {name}: unavailable ({unavailable[name]})")
             continue
-        cfg = dataclasses.replace(base, method=Method.BP) if name == BASELINE else \
-            dataclasses.replace(base, runtime=name)
+        cfg = dataclasses.replace(base, method=Method.BP) if name == BASELINE else base if name == REFERENCE else \
+            dataclasses.replace(base, runtime=name, baseline=vc.train.baseline)
         try:
             run = run_one(name, cfg, data, progress=progress,
                           snapshot_round=snap_round if name == BASELINE else None)
@@ -651,7 +652,8 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
         for name in judged:
             if runs[name]["status"] == "ok":
                 try:
-                    sweep["runtimes"][name] = sweep_runtime(name, base, data, weights, sw, snap_round)
+                    cfg = base if name == REFERENCE else dataclasses.replace(base, baseline=vc.train.baseline)
+                    sweep["runtimes"][name] = sweep_runtime(name, cfg, data, weights, sw, snap_round)
                 except Exception as e:  # reported, and the run's own verdict already covers the runtime
                     sweep.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
                     log(f"verify: sweep {name}: error ({sweep['errors'][name]})")
@@ -749,7 +751,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--sigma", type=float, default=1e-4, help="perturbation scale (default: 1e-4)")
     g.add_argument("--refresh-every", type=int, default=None,
                    help="bundle runtimes: re-export and re-calibrate every N rounds (as in `train`; default: "
-                        "the format's, 1 for ONNX, 10 for TFLite)")
+                        "the format's: 1)")
+    g.add_argument("--baseline", default=None, choices=["base", "leave-one-out"],
+                   help="what each perturbed loss is compared with, for the judged runtimes (as in `train`; "
+                        "default: the runtime's, base for float and leave-one-out for int8; fp32 BAFFLE always "
+                        "uses the reference base loss)")
     g.add_argument("--int8-estimator", default="rms-step", choices=["rms-step", "per-step"],
                    help="how int8 runtimes' +-1-step losses decode into a gradient (as in `train`; "
                         "docs/quantized-perturbation.md) (default: rms-step)")
@@ -811,7 +817,8 @@ def config_from_args(a: argparse.Namespace) -> VerifyConfig:
                         k=pick(a.k, "k"), sigma=a.sigma, rounds=pick(a.rounds, "rounds"),
                         optim=OptimConfig(), seed=a.seed, eval_every=pick(a.eval_every, "eval_every"),
                         checkpoint_every=10**9, runtime=REFERENCE, workers=a.workers,
-                        int8_estimator=StepEstimator(a.int8_estimator), refresh_every=a.refresh_every)
+                        int8_estimator=StepEstimator(a.int8_estimator), refresh_every=a.refresh_every,
+                        baseline=Baseline(a.baseline) if a.baseline else None)
     sweep = None
     if not a.no_sweep:
         ps: Sweep = preset["sweep"]

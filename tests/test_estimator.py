@@ -134,3 +134,33 @@ def test_step_selector_is_bit_identical_to_perturb():
         for sign in (1, -1):
             for a, b in zip(select(neg, sign), table.perturb(qs, eps, sign)):
                 assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_leave_one_out_baseline_cancels_a_common_offset_and_is_unbiased():
+    from baffle_edge.estimator import leave_one_out
+    d = np.array([0.3, -0.1, 0.5, 0.2])
+    loo = leave_one_out(d)
+    assert np.allclose(loo, [d[k] - np.delete(d, k).mean() for k in range(4)])
+    assert np.allclose(leave_one_out(d + 7.0), loo)  # an offset common to all k (curvature) is gone
+    with pytest.raises(ValueError, match="2"):
+        leave_one_out([1.0])
+    # int8-step round: losses = linear part + the constant curvature term; LOO decodes as if it were absent
+    from baffle_edge.quant import QTensor, QuantTable
+    table = QuantTable((QTensor("a", "a", 0, (4, 25), "int8", 0, (0.01, 0.02, 0.01, 0.03)),))
+    w = np.random.default_rng(2).uniform(-0.5, 0.5, 100).astype(np.float32)
+    g = np.random.default_rng(3).standard_normal(100)
+    q = table.quantize(w)
+
+    def estimate(baseline, offset):
+        task = RoundTask(round=0, client=0, seed=1, k=30, sigma=1.0, noise="rademacher", domain="int8-step",
+                         baseline=baseline)
+        from baffle_edge.client import step_noise
+        noise = step_noise(task, 0, 100)
+        losses = np.array([g @ table.dequantize(table.perturb(q, noise(j))) + offset for j in range(30)])
+        return step_gradient(task, 0, losses, g @ table.dequantize(q), 100, table=table, weights=w)
+
+    assert np.allclose(estimate("leave-one-out", 5.0), estimate("leave-one-out", 0.0))
+    assert not np.allclose(estimate("base", 5.0), estimate("base", 0.0))
+    assert cosine(estimate("leave-one-out", 5.0), g) > 2 * cosine(estimate("base", 5.0), g)
+    with pytest.raises(ValueError, match="baseline"):
+        RoundTask(round=0, client=0, seed=0, k=1, sigma=1.0, baseline="leave-one-out")
