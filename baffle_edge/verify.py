@@ -234,8 +234,7 @@ def run_one(name: str, cfg: TrainConfig, data: Dataset, *, progress: bool = Fals
     probe = GradientProbe(fed)
     t0 = fed.task(0, 0)  # what the Federation made of this runtime: noise, domain (recorded, not chosen here)
     effective = {"noise": _val(t0.noise), "domain": _val(t0.domain), "scheme": _val(t0.scheme), "k": t0.k,
-                 "sigma": t0.sigma}
-    effective["baseline"] = _val(t0.baseline)
+                 "sigma": t0.sigma, "baseline": _val(t0.baseline)}
     if t0.domain is Domain.INT8_STEP:
         effective["estimator"] = _val(t0.estimator)
     rows, snapshot = [], None
