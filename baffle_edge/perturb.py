@@ -70,8 +70,9 @@ def _check_word(name: str, value: int, bits: int = 32) -> int:
     return value
 
 
-def words(seed: int, round_: int, client: int, k: int, n_words: int) -> np.ndarray:
-    """The first ``n_words`` uint32 words of the stream keyed by (seed, round, client, k).
+def words(seed: int, round_: int, client: int, k: int, n_words: int, first_block: int = 0) -> np.ndarray:
+    """``n_words`` uint32 words of the stream keyed by (seed, round, client, k), starting at block
+    ``first_block`` (4 words per block; 0 = the start of the stream).
 
     Same result as ``philox4x32((arange(blocks), k, client, round), key)`` read block by block,
     computed with in-place uint64 arithmetic (about 2x faster than the general function)."""
@@ -79,8 +80,10 @@ def words(seed: int, round_: int, client: int, k: int, n_words: int) -> np.ndarr
     k0, k1 = seed & 0xFFFFFFFF, seed >> 32
     c1, c2, c3 = _check_word("k", k), _check_word("client", client), _check_word("round", round_)
     nb = -(-n_words // 4)
+    if not 0 <= first_block <= 2**32 - nb:
+        raise ValueError(f"blocks [{first_block}, {first_block + nb}) outside the 2**32-block stream")
     # round 1: only the block word varies, the other three are scalars
-    p0 = PHILOX_M0 * np.arange(nb, dtype=np.uint64)
+    p0 = PHILOX_M0 * np.arange(first_block, first_block + nb, dtype=np.uint64)
     p1 = int(PHILOX_M1) * c2
     x0 = np.full(nb, np.uint64(((p1 >> 32) ^ c1 ^ k0) & 0xFFFFFFFF))
     x1 = np.full(nb, np.uint64(p1 & 0xFFFFFFFF))
@@ -116,6 +119,9 @@ def box_muller(w: np.ndarray) -> np.ndarray:
     return z
 
 
+GAUSSIAN_CHUNK = 1 << 16  # values per Philox + Box-Muller batch (a multiple of 4: chunks start on blocks)
+
+
 def rademacher_negative(w: np.ndarray, n: int) -> np.ndarray:
     """Unpack uint32 words LSB-first into n booleans: True where the Rademacher value is -1."""
     return np.unpackbits(w.astype("<u4").view(np.uint8), bitorder="little")[:n].view(bool)
@@ -142,5 +148,13 @@ def noise(
     if d < 0:
         raise ValueError(f"d must be >= 0, got {d}")
     if kind is NoiseKind.GAUSSIAN:
-        return box_muller(words(seed, round_, client, k, d + (d & 1)))[:d]
+        if d <= GAUSSIAN_CHUNK:
+            return box_muller(words(seed, round_, client, k, d + (d & 1)))[:d]
+        # chunk by chunk: the same values, with ~2 MB of float64/uint64 temporaries instead of ~36 bytes
+        # per parameter (a client's peak memory: docs/benchmarks.md)
+        z = np.empty(d, dtype=np.float32)
+        for start in range(0, d, GAUSSIAN_CHUNK):
+            n = min(GAUSSIAN_CHUNK, d - start)
+            z[start:start + n] = box_muller(words(seed, round_, client, k, n + (n & 1), start // 4))[:n]
+        return z
     return rademacher_bits(words(seed, round_, client, k, -(-d // 32)), d)

@@ -81,3 +81,13 @@ def test_out_of_range_key_words_are_rejected(bad):
 def test_unknown_kind():
     with pytest.raises(ValueError):
         noise(0, 0, 0, 0, 4, "uniform")
+
+
+def test_gaussian_chunks_are_the_unchunked_stream():
+    from baffle_edge.perturb import GAUSSIAN_CHUNK, box_muller, noise, words
+    for d in (GAUSSIAN_CHUNK + 1, 2 * GAUSSIAN_CHUNK + 3, 3 * GAUSSIAN_CHUNK):
+        whole = box_muller(words(7, 1, 2, 3, d + (d & 1)))[:d]
+        assert np.array_equal(noise(7, 1, 2, 3, d), whole)
+    assert np.array_equal(words(7, 1, 2, 3, 8, first_block=5), words(7, 1, 2, 3, 28)[20:])
+    with pytest.raises(ValueError, match="blocks"):
+        words(7, 1, 2, 3, 8, first_block=2**32 - 1)
