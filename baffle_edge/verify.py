@@ -500,8 +500,9 @@ def summary_table(report: dict) -> str:
             lines.append(f"| {name} | – | – | – | – | – | – | – | {what}: {_md(run['reason'])} |")
             continue
         eff = run.get("effective", {})
+        decoding = [eff[k] for k in ("estimator", "baseline") if eff.get(k) and eff[k] != "base"]
         pert = ("exact gradient" if name == BASELINE else
-                f"{eff['noise']}, {eff['domain']}" if eff.get("noise") else "–")
+                ", ".join([eff["noise"], eff["domain"]] + decoding) if eff.get("noise") else "–")
         s = run["summary"]
         acc = s["final_accuracy"]
         gap = lambda ref: "–" if acc is None or ref is None else f"{100 * (acc - ref):+.2f}"  # noqa: E731
