@@ -600,6 +600,12 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
     start = time.perf_counter()
     data = _load_data(vc)
     base = dataclasses.replace(vc.train, runtime=REFERENCE, method=Method.BAFFLE, baseline=None)  # the reference
+
+    def run_config(name: str) -> TrainConfig:
+        """One run's settings: the reference keeps its own; judged runtimes get the user's options."""
+        if name == BASELINE:
+            return dataclasses.replace(base, method=Method.BP)
+        return base if name == REFERENCE else dataclasses.replace(base, runtime=name, baseline=vc.train.baseline)
     judged = [REFERENCE] + [n for n in vc.runtimes if n != REFERENCE]
     unavailable = {}
     for name in judged:
@@ -620,10 +626,8 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
             runs[name] = {"name": name, "status": "unavailable", "reason": unavailable[name], "runtime": name}
             log(f"verify: {name}: unavailable ({unavailable[name]})")
             continue
-        cfg = dataclasses.replace(base, method=Method.BP) if name == BASELINE else base if name == REFERENCE else \
-            dataclasses.replace(base, runtime=name, baseline=vc.train.baseline)
         try:
-            run = run_one(name, cfg, data, progress=progress,
+            run = run_one(name, run_config(name), data, progress=progress,
                           snapshot_round=snap_round if name == BASELINE else None)
         except Exception as e:  # a runtime that cannot even start is a failed check, not a crash
             if name in (BASELINE, REFERENCE):
@@ -652,8 +656,7 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
         for name in judged:
             if runs[name]["status"] == "ok":
                 try:
-                    cfg = base if name == REFERENCE else dataclasses.replace(base, baseline=vc.train.baseline)
-                    sweep["runtimes"][name] = sweep_runtime(name, cfg, data, weights, sw, snap_round)
+                    sweep["runtimes"][name] = sweep_runtime(name, run_config(name), data, weights, sw, snap_round)
                 except Exception as e:  # reported, and the run's own verdict already covers the runtime
                     sweep.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
                     log(f"verify: sweep {name}: error ({sweep['errors'][name]})")
