@@ -40,8 +40,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("verify", help="check that each runtime's BAFFLE gradients converge like fp32 "
                               "BAFFLE and the backprop baseline", description=HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import _d, _values
     from ..data import DATASETS
     from ..models import MODEL_NAMES
+    _T = TrainConfig()  # shared defaults are read from the training config, not restated
     g = p.add_argument_group("what to check")
     g.add_argument("--runtimes", default=None,
                    help="comma-separated runtimes to judge against fp32 BAFFLE (torch always runs as the "
@@ -64,22 +66,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("schedule (preset values unless given)")
     g.add_argument("--rounds", type=int, default=None, help="FedSGD rounds (full 100, quick 30)")
     g.add_argument("--k", type=int, default=None, help="perturbations per client (full 100, quick 20)")
-    g.add_argument("--sigma", type=float, default=1e-4, help="perturbation scale (default: 1e-4)")
+    g.add_argument("--sigma", type=float, default=_T.sigma, help="perturbation scale (default: %(default)s)")
     g.add_argument("--refresh-every", type=int, default=None,
                    help="bundle runtimes: re-export and re-calibrate every N rounds (as in `train`; default: "
                         "the format's: 1)")
-    g.add_argument("--baseline", default=None, choices=["base", "leave-one-out"],
+    g.add_argument("--baseline", default=None, choices=_values(Baseline),
                    help="what each perturbed loss is compared with, for the judged runtimes (as in `train`; "
                         "default: the runtime's, base for float and leave-one-out for int8; fp32 BAFFLE always "
                         "uses the reference base loss)")
-    g.add_argument("--int8-estimator", default="rms-step", choices=["rms-step", "per-step"],
+    g.add_argument("--int8-estimator", default=_d(_T.int8_estimator), choices=_values(StepEstimator),
                    help="how int8 runtimes' +-1-step losses decode into a gradient (as in `train`; "
-                        "docs/quantized-perturbation.md) (default: rms-step)")
+                        "docs/quantized-perturbation.md) (default: %(default)s)")
     g.add_argument("--clients", type=int, default=None, help="clients (full 10, quick 10)")
-    g.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
-    g.add_argument("--eval-every", type=int, default=None, help="rounds between evaluations (default: 5)")
-    g.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    g.add_argument("--workers", type=int, default=2, help="threads simulating clients (default: 2)")
+    g.add_argument("--batch-size", type=int, default=_T.batch_size, help="(default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=None, help=f"rounds between evaluations (default: {_T.eval_every})")
+    g.add_argument("--seed", type=int, default=_T.seed, help="(default: %(default)s)")
+    g.add_argument("--workers", type=int, default=_T.workers, help="threads simulating clients (default: %(default)s)")
     g.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads per simulated client; 1 avoids oversubscribing the "
                         "cores the --workers already use (default: 1)")
@@ -129,12 +131,11 @@ def config_from_args(a: argparse.Namespace) -> VerifyConfig:
     if a.acc_margin < 0 or not 0 <= a.cos_fraction or a.ref_cos_fraction < 0 or a.max_rejected < 0:
         raise ValueError("thresholds must be >= 0")
     train = TrainConfig(model=model, dataset=dataset, data_dir=a.data_dir, clients=pick(a.clients, "clients"),
-                        batch_size=a.batch_size, method=Method.BAFFLE, strategy="fedsgd",
+                        batch_size=a.batch_size, method=Method.BAFFLE,
                         k=pick(a.k, "k"), sigma=a.sigma, rounds=pick(a.rounds, "rounds"),
                         optim=OptimConfig(), seed=a.seed, eval_every=pick(a.eval_every, "eval_every"),
                         checkpoint_every=10**9, runtime=REFERENCE, workers=a.workers,
-                        int8_estimator=StepEstimator(a.int8_estimator), refresh_every=a.refresh_every,
-                        baseline=Baseline(a.baseline) if a.baseline else None)
+                        int8_estimator=a.int8_estimator, refresh_every=a.refresh_every, baseline=a.baseline)
     sweep = None
     if not a.no_sweep:
         ps: Sweep = preset["sweep"]
