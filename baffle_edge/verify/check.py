@@ -58,50 +58,14 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
         raise ImportError(f"the reference runtime {REFERENCE!r} is unavailable: {unavailable[REFERENCE]}")
 
     data_fp = data_hash(data)
-    runs: dict[str, dict] = {}
-    for name in [BASELINE] + judged:
-        if name in unavailable:
-            runs[name] = {"name": name, "status": "unavailable", "reason": unavailable[name], "runtime": name}
-            log(f"verify: {name}: unavailable ({unavailable[name]})")
-            continue
-        try:
-            run = run_one(name, run_config(name), data, progress=progress,
-                          snapshot_round=snap_round if name == BASELINE else None)
-        except Exception as e:  # a runtime that cannot even start is a failed check, not a crash
-            if name in (BASELINE, REFERENCE):
-                raise
-            runs[name] = {"name": name, "status": "error", "reason": f"{type(e).__name__}: {e}", "runtime": name}
-            log(f"verify: {name}: error ({runs[name]['reason']})")
-            continue
-        if data_hash(data) != data_fp:
-            raise RuntimeError(f"run {name!r} modified the shared dataset arrays; verification is void")
-        runs[name] = run
-        s = run["summary"]
-        log(f"verify: {_label(name)}: accuracy {_pct(s['final_accuracy'])}, mean cosine "
-            f"{_num(s['mean_cos_clients'])}, {s['rejected_reports']} rejected, {s['seconds']:.0f} s")
-
+    runs = _run_all([BASELINE] + judged, run_config, data, unavailable, snap_round, progress=progress, log=log)
     fed_dim = Federation(dataclasses.replace(base, workers=1), data=data)
     dim = fed_dim.server.dim
     fed_dim.pool.shutdown()
     theory = expected_cosine(base.k, dim)
     batches = compare_batches(runs)
 
-    sweep = None
-    if sw is not None:
-        weights = runs[BASELINE]["_snapshot"]
-        sweep = {"round": snap_round, "ks": list(sw.ks), "sigmas": list(sw.sigmas), "seeds": sw.seeds,
-                 "clients": sw.clients, "k_at": base.k, "sigma_at": base.sigma, "runtimes": {}}
-        for name in judged:
-            if runs[name]["status"] == "ok":
-                try:
-                    sweep["runtimes"][name] = sweep_runtime(name, run_config(name), data, weights, sw, snap_round)
-                except Exception as e:  # reported, and the run's own verdict already covers the runtime
-                    sweep.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
-                    log(f"verify: sweep {name}: error ({sweep['errors'][name]})")
-                    continue
-                log(f"verify: sweep {name}: " + ", ".join(
-                    f"K={r['k']}: {_num(r['cos_mean'])}" for r in sweep["runtimes"][name]["k"]))
-
+    sweep = None if sw is None else _sweep_all(judged, runs, run_config, data, sw, snap_round, base, log)
     verdicts = judge(runs, batches, vc.thresholds, theory, vc.explicit)
     failing = [n for n, v in verdicts.items() if not v["pass"]]
     report = {
@@ -128,6 +92,53 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
     (out / "verify.json").write_text(json.dumps(report, indent=1, allow_nan=False, default=_json_default))
     write_report_md(report, out, figures)
     return report
+
+
+def _run_all(names: list[str], run_config, data, unavailable: dict, snap_round: int | None, *, progress: bool,
+             log) -> dict[str, dict]:
+    """Every run in order; an unavailable or failing judged runtime is recorded, not raised."""
+    data_fp, runs = data_hash(data), {}
+    for name in names:
+        if name in unavailable:
+            runs[name] = {"name": name, "status": "unavailable", "reason": unavailable[name], "runtime": name}
+            log(f"verify: {name}: unavailable ({unavailable[name]})")
+            continue
+        try:
+            run = run_one(name, run_config(name), data, progress=progress,
+                          snapshot_round=snap_round if name == BASELINE else None)
+        except Exception as e:  # a runtime that cannot even start is a failed check, not a crash
+            if name in (BASELINE, REFERENCE):
+                raise
+            runs[name] = {"name": name, "status": "error", "reason": f"{type(e).__name__}: {e}", "runtime": name}
+            log(f"verify: {name}: error ({runs[name]['reason']})")
+            continue
+        if data_hash(data) != data_fp:
+            raise RuntimeError(f"run {name!r} modified the shared dataset arrays; verification is void")
+        runs[name] = run
+        s = run["summary"]
+        log(f"verify: {_label(name)}: accuracy {_pct(s['final_accuracy'])}, mean cosine "
+            f"{_num(s['mean_cos_clients'])}, {s['rejected_reports']} rejected, {s['seconds']:.0f} s")
+    return runs
+
+
+def _sweep_all(judged: list[str], runs: dict, run_config, data, sw, snap_round: int, base: TrainConfig,
+               log) -> dict:
+    """Cosine vs K and sigma for every runtime whose run succeeded, at the backprop run's snapshot."""
+    weights = runs[BASELINE]["_snapshot"]
+    sweep = {"round": snap_round, "ks": list(sw.ks), "sigmas": list(sw.sigmas), "seeds": sw.seeds,
+             "clients": sw.clients, "k_at": base.k, "sigma_at": base.sigma, "runtimes": {}}
+    for name in judged:
+        if runs[name]["status"] != "ok":
+            continue
+        try:
+            sweep["runtimes"][name] = sweep_runtime(name, run_config(name), data, weights, sw, snap_round)
+        except Exception as e:  # reported, and the run's own verdict already covers the runtime
+            sweep.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+            log(f"verify: sweep {name}: error ({sweep['errors'][name]})")
+            continue
+        log(f"verify: sweep {name}: " + ", ".join(
+            f"K={r['k']}: {_num(r['cos_mean'])}" for r in sweep["runtimes"][name]["k"]))
+    return sweep
 
 
 def _json_default(o):
