@@ -76,6 +76,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--runtime", default=_d(_T.runtime), help="client runtime (default: %(default)s); see `baffle-edge runtimes`")
     g.add_argument("--provider", default=_d(_T.provider),
                    help="onnxruntime execution provider: cpu, xnnpack, nnapi, qnn, coreml, ... (default: %(default)s)")
+    from .targets import CHOICES
+    g.add_argument("--target", default=_d(_T.target), choices=CHOICES,
+                   help="bundle runtimes: CPU the server exports the int8 bundles for (arm64, x86-vnni, x86-avx2; "
+                        "decides the int8 weight range, see `baffle-edge export -h`) (default: %(default)s = this machine)")
     g.add_argument("--refresh-every", type=int, default=None,
                    help="bundle runtimes: re-export and re-calibrate the bundle every N rounds (default: 1 for "
                         "every format: stale int8 scales cost accuracy; TFLite conversion takes ~5 s per refresh)")
@@ -132,7 +136,7 @@ def config_from_args(a: argparse.Namespace):
     ppc = AUTO_KEY if str(ppc).strip().lower() == AUTO_KEY else resolve(ppc, a.runtime)  # ValueError if bad
     same = ("model", "dataset", "data_dir", "activation", "norm", "clients", "partition", "alpha", "batch_size",
             "method", "strategy", "local_steps", "k", "sigma", "scheme", "noise", "noise_scope", "int8_estimator",
-            "baseline", "seed", "eval_every", "checkpoint_every", "runtime", "provider", "refresh_every", "workers",
+            "baseline", "seed", "eval_every", "checkpoint_every", "runtime", "provider", "target", "refresh_every", "workers",
             "quorum", "round_timeout", "aggregate", "trim", "byzantine")  # option = TrainConfig field (enums from strings)
     cfg = TrainConfig(**{n: getattr(a, n) for n in same}, perturbations_per_call=ppc,
                       optim=OptimConfig(optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,

@@ -72,6 +72,7 @@ class TrainConfig:
     runtime: str = "torch"  # client runtime by name (runtimes.REGISTRY)
     provider: str = "cpu"  # onnxruntime execution provider (runtimes/onnxruntime_runtime.py PROVIDERS)
     perturbations_per_call: int | str = "auto"  # P per runtime call; "auto": runtimes/batching.py AUTO (docs/batched-k.md)
+    target: str = "auto"  # bundle runtimes: CPU the int8 bundles are exported for (baffle_edge/targets.py); auto = here
     refresh_every: int | None = None  # bundle runtimes: re-export (re-calibrate int8 scales) every N rounds;
     # None = the format's default (REFRESH_DEFAULT: every round; ONNX exports in < 1 s, TFLite in ~5 s)
     workers: int = 2  # threads simulating clients / decoding reports (results do not depend on it)
@@ -96,6 +97,9 @@ class TrainConfig:
     def __post_init__(self):
         """Choices given as strings (CLI, JSON) are held as their enums."""
         coerce_enums(self)
+        from .targets import CHOICES
+        if self.target not in CHOICES:
+            raise ValueError(f"unknown export target {self.target!r}; known: {', '.join(CHOICES)}")
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
@@ -207,7 +211,8 @@ class Federation:
         path = self._workdir / f"bundle-{self.bundle_generation}"
         model = build_model(self.model_cfg, seed=self.cfg.seed)
         set_flat_params(model, weights)
-        meta = export_bundle(model, self.model_cfg, self.data, path, ExportConfig(formats=(fmt,), seed=self.cfg.seed),
+        meta = export_bundle(model, self.model_cfg, self.data, path, ExportConfig(formats=(fmt,), seed=self.cfg.seed,
+                                                                                  target=self.cfg.target),
                              source=f"train refresh {self.bundle_generation}")
         if self.bundle_dir is not None:
             import shutil

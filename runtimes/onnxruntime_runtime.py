@@ -15,6 +15,7 @@ import numpy as np
 from baffle_edge.client import BaseSession, FloatWeights, StepWeights
 from baffle_edge.export.bundle import read_bundle
 from baffle_edge.protocol import Domain
+from baffle_edge.targets import check_bundle
 
 from .batching import resolve
 
@@ -128,10 +129,12 @@ class OrtInt8Session(StepWeights, OrtSession):
     select between q - m and q + m (``StepSelector``)."""
 
     fmt = "onnx-int8"
+    cpu_bound = True  # the integer kernels depend on the CPU: warn when the bundle's target is another one
 
     def __init__(self, bundle_dir, **kw):
         super().__init__(bundle_dir, **kw)
         self.table = self.bundle.quant_table(self.fmt)
+        self.target = check_bundle(self.bundle.meta, self.name) if self.cpu_bound else None
         self.set_weights(np.zeros(self.dim, np.float32))
 
     def _feeds(self, qs):

@@ -24,6 +24,7 @@ import numpy as np
 from baffle_edge.client import BaseSession, StepWeights
 from baffle_edge.export.bundle import read_bundle
 from baffle_edge.export.tflite_export import dequantize_output, quantize_input
+from baffle_edge.targets import check_bundle
 
 FORMAT = "tflite-int8"
 DELEGATES = ("builtin", "xnnpack")
@@ -53,6 +54,7 @@ class TFLiteSession(StepWeights, BaseSession):
         path = self.bundle.file(FORMAT)  # verifies the sha256 recorded in baffle.json
         self.meta = self.bundle.meta["formats"][FORMAT]
         self.table = self.bundle.quant_table(FORMAT)
+        self.target = check_bundle(self.bundle.meta, FORMAT)  # warns on a CPU of another target
         self.dim = self.table.dim
         self.name = FORMAT
         self.delegate = delegate
