@@ -84,8 +84,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="bundle runtimes: re-export and re-calibrate the bundle every N rounds (default: 1 for "
                         "every format: stale int8 scales cost accuracy; TFLite conversion takes ~5 s per refresh)")
     g.add_argument("--perturbations-per-call", default=_d(_T.perturbations_per_call), metavar="P",
-                   help="perturbations evaluated per runtime call (torch, onnxruntime[-int8]); 'auto' picks P "
-                        "per model and runtime by the measured rule in docs/batched-k.md (default: %(default)s)")
+                   help="perturbations evaluated per runtime call (torch, onnxruntime[-int8]); 'auto' measures P "
+                        "on this device at the first batch and caches it (docs/batched-k.md) (default: %(default)s)")
     g = p.add_argument_group("server optimizer")
     g.add_argument("--optimizer", default=_d(_O.optimizer), choices=_values(OptimizerName), help="(default: %(default)s)")
     g.add_argument("--lr", type=float, default=_d(_O.lr), help="server learning rate (default: %(default)s)")

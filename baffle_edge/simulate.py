@@ -71,7 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # rounds between checkpoints (and at the end)
     runtime: str = "torch"  # client runtime by name (runtimes.REGISTRY)
     provider: str = "cpu"  # onnxruntime execution provider (runtimes/onnxruntime_runtime.py PROVIDERS)
-    perturbations_per_call: int | str = "auto"  # P per runtime call; "auto": runtimes/batching.py AUTO (docs/batched-k.md)
+    perturbations_per_call: int | str = "auto"  # P per runtime call; "auto": measured on the device (runtimes/batching.py)
     target: str = "auto"  # bundle runtimes: CPU the int8 bundles are exported for (baffle_edge/targets.py); auto = here
     refresh_every: int | None = None  # bundle runtimes: re-export (re-calibrate int8 scales) every N rounds;
     # None = the format's default (REFRESH_DEFAULT: every round; ONNX exports in < 1 s, TFLite in ~5 s)
@@ -255,7 +255,18 @@ class Federation:
             artifact = (self.bundle_dir if self.runtime_info.artifact == "bundle"
                         else build_model(self.model_cfg, seed=self.cfg.seed))
             loc.session, loc.generation = rt.load(artifact), self.bundle_generation
+            self.last_session = loc.session
         return loc.session
+
+    def perturbations_per_call(self) -> dict | None:
+        """What the simulated devices evaluate per runtime call: the P asked for, the P used, and
+        auto-P's calibration (measured at the first batch or read from the cache; runtimes/batching.py)."""
+        s = getattr(self, "last_session", None)
+        if s is None:
+            return None
+        cal = getattr(s, "calibration", None)
+        return {"requested": self.cfg.perturbations_per_call, "p": int(s.perturbations_per_call),
+                "calibration": cal.to_json() if cal is not None else None}
 
     def baffle_client(self, task: RoundTask, batches: list[Batch], *, weights: np.ndarray | None = None):
         """What a device does: evaluate the task's perturbed losses at the global weights (or at
@@ -466,6 +477,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             last = next((h for h in reversed(history) if "test_accuracy" in h), {})
             bar.set_postfix(loss=f"{row['train_loss'] or float('nan'):.3f}",
                             acc=f"{last.get('test_accuracy', float('nan')):.3f}")
+        metrics["perturbations_per_call"] = fed.perturbations_per_call()
         if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == end:
             save_checkpoint(ckpt, fed, r + 1, history)
             _write_metrics(out, metrics)

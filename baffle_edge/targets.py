@@ -71,6 +71,23 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """This CPU's name and target, e.g. ``Intel(R) Xeon(R) Processor (x86-vnni)`` (auto-P's cache key)."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Hardware", "CPU part") and value.strip():
+                name = value.strip()
+                break
+    except OSError:
+        pass
+    try:
+        return f"{name} ({detect().value})"
+    except ValueError:
+        return name
+
+
 def detect(machine: str | None = None, flags: frozenset[str] | None = None) -> Target:
     """This machine's target (or the one of ``machine`` / ``flags``, for tests)."""
     machine = (machine if machine is not None else platform.machine()).lower()

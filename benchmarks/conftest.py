@@ -112,7 +112,12 @@ def runtime_environment() -> dict:
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     import psutil
+    from baffle_edge.targets import cpu_flags, isa_summary
     machine_info["cpu_model"] = _cpu_model()
+    isa = isa_summary()  # int8-relevant ISA: avx2 / avx512_vnni / avx_vnni / amx_int8 (x86), asimddp / i8mm (arm)
+    machine_info["cpu_isa"] = isa["isa"]
+    machine_info["cpu_target"] = isa["target"]  # what `baffle-edge export --target auto` picks here
+    machine_info["cpu_flags"] = sorted(cpu_flags())
     machine_info["cores_logical"] = os.cpu_count()
     machine_info["cores_physical"] = psutil.cpu_count(logical=False)
     machine_info["memory_total_bytes"] = psutil.virtual_memory().total
