@@ -62,7 +62,8 @@ def bench_threads(request) -> int | None:
 @pytest.fixture(scope="session")
 def measuring(request) -> bool:
     """True when timings are kept (--benchmark-only or benchmarks enabled), False in plain test runs."""
-    return not request.config.getoption("benchmark_disable", default=False)
+    opt = request.config.option  # --benchmark-only sets benchmark_enable (pytest_configure above)
+    return bool(getattr(opt, "benchmark_enable", False)) or not getattr(opt, "benchmark_disable", False)
 
 
 # ----------------------------------------------------------------------------- machine info
