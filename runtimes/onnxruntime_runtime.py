@@ -42,6 +42,11 @@ def make_session(path: Path, *, provider: str = "cpu", threads: int | None = Non
                          f"({ort.__version__}); available here: {', '.join(available_providers())}")
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # No memory pattern: with it ORT plans one block for all activations at the second run of a
+    # shape and allocates it *next to* the arena chunks the first run grew, so a BAFFLE step (K+1
+    # runs) peaked at ~2x the activations of one forward (WRN-10-2 int8, batch 128: +165 MB vs
+    # +86 MB; the arena alone reuses its chunks). Run time unchanged within noise (docs/benchmarks.md).
+    so.enable_mem_pattern = False
     so.enable_profiling = profile
     if profile:  # the trace goes to the temp folder, not the working directory
         import tempfile
