@@ -10,6 +10,16 @@ from baffle_edge.runtimes import batching
 from baffle_edge.runtimes.batching import Calibration, calibrate
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Sessions loaded with threads=1 set torch's global thread count: put it back for later tests
+    (the torch-int8 oracle's float sums, and so its last bits, depend on it)."""
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 class FakeDevice:
     """A clock and a memory counter driven by the calls the calibration makes: a P-set call takes
     ``cost(p)`` seconds and leaves ``base + growth * p`` bytes resident."""
