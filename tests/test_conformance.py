@@ -122,3 +122,9 @@ def test_js_client_reports_decode_to_the_python_clients_updates(kit, tmp_path):
         assert np.allclose(js.base_losses, py.base_losses, rtol=rel, atol=0), r["name"]
         c = cosine(decode(out, r, js), decode(out, r, py))
         assert c >= 0.999999, f"{r['name']}: cosine {c}"
+
+
+def test_noise_md_publishes_the_kits_long_vector_digests():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "noise.md").read_text()
+    for v in noise_vectors()["long"]:
+        assert v["sha256_f32le"] in text, (v["kind"], v["d"])
