@@ -247,7 +247,7 @@ def run_one(name: str, cfg: TrainConfig, data: Dataset, *, progress: bool = Fals
         for r in it:
             if snapshot_round is not None and r == snapshot_round:
                 snapshot = fed.server.flat().numpy().copy()
-            row = fed.step(r, on_update=probe)
+            row = fed.step(r, on_update=probe).to_json()
             row.update(probe.finish_round(r))
             if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
                 row.update(fed.evaluate())

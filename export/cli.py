@@ -33,7 +33,7 @@ def load_model_for_export(a: argparse.Namespace):
         return model, mcfg, data, f"checkpoint {path} (round {state['next_round']})"
     data = load_dataset(a.calibration, a.data_dir, seed=a.init_seed)
     mcfg = ModelConfig(a.model, data.in_channels, data.image_size, data.num_classes,
-                       norm="group" if a.model.startswith("wrn") else "none")
+                       norm=default_norm(a.model))
     return build_model(mcfg, seed=a.init_seed), mcfg, data, f"fresh {a.model} (init seed {a.init_seed})"
 
 
