@@ -123,6 +123,10 @@ export function parseTask(input: string | Json | RoundTask): RoundTask {
   req(task.baseline !== "leave-one-out" || task.k >= 2, "baseline", "leave-one-out needs k >= 2 perturbations");
   req(task.local_steps * task.k <= 2 ** 32, "k", `local_steps * k = ${task.local_steps * task.k} exceeds 2^32: the ` +
     "noise counter word k' = step*K + k would wrap");
+  if (task.version >= 2) {  // protocol 2 always carries both (clip may be null)
+    req(d.local_lr !== undefined, "local_lr", "missing (protocol 2 tasks carry the FedAvg local step size)");
+    req(d.clip !== undefined, "clip", "missing (protocol 2 tasks carry the clip, null = off)");
+  }
   if (d.local_lr !== undefined) {
     task.local_lr = num(d, "local_lr");
     req(task.local_lr >= 0, "local_lr", `must be >= 0, got ${task.local_lr}`);

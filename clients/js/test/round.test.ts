@@ -92,6 +92,8 @@ test("bad input is a clear error and nothing is reported", async () => {
   await assert.rejects(runTask(task({ k: 1_000_000, local_steps: 5000 }), weights, Array(5000).fill(batches[0]), rs),
     /local_steps \* k = 5000000000 exceeds 2\^32/);
   await assert.rejects(runTask(task({ extra: 1 }), weights, batches, rs), /unknown fields \["extra"\]/);
+  await assert.rejects(runTask(task({ local_lr: -1 }), weights, batches, rs), /local_lr: must be >= 0/);
+  await assert.rejects(runTask(task({ clip: 0 }), weights, batches, rs), /clip: must be > 0/);
   await assert.rejects(runTask("{not json", weights, batches, rs), /JSON/);
   const nan = Float32Array.from(weights); nan[0] = NaN;
   await assert.rejects(runTask(task({ model_version: "" }), nan, batches, rs), /weights: non-finite value at index 0/);
@@ -101,7 +103,7 @@ test("bad input is a clear error and nothing is reported", async () => {
 });
 
 test("a task's JSON seed above 2^53 is kept exact", () => {
-  const t = parseTask('{"version": 1, "round": 0, "client": 0, "seed": 18446744073709551615, "k": 2, "sigma": 1.0, ' +
+  const t = parseTask('{"version": 2, "local_lr": 0.0, "clip": null, "round": 0, "client": 0, "seed": 18446744073709551615, "k": 2, "sigma": 1.0, ' +
     '"scheme": "forward", "noise": "rademacher", "noise_scope": "client", "domain": "int8-step", "estimator": "rms-step", ' +
     '"baseline": "base", "local_steps": 1, "model_version": ""}');
   assert.equal(t.seed, 2n ** 64n - 1n);
