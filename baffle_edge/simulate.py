@@ -29,11 +29,11 @@ from . import __version__
 from .client import Batch, run_task
 from .data import Dataset, batch_indices, load_dataset, partition
 from .models import Activation, ModelConfig, Norm, build_model, default_norm
-from .params import flat_grad, flat_params, layout_of, set_flat_params
+from .params import flat_grad, layout_of, set_flat_params
 from .perturb import NoiseKind
 from .protocol import (DOMAIN_DEFAULTS, Baseline, ClientReport, Domain, NoiseScope, RoundTask, Scheme, StepEstimator,
                        check_noise, wire_bytes)
-from .server import (Aggregate, ClientUpdate, OptimConfig, OptimizerName, ReplayGuard, RoundLog, Server, accuracy,
+from .server import (Aggregate, ClientUpdate, OptimConfig, ReplayGuard, RoundLog, Server, accuracy,
                      make_strategy, mean_loss)
 from .estimator import clip_inf
 

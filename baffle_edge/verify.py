@@ -40,7 +40,7 @@ from .params import flat_grad, set_flat_params
 from .protocol import Baseline, Domain, StepEstimator
 from .plots import save_figure
 from .server import ClientUpdate, OptimConfig
-from .simulate import Federation, Method, TrainConfig, model_config
+from .simulate import Federation, Method, TrainConfig
 
 REFERENCE = "torch"  # the fp32 BAFFLE runtime every other runtime is compared with
 BASELINE = "bp"  # name of the backprop run

@@ -13,7 +13,6 @@ import platform
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pytest
 
 from baffle_edge.client import Batch, cross_entropy

@@ -11,7 +11,7 @@ from .bundle import FORMATS, ExportConfig, export_bundle
 def load_model_for_export(a: argparse.Namespace):
     """(model, model_cfg, dataset, source) from --checkpoint or --model/--init-seed."""
     from baffle_edge.data import load_dataset
-    from baffle_edge.models import ModelConfig, build_model
+    from baffle_edge.models import ModelConfig, build_model, default_norm
 
     if a.checkpoint:
         from baffle_edge.simulate import TrainConfig, load_checkpoint, model_config

@@ -1,14 +1,13 @@
 """LiteRT (TFLite) int8 runtime: K perturbed forwards of one interpreter, integers written in place.
 
 numpy + ai_edge_litert (or tflite_runtime) only — no torch — so this is the path a device client
-mirrors. Per round (docs/quantized-perturbation.md):
+mirrors. The loss loop is client.step_losses; this backend's part (docs/quantized-perturbation.md):
 
-    q = table.quantize(w)                                  # set_weights: int8 / int32, torch layout
-    for k:  q' = table.perturb(q, eps_k, sign)             # whole quantization steps (as a select
-                                                           # between q -/+ m: quant.StepSelector)
-            interpreter.tensor(i)()[...] = transpose(q')   # into the model's constant buffer
-            invoke; loss = cross_entropy(dequantized logits)
-    write q back (bit-exact restore)
+    set_weights:  q = table.quantize(w)                    # int8 / int32, torch layout
+    evaluate:     for each weight set q' (q moved by whole steps: quant.StepSelector)
+                      interpreter.tensor(i)()[...] = transpose(q')   # into the model's constant buffer
+                      invoke -> dequantized logits
+    after losses: write q back (bit-exact restore)
 
 The interpreter is created from a private ``bytes`` copy of the model (constant tensors point into
 it; a ``model_path`` interpreter maps the file read-only and a write would crash) with the

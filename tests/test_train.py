@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from baffle_edge.cli import main
-from baffle_edge.protocol import ClientReport
 from baffle_edge.simulate import Federation, Method, TrainConfig, load_checkpoint, train
 
 SMALL = TrainConfig(clients=3, k=6, rounds=6, eval_every=2, checkpoint_every=3, workers=2)
