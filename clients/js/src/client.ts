@@ -15,7 +15,7 @@
 import type { InferenceSession, Tensor } from "onnxruntime-common";
 import type { Bundle, TrainFormat } from "./bundle.js";
 import { clipInf, leaveOneOut, lossDifferences, pairwiseSum } from "./estimator.js";
-import { negativeSigns, noise } from "./noise.js";
+import { negativeSigns, noise, words } from "./noise.js";
 import { lossesPerStep, noiseClient, parseTask, ProtocolError, type ClientReport, type RoundTask } from "./protocol.js";
 import { quantize, steps, StepSelector, type IntArray, type QTensor } from "./quant.js";
 import { sha256Hex } from "./sha256.js";
@@ -192,10 +192,13 @@ function int8Feeder(task: RoundTask, rs: RoundSession, w: Float32Array, step: nu
     if (k !== cachedK) { negativeSigns(task.seed, task.round, c, k0 + k, rs.dim, mask); cachedK = k; }
     return mask;
   };
+  const nWords = Math.ceil(rs.dim / 32), wbuf = new Uint32Array(nWords);
+  let wordsK = -1;
   return {
     base: () => baseTensors,
     perturbed(k, sign) {
-      sel.select(maskOf(k), sign);
+      if (k !== wordsK) { words(task.seed, task.round, c, k0 + k, nWords, 0, wbuf); wordsK = k; }
+      sel.selectWords(wbuf, sign);
       return outTensors;
     },
     gradient(diffs, clip) {

@@ -122,11 +122,23 @@ export class StepSelector {
 
   /** The perturbed integers for eps = negative ? -1 : +1, moved by `sign` * eps. */
   select(negative: Uint8Array, sign: 1 | -1 = 1): IntArray[] {
-    this.table.forEach((t, j) => {
+    for (let j = 0; j < this.table.length; j++) {
       const plus = sign > 0 ? this.up[j] : this.down[j], minus = sign > 0 ? this.down[j] : this.up[j];
-      const o = this.out[j], off = t.offset;
-      for (let i = 0; i < t.size; i++) o[i] = negative[off + i] ? minus[i] : plus[i];
-    });
+      const o = this.out[j], off = this.table[j].offset;
+      if (o instanceof Int8Array) selectMask8(o, plus as Int8Array, minus as Int8Array, negative, off);
+      else selectMask32(o, plus as Int32Array, minus as Int32Array, negative, off);
+    }
+    return this.out;
+  }
+
+  /** `select` straight from the Rademacher words (bit i of the stream set = eps_i is -1): no mask pass. */
+  selectWords(w: Uint32Array, sign: 1 | -1 = 1): IntArray[] {
+    for (let j = 0; j < this.table.length; j++) {
+      const plus = sign > 0 ? this.up[j] : this.down[j], minus = sign > 0 ? this.down[j] : this.up[j];
+      const o = this.out[j], off = this.table[j].offset;
+      if (o instanceof Int8Array) selectBits8(o, plus as Int8Array, minus as Int8Array, w, off);
+      else selectBits32(o, plus as Int32Array, minus as Int32Array, w, off);
+    }
     return this.out;
   }
 
@@ -147,4 +159,18 @@ export class StepSelector {
     });
     return out;
   }
+}
+
+// One monomorphic loop per element type (a shared loop over Int8Array | Int32Array deoptimizes).
+function selectMask8(o: Int8Array, plus: Int8Array, minus: Int8Array, neg: Uint8Array, off: number): void {
+  for (let i = 0; i < o.length; i++) o[i] = neg[off + i] ? minus[i] : plus[i];
+}
+function selectMask32(o: Int32Array, plus: Int32Array, minus: Int32Array, neg: Uint8Array, off: number): void {
+  for (let i = 0; i < o.length; i++) o[i] = neg[off + i] ? minus[i] : plus[i];
+}
+function selectBits8(o: Int8Array, plus: Int8Array, minus: Int8Array, w: Uint32Array, off: number): void {
+  for (let i = 0, b = off; i < o.length; i++, b++) o[i] = (w[b >>> 5] >>> (b & 31)) & 1 ? minus[i] : plus[i];
+}
+function selectBits32(o: Int32Array, plus: Int32Array, minus: Int32Array, w: Uint32Array, off: number): void {
+  for (let i = 0, b = off; i < o.length; i++, b++) o[i] = (w[b >>> 5] >>> (b & 31)) & 1 ? minus[i] : plus[i];
 }
