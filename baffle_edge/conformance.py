@@ -127,6 +127,18 @@ ROUNDS = [
 INT8_TASK = dict(noise="rademacher", domain="int8-step", sigma=1.0)
 
 
+def summation_vectors(seed: int = 0) -> list[dict]:
+    """float64 arrays whose numpy sum depends on the summation order (numpy sums pairwise, with 8
+    accumulators per block of <= 128 values): a port that sums in another order gets other bits in
+    the losses' softmax sums and means, and in FedAvg's local weights."""
+    rng = np.random.default_rng([seed, 0x5E])
+    out = []
+    for n in (5, 10, 32, 100, 128, 129, 300, 26_730):
+        v = rng.standard_normal(n) * np.exp(rng.standard_normal(n) * 12)
+        out.append({"values": [float(x) for x in v], "sum": float(np.sum(v)), "mean": float(np.mean(v))})
+    return out
+
+
 def model_version(flat: np.ndarray) -> str:
     """server.model_version of a flat float32 weight vector: sha256 of its little-endian bytes, 16 hex."""
     return hashlib.sha256(np.asarray(flat, "<f4").tobytes()).hexdigest()[:16]
@@ -223,6 +235,7 @@ def write_kit(out: str | Path, *, force: bool = False, train_steps: int = 60, ba
              "base_logits": {"batch": 0, "formats": logits},
              "tolerance": {"int8_logits": "identical", "int8_losses_relative": 1e-15, "fp32_losses_relative": 1e-6,
                            "gradient_cosine": 0.999999},
+             "summation": summation_vectors(),
              "rounds": rounds,
              "python": {"onnxruntime_threads": 1, "versions": json.loads((out / "bundle" / "baffle.json")
                                                                         .read_text())["versions"]}}

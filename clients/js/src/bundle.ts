@@ -109,6 +109,29 @@ export class Bundle {
   }
 }
 
+/** Strict UTF-8 decoding; Hermes (React Native) has no TextDecoder, so decode by hand there. */
+export function utf8(bytes: Uint8Array): string {
+  if (typeof TextDecoder !== "undefined") return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  let out = "";
+  for (let i = 0; i < bytes.length;) {
+    const b = bytes[i];
+    const n = b < 0x80 ? 0 : b >= 0xc2 && b < 0xe0 ? 1 : b >= 0xe0 && b < 0xf0 ? 2 : b >= 0xf0 && b < 0xf5 ? 3 : -1;
+    if (n < 0) throw new TypeError(`invalid UTF-8 at byte ${i}`);
+    let cp = n === 0 ? b : b & (0x3f >> n);
+    for (let j = 1; j <= n; j++) {
+      const c = bytes[i + j];
+      if (c === undefined || (c & 0xc0) !== 0x80) throw new TypeError(`invalid UTF-8 at byte ${i + j}`);
+      cp = (cp << 6) | (c & 0x3f);
+    }
+    if ((n === 2 && (cp < 0x800 || (cp >= 0xd800 && cp < 0xe000))) || (n === 3 && (cp < 0x10000 || cp > 0x10ffff))) {
+      throw new TypeError(`invalid UTF-8 at byte ${i}`);
+    }
+    out += String.fromCodePoint(cp);
+    i += n + 1;
+  }
+  return out;
+}
+
 function checkName(name: string): string {
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(name)) throw new BundleError(`baffle.json lists a bad file name ${JSON.stringify(name)}`);
   return name;
@@ -128,7 +151,7 @@ export async function loadBundle(source: BundleSource | Record<string, Uint8Arra
   };
   let meta: Json;
   try {
-    meta = parseJson(new TextDecoder("utf-8", { fatal: true }).decode(await read("baffle.json")));
+    meta = parseJson(utf8(await read("baffle.json")));
   } catch (e) {
     throw new BundleError(`baffle.json: not valid JSON (${(e as Error).message})`);
   }

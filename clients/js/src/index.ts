@@ -7,7 +7,7 @@
  *     const report = await runTask(taskJson, weights, batches, rs);
  *     upload(reportToJson(report));
  */
-export { Bundle, BundleError, loadBundle, SCHEMA_VERSION, type BundleSource, type Parameter, type TrainFormat } from "./bundle.js";
+export { Bundle, BundleError, loadBundle, SCHEMA_VERSION, utf8, type BundleSource, type Parameter, type TrainFormat } from "./bundle.js";
 export { crossEntropy, modelVersion, RoundSession, runTask, type Batch, type OrtModule, type RunOptions, type TensorConstructor } from "./client.js";
 export { clipInf, leaveOneOut, lossDifferences, pairwiseSum } from "./estimator.js";
 export { parseJson, stringifyJson, type Json } from "./json.js";
