@@ -15,6 +15,7 @@
 import type { InferenceSession, Tensor } from "onnxruntime-common";
 import type { Bundle, TrainFormat } from "./bundle.js";
 import { clipInf, leaveOneOut, lossDifferences, pairwiseSum } from "./estimator.js";
+import { exp, log } from "./libm.js";
 import { negativeSigns, noise, words } from "./noise.js";
 import { lossesPerStep, noiseClient, parseTask, ProtocolError, type ClientReport, type RoundTask } from "./protocol.js";
 import { quantize, steps, StepSelector, type IntArray, type QTensor } from "./quant.js";
@@ -52,7 +53,10 @@ export function modelVersion(weights: Float32Array): string {
   return sha256Hex(bytes).slice(0, 16);
 }
 
-/** Mean softmax cross-entropy of row-major logits (n x classes), in float64 (client.cross_entropy). */
+/**
+ * Mean softmax cross-entropy of row-major logits (n x classes), in float64 (client.cross_entropy),
+ * with fdlibm's exp/log (libm.ts) so that every JS engine gives the same bits.
+ */
 export function crossEntropy(logits: Float32Array, labels: ArrayLike<number>, classes: number): number {
   const n = labels.length;
   const picked = new Float64Array(n);
@@ -61,8 +65,8 @@ export function crossEntropy(logits: Float32Array, labels: ArrayLike<number>, cl
     const row = b * classes;
     let m = -Infinity;
     for (let j = 0; j < classes; j++) if (logits[row + j] > m || Number.isNaN(logits[row + j])) m = logits[row + j];
-    for (let j = 0; j < classes; j++) e[j] = Math.exp(logits[row + j] - m);
-    picked[b] = (logits[row + labels[b]] - m) - Math.log(pairwiseSum(e));
+    for (let j = 0; j < classes; j++) e[j] = exp(logits[row + j] - m);
+    picked[b] = (logits[row + labels[b]] - m) - log(pairwiseSum(e));
   }
   return -(pairwiseSum(picked) / n);
 }

@@ -10,6 +10,7 @@
 export { Bundle, BundleError, loadBundle, SCHEMA_VERSION, utf8, type BundleSource, type Parameter, type TrainFormat } from "./bundle.js";
 export { crossEntropy, modelVersion, RoundSession, runTask, type Batch, type OrtModule, type RunOptions, type TensorConstructor } from "./client.js";
 export { clipInf, leaveOneOut, lossDifferences, pairwiseSum } from "./estimator.js";
+export { exp, log } from "./libm.js";
 export { parseJson, stringifyJson, type Json } from "./json.js";
 export { boxMuller, GAUSSIAN_CHUNK, negativeSigns, noise, NOISE_SPEC_VERSION, philox4x32, seedWords, SHARED_CLIENT, words,
   type NoiseKind, type Seed } from "./noise.js";
