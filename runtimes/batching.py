@@ -124,7 +124,11 @@ def calibrate(run: Callable[[int], Callable[[], object]], *, candidates=CANDIDAT
             out.over_cap.append(p)
             out.stopped = f"P={p} predicted above the memory cap"
             break
-        call = run(p)
+        try:
+            call = run(p)
+        except ImportError as e:  # e.g. a device without `onnx` cannot build ORT's p{P} graph
+            out.stopped = f"P={p} unavailable here ({e})"
+            break
         call()  # warm-up
         rss = memory()
         out.rss_bytes[p] = rss

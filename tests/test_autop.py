@@ -48,6 +48,18 @@ def test_picks_p1_when_batching_does_not_pay():
     assert flat.calibrate().p == 1
 
 
+def test_a_p_that_cannot_be_built_here_stops_the_search():
+    dev = FakeDevice(lambda p: 1e-3)
+
+    def run(p):
+        if p > 2:
+            raise ImportError("No module named 'onnx'")
+        return FakeDevice.run(dev, p)
+    dev.run = run
+    got = dev.calibrate()
+    assert got.p == 2 and set(got.seconds_per_set) == {1, 2} and "onnx" in got.stopped
+
+
 def test_picks_the_smallest_p_within_tolerance_of_the_best():
     dev = FakeDevice(lambda p: 1e-3 * (0.2 + 0.8 * p) if p < 10 else 1e-3 * (0.2 + 0.75 * p))
     got = dev.calibrate()
