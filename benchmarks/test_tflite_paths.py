@@ -125,9 +125,9 @@ class Paths:
 
 
 @pytest.mark.parametrize("case_id", ["lenet-28", pytest.param("wrn-10-2", marks=pytest.mark.bench_full)])
-def test_tflite_kernel_paths(benchmark, tmp_path_factory, bench_threads, measuring, case_id):
+def test_tflite_kernel_paths(benchmark, sessions, bench_threads, measuring, case_id):
     case = MODELS[case_id]
-    bundle = build_artifact("tflite-int8", case, tmp_path_factory.mktemp("tflite-paths"))
+    bundle = build_artifact("tflite-int8", case, sessions.workdir / "tflite-int8")  # the suites' shared export
     threads = bench_threads or 1
     p = Paths(bundle, threads)
     sets = [p.perturbed(s) for s in range(3)]
