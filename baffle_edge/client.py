@@ -181,7 +181,7 @@ def check_task(session: Session, task: RoundTask) -> None:
     check_noise(task.domain, task.noise)
 
 
-LOSS_CHUNK_VALUES = 1 << 16  # logits values per cross_entropies call in step_losses (bounds its temporaries)
+LOSS_CHUNK_VALUES = 1 << 13  # logits values per cross_entropies call in step_losses (its temporaries stay in cache)
 
 
 def step_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
