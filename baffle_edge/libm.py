@@ -176,7 +176,9 @@ def _pairwise(a: np.ndarray, start: int, n: int) -> np.ndarray:
         end = start + n - n % 8
         for i in range(start + 8, end, 8):
             r += a[..., i:i + 8]
-        res = ((r[..., 0] + r[..., 1]) + (r[..., 2] + r[..., 3])) + ((r[..., 4] + r[..., 5]) + (r[..., 6] + r[..., 7]))
+        r = r[..., 0::2] + r[..., 1::2]  # (r0 + r1), (r2 + r3), (r4 + r5), (r6 + r7)
+        r = r[..., 0::2] + r[..., 1::2]
+        res = r[..., 0] + r[..., 1]
         for i in range(end, start + n):
             res = res + a[..., i]
         return res
