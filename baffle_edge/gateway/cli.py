@@ -6,6 +6,11 @@ import sys
 from pathlib import Path
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import cmd_serve as serve  # FastAPI/uvicorn load only when serving
+    return serve(a)
+
+
 def cmd_tokens_issue(a: argparse.Namespace) -> int:
     from .tokens import issue
     if (a.client is None) == (a.clients is None):
@@ -95,7 +100,6 @@ def add_parser(subparsers) -> None:
                    help="seconds to keep telling devices 'done' after the last round (default: 5)")
     g.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="HTTP server log level (default: warning)")
-    from .serve import cmd_serve
     p.set_defaults(func=cmd_serve, command="serve")
 
     t = subparsers.add_parser("tokens", help="issue, revoke and list device tokens for `serve`",

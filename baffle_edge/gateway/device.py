@@ -63,7 +63,9 @@ class Device:
     def __init__(self, dc: DeviceConfig, *, log: Callable[[str], None] = lambda s: None):
         import httpx
         self.dc, self.log = dc, log
-        self.http = httpx.Client(base_url=dc.server.rstrip("/"), verify=dc.cafile or True,
+        import ssl
+        verify = ssl.create_default_context(cafile=dc.cafile) if dc.cafile else True
+        self.http = httpx.Client(base_url=dc.server.rstrip("/"), verify=verify,
                                  headers={"Authorization": f"Bearer {dc.token}"},
                                  timeout=httpx.Timeout(30.0, read=dc.poll + 30.0))
         self._httpx = httpx
@@ -198,6 +200,8 @@ class Device:
     # --- the loop ---
     def answer(self, offer: dict) -> ClientReport:
         from ..runtimes import REGISTRY
+        if self.config["model"] is None:  # fetched before the server had set its run up
+            self.config = self._check(self.request("GET", "/v1/config"), "config").json()
         task = RoundTask.from_dict(offer["task"])
         runtime = self.dc.runtime or self.config["train_config"]["runtime"]
         if runtime not in REGISTRY:
