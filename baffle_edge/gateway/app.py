@@ -30,7 +30,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from ..protocol import ClientReport
+from ..protocol import PROTOCOL_VERSION, ClientReport
 from .board import Board, Rejection
 from .tokens import Device, TokenStore
 
@@ -43,15 +43,15 @@ NPZ_MEMBERS = {"header.npy", "losses.npy", "base_losses.npy"}
 class ReportJSON(BaseModel):
     """A ``ClientReport`` in JSON (protocol.py): loss scalars only, never a gradient."""
 
-    round: int = Field(description="0-based round index of the task")
-    client: int = Field(description="client id of the task (must be the token's client)")
-    losses: list[float] = Field(description="local_steps x (K or 2K) perturbed losses")
-    base_losses: list[float] = Field(description="L(w) per local step (forward scheme)")
-    num_samples: int = Field(description="samples in the device's batch(es)")
-    model_version: str = Field(description="the task's model_version (hash of the weights used)")
-    runtime: str = Field("", description="runtime that produced the losses")
-    seconds: float = Field(0.0, description="device wall time for the task")
-    version: int = Field(description="protocol version")
+    round: int = Field(ge=0, le=2**32 - 1, description="0-based round index of the task")
+    client: int = Field(ge=0, le=2**32 - 2, description="client id of the task (must be the token's client)")
+    losses: list[float] = Field(description="local_steps x (K or 2K) perturbed losses, finite")
+    base_losses: list[float] = Field(description="L(w) per local step (forward scheme), finite")
+    num_samples: int = Field(ge=1, le=2**31, description="samples in the device's batch(es)")
+    model_version: str = Field(max_length=256, description="the task's model_version (hash of the weights used)")
+    runtime: str = Field("", max_length=256, description="runtime that produced the losses")
+    seconds: float = Field(0.0, ge=0, description="device wall time for the task")
+    version: int = Field(ge=PROTOCOL_VERSION, le=PROTOCOL_VERSION, description="protocol version")
 
 
 class Problem(BaseModel):
