@@ -194,21 +194,10 @@ def config_from_run_config(run_config: dict) -> tuple[TrainConfig, FlowerConfig]
 
 
 def _typed_config(d: dict) -> TrainConfig:
-    """TrainConfig from its JSON form, enums restored (TrainConfig.from_json keeps plain strings)."""
-    from .models import Activation, Norm
-    from .perturb import NoiseKind
-    from .protocol import NoiseScope, Scheme
-    from .server import OptimizerName
-    from .simulate import Method
-    cfg = TrainConfig.from_json(d)
+    """TrainConfig from its JSON form (every enum restored by TrainConfig.from_json)."""
     try:
-        return dataclasses.replace(
-            cfg, activation=Activation(cfg.activation), norm=Norm(cfg.norm) if cfg.norm else None,
-            method=Method(cfg.method), scheme=Scheme(cfg.scheme),
-            noise=NoiseKind(cfg.noise) if cfg.noise is not None else None,
-            noise_scope=NoiseScope(cfg.noise_scope),
-            optim=dataclasses.replace(cfg.optim, optimizer=OptimizerName(cfg.optim.optimizer)))
-    except ValueError as e:
+        return TrainConfig.from_json(d)
+    except (ValueError, TypeError) as e:
         raise ValueError(f"train-config: {e}") from None
 
 

@@ -40,7 +40,7 @@ from .params import flat_grad, set_flat_params
 from .protocol import Baseline, Domain, StepEstimator
 from .plots import save_figure
 from .server import ClientUpdate, OptimConfig
-from .simulate import Federation, Method, TrainConfig, model_config
+from .simulate import Federation, Method, TrainConfig
 
 REFERENCE = "torch"  # the fp32 BAFFLE runtime every other runtime is compared with
 BASELINE = "bp"  # name of the backprop run
@@ -247,7 +247,7 @@ def run_one(name: str, cfg: TrainConfig, data: Dataset, *, progress: bool = Fals
         for r in it:
             if snapshot_round is not None and r == snapshot_round:
                 snapshot = fed.server.flat().numpy().copy()
-            row = fed.step(r, on_update=probe)
+            row = fed.step(r, on_update=probe).to_json()
             row.update(probe.finish_round(r))
             if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
                 row.update(fed.evaluate())
