@@ -71,7 +71,7 @@ class Live:
     def open(self, round_: int) -> threading.Thread:
         def run():
             try:
-                self.rows.append(self.fed.step(round_, gather=self.board))
+                self.rows.append(self.fed.step(round_, gather=self.board).to_json())
             except GatewayStopped:  # the test ended with the round open
                 pass
 

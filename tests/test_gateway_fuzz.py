@@ -31,7 +31,7 @@ def gateway(tmp_path_factory):
 
     def run():
         try:
-            rows.append(fed.step(0, gather=board))
+            rows.append(fed.step(0, gather=board).to_json())
         except GatewayStopped:
             pass
 

@@ -203,7 +203,6 @@ class Board:
             task = st.tasks[device.client]
             deadline_in = None if st.deadline is None else max(0.0, st.deadline - time.monotonic())
             bundle = st.bundle
-        o = self.cfg.optim
         return {
             "status": "task", "round": st.round, "rounds": self.cfg.rounds, "task": task.to_dict(),
             "weights": {"url": f"/v1/weights/{st.version}", "version": st.version, "dtype": "float32",
@@ -215,7 +214,7 @@ class Board:
                           for n, h in bundle.sha256.items()}},
             "data": f"/v1/data/{st.round}" if self.demo_data else None,
             "deadline_in": deadline_in,
-            "train": {"local_lr": o.local_lr, "clip": o.clip, "runtime": self.cfg.runtime},
+            "runtime": self.cfg.runtime,
         }
 
     def submit(self, device: Device, report: ClientReport) -> dict:

@@ -212,9 +212,7 @@ class Device:
         weights = self.weights(offer)
         session = self.load_session(offer, runtime)
         batches = self.batches(offer, task)
-        t = offer["train"]
-        return run_task(task, session, batches, weights=weights, runtime=runtime,
-                        local_lr=t["local_lr"], clip=t["clip"])
+        return run_task(task, session, batches, weights=weights, runtime=runtime)
 
     def post(self, report: ClientReport):
         if self.dc.upload == "npz":
