@@ -118,11 +118,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(a: argparse.Namespace):
     from .data import load_dataset
-    from .models import Activation, Norm
-    from .perturb import NoiseKind
-    from .protocol import Baseline, NoiseScope, Scheme, StepEstimator
-    from .server import Aggregate, OptimConfig, OptimizerName
-    from .simulate import Method, TrainConfig
+    from .server import OptimConfig
+    from .simulate import TrainConfig
 
     for name in ("clients", "k", "batch_size", "eval_every", "checkpoint_every", "workers", "local_steps"):
         if getattr(a, name) < 1:
@@ -133,20 +130,14 @@ def config_from_args(a: argparse.Namespace):
     from baffle_edge.runtimes.batching import AUTO_KEY, resolve
     ppc = getattr(a, "perturbations_per_call", AUTO_KEY)
     ppc = AUTO_KEY if str(ppc).strip().lower() == AUTO_KEY else resolve(ppc, a.runtime)  # ValueError if bad
-    cfg = TrainConfig(
-        model=a.model, dataset=a.dataset, data_dir=a.data_dir, activation=Activation(a.activation),
-        norm=Norm(a.norm) if a.norm else None, clients=a.clients, partition=a.partition, alpha=a.alpha,
-        batch_size=a.batch_size, method=Method(a.method), strategy=a.strategy, local_steps=a.local_steps,
-        k=a.k, sigma=a.sigma, scheme=Scheme(a.scheme), noise=NoiseKind(a.noise) if a.noise else None,
-        noise_scope=NoiseScope(a.noise_scope), int8_estimator=StepEstimator(a.int8_estimator),
-        baseline=Baseline(a.baseline) if a.baseline else None, seed=a.seed, eval_every=a.eval_every,
-        checkpoint_every=a.checkpoint_every, runtime=a.runtime, provider=a.provider,
-        refresh_every=a.refresh_every, workers=a.workers,
-        quorum=a.quorum, round_timeout=a.round_timeout, aggregate=Aggregate(a.aggregate), trim=a.trim,
-        byzantine=a.byzantine, perturbations_per_call=ppc,
-        optim=OptimConfig(optimizer=OptimizerName(a.optimizer), lr=a.lr, weight_decay=a.weight_decay,
-                          milestones=milestones, clip=a.clip or None, ema_decay=a.ema_decay or None,
-                          local_lr=a.local_lr))
+    same = ("model", "dataset", "data_dir", "activation", "norm", "clients", "partition", "alpha", "batch_size",
+            "method", "strategy", "local_steps", "k", "sigma", "scheme", "noise", "noise_scope", "int8_estimator",
+            "baseline", "seed", "eval_every", "checkpoint_every", "runtime", "provider", "refresh_every", "workers",
+            "quorum", "round_timeout", "aggregate", "trim", "byzantine")  # option = TrainConfig field (enums from strings)
+    cfg = TrainConfig(**{n: getattr(a, n) for n in same}, perturbations_per_call=ppc,
+                      optim=OptimConfig(optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
+                                        milestones=milestones, clip=a.clip or None, ema_decay=a.ema_decay or None,
+                                        local_lr=a.local_lr))
     if a.rounds is not None and a.epochs is not None:
         raise ValueError("give --rounds or --epochs, not both")
     rounds = a.rounds if a.rounds is not None else TrainConfig.rounds

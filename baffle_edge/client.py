@@ -69,7 +69,14 @@ class BaseSession:
     perturbations_per_call = 1
 
     def losses(self, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
-        return step_losses(self, batch, task, step)
+        try:
+            return step_losses(self, batch, task, step)
+        finally:
+            self.restore()
+
+    def restore(self) -> None:
+        """Backends that hold weights in place (a torch model, a TFLite buffer) put back the
+        unperturbed ones here, exactly, after every step."""
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Plain forward at the current (unperturbed) weights."""

@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import hashlib
 import math
+import typing
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,16 @@ class OptimizerName(str, enum.Enum):
     SGD = "sgd"
 
 
+def coerce_enums(cfg) -> None:
+    """Set every enum-typed field of the frozen dataclass ``cfg`` that holds a string to its enum."""
+    for name, hint in typing.get_type_hints(type(cfg)).items():
+        v = getattr(cfg, name)
+        kind = next((k for k in typing.get_args(hint) or (hint,) if isinstance(k, type) and issubclass(k, enum.Enum)),
+                    None)
+        if kind is not None and isinstance(v, str) and not isinstance(v, enum.Enum):
+            object.__setattr__(cfg, name, kind(v))
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     optimizer: OptimizerName = OptimizerName.ADAM
@@ -42,6 +53,9 @@ class OptimConfig:
     clip: float | None = 0.3  # inf-norm clipping of each client's gradient (reference); None = off
     ema_decay: float | None = 0.995  # EMA of weights, updated per epoch (reference); None = off
     local_lr: float = 1e-2  # FedAvg: clients' local SGD step size
+
+    def __post_init__(self):
+        coerce_enums(self)
 
 
 @dataclass

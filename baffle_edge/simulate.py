@@ -33,7 +33,7 @@ from .params import flat_grad, layout_of, set_flat_params
 from .perturb import NoiseKind
 from .protocol import (DOMAIN_DEFAULTS, Baseline, ClientReport, Domain, NoiseScope, RoundTask, Scheme, StepEstimator,
                        check_noise, wire_bytes)
-from .server import (Aggregate, ClientUpdate, OptimConfig, ReplayGuard, RoundLog, Server, accuracy,
+from .server import (Aggregate, ClientUpdate, OptimConfig, coerce_enums, ReplayGuard, RoundLog, Server, accuracy,
                      make_strategy, mean_loss)
 from .estimator import clip_inf
 
@@ -93,30 +93,17 @@ class TrainConfig:
             return v
         return conv(self)
 
+    def __post_init__(self):
+        """Choices given as strings (CLI, JSON) are held as their enums."""
+        coerce_enums(self)
+
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
-        """The inverse of ``to_json``: every enum, tuple and nested config restored from its field's type."""
-        return _from_json(cls, d)
-
-
-def _from_json(cls, d: dict):
-    import typing
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in d:
-            continue
-        v, kinds = d[f.name], typing.get_args(hints[f.name]) or (hints[f.name],)
-        if v is None:
-            out[f.name] = None
-        elif any(dataclasses.is_dataclass(k) for k in kinds):
-            out[f.name] = _from_json(next(k for k in kinds if dataclasses.is_dataclass(k)), v)
-        elif isinstance(v, list):
-            out[f.name] = tuple(v)
-        else:
-            enum_kind = next((k for k in kinds if isinstance(k, type) and issubclass(k, enum.Enum)), None)
-            out[f.name] = enum_kind(v) if enum_kind is not None and isinstance(v, str) else v
-    return cls(**out)
+        """The inverse of ``to_json``: enums, tuples and the nested optimizer config restored."""
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if isinstance(d.get("optim"), dict):
+            d["optim"] = OptimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["optim"].items()})
+        return cls(**d)
 
 
 # rounds between bundle re-exports per format: int8 activation ranges and weight scales go stale as

@@ -135,12 +135,9 @@ class TFLiteSession(StepWeights, BaseSession):
         if not np.array_equal(back, base):
             raise RuntimeError("TFLite: writing the original integers back did not restore the output exactly")
 
-    def losses(self, batch, task, step: int = 0) -> np.ndarray:
-        try:
-            return super().losses(batch, task, step)
-        finally:
-            if self.q is not None:
-                self._write(self.q)  # the interpreter holds the unperturbed integers again, exactly
+    def restore(self) -> None:
+        if self.q is not None:
+            self._write(self.q)
 
     def prepare(self, x: np.ndarray) -> np.ndarray:
         """The batch quantized with the int8 input's scale (the interpreter resized to its size)."""
