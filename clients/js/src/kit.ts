@@ -6,7 +6,7 @@ import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { Bundle, TrainFormat } from "./bundle.js";
 import { RoundSession, runTask, type Batch, type OrtModule, type RunOptions } from "./client.js";
-import { parseJson } from "./json.js";
+import { parseJson, stringifyJson } from "./json.js";
 import type { ClientReport } from "./protocol.js";
 import { readBundleDir, readF32, readI32 } from "./node.js";
 
@@ -22,14 +22,14 @@ export interface KitRound {
 
 export interface Kit {
   dir: string;
-  index: Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+  index: Record<string, any>; // conformance.json as parsed (64-bit seeds as bigint)
   rounds: KitRound[];
   bundle: Bundle;
 }
 
 /** Read a kit folder: its index (parsed keeping 64-bit seeds exact) and its verified bundle. */
 export async function readKit(dir: string): Promise<Kit> {
-  const index = parseJson(await readFile(join(dir, "conformance.json"), "utf-8")) as Record<string, any>; // eslint-disable-line
+  const index = parseJson(await readFile(join(dir, "conformance.json"), "utf-8")) as Record<string, any>;
   if (index.kit_version !== 1) throw new Error(`${dir}: conformance kit version ${String(index.kit_version)} is not supported (expected 1)`);
   const bundle = await readBundleDir(join(dir, String(index.bundle)));
   return { dir, index, rounds: index.rounds as KitRound[], bundle };
@@ -45,7 +45,6 @@ export async function roundInputs(kit: Kit, r: KitRound): Promise<{ weights: Flo
 /** Run one kit round with this client (the task's JSON text goes through parseTask like a real upload). */
 export async function runKitRound(kit: Kit, r: KitRound, rs: RoundSession, options: RunOptions = {}): Promise<ClientReport> {
   const { weights, batches } = await roundInputs(kit, r);
-  const { stringifyJson } = await import("./json.js");
   return runTask(stringifyJson(r.task), weights, batches, rs, {
     localLr: r.client_options.local_lr, clip: r.client_options.clip, ...options,
   });
