@@ -119,7 +119,7 @@ test("headless chromium tabs join a serve run with the int8 bundle; accuracy ris
     const dir = mkdtempSync(join(tmpdir(), "baffle-gw-web-"));
     const clients = 3;
     tokens(dir, clients);
-    const [server, port] = await serve(dir, [...RUN, "--clients", String(clients), "--k", "20", "--rounds", "12",
+    const [server, port] = await serve(dir, [...RUN, "--clients", String(clients), "--k", "20", "--rounds", "9",
                                              "--eval-every", "3", "--web", join(PACKAGE_DIR, "web")]);
     const browser = await chromium.launch({
       executablePath: CHROMIUM,
@@ -140,7 +140,7 @@ test("headless chromium tabs join a serve run with the int8 bundle; accuracy ris
       }));
       for (const s of states) assert.equal(s.error, null, s.error ?? "");
       const got = rows(join(dir, "run"));
-      assert.deepEqual(got.map((r) => r.clients_accepted), Array(12).fill(clients));
+      assert.deepEqual(got.map((r) => r.clients_accepted), Array(9).fill(clients));
       const acc = got.filter((r) => r.test_accuracy !== undefined).map((r) => r.test_accuracy!);
       assert.ok(acc[acc.length - 1] > acc[0], `test accuracy did not rise: ${acc.join(", ")}`);
       const seconds = states.flatMap((s) => s.roundSeconds).sort((a, b) => a - b);
