@@ -27,8 +27,8 @@ import pytest
 pytest.importorskip("fastapi", reason="pip install 'baffle-edge[serve]'")
 httpx = pytest.importorskip("httpx")
 
-from baffle_edge.gateway import tokens as tk  # noqa: E402
-from baffle_edge.protocol import ClientReport, RoundTask  # noqa: E402
+from baffle_edge.gateway import tokens as tk
+from baffle_edge.protocol import ClientReport, RoundTask
 
 TIMEOUT = 600  # seconds: every process here is killed after this
 
@@ -36,7 +36,7 @@ TIMEOUT = 600  # seconds: every process here is killed after this
 def start_server(tmp: Path, args: list[str]) -> tuple[subprocess.Popen, int]:
     p = subprocess.Popen([sys.executable, "-m", "baffle_edge", "serve", "--tokens", str(tmp / "tokens.json"),
                           "--port", "0", "--no-progress", "--out", str(tmp / "run"), *args],
-                         stdout=subprocess.PIPE, stderr=open(tmp / "serve.log", "w"), text=True)
+                         stdout=subprocess.PIPE, stderr=open(tmp / "serve.log", "w"), text=True)  # noqa: SIM115 - lives as long as the process
     line = p.stdout.readline()
     if "listening on" not in line:
         p.kill()
@@ -166,7 +166,8 @@ def test_rounds_per_minute_devices_vs_in_process(benchmark, tmp_path):
         devs = [subprocess.Popen([sys.executable, "-m", "baffle_edge", "device", "--server",
                                   f"http://127.0.0.1:{port}", "--token", str(tmp_path / f"client-{c}.token"),
                                   "--quiet", "--threads", "1"], stdout=subprocess.DEVNULL,
-                                 stderr=open(tmp_path / f"device{c}.log", "w"), env={**os.environ})
+                                 stderr=open(tmp_path / f"device{c}.log", "w"),  # noqa: SIM115
+                                 env={**os.environ})
                 for c in range(clients)]
         try:
             assert server.wait(TIMEOUT) == 0 and all(d.wait(TIMEOUT) == 0 for d in devs)
@@ -182,7 +183,7 @@ def test_rounds_per_minute_devices_vs_in_process(benchmark, tmp_path):
     benchmark.pedantic(both, rounds=1, iterations=1)
     local = json.loads((tmp_path / "local" / "metrics.json").read_text())["rounds"]
     served = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(served) == strip(local)  # the same run, only the transport differs
     benchmark.extra_info.update({
         "clients": clients, "rounds": rounds, "k": 20, "model": "lenet", "dataset": "digits",

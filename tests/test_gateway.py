@@ -14,13 +14,13 @@ import pytest
 
 pytest.importorskip("fastapi", reason="pip install 'baffle-edge[serve]'")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from baffle_edge.gateway import tokens as tk  # noqa: E402
-from baffle_edge.gateway.app import check_npz, create_app, report_limit  # noqa: E402
-from baffle_edge.gateway.board import Board, GatewayStopped  # noqa: E402
-from baffle_edge.protocol import ClientReport  # noqa: E402
-from baffle_edge.simulate import Federation, TrainConfig  # noqa: E402
+from baffle_edge.gateway import tokens as tk
+from baffle_edge.gateway.app import check_npz, create_app, report_limit
+from baffle_edge.gateway.board import Board, GatewayStopped
+from baffle_edge.protocol import ClientReport
+from baffle_edge.simulate import Federation, TrainConfig
 
 CFG = TrainConfig(clients=4, k=4, rounds=3, eval_every=1, checkpoint_every=1, workers=1, round_timeout=20.0)
 

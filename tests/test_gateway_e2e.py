@@ -2,7 +2,6 @@
 `baffle-edge train`, a device killed mid-run, the server killed with SIGKILL and resumed, TLS.
 Every process is bounded by a timeout and killed at the end of its test."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,8 +14,8 @@ import torch
 pytest.importorskip("fastapi", reason="pip install 'baffle-edge[serve]'")
 httpx = pytest.importorskip("httpx")
 
-from baffle_edge.cli import main as cli  # noqa: E402
-from baffle_edge.gateway import tokens as tk  # noqa: E402
+from baffle_edge.cli import main as cli
+from baffle_edge.gateway import tokens as tk
 
 RUN = ["--clients", "3", "--k", "4", "--rounds", "3", "--eval-every", "1", "--checkpoint-every", "1",
        "--no-progress"]
@@ -28,7 +27,7 @@ class Procs:
         self.tmp, self.procs = tmp, []
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "w")
+        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the process
         p = subprocess.Popen([sys.executable, "-m", "baffle_edge", *args], stdout=subprocess.PIPE if name.startswith(
             "serve") else log, stderr=log, text=True, cwd=self.tmp)
         p.name = name
@@ -148,12 +147,13 @@ def test_server_sigkill_and_resume_finishes_like_an_uninterrupted_run(procs, tmp
 def self_signed(tmp: Path) -> tuple[Path, Path]:
     import datetime
     import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(1).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(hours=1))

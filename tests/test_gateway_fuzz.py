@@ -8,12 +8,12 @@ import pytest
 
 pytest.importorskip("fastapi", reason="pip install 'baffle-edge[serve]'")
 schemathesis = pytest.importorskip("schemathesis", reason="pip install 'baffle-edge[test]'")
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, settings
 
-from baffle_edge.gateway import tokens as tk  # noqa: E402
-from baffle_edge.gateway.app import create_app  # noqa: E402
-from baffle_edge.gateway.board import Board, GatewayStopped  # noqa: E402
-from baffle_edge.simulate import Federation, TrainConfig  # noqa: E402
+from baffle_edge.gateway import tokens as tk
+from baffle_edge.gateway.app import create_app
+from baffle_edge.gateway.board import Board, GatewayStopped
+from baffle_edge.simulate import Federation, TrainConfig
 
 CFG = TrainConfig(clients=2, k=3, rounds=1, eval_every=1, checkpoint_every=1, workers=1, round_timeout=600.0)
 STATE: dict = {}
@@ -62,7 +62,7 @@ def test_no_request_crashes_the_gateway(case):
 
 
 def test_the_round_is_intact_after_fuzzing(gateway):
-    board, fed = STATE["board"], STATE["fed"]
+    board = STATE["board"]
     st = board.current
     assert not st.closed and set(st.tasks) == {0, 1}
     assert all(r.client == 0 for r in st.reports.values())  # only the token's own slot could ever be filled

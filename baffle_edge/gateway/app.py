@@ -12,7 +12,7 @@ Every device endpoint needs ``Authorization: Bearer <token>``. Refusals are JSON
 ``{"error": kind, "reason": text}`` with a 4xx status and are recorded by the ``Board``.
 docs/gateway.md describes the API and its threat model.
 """
-from __future__ import annotations
+# no "from __future__ import annotations": FastAPI reads the local Annotated aliases at runtime
 
 import asyncio
 import base64
@@ -21,9 +21,11 @@ import io
 import time
 import zipfile
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
-from fastapi import Depends, FastAPI, Path as PathParam, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -120,7 +122,7 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
             old, wake["event"] = wake["event"], asyncio.Event()
             old.set()
 
-        listener = lambda: loop.call_soon_threadsafe(pulse)  # noqa: E731
+        listener = lambda: loop.call_soon_threadsafe(pulse)
         board.listeners.append(listener)
         yield
         board.listeners.remove(listener)
@@ -143,7 +145,8 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
         route = request.scope.get("route")
         return getattr(route, "path", request.url.path)
 
-    async def device_of(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Device:
+    async def device_of(request: Request,
+                        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Device:
         endpoint = endpoint_of(request)
         board.requests[endpoint] += 1
         device = tokens.authenticate(creds.credentials if creds else None)
@@ -160,8 +163,10 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
                                                  f"(clients 0..{cfg.clients - 1})"), endpoint)
         return device
 
+    Authenticated = Annotated[Device, Depends(device_of)]
+
     @app.get("/v1/config", responses=PROBLEMS, summary="the run's public settings")
-    async def config(device: Device = Depends(device_of)) -> dict:
+    async def config(device: Authenticated) -> dict:
         fed = board.fed
         m = fed.model_cfg if fed is not None else None
         return {"api_version": API_VERSION, "client": device.client, "train_config": cfg.to_json(),
@@ -174,7 +179,7 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
                 "demo_data": board.demo_data, "max_report_bytes": limit}
 
     @app.get("/v1/task", responses=PROBLEMS, summary="the device's task, or wait / done (long poll)")
-    async def task(device: Device = Depends(device_of),
+    async def task(device: Authenticated,
                    wait: float = Query(0.0, ge=0.0, le=600.0,
                                        description=f"seconds to hold the request until a task is ready "
                                                    f"(capped at {max_poll:g})")) -> dict:
@@ -188,13 +193,13 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
                 return offer
             try:
                 await asyncio.wait_for(changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     @app.get("/v1/weights/{version}", responses={**PROBLEMS, 200: {"content": {"application/octet-stream": {}}}},
              response_class=Response, summary="the round's float32 weights (ETag = model version)")
-    async def weights(request: Request, version: str = PathParam(max_length=64),
-                      device: Device = Depends(device_of)) -> Response:
+    async def weights(request: Request, version: Annotated[str, PathParam(max_length=64)],
+                      device: Authenticated) -> Response:
         data = board.weights(version)
         etag = f'"{version}"'
         headers = {"ETag": etag, "X-Model-Version": version, "Cache-Control": "private, max-age=3600"}
@@ -204,8 +209,8 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
 
     @app.get("/v1/bundle/{generation}/{name}", responses={**PROBLEMS, 200: {"content": {"application/octet-stream": {}}}},
              response_class=Response, summary="a file of the round's bundle (verify its sha256)")
-    async def bundle(request: Request, generation: int = PathParam(ge=0, le=2**31),
-                     name: str = PathParam(max_length=128), device: Device = Depends(device_of)) -> Response:
+    async def bundle(request: Request, generation: Annotated[int, PathParam(ge=0, le=2**31)],
+                     name: Annotated[str, PathParam(max_length=128)], device: Authenticated) -> Response:
         data, digest = board.bundle_file(generation, name)
         headers = {"ETag": f'"{digest}"', "X-Sha256": digest, "Cache-Control": "private, max-age=3600"}
         if request.headers.get("if-none-match") == headers["ETag"]:
@@ -214,7 +219,7 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
         return Response(data, media_type=media, headers=headers)
 
     @app.get("/v1/data/{round_}", responses=PROBLEMS, summary="demo only: the device's batches for the round")
-    async def data(round_: int = PathParam(ge=0, le=2**32 - 1), device: Device = Depends(device_of)) -> dict:
+    async def data(round_: Annotated[int, PathParam(ge=0, le=2**32 - 1)], device: Authenticated) -> dict:
         batches = board.batches(device, round_)
         return {"round": round_, "client": device.client, "batches": [
             {"shape": list(b.x.shape), "x": base64.b64encode(np.ascontiguousarray(b.x, "<f4").tobytes()).decode(),
@@ -224,7 +229,7 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": ReportJSON.model_json_schema()},
                   "application/x-npz": {"schema": {"type": "string", "format": "binary"}}}}})
-    async def report(request: Request, device: Device = Depends(device_of)) -> dict:
+    async def report(request: Request, device: Authenticated) -> dict:
         endpoint = endpoint_of(request)
         try:
             body = await read_body(request, limit)

@@ -17,9 +17,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -56,7 +56,7 @@ class BundleSnapshot:
     sha256: dict[str, str]  # name -> hex digest
 
     @classmethod
-    def read(cls, folder: Path, generation: int, fmt: str) -> "BundleSnapshot":
+    def read(cls, folder: Path, generation: int, fmt: str) -> BundleSnapshot:
         manifest = (folder / "baffle.json").read_bytes()
         meta = json.loads(manifest)
         files, digests = {"baffle.json": manifest}, {"baffle.json": hashlib.sha256(manifest).hexdigest()}

@@ -21,6 +21,7 @@ from .tokens import TokenStore
 
 try:
     import uvicorn
+
     from .app import create_app
 except ImportError as e:  # optional extra
     _SERVE_ERROR: ImportError | None = ImportError(
@@ -109,7 +110,7 @@ def serve(cfg: TrainConfig, gw: GatewayConfig, out: str | Path, *, resume: bool 
     def training() -> None:
         try:
             result["metrics"] = train(cfg, out, resume=resume, progress=progress, gather=board, setup=board.bind)
-        except BaseException as e:  # reported on the main thread
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread after uvicorn stops
             result["error"] = e
         finally:
             board.finish()
@@ -166,4 +167,4 @@ def cmd_serve(a) -> int:
     return 0
 
 
-__all__ = ["GatewayConfig", "serve", "cmd_serve"]
+__all__ = ["GatewayConfig", "cmd_serve", "serve"]
