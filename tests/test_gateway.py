@@ -270,3 +270,55 @@ def test_bundle_files_are_served_with_their_sha256(tmp_path):
         assert lv.http.get(f"/v1/bundle/{b['generation'] + 9}/baffle.json", headers=lv.auth(0)).status_code == 404
     finally:
         lv.close()
+
+
+def device_on(live, client: int, **options):
+    """The Python device client talking to the in-process app (TestClient is an httpx.Client)."""
+    from baffle_edge.gateway.device import Device, DeviceConfig
+    dev = Device(DeviceConfig(server="http://testserver", token=live.tokens[client], poll=0.0, patience=5, **options))
+    dev.http.close()
+    dev.http = live.http
+    dev.http.headers["Authorization"] = f"Bearer {live.tokens[client]}"
+    return dev
+
+
+def test_python_device_with_its_own_data(live, tmp_path):
+    rng = np.random.default_rng(0)
+    own = tmp_path / "own.npz"
+    np.savez(own, x=rng.standard_normal((50, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 10, 50))
+    t = live.open(0)
+    dev = device_on(live, 0, data=str(own), max_tasks=1, upload="json")
+    summary = dev.run()
+    assert summary.answered == 1 and summary.rounds == [0] and not summary.refused
+    report = live.board.current.reports[0]
+    assert report.num_samples == CFG.batch_size and report.runtime == "torch"
+    for c in (1, 2, 3):
+        assert live.post(c, live.report(c)).status_code == 202
+    t.join(10)
+    assert live.rows[0]["clients_accepted"] == 4
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((3, 8, 8), np.float32), y=np.zeros(3))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        device_on(live, 1, data=str(bad))
+
+
+def test_python_device_refuses_a_tampered_bundle(tmp_path):
+    cfg = dataclasses.replace(CFG, clients=2, runtime="onnxruntime-int8")
+    lv = Live(tmp_path, cfg)
+    try:
+        lv.open(0)
+        snap = lv.board.current.bundle
+        name = next(n for n in snap.files if n.endswith(".train.onnx"))
+        snap.files[name] = snap.files[name][:-1] + b"\0"  # the bytes served no longer match the sha256
+        dev = device_on(lv, 0)
+
+        def one_round():  # the first offer only (run() would go on to wait for the next round)
+            dev.config = dev._check(dev.request("GET", "/v1/config"), "config").json()
+            offer = dev._check(dev.request("GET", "/v1/task"), "task").json()
+            return dev.answer(offer)
+
+        with pytest.raises(ValueError, match="sha256"):
+            one_round()
+        assert lv.board.current.reports == {}  # nothing was computed or sent from the bad file
+    finally:
+        lv.close()
