@@ -114,7 +114,8 @@ def serve(cfg: TrainConfig, gw: GatewayConfig, out: str | Path, *, resume: bool 
             result["error"] = e
         finally:
             board.finish()
-            deadline = time.monotonic() + gw.linger  # let polling devices hear "done"
+            linger = gw.linger if "metrics" in result else 0.0  # let polling devices hear "done"
+            deadline = time.monotonic() + linger
             while time.monotonic() < deadline and not server.should_exit:
                 time.sleep(0.05)
             server.should_exit = True
