@@ -88,7 +88,11 @@ def status(port: int, scheme: str = "http", **kw) -> dict:
     return httpx.get(f"{scheme}://127.0.0.1:{port}/v1/status", timeout=5, **kw).json()
 
 
-@pytest.mark.parametrize("runtime,clients", [("torch", 3), ("onnxruntime-int8", 2)])
+@pytest.mark.parametrize("runtime,clients", [
+    ("torch", 3),
+    # int8 over HTTP is also covered by clients/js/test/gateway.test.ts (Node devices) and, in
+    # process, by tests/test_gateway.py (bundle files, sha256); this run is kept for -m slow
+    pytest.param("onnxruntime-int8", 2, marks=pytest.mark.slow)])
 def test_devices_over_http_reproduce_train(procs, tmp_path, runtime, clients):
     args = [*RUN, "--runtime", runtime, "--clients", str(clients)]
     assert cli(["train", *args, "--out", str(tmp_path / "ref")]) == 0
