@@ -1,0 +1,596 @@
+"""Deploying BAFFLE on Flower: the app folder, TLS certificates, SuperNode keys, per-node data.
+
+Everything a SuperLink/SuperNode federation needs besides the apps themselves
+(``flower_app.py``), as functions and ``baffle-edge flower ...`` commands (docs/flower.md):
+
+- ``write_app(dir)``: a ready Flower app folder (``pyproject.toml`` with the components and the
+  run config) for ``flwr run``;
+- ``make_certificates(dir, hosts)``: a private CA and a SuperLink certificate signed by it
+  (``ca.crt`` goes to every SuperNode and to the machine running ``flwr``);
+- ``make_node_keys(dir, n)``: EC P-384 key pairs in OpenSSH format, as Flower's SuperNode
+  authentication expects (the SuperLink admin registers the ``.pub`` files with
+  ``flwr supernode register``; each SuperNode keeps its private key);
+- ``write_shards(cfg, dir)``: one data file per node (the same partition as ``baffle-edge train``),
+  for tests and for users who want to try a federation before devices have their own data;
+- ``load_node_data(path)``: what a SuperNode's ``--node-config 'data=PATH'`` points at.
+
+The node data formats are those ``data.py`` reads: an ``.npz`` with ``x`` (raw pixels, uint8,
+(N, C, H, W) or (N, H, W)) and ``y`` (labels), or a folder with MNIST-style IDX files
+``train-images-idx3-ubyte`` / ``train-labels-idx1-ubyte`` (optionally ``.gz``). Pixels are raw:
+the node normalises them with the server's normalisation (sent with each task), as an app would.
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------- app folder
+
+APP_NAME = "baffle-flower"
+
+PYPROJECT = """\
+# A Flower app running BAFFLE (written by `baffle-edge flower app`; docs/flower.md).
+# Needs baffle-edge[flower] installed wherever the ServerApp and the ClientApps run.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{name}"
+version = "1.0.0"
+description = "BAFFLE (backpropagation-free federated learning) on Flower"
+dependencies = ["baffle-edge[flower]"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "baffle-edge"
+
+[tool.flwr.app.components]
+serverapp = "baffle_edge.flower_app:server_app"
+clientapp = "baffle_edge.flower_app:client_app"
+
+[tool.flwr.app.config]
+# The training run, as a TrainConfig in JSON (the fields of metrics.json "config"; missing fields
+# take their defaults; `baffle-edge train --help` documents each one).
+train-config = '{train_config}'
+# Where each client's data comes from: "node" = the SuperNode's own file, given when it starts
+# (--node-config 'data=PATH partition-id=C'); "shard" = shard C of the dataset above (simulation).
+client-data = "{client_data}"
+# Run folder on the machine running the ServerApp (the SuperLink's): metrics.json, checkpoint.pt.
+out = "{out}"
+# Wait for this many SuperNodes before round 1, at most node-wait seconds.
+min-nodes = {min_nodes}
+node-wait = {node_wait}
+# Continue the run in `out` from its checkpoint.
+resume = false
+"""
+
+
+def write_app(directory: str | Path, *, train_config: dict | None = None, client_data: str = "node",
+              out: str = "runs/flower", min_nodes: int | None = None, node_wait: float = 600.0,
+              force: bool = False) -> Path:
+    """Write a Flower app folder (``pyproject.toml`` + a README) and return its path.
+
+    ``train_config`` is a (partial) TrainConfig JSON; it is validated here so a typo fails now,
+    not on the SuperLink."""
+    from .flower_app import FlowerConfig, config_from_run_config
+    d = Path(directory)
+    if (d / "pyproject.toml").exists() and not force:
+        raise FileExistsError(f"{d / 'pyproject.toml'} exists; pass --force to replace it")
+    if client_data not in ("node", "shard"):
+        raise ValueError(f"client-data must be 'node' or 'shard', got {client_data!r}")
+    given = json.dumps(train_config or {}, separators=(",", ":"))
+    if "'" in given:
+        raise ValueError("train-config must not contain single quotes (it is written as a TOML literal string)")
+    cfg, _ = config_from_run_config({"train-config": given})  # ValueError on unknown fields / bad values
+    min_nodes = cfg.clients if min_nodes is None else min_nodes
+    FlowerConfig(min_nodes=min_nodes, node_wait=node_wait)  # validates
+    d.mkdir(parents=True, exist_ok=True)
+    text = PYPROJECT.format(name=APP_NAME, train_config=given, client_data=client_data,
+                            out=Path(out).as_posix(), min_nodes=min_nodes, node_wait=node_wait)
+    (d / "pyproject.toml").write_text(text)
+    (d / "README.md").write_text(
+        "# BAFFLE on Flower\n\nWritten by `baffle-edge flower app`. Run it with `flwr run . CONNECTION`\n"
+        "against a SuperLink (docs/flower.md in baffle-edge). Edit `[tool.flwr.app.config]` in\n"
+        "pyproject.toml, or override at submit time: `flwr run . CONN --run-config 'out=\"runs/x\"'`.\n")
+    return d
+
+
+# ----------------------------------------------------------------------------------- TLS and keys
+
+def make_certificates(directory: str | Path, hosts: list[str], *, days: int = 365, force: bool = False) -> dict:
+    """A private CA (``ca.crt``, ``ca.key``) and a SuperLink server certificate (``server.pem``,
+    ``server.key``) valid for ``hosts`` (DNS names or IP addresses, as SuperNodes and ``flwr``
+    will address the SuperLink). Keys are EC P-384; private keys are written mode 0600."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    if not hosts:
+        raise ValueError("give at least one host name or IP address the SuperLink is reached at")
+    d = Path(directory)
+    files = {n: d / n for n in ("ca.crt", "ca.key", "server.pem", "server.key")}
+    if any(p.exists() for p in files.values()) and not force:
+        raise FileExistsError(f"certificates exist in {d}; pass --force to replace them")
+    sans: list = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?", h):
+                raise ValueError(f"not a host name or IP address: {h!r}") from None
+            sans.append(x509.DNSName(h))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "baffle-edge Flower CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    d.mkdir(parents=True, exist_ok=True)
+    pem = serialization.Encoding.PEM
+    _write_private(files["ca.key"], ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    _write_private(files["server.key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    files["ca.crt"].write_bytes(ca.public_bytes(pem))
+    files["server.pem"].write_bytes(cert.public_bytes(pem))
+    return files
+
+
+def make_node_keys(directory: str | Path, names: list[str], *, force: bool = False) -> dict[str, tuple[Path, Path]]:
+    """One EC P-384 key pair per SuperNode name, in OpenSSH format (``NAME`` private, mode 0600;
+    ``NAME.pub`` public): what ``flower-supernode --auth-supernode-private-key`` and
+    ``flwr supernode register`` read."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    d = Path(directory)
+    out = {}
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+            raise ValueError(f"key name {name!r}: use letters, digits, '_', '-', '.'")
+        priv, pub = d / name, d / f"{name}.pub"
+        if (priv.exists() or pub.exists()) and not force:
+            raise FileExistsError(f"{priv} exists; pass --force to replace it")
+        out[name] = (priv, pub)
+    d.mkdir(parents=True, exist_ok=True)
+    for name, (priv, pub) in out.items():
+        key = ec.generate_private_key(ec.SECP384R1())
+        _write_private(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                               serialization.NoEncryption()))
+        pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                      serialization.PublicFormat.OpenSSH) + f" {name}\n".encode())
+    return out
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+# ----------------------------------------------------------------------------------- node data
+
+IDX_IMAGES, IDX_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
+
+
+def load_node_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A SuperNode's own samples: raw pixels (N, C, H, W) and int64 labels (N,).
+
+    ``path``: an ``.npz`` with arrays ``x`` (N, C, H, W) or (N, H, W) and ``y`` (N,) (read without
+    pickle), or a folder with ``train-images-idx3-ubyte`` and ``train-labels-idx1-ubyte`` (IDX, as
+    MNIST ships; ``.gz`` accepted)."""
+    from .data import read_idx
+    p = Path(path)
+    if p.is_dir():
+        x, y = read_idx(p / IDX_IMAGES), read_idx(p / IDX_LABELS)
+    elif p.is_file():
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if "x" not in z or "y" not in z:
+                    raise ValueError(f"{p}: expected arrays 'x' and 'y', found {sorted(z.files)}")
+                x, y = z["x"], z["y"]
+        except ValueError:
+            raise
+        except Exception as e:  # not a zip, truncated, object arrays (pickle refused)
+            raise ValueError(f"{p}: not a readable .npz of x, y ({type(e).__name__}: {e})") from None
+    else:
+        raise FileNotFoundError(f"node data {p} does not exist (give an .npz file or a folder of IDX files)")
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise ValueError(f"{p}: x must be numeric (N, C, H, W) or (N, H, W), got {x.dtype} {x.shape}")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x) or len(y) == 0:
+        raise ValueError(f"{p}: y must be N >= 1 integer labels matching x; got {y.dtype} {y.shape} for x {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{p}: x contains NaN or infinite values")
+    return x, y.astype(np.int64)
+
+
+def normalise(x_raw: np.ndarray, norm: dict, *, channels: int, size: int, where: str = "node data") -> np.ndarray:
+    """Raw pixels -> model inputs with the server's normalisation, computed exactly as
+    ``data._normalise`` does (float32), so a node's inputs equal the in-process ones bit for bit."""
+    if x_raw.shape[1:] != (channels, size, size):
+        raise ValueError(f"{where}: images are {x_raw.shape[1:]} but the model expects ({channels}, {size}, {size})")
+    mean = np.asarray(norm["mean"], dtype=np.float32)[None, :, None, None]
+    std = np.asarray(norm["std"], dtype=np.float32)[None, :, None, None]
+    if mean.size != channels or std.size != channels:
+        raise ValueError(f"normalisation has {mean.size} channel means for {channels}-channel images")
+    x = x_raw.astype(np.float32) / float(norm["scale"])
+    return ((x - mean) / std).astype(np.float32)
+
+
+def raw_pixels(x: np.ndarray, mean, std, scale: float) -> np.ndarray:
+    """Invert ``data._normalise`` (the datasets' pixels are integers) -> uint8."""
+    m = np.asarray(mean, dtype=np.float64)[None, :, None, None]
+    s = np.asarray(std, dtype=np.float64)[None, :, None, None]
+    raw = (x.astype(np.float64) * s + m) * scale
+    out = np.rint(raw)
+    if np.abs(raw - out).max(initial=0) > 0.05 or out.min(initial=0) < 0 or out.max(initial=0) > 255:
+        raise ValueError("these inputs do not come from 8-bit integer pixels")
+    return out.astype(np.uint8)
+
+
+def write_idx(path: Path, a: np.ndarray) -> None:
+    """An unsigned-byte IDX file (the MNIST format ``data.read_idx`` reads)."""
+    a = np.ascontiguousarray(a, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, a.ndim]) + np.asarray(a.shape, dtype=">u4").tobytes()
+    path.write_bytes(header + a.tobytes())
+
+
+def write_shards(out: str | Path, *, dataset: str = "digits", data_dir: str | None = None, clients: int = 10,
+                 partition: str = "iid", alpha: float = 0.5, seed: int = 0, fmt: str = "npz",
+                 force: bool = False) -> list[Path]:
+    """One data file per client (``client-C.npz`` or IDX folder ``client-C/``): the training samples
+    ``baffle-edge train`` gives client C with the same dataset, clients, partition and seed, as raw
+    8-bit pixels in partition order. A SuperNode started with ``data=`` one of them and
+    ``partition-id=C`` trains exactly like client C in-process."""
+    from .data import load_dataset, partition as split
+    if fmt not in ("npz", "idx"):
+        raise ValueError(f"format must be npz or idx, got {fmt!r}")
+    d = Path(out)
+    names = [d / (f"client-{c}.npz" if fmt == "npz" else f"client-{c}") for c in range(clients)]
+    if any(p.exists() for p in names) and not force:
+        raise FileExistsError(f"shards exist in {d}; pass --force to replace them")
+    data = load_dataset(dataset, data_dir, seed=seed)
+    parts = split(data.y_train, clients, scheme=partition, alpha=alpha, seed=seed)
+    d.mkdir(parents=True, exist_ok=True)
+    for c, (p, idx) in enumerate(zip(names, parts)):
+        x = raw_pixels(data.x_train[idx], data.mean, data.std, data.scale)
+        y = data.y_train[idx]
+        if fmt == "npz":
+            np.savez_compressed(p, x=x, y=y)
+        else:
+            p.mkdir(exist_ok=True)
+            write_idx(p / IDX_IMAGES, x[:, 0] if x.shape[1] == 1 else x)
+            write_idx(p / IDX_LABELS, y.astype(np.uint8))
+    return names
+
+
+# ----------------------------------------------------------------------------------- processes
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Process:
+    """A Flower process started by us (in its own process group, so its children stop with it)."""
+
+    name: str
+    popen: "object"
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        import signal
+        import subprocess
+        if self.popen.poll() is None:
+            for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.popen.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.popen.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        try:  # children left in the group (SuperExec, ServerApp/ClientApp processes)
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.popen.poll()
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def start_process(name: str, cmd: list[str], log: Path, *, env: dict | None = None) -> Process:
+    import subprocess
+    f = open(log, "ab")
+    try:
+        popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=env, start_new_session=True)
+    finally:
+        f.close()
+    return Process(name, popen, log)
+
+
+def wait_healthy(address: str, *, ca: Path | None, timeout: float, process: Process | None = None) -> float:
+    """Wait until the SuperLink at ``address`` answers ``/health``; returns the seconds waited."""
+    import httpx
+    start = time.monotonic()
+    url = f"{'https' if ca else 'http'}://{address}/health"
+    while time.monotonic() - start < timeout:
+        if process is not None and not process.alive():
+            raise RuntimeError(f"{process.name} exited with code {process.popen.poll()}:\n{process.tail()}")
+        try:
+            if httpx.get(url, verify=str(ca) if ca else False, timeout=2.0).is_success:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"no SuperLink answered at {url} within {timeout:.0f} s")
+
+
+def flwr_home(directory: Path, connections: dict[str, dict]) -> Path:
+    """A private Flower CLI home (``FLWR_HOME``) whose config.toml holds ``connections``
+    (name -> keys of a ``[superlink.NAME]`` table); the first one is the default."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{next(iter(connections))}"', ""]
+    for name, keys in connections.items():
+        lines.append(f"[superlink.{name}]")
+        for k, v in keys.items():
+            lines.append(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}")
+        lines.append("")
+    (directory / "config.toml").write_text("\n".join(lines))
+    return directory
+
+
+def superlink_command(port: int, *, certs: Path | None = None, node_auth: bool = False, simulation: bool = False,
+                      host: str = "127.0.0.1") -> list[str]:
+    cmd = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if certs is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+                "--ssl-keyfile", str(certs / "server.key")]
+    if node_auth:
+        cmd.append("--enable-supernode-auth")
+    if simulation:
+        cmd += ["--simulation", "--isolation", "subprocess"]
+    return cmd
+
+
+def supernode_command(superlink: str, port: int, *, ca: Path | None = None, key: Path | None = None,
+                      node_config: str = "") -> list[str]:
+    cmd = ["flower-supernode", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
+    if key is not None:
+        cmd += ["--auth-supernode-private-key", str(key)]
+    if node_config:
+        cmd += ["--node-config", node_config]
+    return cmd
+
+
+# ----------------------------------------------------------------------------------- simulation
+
+def simulate(cfg, out: str | Path, *, resume: bool = False, cpus_per_client: int = 1,
+             total_cpus: int | None = None, verbose: bool = False, timeout: float | None = None) -> dict:
+    """Run ``cfg`` on Flower's simulation runtime, the supported path in Flower 1.42: a SuperLink
+    in simulation mode (loopback only, started and stopped here) and ``flwr run`` of the app
+    folder with ``num-supernodes = cfg.clients`` virtual SuperNodes (Ray). Returns the metrics."""
+    import shutil
+    import subprocess
+    import sys
+    from .flower_app import require_flwr
+    require_flwr()
+    out = Path(out).resolve()
+    if not resume and out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} is not empty; pass --resume to continue it or choose another --out")
+    work = Path(tempfile.mkdtemp(prefix="baffle-flower-sim-"))
+    superlink = None
+    try:
+        app = write_app(work / "app", train_config=cfg.to_json(), client_data="shard", out=str(out),
+                        min_nodes=cfg.clients)
+        port = free_port()
+        home = flwr_home(work / "flwr-home", {"sim": {"address": f"127.0.0.1:{port}", "insecure": True}})
+        federation = {"num_supernodes": cfg.clients, "client_resources_num_cpus": cpus_per_client,
+                      "client_resources_num_gpus": 0.0, "init_args_num_cpus": total_cpus or os.cpu_count() or 1,
+                      "init_args_log_to_driver": verbose, "verbose": verbose}
+        env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1")
+        superlink = start_process("SuperLink", superlink_command(port, simulation=True), work / "superlink.log",
+                                  env=env)
+        wait_healthy(f"127.0.0.1:{port}", ca=None, timeout=60, process=superlink)
+        cmd = ["flwr", "run", str(app), "sim", "--stream", "--federation-config",
+               " ".join(f"{k}={json.dumps(v)}" for k, v in federation.items())]
+        if resume:
+            cmd += ["--run-config", "resume=true"]
+        done = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, timeout=timeout,
+                              stdout=None if verbose else subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        metrics_path = out / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        if done.returncode != 0 or not metrics.get("final"):
+            log_text = (done.stdout or "")[-4000:]
+            sys.stderr.write(log_text)
+            raise RuntimeError(f"the Flower simulation ended without final metrics (flwr run exit code "
+                               f"{done.returncode}); SuperLink log:\n{superlink.tail(40)}")
+        return metrics
+    finally:
+        if superlink is not None:
+            superlink.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------- one machine
+
+class LocalFederation:
+    """A secured federation on this machine, every part a separate process on 127.0.0.1: a
+    SuperLink with TLS (a fresh private CA) and SuperNode authentication, ``len(node_configs)``
+    SuperNodes each with its own registered key pair and ``--node-config``, and a private Flower
+    CLI home for ``flwr``. For tests and for trying the runbook (docs/flower.md) before using
+    several machines. ``stop()`` (or leaving the ``with`` block) ends every process it started."""
+
+    def __init__(self, work: str | Path, node_configs: list[str], *, tls: bool = True, node_auth: bool = True):
+        if node_auth and not tls:
+            raise ValueError("SuperNode authentication needs TLS")
+        self.work = Path(work).resolve()
+        self.node_configs = list(node_configs)
+        self.tls, self.node_auth = tls, node_auth
+        self.superlink: Process | None = None
+        self.nodes: dict[int, Process] = {}
+        self.port = 0
+        self.certs = self.work / "certs"
+        self.keys = self.work / "keys"
+        self.timings: dict[str, float] = {}
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict:
+        return dict(os.environ, FLWR_HOME=str(self.work / "flwr-home"), FLWR_DISABLE_UPDATE_CHECK="1")
+
+    def start(self, *, timeout: float = 60.0) -> "LocalFederation":
+        import subprocess
+        self.work.mkdir(parents=True, exist_ok=True)
+        (self.work / "logs").mkdir(exist_ok=True)
+        t0 = time.monotonic()
+        if self.tls:
+            make_certificates(self.certs, ["127.0.0.1", "localhost"], force=True)
+        if self.node_auth:
+            make_node_keys(self.keys, [f"node-{i}" for i in range(len(self.node_configs))] + ["intruder"], force=True)
+        self.timings["credentials"] = time.monotonic() - t0
+        self.port = free_port()
+        conn = {"address": self.address}
+        conn.update({"root-certificates": str(self.certs / "ca.crt")} if self.tls else {"insecure": True})
+        flwr_home(self.work / "flwr-home", {"local": conn})
+        t0 = time.monotonic()
+        self.superlink = start_process("SuperLink", superlink_command(self.port, certs=self.certs if self.tls else None,
+                                                                      node_auth=self.node_auth),
+                                       self.work / "logs" / "superlink.log", env=self.env)
+        wait_healthy(self.address, ca=self.certs / "ca.crt" if self.tls else None, timeout=timeout,
+                     process=self.superlink)
+        self.timings["superlink"] = time.monotonic() - t0
+        if self.node_auth:
+            t0 = time.monotonic()
+            for i in range(len(self.node_configs)):
+                done = subprocess.run(["flwr", "supernode", "register", str(self.keys / f"node-{i}.pub"), "local",
+                                       "--name", f"node-{i}"], env=self.env, capture_output=True, text=True,
+                                      timeout=timeout, stdin=subprocess.DEVNULL)
+                if done.returncode != 0:
+                    raise RuntimeError(f"flwr supernode register failed:\n{done.stdout}{done.stderr}")
+            self.timings["register"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        for i in range(len(self.node_configs)):
+            self.start_node(i)
+        self.wait_nodes(len(self.node_configs), timeout=timeout)
+        self.timings["supernodes"] = time.monotonic() - t0
+        return self
+
+    def node_command(self, i: int, *, key: str | None = None) -> list[str]:
+        key_path = self.keys / (key or f"node-{i}") if self.node_auth else None
+        return supernode_command(self.address, free_port(), ca=self.certs / "ca.crt" if self.tls else None,
+                                 key=key_path, node_config=self.node_configs[i] if i >= 0 else "")
+
+    def start_node(self, i: int) -> Process:
+        self.nodes[i] = start_process(f"SuperNode {i}", self.node_command(i), self.work / "logs" / f"node-{i}.log",
+                                      env=self.env)
+        return self.nodes[i]
+
+    def kill_node(self, i: int) -> None:
+        """Kill SuperNode i abruptly (SIGKILL to its process group: a device that vanished)."""
+        import signal
+        p = self.nodes[i]
+        try:
+            os.killpg(p.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.popen.wait(10)
+
+    def online_nodes(self) -> int:
+        """How many SuperNodes the SuperLink lists as online (``flwr supernode ls``)."""
+        import subprocess
+        done = subprocess.run(["flwr", "supernode", "ls", "local", "--format", "json"], env=self.env,
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        try:
+            nodes = json.loads(done.stdout[done.stdout.index("{"):]).get("nodes", [])
+        except ValueError:
+            return 0
+        return sum(1 for n in nodes if n.get("status") == "online")
+
+    def wait_nodes(self, n: int, *, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i, p in self.nodes.items():
+                if not p.alive():
+                    raise RuntimeError(f"{p.name} exited with code {p.popen.poll()}:\n{p.tail()}")
+            if self.online_nodes() >= n:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"fewer than {n} SuperNodes online after {timeout:.0f} s")
+
+    def run(self, app: str | Path, *, run_config: str | None = None, timeout: float = 600.0,
+            log: Path | None = None):
+        """``flwr run APP local --stream`` (blocking, bounded by ``timeout``); returns CompletedProcess."""
+        import subprocess
+        cmd = ["flwr", "run", str(app), "local", "--stream"]
+        if run_config:
+            cmd += ["--run-config", run_config]
+        with open(log or self.work / "logs" / "flwr-run.log", "ab") as f:
+            return subprocess.run(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        for p in list(self.nodes.values()) + ([self.superlink] if self.superlink else []):
+            p.stop(timeout=5.0)
+
+    def __enter__(self) -> "LocalFederation":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
