@@ -91,11 +91,12 @@ class FlowerConfig:
     resume: bool = False  # continue the run in `out` from its checkpoint
     client_data: str = "shard"  # "node": each SuperNode's own data; "shard": dataset shard (simulation)
     query_timeout: float = 60.0  # seconds a new node has to say which partition it holds
+    poll: float = 0.2  # seconds between polls for replies (Flower's send_and_receive sleeps 3 s)
 
     def __post_init__(self):
-        if self.min_nodes < 1 or not self.node_wait > 0 or not self.query_timeout > 0:
-            raise ValueError(f"min-nodes must be >= 1, node-wait and query-timeout > 0; got {self.min_nodes}, "
-                             f"{self.node_wait}, {self.query_timeout}")
+        if self.min_nodes < 1 or not self.node_wait > 0 or not self.query_timeout > 0 or not self.poll > 0:
+            raise ValueError(f"min-nodes must be >= 1, node-wait, query-timeout and poll > 0; got {self.min_nodes}, "
+                             f"{self.node_wait}, {self.query_timeout}, {self.poll}")
         if self.client_data not in CLIENT_DATA:
             raise ValueError(f"client-data must be one of {', '.join(CLIENT_DATA)}; got {self.client_data!r}")
 
@@ -230,14 +231,31 @@ class FlowerGather:
                                    f"need {self.flower.min_nodes}")
             time.sleep(0.2)
 
+    def exchange(self, messages: list, timeout: float | None) -> list:
+        """Push ``messages`` and pull their replies until all arrived or ``timeout`` passed
+        (``Grid.send_and_receive`` does the same but polls every 3 s, a third of a short round)."""
+        if not messages:
+            return []
+        pending = {i for i in self.grid.push_messages(messages) if i}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list = []
+        while pending:
+            got = list(self.grid.pull_messages(list(pending)))
+            replies.extend(got)
+            pending.difference_update(r.metadata.reply_to_message_id for r in got)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.flower.poll)
+        return replies
+
     def describe(self, nodes: list[int]) -> None:
         """Ask nodes not seen before which partition they hold (one query message each)."""
         new = [n for n in nodes if n not in self.partition_of]
         if not new:
             return
         content = lambda: RecordDict({"query": ConfigRecord({"what": "partition"})})  # noqa: E731
-        replies = self.grid.send_and_receive([Message(content(), dst_node_id=n, message_type=QUERY_TYPE)
-                                              for n in new], timeout=self.flower.query_timeout)
+        replies = self.exchange([Message(content(), dst_node_id=n, message_type=QUERY_TYPE) for n in new],
+                                self.flower.query_timeout)
         for reply in replies:
             node, info = reply.metadata.src_node_id, parse_node_info(reply)
             if isinstance(info, Exception):
@@ -272,7 +290,7 @@ class FlowerGather:
             by_node.setdefault(node_of[t.client], []).append(t)
         messages = [task_message(t, weights, self.cfg, node_of[t.client], payload=payload,
                                  client_data=self.flower.client_data) for t in sent]
-        replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout) if messages else []
+        replies = self.exchange(messages, self.cfg.round_timeout)
         answered = []
         for reply in replies:
             report = parse_reply(reply)
@@ -333,7 +351,8 @@ def config_from_run_config(run_config: dict) -> tuple[TrainConfig, FlowerConfig]
                               node_wait=float(run_config.get("node-wait", 600.0)),
                               out=str(run_config.get("out", "runs/flower")), resume=bool(run_config.get("resume", False)),
                               client_data=str(run_config.get("client-data", "shard")),
-                              query_timeout=float(run_config.get("query-timeout", 60.0)))
+                              query_timeout=float(run_config.get("query-timeout", 60.0)),
+                              poll=float(run_config.get("poll", 0.2)))
     except (TypeError, ValueError) as e:
         raise ValueError(f"run config: {e}") from None
     return cfg, flower
@@ -582,3 +601,10 @@ if _FLWR_ERROR is None:
         log.info("BAFFLE run: %d clients, %d rounds, runtime %s, client data: %s -> %s", cfg.clients, cfg.rounds,
                  cfg.runtime, flower.client_data, flower.out)
         run_server(grid, cfg, flower, progress=False)
+
+
+def add_parser(subparsers) -> None:
+    """``baffle-edge flower ...`` (the commands live in flower_deploy.py)."""
+    from .flower_deploy import add_parser as add
+    add(subparsers)
+

@@ -48,6 +48,7 @@ build-backend = "hatchling.build"
 name = "{name}"
 version = "1.0.0"
 description = "BAFFLE (backpropagation-free federated learning) on Flower"
+license = "Apache-2.0"
 dependencies = ["baffle-edge[flower]"]
 
 [tool.hatch.build.targets.wheel]
@@ -65,9 +66,10 @@ clientapp = "baffle_edge.flower_app:client_app"
 # take their defaults; `baffle-edge train --help` documents each one).
 train-config = '{train_config}'
 # Where each client's data comes from: "node" = the SuperNode's own file, given when it starts
-# (--node-config 'data=PATH partition-id=C'); "shard" = shard C of the dataset above (simulation).
+# (--node-config 'data="PATH" partition-id=C'); "shard" = shard C of the dataset above (simulation).
 client-data = "{client_data}"
 # Run folder on the machine running the ServerApp (the SuperLink's): metrics.json, checkpoint.pt.
+# A relative path is relative to the folder the SuperLink was started in.
 out = "{out}"
 # Wait for this many SuperNodes before round 1, at most node-wait seconds.
 min-nodes = {min_nodes}
@@ -217,13 +219,12 @@ def load_node_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     elif p.is_file():
         try:
             with np.load(p, allow_pickle=False) as z:
-                if "x" not in z or "y" not in z:
-                    raise ValueError(f"{p}: expected arrays 'x' and 'y', found {sorted(z.files)}")
-                x, y = z["x"], z["y"]
-        except ValueError:
-            raise
+                names = sorted(z.files)
+                x, y = (z["x"], z["y"]) if {"x", "y"} <= set(names) else (None, None)
         except Exception as e:  # not a zip, truncated, object arrays (pickle refused)
             raise ValueError(f"{p}: not a readable .npz of x, y ({type(e).__name__}: {e})") from None
+        if x is None:
+            raise ValueError(f"{p}: expected arrays 'x' and 'y', found {names}")
     else:
         raise FileNotFoundError(f"node data {p} does not exist (give an .npz file or a folder of IDX files)")
     if x.ndim == 3:
@@ -318,30 +319,84 @@ class Process:
         return self.popen.poll() is None
 
     def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; every descendant is killed too (Flower starts
+        SuperExec, ServerApp and ClientApp processes, some in sessions of their own)."""
         import signal
         import subprocess
+        tree = descendants(self.popen.pid)
         if self.popen.poll() is None:
             for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(self.popen.pid, sig)
-                except ProcessLookupError:
-                    break
+                _signal_group(self.popen.pid, sig)
                 try:
                     self.popen.wait(wait)
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        try:  # children left in the group (SuperExec, ServerApp/ClientApp processes)
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        self.kill_tree(tree)
         return self.popen.poll()
+
+    def kill(self) -> None:
+        """SIGKILL the process and every descendant at once: a device that vanished."""
+        import signal
+        tree = descendants(self.popen.pid)
+        _signal_group(self.popen.pid, signal.SIGKILL)
+        self.kill_tree(tree)
+        self.popen.wait(10)
+
+    def kill_tree(self, pids: list[int]) -> None:
+        import signal
+        for pid in pids + descendants(self.popen.pid):
+            _signal_group(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _signal_group(pid: int, sig) -> None:
+    """Signal the process group led by ``pid`` (if ``pid`` leads one)."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def flower_env(**extra: str) -> dict:
+    """The environment for Flower processes started from here: this interpreter's scripts first on
+    PATH (the SuperLink and SuperNode start ``flwr-serverapp`` / ``flwr-clientapp`` by name, which
+    must import this baffle_edge, not another installation's), Flower's update check off, SuperExec
+    polling for new tasks every 0.1 s instead of 1 s."""
+    import sys
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.update(extra)
+    return env
 
 
 def start_process(name: str, cmd: list[str], log: Path, *, env: dict | None = None) -> Process:
@@ -437,7 +492,7 @@ def simulate(cfg, out: str | Path, *, resume: bool = False, cpus_per_client: int
         federation = {"num_supernodes": cfg.clients, "client_resources_num_cpus": cpus_per_client,
                       "client_resources_num_gpus": 0.0, "init_args_num_cpus": total_cpus or os.cpu_count() or 1,
                       "init_args_log_to_driver": verbose, "verbose": verbose}
-        env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_UPDATE_CHECK="1")
+        env = flower_env(FLWR_HOME=str(home))
         superlink = start_process("SuperLink", superlink_command(port, simulation=True), work / "superlink.log",
                                   env=env)
         wait_healthy(f"127.0.0.1:{port}", ca=None, timeout=60, process=superlink)
@@ -489,7 +544,7 @@ class LocalFederation:
 
     @property
     def env(self) -> dict:
-        return dict(os.environ, FLWR_HOME=str(self.work / "flwr-home"), FLWR_DISABLE_UPDATE_CHECK="1")
+        return flower_env(FLWR_HOME=str(self.work / "flwr-home"))
 
     def start(self, *, timeout: float = 60.0) -> "LocalFederation":
         import subprocess
@@ -528,8 +583,10 @@ class LocalFederation:
         self.timings["supernodes"] = time.monotonic() - t0
         return self
 
-    def node_command(self, i: int, *, key: str | None = None) -> list[str]:
-        key_path = self.keys / (key or f"node-{i}") if self.node_auth else None
+    def node_command(self, i: int, *, key: str | None = None, with_key: bool = True) -> list[str]:
+        """The command starting SuperNode ``i`` (``i = -1``: a node with no config), authenticated with
+        key pair ``key`` (default ``node-i``) unless ``with_key`` is false."""
+        key_path = self.keys / (key or f"node-{i}") if self.node_auth and with_key else None
         return supernode_command(self.address, free_port(), ca=self.certs / "ca.crt" if self.tls else None,
                                  key=key_path, node_config=self.node_configs[i] if i >= 0 else "")
 
@@ -539,14 +596,8 @@ class LocalFederation:
         return self.nodes[i]
 
     def kill_node(self, i: int) -> None:
-        """Kill SuperNode i abruptly (SIGKILL to its process group: a device that vanished)."""
-        import signal
-        p = self.nodes[i]
-        try:
-            os.killpg(p.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.popen.wait(10)
+        """Kill SuperNode i abruptly, with its ClientApp processes (a device that vanished)."""
+        self.nodes[i].kill()
 
     def online_nodes(self) -> int:
         """How many SuperNodes the SuperLink lists as online (``flwr supernode ls``)."""
@@ -594,3 +645,140 @@ class LocalFederation:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ----------------------------------------------------------------------------------- commands
+
+def _train_config_json(a) -> dict:
+    """The TrainConfig the train options describe, as JSON with only the fields that differ from
+    the defaults (so the app folder reads like the command that made it)."""
+    from .cli import config_from_args
+    from .simulate import TrainConfig
+    full, default = config_from_args(a).to_json(), TrainConfig().to_json()
+    out = {k: v for k, v in full.items() if k != "optim" and v != default[k]}
+    optim = {k: v for k, v in full["optim"].items() if v != default["optim"][k]}
+    if optim:
+        out["optim"] = optim
+    return out
+
+
+def cmd_app(a) -> int:
+    if a.round_timeout is None:
+        a.round_timeout = 300.0  # a deployment must not wait forever for a vanished SuperNode
+    cfg = _train_config_json(a)
+    d = write_app(a.dir, train_config=cfg, client_data=a.client_data, out=a.out or "runs/flower",
+                  min_nodes=a.min_nodes, node_wait=a.node_wait, force=a.force)
+    print(f"Flower app written to {d}/pyproject.toml ({len(cfg)} non-default train settings, client data: "
+          f"{a.client_data}). Run it: flwr run {d} CONNECTION --stream (docs/flower.md)")
+    return 0
+
+
+def cmd_certs(a) -> int:
+    files = make_certificates(a.dir, [h.strip() for h in a.hosts.split(",") if h.strip()], days=a.days, force=a.force)
+    print(f"CA: {files['ca.crt']} (give it to every SuperNode and flwr user), {files['ca.key']} (keep offline)\n"
+          f"SuperLink: {files['server.pem']} + {files['server.key']} for hosts {a.hosts}")
+    return 0
+
+
+def cmd_keys(a) -> int:
+    names = [n.strip() for n in a.names.split(",") if n.strip()] if a.names else [f"node-{i}" for i in range(a.nodes)]
+    pairs = make_node_keys(a.dir, names, force=a.force)
+    for name, (priv, pub) in pairs.items():
+        print(f"{name}: private {priv} (stays on the SuperNode), public {pub} (register: flwr supernode register {pub})")
+    return 0
+
+
+def cmd_shards(a) -> int:
+    paths = write_shards(a.dir, dataset=a.dataset, data_dir=a.data_dir, clients=a.clients, partition=a.partition,
+                         alpha=a.alpha, seed=a.seed, fmt=a.format, force=a.force)
+    print(f"{len(paths)} node data files in {a.dir} ({a.format}); start SuperNode C with "
+          f"--node-config 'data=\"{paths[0].parent.resolve()}/{paths[0].name.replace('-0', '-C')}\" partition-id=C'")
+    return 0
+
+
+def cmd_simulate(a) -> int:
+    from .cli import config_from_args
+    cfg = config_from_args(a)
+    out = Path(a.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-flower-{cfg.model}-{cfg.dataset}")
+    start = time.perf_counter()
+    m = simulate(cfg, out, resume=a.resume, cpus_per_client=a.cpus_per_client, verbose=a.verbose,
+                 timeout=a.timeout)
+    wall = time.perf_counter() - start
+    f = m["final"]
+    print(f"flower: {cfg.clients} clients, {f['rounds_done']} rounds in {wall:.0f} s "
+          f"({60 * f['rounds_done'] / wall:.1f} rounds/min incl. start-up; "
+          f"{60 * f['rounds_done'] / max(f['seconds_total'], 1e-9):.1f} rounds/min in rounds); "
+          f"test accuracy {100 * f['test_accuracy']:.2f}%; {f['rejected_reports']} rejected, "
+          f"{f['absent_reports']} absent, {f['skipped_rounds']} skipped rounds -> {out}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    from .cli import _add_train_args
+    p = subparsers.add_parser("flower", help="run BAFFLE on the Flower framework (pip install 'baffle-edge[flower]')",
+                              description="Federated BAFFLE over Flower: simulation, or a SuperLink with SuperNodes "
+                                          "on several machines (docs/flower.md is the runbook).")
+    sub = p.add_subparsers(dest="flower_command", metavar="FLOWER_COMMAND", required=True)
+
+    s = sub.add_parser("app", help="write a ready Flower app folder (pyproject.toml with components and config)",
+                       description="Write DIR/pyproject.toml: the BAFFLE ServerApp and ClientApp and the run "
+                                   "config made from the train options below. Submit it with `flwr run DIR CONN`.")
+    s.add_argument("dir", help="the app folder to write")
+    s.add_argument("--client-data", default="node", choices=["node", "shard"],
+                   help="node: each SuperNode trains on its own --node-config data file; shard: on shard C of "
+                        "--dataset (simulation) (default: node)")
+    s.add_argument("--min-nodes", type=int, default=None, help="SuperNodes to wait for before round 1 (default: --clients)")
+    s.add_argument("--node-wait", type=float, default=600.0, help="seconds to wait for them (default: 600)")
+    s.add_argument("--force", action="store_true", help="replace an existing pyproject.toml")
+    _add_train_args(s)
+    s.set_defaults(func=cmd_app, command="flower app")
+    for action in s._actions:  # the run folder lives on the ServerApp's machine; a deployment needs a deadline
+        if action.dest == "out":
+            action.help = "run folder on the SuperLink machine, where the ServerApp runs (default: runs/flower)"
+        if action.dest == "round_timeout":
+            action.help = "seconds a round waits for reports; late clients are absent (default here: 300)"
+
+    s = sub.add_parser("certs", help="make a private CA and the SuperLink's TLS certificate",
+                       description="Write ca.crt, ca.key, server.pem, server.key (EC P-384) into DIR.")
+    s.add_argument("dir")
+    s.add_argument("--hosts", required=True,
+                   help="comma-separated DNS names / IP addresses SuperNodes and flwr use to reach the SuperLink")
+    s.add_argument("--days", type=int, default=365, help="validity (default: 365)")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_certs, command="flower certs")
+
+    s = sub.add_parser("keys", help="make SuperNode authentication key pairs (EC P-384, OpenSSH format)",
+                       description="Write NAME (private) and NAME.pub (public) per SuperNode into DIR.")
+    s.add_argument("dir")
+    s.add_argument("--nodes", type=int, default=1, help="how many pairs, named node-0 .. (default: 1)")
+    s.add_argument("--names", default=None, help="comma-separated names instead of node-0..")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_keys, command="flower keys")
+
+    s = sub.add_parser("shards", help="write one data file per client (the in-process partition) for SuperNodes",
+                       description="Split --dataset as `baffle-edge train` does and write client-C.npz (or IDX "
+                                   "folders) of raw pixels and labels: the data a SuperNode's --node-config points at.")
+    s.add_argument("dir")
+    from .data import DATASETS
+    s.add_argument("--dataset", default="digits", choices=DATASETS)
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--clients", type=int, default=10)
+    s.add_argument("--partition", default="iid", choices=["iid", "dirichlet"])
+    s.add_argument("--alpha", type=float, default=0.5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--format", default="npz", choices=["npz", "idx"])
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_shards, command="flower shards")
+
+    s = sub.add_parser("simulate", help="Flower's simulation runtime with --clients virtual SuperNodes",
+                       description="Train on Flower's simulation runtime (a loopback SuperLink in simulation mode, "
+                                   "`flwr run`, Ray): one virtual SuperNode per client. Writes the same "
+                                   "OUT/metrics.json as `baffle-edge train`.")
+    _add_train_args(s)
+    g = s.add_argument_group("flower")
+    g.add_argument("--cpus-per-client", type=int, default=1,
+                   help="Ray CPUs per ClientApp instance (an integer in Flower 1.42); concurrency = cores / this "
+                        "(default: 1)")
+    g.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (default: none)")
+    g.add_argument("--verbose", action="store_true", help="stream Flower's and Ray's logs")
+    s.set_defaults(func=cmd_simulate, command="flower simulate")
