@@ -282,6 +282,7 @@ class FlowerGather:
         return node_of
 
     def __call__(self, tasks: list[RoundTask], weights: np.ndarray) -> list[tuple]:
+        start = time.monotonic()
         node_of = self.assign(self.nodes())
         payload = self.payload()
         sent = [t for t in tasks if t.client in node_of]
@@ -301,6 +302,9 @@ class FlowerGather:
             if task is not None:
                 answered.append((task, report))
         order = {t.client: i for i, t in enumerate(tasks)}
+        heard = {t.client for t, _ in answered}
+        log.info("round %d: %d/%d replies in %.1f s%s", tasks[0].round + 1 if tasks else 0, len(answered), len(tasks),
+                 time.monotonic() - start, f"; absent: {sorted(set(order) - heard)}" if len(heard) < len(tasks) else "")
         return sorted(answered, key=lambda a: order[a[0].client])  # reproducible: client order
 
 
@@ -597,7 +601,12 @@ if _FLWR_ERROR is None:
     @server_app.main()
     def _server_main(grid: Grid, context: Context) -> None:
         cfg, flower = config_from_run_config(dict(context.run_config))
-        logging.basicConfig(level=logging.INFO)
+        if not log.handlers:  # our progress lines only (the root logger at INFO would log every HTTP poll)
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s baffle-edge: %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+            log.propagate = False
         log.info("BAFFLE run: %d clients, %d rounds, runtime %s, client data: %s -> %s", cfg.clients, cfg.rounds,
                  cfg.runtime, flower.client_data, flower.out)
         run_server(grid, cfg, flower, progress=False)

@@ -419,7 +419,9 @@ def wait_healthy(address: str, *, ca: Path | None, timeout: float, process: Proc
         if process is not None and not process.alive():
             raise RuntimeError(f"{process.name} exited with code {process.popen.poll()}:\n{process.tail()}")
         try:
-            if httpx.get(url, verify=str(ca) if ca else False, timeout=2.0).is_success:
+            import ssl
+            verify = ssl.create_default_context(cafile=str(ca)) if ca else False
+            if httpx.get(url, verify=verify, timeout=2.0).is_success:
                 return time.monotonic() - start
         except httpx.HTTPError:
             pass
@@ -595,6 +597,43 @@ class LocalFederation:
                                       env=self.env)
         return self.nodes[i]
 
+    def restart_node(self, i: int, *, timeout: float = 180.0, retry_every: float = 5.0) -> float:
+        """Start SuperNode i again and keep retrying until the SuperLink activates it; returns the
+        seconds it took. A SuperNode that crashed stays "online" on the SuperLink until its
+        heartbeat expires (2 x 30 s in Flower 1.42), and until then a restart with the same key is
+        refused ("Failed to activate SuperNode") and exits: supervise SuperNodes with a restart loop
+        (systemd ``Restart=on-failure``), as this does."""
+        start = time.monotonic()
+        log = self.work / "logs" / f"node-{i}.log"
+        while True:
+            offset = log.stat().st_size if log.exists() else 0
+            p = self.start_node(i)
+            while p.alive() and time.monotonic() - start < timeout:
+                with open(log, "rb") as f:
+                    f.seek(offset)
+                    if b"SuperNode ID:" in f.read():
+                        return time.monotonic() - start
+                time.sleep(0.5)
+            if p.alive() or time.monotonic() - start >= timeout:
+                raise TimeoutError(f"SuperNode {i} was not activated within {timeout:.0f} s:\n{p.tail()}")
+            time.sleep(retry_every)
+
+    def try_node(self, name: str, *, key: str | None = None, with_key: bool = True,
+                 timeout: float = 90.0) -> tuple[int | None, str]:
+        """Start a SuperNode with no data that should be refused (``key``: a key pair that may not be
+        registered; ``with_key=False``: no key at all); wait for it to exit. Returns its exit code
+        (None: still running after ``timeout``, then killed) and its log."""
+        import subprocess
+        log = self.work / "logs" / f"{name}.log"
+        p = start_process(name, self.node_command(-1, key=key, with_key=with_key) + ["--max-retries", "1"], log,
+                          env=self.env)
+        try:
+            code = p.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        p.stop(timeout=5.0)  # its SuperExec child, if it outlived it
+        return code, log.read_text(errors="replace")
+
     def kill_node(self, i: int) -> None:
         """Kill SuperNode i abruptly, with its ClientApp processes (a device that vanished)."""
         self.nodes[i].kill()
@@ -713,6 +752,65 @@ def cmd_simulate(a) -> int:
     return 0
 
 
+def run_local(cfg, out: str | Path, *, work: str | Path, timeout: float = 3600.0) -> tuple[dict, dict]:
+    """The whole runbook on this machine: node data files, certificates, keys, a SuperLink with TLS
+    and SuperNode authentication, one SuperNode per client on its own file, the app, ``flwr run``.
+    Returns (metrics, timings in seconds)."""
+    work = Path(work).resolve()
+    out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} is not empty; choose another --out")
+    t0 = time.monotonic()
+    shards = write_shards(work / "data", dataset=cfg.dataset, data_dir=cfg.data_dir, clients=cfg.clients,
+                          partition=cfg.partition, alpha=cfg.alpha, seed=cfg.seed, force=True)
+    settings = {k: v for k, v in cfg.to_json().items()}
+    if settings.get("round_timeout") is None:
+        settings["round_timeout"] = 300.0
+    app = write_app(work / "app", train_config=settings, client_data="node", out=str(out), force=True)
+    timings = {"data_and_app": time.monotonic() - t0}
+    fed = LocalFederation(work / "federation", [f'data="{p}" partition-id={c}' for c, p in enumerate(shards)])
+    try:
+        t0 = time.monotonic()
+        fed.start(timeout=120)
+        timings["federation_up"] = time.monotonic() - t0
+        timings.update({f"federation_{k}": v for k, v in fed.timings.items()})
+        t0 = time.monotonic()
+        done = fed.run(app, timeout=timeout)
+        timings["run"] = time.monotonic() - t0
+    finally:
+        fed.stop()
+    metrics_path = out / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    if done.returncode != 0 or not metrics.get("final"):
+        raise RuntimeError(f"the run ended without final metrics (flwr run exit code {done.returncode}); "
+                           f"logs in {fed.work / 'logs'}")
+    first = metrics["rounds"][0]["seconds"] if metrics["rounds"] else 0.0
+    timings["first_round"] = first
+    return metrics, timings
+
+
+def cmd_local(a) -> int:
+    import shutil
+    from .cli import config_from_args
+    cfg = config_from_args(a)
+    out = Path(a.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-flower-local-{cfg.model}-{cfg.dataset}")
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="baffle-flower-local-"))
+    start = time.perf_counter()
+    try:
+        m, t = run_local(cfg, out, work=work, timeout=a.timeout)
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+    wall = time.perf_counter() - start
+    f = m["final"]
+    print(f"flower deployment: {cfg.clients} SuperNodes (TLS, authenticated), {f['rounds_done']} rounds in {wall:.0f} s "
+          f"({60 * f['rounds_done'] / wall:.1f} rounds/min incl. start-up; "
+          f"{60 * f['rounds_done'] / max(f['seconds_total'], 1e-9):.1f} rounds/min in rounds); start-up: federation "
+          f"{t['federation_up']:.1f} s, first round {t['first_round']:.1f} s; test accuracy "
+          f"{100 * f['test_accuracy']:.2f}%; {f['rejected_reports']} rejected, {f['absent_reports']} absent -> {out}")
+    return 0
+
+
 def add_parser(subparsers) -> None:
     from .cli import _add_train_args
     p = subparsers.add_parser("flower", help="run BAFFLE on the Flower framework (pip install 'baffle-edge[flower]')",
@@ -769,6 +867,19 @@ def add_parser(subparsers) -> None:
     s.add_argument("--format", default="npz", choices=["npz", "idx"])
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_shards, command="flower shards")
+
+    s = sub.add_parser("local", help="the whole secured deployment on this machine: SuperLink + one SuperNode "
+                                     "per client as processes",
+                       description="Try the runbook (docs/flower.md) on one machine: node data files, a private CA, "
+                                   "SuperNode keys, a SuperLink with TLS and SuperNode authentication on 127.0.0.1, "
+                                   "--clients SuperNodes each on its own data file, the app, `flwr run`; every process "
+                                   "is stopped at the end. Writes OUT/metrics.json like `baffle-edge train`.")
+    _add_train_args(s)
+    g = s.add_argument_group("flower")
+    g.add_argument("--work", default=None, help="keep certificates, keys, data, app and logs here (default: a "
+                                                 "temporary folder, removed at the end)")
+    g.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (default: 3600)")
+    s.set_defaults(func=cmd_local, command="flower local")
 
     s = sub.add_parser("simulate", help="Flower's simulation runtime with --clients virtual SuperNodes",
                        description="Train on Flower's simulation runtime (a loopback SuperLink in simulation mode, "
