@@ -37,7 +37,6 @@ Entry points: ``baffle_edge.flower_app:server_app`` / ``:client_app`` (the app f
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -312,20 +311,6 @@ def run_server(grid: "Grid", cfg: TrainConfig, flower: FlowerConfig, *, progress
     """The ServerApp's body: the reference training loop with Flower as the transport."""
     from .simulate import train
     return train(cfg, flower.out, resume=flower.resume, progress=progress, gather=FlowerGather(grid, cfg, flower))
-
-
-def make_server_app(cfg: TrainConfig, flower: FlowerConfig, *, result: dict | None = None) -> "ServerApp":
-    """A ServerApp bound to ``cfg``; ``result['metrics']`` receives the metrics."""
-    require_flwr()
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        metrics = run_server(grid, cfg, flower)
-        if result is not None:
-            result["metrics"] = metrics
-
-    return app
 
 
 def config_from_run_config(run_config: dict) -> tuple[TrainConfig, FlowerConfig]:
