@@ -2,28 +2,33 @@
 
 Depends on numpy only (no torch), so it is the code path a device port mirrors:
 
-    for each local step s:                       # FedSGD: one step
-        losses = session.losses(batch_s, task, step=s)    # K+1 (forward) or 2K (central) scalars
+    for each local step s:                                # FedSGD: one step
+        losses = step_losses(session, batch_s, task, s)   # K+1 (forward) or 2K (central) scalars
         if more steps follow (FedAvg):
-            w -= local_lr * clip(stein_gradient(...))      # same noise, regenerated
+            w -= task.local_lr * clip(stein_gradient(...), task.clip)   # same noise, regenerated
             session.set_weights(w)
     return ClientReport(losses, base losses, sample count, timing)
 
-The perturbation for step s and index k uses the noise counter word ``s * K + k``.
+``step_losses`` is the one loss loop of every runtime: it orders the perturbation rows
+([base], +eps_k [, -eps_k]), builds each row's weights through the session's domain
+(``FloatWeights``: ``w + float32(sigma) * eps``; ``StepWeights``: whole int8 steps), hands them to
+the backend P at a time (``Session.evaluate``: "logits of these weight sets on this batch") and
+checks domain, noise and finiteness once. The perturbation for step s and index k uses the noise
+counter word ``s * K + k``.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from . import perturb
 from .estimator import clip_inf, leave_one_out, loss_differences, stein_gradient
 from .perturb import NoiseKind
-from .protocol import Baseline, ClientReport, Domain, RoundTask, Scheme, StepEstimator
+from .protocol import Baseline, ClientReport, Domain, RoundTask, Scheme, check_noise
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,84 @@ class Batch:
 
 
 class Session(Protocol):
-    """A loaded model on some runtime that can evaluate perturbed losses."""
+    """A model loaded on some runtime: what ``step_losses`` and every caller may rely on."""
+
+    name: str  # the runtime's registered name, e.g. "onnxruntime-int8"
+    dim: int  # trainable parameters = length of eps_k
+    domain: Domain  # where perturbations are applied
+    table: Any  # int8-step sessions: the bundle's quant.QuantTable; float sessions: None
+    perturbations_per_call: int  # P: weight sets per ``evaluate`` call
 
     def set_weights(self, flat: np.ndarray) -> None: ...
+    def weight_set(self, sign: int, eps: np.ndarray | None, task: RoundTask | None) -> Any: ...
+    def prepare(self, x: np.ndarray) -> Any: ...
+    def evaluate(self, x: Any, sets: Sequence[Any]) -> Sequence[np.ndarray]: ...
+    def logits(self, x: np.ndarray) -> np.ndarray: ...
     def losses(self, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray: ...
+
+
+class BaseSession:
+    """What every backend shares: the loss loop, plain logits, and the P of its calls. A backend
+    adds a domain (``FloatWeights`` / ``StepWeights``), ``prepare`` and ``evaluate``."""
+
+    name = ""
+    dim = 0
+    domain = Domain.FLOAT
+    table = None
+    perturbations_per_call = 1
+
+    def losses(self, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
+        try:
+            return step_losses(self, batch, task, step)
+        finally:
+            self.restore()
+
+    def restore(self) -> None:
+        """Backends that hold weights in place (a torch model, a TFLite buffer) put back the
+        unperturbed ones here, exactly, after every step."""
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Plain forward at the current (unperturbed) weights."""
+        return np.asarray(self.evaluate(self.prepare(x), [self.weight_set(0, None, None)])[0])
+
+
+class FloatWeights:
+    """Float domain: row weights are ``w + sign * (float32(sigma) * eps)`` in float32 (product
+    first, then sum: the arithmetic every runtime and port uses, docs/noise.md)."""
+
+    domain = Domain.FLOAT
+    table = None
+    signs = False  # eps_k arrives as float32 values
+
+    def set_weights(self, flat: np.ndarray) -> None:
+        flat = np.array(flat, dtype=np.float32).reshape(-1)
+        if flat.size != self.dim:
+            raise ValueError(f"weights: expected {self.dim} values, got {flat.size}")
+        self.w0 = flat
+
+    def weight_set(self, sign: int, eps: np.ndarray | None, task: RoundTask | None) -> np.ndarray:
+        if sign == 0:
+            return self.w0
+        return self.w0 + np.float32(sign) * (np.float32(task.sigma) * eps)
+
+
+class StepWeights:
+    """int8-step domain: the session holds the integers ``q`` of the global weights (bundle scales)
+    and row weights move every integer by +-1 step (``quant.StepSelector``; eps_k arrives as the
+    Rademacher sign mask, True = -1). Sets are lists of integer arrays in the table's order."""
+
+    domain = Domain.INT8_STEP
+    signs = True
+
+    def set_weights(self, flat: np.ndarray) -> None:
+        from .quant import StepSelector
+        self.q = self.table.quantize(flat)
+        self.select = StepSelector(self.table, self.q)
+
+    def weight_set(self, sign: int, eps: np.ndarray | None, task: RoundTask | None) -> list[np.ndarray]:
+        if getattr(self, "q", None) is None:
+            raise ValueError("call set_weights(global weights) before evaluating losses")
+        return self.q if sign == 0 else self.select(eps, sign)
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -56,8 +135,8 @@ def step_noise(task: RoundTask, step: int, dim: int, *, signs: bool = False) -> 
     Rademacher eps_k as a boolean mask, True where eps = -1 (quant.StepSelector's input)."""
     c, base = task.noise_client, step * task.k
     if signs:
-        if NoiseKind(task.noise) is not NoiseKind.RADEMACHER:
-            raise ValueError(f"sign masks need Rademacher noise, task has {NoiseKind(task.noise).value!r}")
+        if task.noise is not NoiseKind.RADEMACHER:
+            raise ValueError(f"sign masks need Rademacher noise, task has {task.noise.value!r}")
         return lambda k: perturb.negative_signs(task.seed, task.round, c, base + k, dim)
     return lambda k: perturb.noise(task.seed, task.round, c, base + k, dim, task.noise)
 
@@ -81,16 +160,56 @@ def noise_stream(task: RoundTask, step: int, dim: int, *, prefetch: bool = True,
             yield eps
 
 
+def check_task(session: Session, task: RoundTask) -> None:
+    """The task must perturb in the session's domain, with noise that domain can apply."""
+    if task.domain is not session.domain:
+        raise ValueError(f"runtime {session.name!r} perturbs in the {session.domain.value!r} domain; task asks "
+                         f"for {task.domain.value!r}")
+    check_noise(task.domain, task.noise)
+
+
+def step_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
+    """The losses of one local step: ``[L(w)] + [L(w + d_k) for k] (+ [L(w - d_k) for k] central)``.
+
+    Rows are evaluated in the order base, then per k ``+eps_k`` (and ``-eps_k``), ``P`` weight sets
+    per ``session.evaluate`` call (the last call takes the remainder), so at most P + 1 sets and
+    one prefetched eps are alive at once."""
+    check_task(session, task)
+    x = session.prepare(batch.x)
+    p = session.perturbations_per_call
+    signs = (1, -1) if task.central else (1,)
+    pending = [] if task.central else [session.weight_set(0, None, task)]
+    out: list[float] = []
+
+    def run(sets: list) -> None:
+        out.extend(cross_entropy(z, batch.y) for z in session.evaluate(x, sets))
+
+    for eps in noise_stream(task, step, session.dim, signs=session.domain is Domain.INT8_STEP):
+        pending.extend(session.weight_set(s, eps, task) for s in signs)
+        while len(pending) >= p:
+            run(pending[:p])
+            del pending[:p]
+    if pending:
+        run(pending)
+    if task.central:  # (+1, -1) pairs -> plus..., minus...
+        out = out[0::2] + out[1::2]
+    res = np.asarray(out, dtype=np.float64)
+    if not np.all(np.isfinite(res)):
+        raise ValueError(f"runtime {session.name!r} produced non-finite losses")
+    return res
+
+
 def split_step(task: RoundTask, out: np.ndarray) -> tuple[float | None, np.ndarray]:
     """Split a session's output for one step into (base loss, perturbed losses)."""
-    if Scheme(task.scheme) is Scheme.FORWARD:
+    if task.scheme is Scheme.FORWARD:
         return float(out[0]), out[1:]
     return None, out
 
 
 def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | None, dim: int,
-                  clip: float | None = None, *, table=None, weights: np.ndarray | None = None) -> np.ndarray:
-    """The (clipped) gradient estimate of one local step, as client and server both compute it.
+                  *, table=None, weights: np.ndarray | None = None) -> np.ndarray:
+    """The (clipped, ``task.clip``) gradient estimate of one local step, as client and server both
+    compute it.
 
     Float domain: delta = sigma * eps. int8-step domain (``table``: the bundle's
     ``quant.QuantTable``, ``weights``: the float weights the integers were quantized from):
@@ -99,21 +218,25 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
     ``task.baseline`` leave-one-out each loss difference is taken against the other perturbations'
     mean instead of L(w) (estimator.leave_one_out)."""
     diffs = loss_differences(losses, base, task.scheme)
-    if Baseline(task.baseline) is Baseline.LOO:
+    if task.baseline is Baseline.LOO:
         diffs = leave_one_out(diffs)
     noise = step_noise(task, step, dim)
-    if Domain(task.domain) is Domain.FLOAT:
-        return clip_inf(stein_gradient(diffs, task.sigma, noise, dim), clip)
+    if task.domain is Domain.FLOAT:
+        return clip_inf(stein_gradient(diffs, task.sigma, noise, dim), task.clip)
     if table is None or weights is None:
         raise ValueError("an int8-step report needs the bundle's quantization table to be decoded")
     q = table.quantize(weights)
-    central = Scheme(task.scheme) is Scheme.CENTRAL
-    eff = lambda k: table.effective_noise(q, noise(k), central=central)  # noqa: E731
-    return clip_inf(stein_gradient(diffs, table.divisor(StepEstimator(task.estimator)), eff, dim), clip)
+    eff = lambda k: table.effective_noise(q, noise(k), central=task.central)  # noqa: E731
+    return clip_inf(stein_gradient(diffs, table.divisor(task.estimator), eff, dim), task.clip)
+
+
+def local_step(task: RoundTask, w: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """One FedAvg local SGD step in float32, as client and server replay both take it."""
+    return (w - np.float32(task.local_lr) * g.astype(np.float32)).astype(np.float32)
 
 
 def run_task(task: RoundTask, session: Session, batches: list[Batch], *, weights: np.ndarray,
-             runtime: str = "", local_lr: float = 0.0, clip: float | None = 0.3) -> ClientReport:
+             runtime: str = "") -> ClientReport:
     """Evaluate ``task`` at ``weights`` on ``batches`` (one per local step) and report the losses."""
     if len(batches) != task.local_steps:
         raise ValueError(f"task has {task.local_steps} local step(s) but {len(batches)} batch(es) were given")
@@ -128,9 +251,7 @@ def run_task(task: RoundTask, session: Session, batches: list[Batch], *, weights
             bases.append(base)
         losses.append(pert)
         if s + 1 < len(batches):
-            g = step_gradient(task, s, pert, base, w.size, clip=clip, table=getattr(session, "table", None),
-                              weights=w)
-            w = (w - np.float32(local_lr) * g.astype(np.float32)).astype(np.float32)
+            w = local_step(task, w, step_gradient(task, s, pert, base, w.size, table=session.table, weights=w))
             session.set_weights(w)
     return ClientReport(round=task.round, client=task.client, losses=np.concatenate(losses),
                         base_losses=np.asarray(bases), num_samples=int(sum(len(b.y) for b in batches)),

@@ -37,7 +37,6 @@ Entry points: ``baffle_edge.flower_app:server_app`` / ``:client_app`` (the app f
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -48,10 +47,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .protocol import ClientReport, RoundTask
+
+if TYPE_CHECKING:
+    from .simulate import TrainConfig
 
 # The ClientApp runs in a fresh process per message in Flower 1.42 deployments, so this module and
 # the client path import no torch (that alone would add ~4 s per message); the server side imports
@@ -348,21 +351,11 @@ def config_from_run_config(run_config: dict) -> tuple[TrainConfig, FlowerConfig]
 
 
 def _typed_config(d: dict) -> TrainConfig:
-    """TrainConfig from its JSON form, enums restored (TrainConfig.from_json keeps plain strings)."""
-    from .models import Activation, Norm
-    from .perturb import NoiseKind
-    from .protocol import NoiseScope, Scheme
-    from .server import OptimizerName
-    from .simulate import Method, TrainConfig
+    """TrainConfig from its JSON form (every enum restored by TrainConfig.from_json)."""
+    from .simulate import TrainConfig
     try:
-        cfg = TrainConfig.from_json(d)
-        return dataclasses.replace(
-            cfg, activation=Activation(cfg.activation), norm=Norm(cfg.norm) if cfg.norm else None,
-            method=Method(cfg.method), scheme=Scheme(cfg.scheme),
-            noise=NoiseKind(cfg.noise) if cfg.noise is not None else None,
-            noise_scope=NoiseScope(cfg.noise_scope),
-            optim=dataclasses.replace(cfg.optim, optimizer=OptimizerName(cfg.optim.optimizer)))
-    except (TypeError, ValueError) as e:
+        return TrainConfig.from_json(d)
+    except (ValueError, TypeError) as e:
         raise ValueError(f"train-config: {e}") from None
 
 
@@ -378,8 +371,6 @@ class ClientSettings:
     perturbations_per_call: int | str
     seed: int
     batch_size: int
-    local_lr: float
-    clip: float | None
     # shard mode (simulation) only: which shard, as Federation splits the dataset
     dataset: str
     data_dir: str | None
@@ -392,11 +383,9 @@ class ClientSettings:
     def from_json(cls, text: str) -> "ClientSettings":
         try:
             d = json.loads(text)
-            o = d["optim"]
             return cls(runtime=str(d["runtime"]), provider=str(d["provider"]),
                        perturbations_per_call=d["perturbations_per_call"], seed=int(d["seed"]),
-                       batch_size=int(d["batch_size"]), local_lr=float(o["local_lr"]),
-                       clip=None if o["clip"] is None else float(o["clip"]), dataset=str(d["dataset"]),
+                       batch_size=int(d["batch_size"]), dataset=str(d["dataset"]),
                        data_dir=d["data_dir"], clients=int(d["clients"]), partition=str(d["partition"]),
                        alpha=float(d["alpha"]), byzantine=float(d["byzantine"]))
         except (TypeError, KeyError, ValueError) as e:
@@ -551,8 +540,7 @@ def client_train(msg: "Message", context: "Context") -> "Message":
         raise ValueError(f"client-data must be one of {', '.join(CLIENT_DATA)}; got {mode!r}")
     provider = node_config.get("provider") if mode == "node" else None
     session = Device.session(cfg, model, bundle, provider=str(provider) if provider else None)
-    report = run_task(task, session, data.batches(task, cfg), weights=weights, runtime=cfg.runtime,
-                      local_lr=cfg.local_lr, clip=cfg.clip)
+    report = run_task(task, session, data.batches(task, cfg), weights=weights, runtime=cfg.runtime)
     if mode == "shard" and cfg.byzantine > 0:
         from .simulate import byzantine_clients, garbage_report
         if task.client in byzantine_clients(cfg.clients, cfg.byzantine, seed=cfg.seed):

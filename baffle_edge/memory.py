@@ -119,9 +119,8 @@ def _tensor_bytes(tensors) -> int:
 
 
 def _model_config(cfg: MemoryConfig):
-    from .models import ModelConfig, Norm
-    norm = Norm.GROUP if cfg.model.startswith("wrn") else Norm.NONE
-    return ModelConfig(cfg.model, cfg.in_channels, cfg.image_size, 10, norm=norm)
+    from .models import ModelConfig, default_norm
+    return ModelConfig(cfg.model, cfg.in_channels, cfg.image_size, 10, norm=default_norm(cfg.model))
 
 
 def _prepare(cfg: MemoryConfig):
@@ -191,8 +190,7 @@ def _prepare(cfg: MemoryConfig):
 def _runtime_session(runtime: str, cfg: MemoryConfig, model, x: np.ndarray, y: np.ndarray):
     """A loaded session of a registered runtime and a RoundTask it can answer. Bundle runtimes
     get a bundle exported here (setup, not measured) into a temporary folder."""
-    from .perturb import NoiseKind
-    from .protocol import Domain, RoundTask
+    from .protocol import RoundTask
     from .runtimes import REGISTRY, get_runtime
     rt = get_runtime(runtime)  # ValueError for unknown names, ImportError naming the extra
     info = REGISTRY[runtime]
@@ -209,10 +207,7 @@ def _runtime_session(runtime: str, cfg: MemoryConfig, model, x: np.ndarray, y: n
         export_bundle(model, _model_config(cfg), data, artifact, ExportConfig(formats=(info.format,)),
                       source="baffle_edge.memory")
     session = rt.load(artifact, threads=cfg.threads)
-    domain = Domain(getattr(info, "domain", "float"))
-    int8 = domain is Domain.INT8_STEP
-    task = RoundTask(round=0, client=0, seed=cfg.seed, k=cfg.k, sigma=1.0 if int8 else 1e-4, domain=domain,
-                     noise=NoiseKind.RADEMACHER if int8 else NoiseKind.GAUSSIAN)
+    task = RoundTask.for_domain(session.domain, round=0, client=0, seed=cfg.seed, k=cfg.k, sigma=1e-4)
     return session, task
 
 

@@ -26,6 +26,11 @@ class Norm(str, enum.Enum):
 MODEL_NAMES = ("lenet", "wrn-10-2", "mlp")
 
 
+def default_norm(model: str) -> "Norm":
+    """The reference's normalisation per model: GroupNorm for WideResNets, none ("NoNorm") otherwise."""
+    return Norm.GROUP if model.startswith("wrn") else Norm.NONE
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "lenet"  # one of MODEL_NAMES

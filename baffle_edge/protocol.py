@@ -5,6 +5,11 @@ Both are frozen dataclasses, versioned, serialised as JSON (``to_json``/``from_j
 validated at the boundary; a bad value raises ``ValueError`` naming the field, and the server
 records such a report as rejected instead of crashing.
 
+Version 2 (this build) added ``local_lr`` and ``clip`` to ``RoundTask`` (the FedAvg client's local
+step and the clipping of each local estimate, so server replay and client always agree) and bounds
+``local_steps * k`` by 2^32 (the noise counter word ``k' = step * K + k`` is an unsigned 32-bit
+integer, docs/noise.md). Version-1 messages are refused with an error naming both versions.
+
 Loss layout in a report: forward scheme -> ``losses[k] = L(w + delta_k)`` for k < K, plus
 ``base_loss = L(w)``; central scheme -> ``losses[k] = L(w + delta_k)``, ``losses[K + k] =
 L(w - delta_k)``, ``base_loss`` optional. With ``local_steps = S > 1`` (FedAvg) the report holds
@@ -16,13 +21,13 @@ import enum
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from .perturb import NoiseKind
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_K = 1_000_000
 
 
@@ -57,6 +62,29 @@ class StepEstimator(str, enum.Enum):
 
     RMS = "rms-step"  # g = mean_k(dL_k eps_k) / rms(step): the gradient w.r.t. the integers, one scale
     PER_STEP = "per-step"  # g = mean_k(dL_k eps_k) / step_i: unbiased, but noise x 1/step_i per coordinate
+
+
+@dataclass(frozen=True)
+class DomainDefaults:
+    """What a perturbation domain implies when the user does not say (the one place this is decided)."""
+
+    noise: NoiseKind
+    baseline: Baseline
+    sigma_used: bool  # False: the domain moves whole quantization steps and ignores ``sigma``
+
+
+DOMAIN_DEFAULTS: dict[Domain, DomainDefaults] = {
+    Domain.FLOAT: DomainDefaults(NoiseKind.GAUSSIAN, Baseline.BASE, sigma_used=True),  # the reference
+    # whole +-1 steps: Rademacher; leave-one-out cancels the curvature offset they add to every loss
+    Domain.INT8_STEP: DomainDefaults(NoiseKind.RADEMACHER, Baseline.LOO, sigma_used=False),
+}
+
+
+def check_noise(domain: Domain, noise: NoiseKind) -> None:
+    """int8-step perturbation moves integers by +-1 step: it needs Rademacher noise."""
+    if Domain(domain) is Domain.INT8_STEP and NoiseKind(noise) is not NoiseKind.RADEMACHER:
+        raise ValueError(f"noise: the {Domain.INT8_STEP.value!r} domain moves int8 weights by whole quantization "
+                         f"steps and needs 'rademacher' noise, got {NoiseKind(noise).value!r}")
 
 
 def _require(cond: bool, field_name: str, msg: str) -> None:
@@ -126,7 +154,7 @@ class RoundTask:
     client: int  # client id (also keys the noise stream unless noise_scope is shared)
     seed: int  # run seed, uint64: with round/client/k it keys eps_k (docs/noise.md)
     k: int  # number of perturbations K
-    sigma: float  # perturbation scale (float domain; multiplier of the step in int8-step)
+    sigma: float  # perturbation scale of the float domain (> 0); int8-step moves whole steps and ignores it
     scheme: Scheme = Scheme.FORWARD
     noise: NoiseKind = NoiseKind.GAUSSIAN
     noise_scope: NoiseScope = NoiseScope.CLIENT
@@ -134,25 +162,29 @@ class RoundTask:
     estimator: StepEstimator = StepEstimator.RMS  # int8-step only: how losses decode into a gradient
     baseline: Baseline = Baseline.BASE  # what each perturbed loss is compared with
     local_steps: int = 1  # FedSGD 1; FedAvg: local estimated-gradient steps on the client
+    local_lr: float = 0.0  # FedAvg: the client's local SGD step size (server.OptimConfig.local_lr)
+    clip: float | None = None  # inf-norm clip of each local estimate (the server sends its 0.3); None = off
     model_version: str = ""  # hash of the global weights the losses must be evaluated at
     version: int = PROTOCOL_VERSION
 
     def __post_init__(self):
-        self.validate()
+        """Validate every field and hold the choices as enums (strings are parsed once, here)."""
+        for name, value in RoundTask._parse(self.to_dict()).items():
+            object.__setattr__(self, name, value)
 
     @property
     def noise_client(self) -> int:
         """The client word of the noise counter (docs/noise.md)."""
         from .perturb import SHARED_CLIENT
-        return SHARED_CLIENT if NoiseScope(self.noise_scope) is NoiseScope.SHARED else self.client
+        return SHARED_CLIENT if self.noise_scope is NoiseScope.SHARED else self.client
+
+    @property
+    def central(self) -> bool:
+        return self.scheme is Scheme.CENTRAL
 
     @property
     def losses_per_step(self) -> int:
-        return self.k * (2 if Scheme(self.scheme) is Scheme.CENTRAL else 1)
-
-    def validate(self) -> None:
-        d = self.to_dict()
-        RoundTask._parse(d)
+        return self.k * (2 if self.central else 1)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -171,12 +203,25 @@ class RoundTask:
             scheme=_enum(d, "scheme", Scheme), noise=_enum(d, "noise", NoiseKind),
             noise_scope=_enum(d, "noise_scope", NoiseScope), domain=_enum(d, "domain", Domain),
             estimator=_enum(d, "estimator", StepEstimator), baseline=_enum(d, "baseline", Baseline),
-            local_steps=_int(d, "local_steps", 1, 10_000), model_version=_str(d, "model_version"),
+            local_steps=_int(d, "local_steps", 1, 10_000), local_lr=_float(d, "local_lr"),
+            clip=_float(d, "clip", positive=True, optional="clip" in d), model_version=_str(d, "model_version"),
             version=PROTOCOL_VERSION,
         )
+        _require(out["local_lr"] >= 0, "local_lr", f"must be >= 0, got {out['local_lr']}")
+        _require(out["local_steps"] * out["k"] <= 2**32, "k", f"local_steps x k = {out['local_steps'] * out['k']} "
+                 "exceeds 2^32: the noise counter word k' = step * K + k is an unsigned 32-bit integer")
         _require(out["baseline"] is not Baseline.LOO or out["k"] >= 2, "baseline",
                  "leave-one-out needs k >= 2 perturbations")
+        check_noise(out["domain"], out["noise"])
         return out
+
+    @classmethod
+    def for_domain(cls, domain: Domain | str, **fields) -> "RoundTask":
+        """A task whose noise and baseline default to the domain's (``DOMAIN_DEFAULTS``)."""
+        dflt = DOMAIN_DEFAULTS[Domain(domain)]
+        fields.setdefault("noise", dflt.noise)
+        fields.setdefault("baseline", dflt.baseline)
+        return cls(domain=Domain(domain), **fields)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RoundTask":
@@ -280,7 +325,7 @@ class ClientReport:
         want = task.local_steps * task.losses_per_step
         _require(self.losses.size == want, "losses", f"expected {want} values "
                  f"({task.local_steps} step(s) x {task.losses_per_step}), got {self.losses.size}")
-        want_base = task.local_steps if Scheme(task.scheme) is Scheme.FORWARD else self.base_losses.size
+        want_base = self.base_losses.size if task.central else task.local_steps
         _require(self.base_losses.size == want_base and self.base_losses.size in (0, task.local_steps),
                  "base_losses", f"expected {task.local_steps} value(s), got {self.base_losses.size}")
         for name in ("losses", "base_losses"):

@@ -86,6 +86,26 @@ class QTensor:
                    d.get("lo"), d.get("hi"))
 
 
+def weight_tensor(name: str, input: str, offset: int, shape: tuple[int, ...], axis: int,
+                  scale: tuple[float, ...], *, reduce_range: bool = False) -> QTensor:
+    """An int8 weight tensor (symmetric, zero point 0): rounded into [-127, 127], or with
+    ``reduce_range`` (7-bit weights, export/onnx_export.py) into [-64, 64], where its perturbed
+    integers also stay (so a +-1 step never saturates ONNX Runtime's int16 sums)."""
+    if reduce_range:
+        return QTensor(name, input, offset, shape, "int8", axis, scale, qmax=64, lo=-64, hi=64)
+    return QTensor(name, input, offset, shape, "int8", axis, scale)
+
+
+def bias_tensor(name: str, input: str, offset: int, shape: tuple[int, ...], scale: tuple[float, ...],
+                weight: QTensor) -> QTensor:
+    """An int32 bias of scale ``s_in * s_w`` (per output channel). One perturbation step moves it by
+    ``m = max(1, round(1 / s_in))`` integers: about one step of its layer's weights in float
+    (``s_in`` = the median ratio of the bias scale to the weight scale)."""
+    s_in = float(np.median(np.asarray(scale) / np.asarray(weight.scale)))
+    return QTensor(name, input, offset, shape, "int32", 0, tuple(scale), max(1, int(round(1.0 / s_in))),
+                   qmax=2**31 - 1)
+
+
 @dataclass(frozen=True)
 class QuantTable:
     """All trainable tensors of an int8 graph, in parameter order."""

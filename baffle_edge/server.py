@@ -10,23 +10,35 @@ coordinate-wise median / trimmed mean over the per-client estimates (``make_stra
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import math
+import typing
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from .client import split_step, step_gradient
+from .client import local_step, step_gradient
 from .params import flat_params, set_flat_params, trainable
-from .protocol import ClientReport, RoundTask
+from .protocol import ClientReport, RoundTask, wire_bytes
 
 
 class OptimizerName(str, enum.Enum):
     ADAM = "adam"  # reference default
     SGD = "sgd"
+
+
+def coerce_enums(cfg) -> None:
+    """Set every enum-typed field of the frozen dataclass ``cfg`` that holds a string to its enum."""
+    for name, hint in typing.get_type_hints(type(cfg)).items():
+        v = getattr(cfg, name)
+        kind = next((k for k in typing.get_args(hint) or (hint,) if isinstance(k, type) and issubclass(k, enum.Enum)),
+                    None)
+        if kind is not None and isinstance(v, str) and not isinstance(v, enum.Enum):
+            object.__setattr__(cfg, name, kind(v))
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,9 @@ class OptimConfig:
     ema_decay: float | None = 0.995  # EMA of weights, updated per epoch (reference); None = off
     local_lr: float = 1e-2  # FedAvg: clients' local SGD step size
 
+    def __post_init__(self):
+        coerce_enums(self)
+
 
 @dataclass
 class ClientUpdate:
@@ -49,6 +64,12 @@ class ClientUpdate:
     weight: float  # aggregation weight (sample count)
     gradient: np.ndarray | None = None  # FedSGD
     weights: np.ndarray | None = None  # FedAvg: the client's final local weights
+    loss: float | None = None  # the client's loss at the global weights on its first batch
+    bytes_up: int = 0  # what the client uploaded for it (timing fields excluded: reproducible)
+
+    @property
+    def vector(self) -> np.ndarray:
+        return self.gradient if self.gradient is not None else self.weights
 
 
 @dataclass
@@ -69,21 +90,26 @@ class Aggregate(str, enum.Enum):
 
 
 class Strategy:
-    """Hooks of the round loop. Subclasses override ``local_steps``, ``decode``, ``apply`` and
+    """Hooks of the round loop. Subclasses override ``local_update`` (how a client's per-step
+    gradients become its update), ``apply`` (how the folded update changes the model) and
     ``aggregate`` (how the per-client vectors become one)."""
 
     name = "base"
     local_steps = 1
+    field = "gradient"  # the ClientUpdate field this strategy aggregates
 
-    def aggregate(self, updates: list[ClientUpdate], attr: str) -> np.ndarray:
-        """Fold the clients' ``attr`` vectors (gradient or weights) into one: the weighted mean."""
-        return self.weighted_mean(updates, attr)
-
-    def decode(self, server: "Server", task: RoundTask, report: ClientReport) -> ClientUpdate:
+    def local_update(self, task: RoundTask, w0: np.ndarray, gradient_at) -> np.ndarray:
+        """The client's update vector from ``gradient_at(step, weights)``, the (clipped) gradient of
+        local step ``step`` at ``weights``: estimated from loss scalars (BAFFLE, on the client and
+        again when the server decodes) or exact (the backprop baseline)."""
         raise NotImplementedError
 
     def apply(self, server: "Server", updates: list[ClientUpdate]) -> None:
         raise NotImplementedError
+
+    def aggregate(self, updates: list[ClientUpdate], attr: str) -> np.ndarray:
+        """Fold the clients' ``attr`` vectors (gradient or weights) into one: the weighted mean."""
+        return self.weighted_mean(updates, attr)
 
     @staticmethod
     def weighted_mean(updates: list[ClientUpdate], attr: str) -> np.ndarray:
@@ -96,11 +122,8 @@ class FedSGD(Strategy):
 
     name = "fedsgd"
 
-    def decode(self, server, task, report):
-        base, losses = split_step(task, np.concatenate([report.base_losses, report.losses]))
-        g = step_gradient(task, 0, losses, base, server.dim, clip=server.config.clip, table=server.quant_table,
-                          weights=server.flat().numpy())
-        return ClientUpdate(report.client, report.num_samples, gradient=g)
+    def local_update(self, task, w0, gradient_at):
+        return gradient_at(0, w0)
 
     def apply(self, server, updates):
         g = torch.from_numpy(self.aggregate(updates, "gradient").astype(np.float32))
@@ -117,21 +140,18 @@ class FedAvg(Strategy):
     from the uploaded scalars (regenerating the same noise) and averages the local weights."""
 
     name = "fedavg"
+    field = "weights"
 
     def __init__(self, local_steps: int):
         if local_steps < 1:
             raise ValueError(f"local_steps must be >= 1, got {local_steps}")
         self.local_steps = local_steps
 
-    def decode(self, server, task, report):
-        w = server.flat().numpy().copy()
-        per = task.losses_per_step
+    def local_update(self, task, w0, gradient_at):
+        w = np.array(w0, dtype=np.float32)
         for s in range(task.local_steps):
-            base = float(report.base_losses[s]) if report.base_losses.size else None
-            g = step_gradient(task, s, report.losses[s * per:(s + 1) * per], base, w.size,
-                              clip=server.config.clip, table=server.quant_table, weights=w)
-            w = (w - np.float32(server.config.local_lr) * g.astype(np.float32)).astype(np.float32)
-        return ClientUpdate(report.client, report.num_samples, weights=w)
+            w = local_step(task, w, gradient_at(s, w))
+        return w
 
     def apply(self, server, updates):
         server.set_flat(self.aggregate(updates, "weights").astype(np.float32))
@@ -254,24 +274,52 @@ class Server:
 
     def make_task(self, round_: int, client: int, **task_fields) -> RoundTask:
         return RoundTask(round=round_, client=client, local_steps=self.strategy.local_steps,
-                         model_version=self.version(), **task_fields)
+                         local_lr=self.config.local_lr, clip=self.config.clip, model_version=self.version(),
+                         **task_fields)
 
-    def decode(self, task: RoundTask, report: ClientReport | Exception) -> ClientUpdate | str:
+    def update(self, task: RoundTask, weight: float, gradient_at, *, w0: np.ndarray | None = None,
+               loss: float | None = None, bytes_up: int = 0) -> ClientUpdate:
+        """A client's update, as the strategy builds it from per-step gradients starting at ``w0``
+        (default: the global weights, which the task was made for)."""
+        vec = self.strategy.local_update(task, self.flat().numpy() if w0 is None else w0, gradient_at)
+        return ClientUpdate(task.client, weight, loss=loss, bytes_up=bytes_up, **{self.strategy.field: vec})
+
+    def decode(self, task: RoundTask, report: ClientReport | ClientUpdate | Exception) -> ClientUpdate | str:
         """Validate and decode one client's answer: the update, or the reason it is rejected.
-        Pure with respect to the server state, so clients can be decoded in parallel."""
+        Pure with respect to the server state, so clients can be decoded in parallel. A
+        ``ClientUpdate`` is an in-process device's exact update (the backprop baseline)."""
         if isinstance(report, Exception):
             return f"client failed: {type(report).__name__}: {report}"
-        if not isinstance(report, ClientReport):
+        if isinstance(report, ClientUpdate):
+            update = report
+        elif not isinstance(report, ClientReport):
             return f"not a ClientReport: {type(report).__name__}"
-        try:
-            report.check_against(task)
-            update = self.strategy.decode(self, task, report)
-        except ValueError as e:
-            return str(e)
-        vec = update.gradient if update.gradient is not None else update.weights
-        if not np.all(np.isfinite(vec)):
+        else:
+            try:
+                report.check_against(task)
+                update = self.update(task, report.num_samples, self._estimate(task, report),
+                                     loss=self._loss(task, report),
+                                     bytes_up=wire_bytes(dataclasses.replace(report, seconds=0.0)))
+            except ValueError as e:
+                return str(e)
+        if not np.all(np.isfinite(update.vector)):
             return "decoded update is not finite"
         return update
+
+    def _estimate(self, task: RoundTask, report: ClientReport):
+        """``gradient_at(step, weights)`` decoded from the report's scalars (same noise regenerated)."""
+        per = task.losses_per_step
+
+        def gradient_at(s: int, w: np.ndarray) -> np.ndarray:
+            base = float(report.base_losses[s]) if report.base_losses.size else None
+            return step_gradient(task, s, report.losses[s * per:(s + 1) * per], base, w.size,
+                                 table=self.quant_table, weights=w)
+        return gradient_at
+
+    @staticmethod
+    def _loss(task: RoundTask, report: ClientReport) -> float:
+        """L(w): the base loss, or for the central scheme the mean of L(w+d), L(w-d) (= L(w) + O(sigma^2))."""
+        return float(report.base_losses[0] if report.base_losses.size else report.losses[:2 * task.k].mean())
 
     def accept(self, task: RoundTask, report: ClientReport | Exception, log: RoundLog) -> ClientUpdate | None:
         """``decode`` and record the outcome in ``log``; a bad report is skipped, never raised."""

@@ -28,11 +28,12 @@ from torch import nn
 from . import __version__
 from .client import Batch, run_task
 from .data import Dataset, batch_indices, load_dataset, partition
-from .models import Activation, ModelConfig, Norm, build_model
-from .params import flat_grad, flat_params, layout_of, set_flat_params
+from .models import Activation, ModelConfig, Norm, build_model, default_norm
+from .params import flat_grad, layout_of, set_flat_params
 from .perturb import NoiseKind
-from .protocol import Baseline, Domain, ClientReport, NoiseScope, RoundTask, Scheme, StepEstimator, wire_bytes
-from .server import (Aggregate, ClientUpdate, OptimConfig, OptimizerName, ReplayGuard, RoundLog, Server, accuracy,
+from .protocol import (DOMAIN_DEFAULTS, Baseline, ClientReport, Domain, NoiseScope, RoundTask, Scheme, StepEstimator,
+                       check_noise, wire_bytes)
+from .server import (Aggregate, ClientUpdate, OptimConfig, coerce_enums, ReplayGuard, RoundLog, Server, accuracy,
                      make_strategy, mean_loss)
 from .estimator import clip_inf
 
@@ -92,19 +93,17 @@ class TrainConfig:
             return v
         return conv(self)
 
+    def __post_init__(self):
+        """Choices given as strings (CLI, JSON) are held as their enums."""
+        coerce_enums(self)
+
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        o = dict(d.pop("optim"))
-        o["betas"] = tuple(o["betas"])
-        o["milestones"] = tuple(o["milestones"])
-        if "aggregate" in d:
-            d["aggregate"] = Aggregate(d["aggregate"])
-        if "int8_estimator" in d:
-            d["int8_estimator"] = StepEstimator(d["int8_estimator"])
-        if d.get("baseline") is not None:
-            d["baseline"] = Baseline(d["baseline"])
-        return cls(optim=OptimConfig(**o), **d)
+        """The inverse of ``to_json``: enums, tuples and the nested optimizer config restored."""
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if isinstance(d.get("optim"), dict):
+            d["optim"] = OptimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["optim"].items()})
+        return cls(**d)
 
 
 # rounds between bundle re-exports per format: int8 activation ranges and weight scales go stale as
@@ -113,12 +112,31 @@ REFRESH_DEFAULT = {"onnx": 1, "onnx-int8": 1, "tflite-int8": 1}  # tflite every 
 
 
 def model_config(cfg: TrainConfig, data: Dataset) -> ModelConfig:
-    norm = cfg.norm if cfg.norm is not None else (Norm.GROUP if cfg.model.startswith("wrn") else Norm.NONE)
-    return ModelConfig(cfg.model, data.in_channels, data.image_size, data.num_classes, cfg.activation, norm)
+    return ModelConfig(cfg.model, data.in_channels, data.image_size, data.num_classes, cfg.activation,
+                       cfg.norm if cfg.norm is not None else default_norm(cfg.model))
 
 
 def rounds_per_epoch(cfg: TrainConfig, data: Dataset) -> int:
     return max(1, math.ceil(len(data.y_train) / (cfg.clients * cfg.batch_size)))
+
+
+@dataclass
+class RoundMetrics:
+    """One round's row of metrics.json (``evaluate`` adds the test figures on evaluation rounds)."""
+
+    round: int  # 1-based: rounds done after this one
+    train_loss: float | None  # mean loss of the accepted clients at the global weights (first batch)
+    clients_accepted: int
+    rejected: dict[str, str]  # client id -> reason
+    absent: list[int]  # clients that did not answer before the deadline
+    skipped: bool  # below quorum: the model was left unchanged
+    applied: bool  # the server changed the model
+    bytes_up: int  # accepted uploads (BAFFLE: report JSON without timing; backprop: dense float32)
+    bytes_down: int  # weights (+ task) sent to every client
+    seconds: float  # wall time of the round
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class Federation:
@@ -140,11 +158,9 @@ class Federation:
         self.model_cfg = model_config(cfg, self.data)
         self.model = build_model(self.model_cfg, seed=cfg.seed)
         self.layout = layout_of(self.model)
-        local_steps = cfg.local_steps if cfg.strategy == "fedavg" else 1
-        self.server = Server(self.model, make_strategy(cfg.strategy, local_steps=local_steps,
+        self.server = Server(self.model, make_strategy(cfg.strategy, local_steps=cfg.local_steps,
                                                        aggregate=cfg.aggregate, trim=cfg.trim), cfg.optim)
-        self.client_model = build_model(self.model_cfg, seed=cfg.seed)  # the BP baseline's copy
-        self._local = threading.local()  # one simulated device (model + session) per worker thread
+        self._local = threading.local()  # one simulated device (model or session) per worker thread
         self.pool = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="client")
         self.rpe = rounds_per_epoch(cfg, self.data)
         self.byzantine = byzantine_clients(cfg.clients, cfg.byzantine, seed=cfg.seed)
@@ -157,13 +173,14 @@ class Federation:
             raise ValueError(f"unknown runtime {self.cfg.runtime!r}; known: {', '.join(sorted(REGISTRY))}")
         self.runtime_info = REGISTRY[self.cfg.runtime]
         self.domain = Domain(self.runtime_info.domain)
-        self.noise = NoiseKind(self.cfg.noise) if self.cfg.noise is not None else (
-            NoiseKind.RADEMACHER if self.domain is Domain.INT8_STEP else NoiseKind.GAUSSIAN)
-        if self.domain is Domain.INT8_STEP and self.noise is not NoiseKind.RADEMACHER:
-            raise ValueError(f"runtime {self.cfg.runtime!r} moves int8 weights by whole quantization steps: "
-                             "use --noise rademacher (the default for int8 runtimes)")
-        self.baseline = Baseline(self.cfg.baseline) if self.cfg.baseline is not None else (
-            Baseline.LOO if self.domain is Domain.INT8_STEP else Baseline.BASE)
+        defaults = DOMAIN_DEFAULTS[self.domain]
+        self.noise = NoiseKind(self.cfg.noise) if self.cfg.noise is not None else defaults.noise
+        try:
+            check_noise(self.domain, self.noise)
+        except ValueError as e:
+            raise ValueError(f"runtime {self.cfg.runtime!r}: {e} (use --noise rademacher, the default for int8 "
+                             "runtimes)") from None
+        self.baseline = Baseline(self.cfg.baseline) if self.cfg.baseline is not None else defaults.baseline
         if self.baseline is Baseline.LOO and self.cfg.k < 2 and self.cfg.method is Method.BAFFLE:
             raise ValueError("the leave-one-out baseline (the default for int8 runtimes) needs --k >= 2; "
                              "use --baseline base for k = 1")
@@ -239,12 +256,39 @@ class Federation:
         """What a device does: evaluate the task's perturbed losses at the global weights (or at
         the round's snapshot ``weights``, so a straggler never sees a later model)."""
         w = self.server.flat().numpy() if weights is None else weights
-        return run_task(task, self._session(), batches, weights=w,
-                        runtime=self.cfg.runtime, local_lr=self.cfg.optim.local_lr, clip=self.cfg.optim.clip)
+        return run_task(task, self._session(), batches, weights=w, runtime=self.cfg.runtime)
+
+    def bp_client(self, task: RoundTask, batches: list[Batch], *, weights: np.ndarray) -> ClientUpdate:
+        """The float baseline as a device: exact (clipped) backprop gradients on the same batches,
+        folded into an update by the strategy exactly as decoded BAFFLE estimates are. Simulation
+        only: it uploads a dense update (counted as such) and its loss at the global weights."""
+        loc = self._local
+        if getattr(loc, "bp_model", None) is None:
+            loc.bp_model = build_model(self.model_cfg, seed=self.cfg.seed)
+        m, losses = loc.bp_model, []
+
+        def gradient_at(step: int, w: np.ndarray) -> np.ndarray:
+            set_flat_params(m, torch.from_numpy(np.asarray(w, dtype=np.float32)))
+            m.zero_grad(set_to_none=True)
+            b = batches[step]
+            loss = nn.functional.cross_entropy(m(torch.from_numpy(b.x)), torch.from_numpy(b.y))
+            loss.backward()
+            losses.append(float(loss.detach()))
+            return clip_inf(flat_grad(m).numpy().astype(np.float64), task.clip)
+
+        weight = sum(len(b.y) for b in batches[:task.local_steps])
+        update = self.server.update(task, weight, gradient_at, w0=weights, bytes_up=4 * self.server.dim)
+        update.loss = losses[0]
+        return update
+
+    def device(self, weights: np.ndarray) -> Callable:
+        """The simulated device of this run's method for the round's global ``weights``."""
+        client = self.bp_client if self.cfg.method is Method.BP else self.baffle_client
+        return lambda task, batches: client(task, batches, weights=weights)
 
     def gather_local(self, tasks: list[RoundTask], device: Callable, round_: int) -> list[tuple]:
         """Run ``device(task, batches)`` for every task on the worker threads and close the round
-        at ``round_timeout``. Returns ``(task, report or exception)`` for the clients that answered
+        at ``round_timeout``. Returns ``(task, answer or exception)`` for the clients that answered
         in time, in client order; the simulated Byzantine clients' reports are replaced by garbage."""
         def one(task: RoundTask):
             try:
@@ -265,28 +309,10 @@ class Federation:
                 fut.cancel()  # not started: never runs; a running straggler's answer is dropped
         return answered
 
-    def bp_update(self, client: int, batches: list[Batch]) -> tuple[ClientUpdate, float]:
-        """The float baseline: exact backprop gradients on the same batches (simulation only).
-        Returns the update and the loss at the global weights on the first batch."""
-        m = self.client_model
-        set_flat_params(m, self.server.flat())
-        first_loss = None
-        for b in batches:
-            m.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(m(torch.from_numpy(b.x)), torch.from_numpy(b.y))
-            loss.backward()
-            first_loss = float(loss.detach()) if first_loss is None else first_loss
-            g = clip_inf(flat_grad(m).numpy().astype(np.float64), self.cfg.optim.clip)
-            if self.server.strategy.name == "fedsgd":
-                return ClientUpdate(client, len(b.y), gradient=g), first_loss
-            w = flat_params(m).numpy() - np.float32(self.cfg.optim.local_lr) * g.astype(np.float32)
-            set_flat_params(m, torch.from_numpy(w.astype(np.float32)))
-        return ClientUpdate(client, sum(len(b.y) for b in batches), weights=flat_params(m).numpy()), first_loss
-
     def step(self, round_: int, *, client_fn: Callable | None = None,
              on_update: Callable | None = None,
-             gather: Callable[[list[RoundTask], np.ndarray], Iterable[tuple]] | None = None) -> dict:
-        """Run one round; return its metrics row (without evaluation).
+             gather: Callable[[list[RoundTask], np.ndarray], Iterable[tuple]] | None = None) -> "RoundMetrics":
+        """Run one round; return its metrics (without evaluation).
 
         ``client_fn(task, batches)`` replaces the simulated device; ``gather(tasks, weights)``
         replaces the whole collection (e.g. Flower messaging: send the tasks and the global float32
@@ -301,55 +327,39 @@ class Federation:
         self.maybe_refresh(round_)
         start = time.perf_counter()
         weights = self.server.flat().numpy().copy()
-        log, updates = RoundLog(), []
-        bytes_up = bytes_down = 0
-        losses = []
-        absent: list[int] = []
-        model_bytes = 4 * self.server.dim
-        if self.cfg.method is Method.BP:
-            for c in range(self.cfg.clients):
-                batches = self.batches(c, round_)
-                update, loss = self.bp_update(c, batches)
-                if on_update is not None:
-                    on_update(round_, c, weights, batches, update)
-                updates.append(update)
-                losses.append(loss)
-                bytes_down += model_bytes
-                bytes_up += model_bytes
-            log.accepted = list(range(self.cfg.clients))
+        tasks = [self.task(round_, c) for c in range(self.cfg.clients)]
+        if gather is None:
+            answered = self.gather_local(tasks, client_fn or self.device(weights), round_)
         else:
-            tasks = [self.task(round_, c) for c in range(self.cfg.clients)]
-            if gather is None:
-                device = client_fn or (lambda t, b: self.baffle_client(t, b, weights=weights))
-                answered = self.gather_local(tasks, device, round_)
-            else:
-                answered = list(gather(tasks, weights))
-            decoded = self.pool.map(lambda answer: self.server.decode(*answer), answered)
-            guard = ReplayGuard()
-            for (task, report), out in zip(answered, decoded):
-                reason = out if isinstance(out, str) else guard.admit(report)
-                if reason is not None:
-                    log.rejected[task.client] = reason
-                    continue
-                log.accepted.append(task.client)
-                if on_update is not None:
-                    on_update(round_, task.client, weights, self.batches(task.client, round_), out)
-                updates.append(out)
-                bytes_up += wire_bytes(dataclasses.replace(report, seconds=0.0))  # timing-free: reproducible
-                # L(w): the base loss, or for the central scheme the mean of L(w+d), L(w-d) (= L(w) + O(sigma^2))
-                losses.append(float(report.base_losses[0] if report.base_losses.size
-                                    else report.losses[:2 * task.k].mean()))
-            bytes_down = sum(model_bytes + wire_bytes(t) for t in tasks)
-            heard = {t.client for t, _ in answered}
-            absent = [t.client for t in tasks if t.client not in heard]
+            answered = list(gather(tasks, weights))
+        decoded = self.pool.map(lambda answer: self.server.decode(*answer), answered)
+        log, updates, guard = RoundLog(), [], ReplayGuard()
+        for (task, answer), out in zip(answered, decoded):
+            reason = out if isinstance(out, str) else (
+                guard.admit(answer) if isinstance(answer, ClientReport) else None)
+            if reason is not None:
+                log.rejected[task.client] = reason
+                continue
+            log.accepted.append(task.client)
+            if on_update is not None:
+                on_update(round_, task.client, weights, self.batches(task.client, round_), out)
+            updates.append(out)
+        heard = {t.client for t, _ in answered}
         quorum_met = len(updates) >= max(1, math.ceil(self.cfg.quorum * self.cfg.clients))
         applied = self.server.apply(updates, log) if quorum_met else False
         if (round_ + 1) % self.rpe == 0:
             self.server.end_epoch()
-        return {"round": round_ + 1, "train_loss": float(np.mean(losses)) if losses else None,
-                "clients_accepted": len(log.accepted), "rejected": {str(k): v for k, v in log.rejected.items()},
-                "absent": absent, "skipped": not quorum_met, "applied": applied,
-                "bytes_up": bytes_up, "bytes_down": bytes_down, "seconds": time.perf_counter() - start}
+        losses = [u.loss for u in updates]
+        return RoundMetrics(
+            round=round_ + 1, train_loss=float(np.mean(losses)) if losses else None,
+            clients_accepted=len(log.accepted), rejected={str(k): v for k, v in log.rejected.items()},
+            absent=[t.client for t in tasks if t.client not in heard], skipped=not quorum_met, applied=applied,
+            bytes_up=sum(u.bytes_up for u in updates), bytes_down=sum(self.bytes_down(t) for t in tasks),
+            seconds=time.perf_counter() - start)
+
+    def bytes_down(self, task: RoundTask) -> int:
+        """What the server sends a client: the float32 weights, and BAFFLE's task message."""
+        return 4 * self.server.dim + (wire_bytes(task) if self.cfg.method is Method.BAFFLE else 0)
 
     def evaluate(self) -> dict:
         d, s = self.data, self.server
@@ -446,7 +456,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     end = cfg.rounds if stop_after is None else min(cfg.rounds, start_round + stop_after)
     bar = _progress(range(start_round, end), progress, cfg)
     for r in bar:
-        row = fed.step(r, client_fn=client_fn, gather=gather)
+        row = fed.step(r, client_fn=client_fn, gather=gather).to_json()
         if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
             row.update(fed.evaluate())
         history.append(row)

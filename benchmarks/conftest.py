@@ -13,7 +13,6 @@ import platform
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pytest
 
 from baffle_edge.client import Batch, cross_entropy
@@ -195,15 +194,11 @@ def load_session(runtime: str, case: ModelCase, *, provider: str, workdir: Path,
 
 def task_for(runtime: str, *, k: int, scheme: str = "forward", client: int = 0, round_: int = 0,
              model_version: str = ""):
-    """A RoundTask that ``runtime`` can answer: its perturbation domain, and for whole-step
-    int8 perturbation Rademacher noise with sigma = 1 step."""
-    from baffle_edge.perturb import NoiseKind
-    from baffle_edge.protocol import Domain, RoundTask, Scheme
-    domain = Domain(getattr(REGISTRY.get(runtime), "domain", "float"))
-    int8 = domain is Domain.INT8_STEP
-    return RoundTask(round=round_, client=client, seed=7, k=k, sigma=1.0 if int8 else SIGMA,
-                     scheme=Scheme(scheme), noise=NoiseKind.RADEMACHER if int8 else NoiseKind.GAUSSIAN,
-                     domain=domain, model_version=model_version)
+    """A RoundTask that ``runtime`` can answer: its perturbation domain with that domain's noise and
+    baseline (protocol.DOMAIN_DEFAULTS)."""
+    from baffle_edge.protocol import RoundTask
+    return RoundTask.for_domain(getattr(REGISTRY.get(runtime), "domain", "float"), round=round_, client=client,
+                                seed=7, k=k, sigma=SIGMA, scheme=scheme, model_version=model_version)
 
 
 class Sessions:
@@ -235,29 +230,11 @@ def sessions(tmp_path_factory, bench_threads) -> Sessions:
 
 def forward_loss_fn(session, batch: Batch) -> Callable[[], float]:
     """One plain forward + loss at the session's current weights: what each of the K+1 forwards
-    of a client round costs without the perturbation. Returns a zero-argument callable."""
-    from baffle_edge.runtimes.torch_runtime import TorchSession
-    if isinstance(session, TorchSession):
-        import torch
-        x = torch.from_numpy(np.ascontiguousarray(batch.x, dtype=np.float32))
-
-        def run() -> float:
-            with torch.no_grad():
-                return cross_entropy(session.model(x).numpy(), batch.y)
-        return run
-    # ---- PLUG-IN: bundle sessions. ORT sessions expose forward(x, weights) and _weights(0, None,
-    # task) (the unperturbed inputs, prepared once, outside the timed call); another runtime
-    # needs one branch here, or a public logits(x) method.
-    logits = getattr(session, "logits", None)
-    if logits is not None:
-        return lambda: cross_entropy(np.asarray(logits(batch.x)), batch.y)
-    if hasattr(session, "forward") and hasattr(session, "_weights"):
-        runtime = getattr(session, "name", "")
-        weights = session._weights(0, None, task_for(runtime, k=1))
-        x = np.ascontiguousarray(batch.x, dtype=np.float32)
-        return lambda: cross_entropy(session.forward(x, weights), batch.y)
-    pytest.skip(f"{type(session).__name__} has no logits(x) method; add one or adapt "
-                "benchmarks/conftest.py:forward_loss_fn")
+    of a client round costs without the perturbation (the batch is prepared once, outside the
+    timed call). Works for every ``client.Session``. Returns a zero-argument callable."""
+    x = session.prepare(batch.x)
+    weights = session.weight_set(0, None, None)
+    return lambda: cross_entropy(session.evaluate(x, [weights])[0], batch.y)
 
 
 def reference_loss(case: ModelCase, batch: Batch) -> float:

@@ -41,6 +41,7 @@ def test_step_memory(benchmark, bench_threads, case_id, batch, mode):
     case = MODELS[case_id]
     cfg = MemoryConfig(mode=mode, model=case.model, in_channels=case.in_channels, image_size=case.image_size,
                        batch=batch, threads=bench_threads)
+    benchmark.group = f"memory {case_id} b{batch}"  # before pedantic: the group is read when it records
     try:
         r = benchmark.pedantic(measure_in_subprocess, args=(cfg,), rounds=1, warmup_rounds=0)
     except MemoryUnsupported as e:  # e.g. a runtime that cannot execute this model's ops
@@ -49,7 +50,6 @@ def test_step_memory(benchmark, bench_threads, case_id, batch, mode):
         if "ImportError" in str(e) or "ModuleNotFoundError" in str(e):
             pytest.skip(f"{mode}: {e}")
         raise
-    benchmark.group = f"memory {case_id} b{batch}"
     benchmark.extra_info.update(case.info(), runtime=runtime, dtype=dtype_of(runtime), batch=batch,
                                 K=cfg.k if mode.startswith("baffle") else None, mode=mode, stage="memory",
                                 **{k: v for k, v in dataclasses.asdict(r).items() if k not in ("config", "result")})

@@ -32,17 +32,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from baffle_edge.runtimes.batching import check_p
+
 INPUT = "input"
 PASS_THROUGH = {"Relu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Selu", "Elu", "LeakyRelu", "MaxPool",
                 "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "QuantizeLinear",
                 "DequantizeLinear", "Shape", "Flatten", "Clip"}
-
-
-def check_p(p) -> int:
-    """A valid perturbations-per-call count (int >= 1); anything else is a ValueError."""
-    if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or int(p) < 1:
-        raise ValueError(f"perturbations per call must be an integer >= 1, got {p!r}")
-    return int(p)
 
 
 def train_file_name(train_name: str, p: int) -> str:

@@ -11,7 +11,7 @@ from .bundle import FORMATS, ExportConfig, export_bundle
 def load_model_for_export(a: argparse.Namespace):
     """(model, model_cfg, dataset, source) from --checkpoint or --model/--init-seed."""
     from baffle_edge.data import load_dataset
-    from baffle_edge.models import ModelConfig, build_model
+    from baffle_edge.models import ModelConfig, build_model, default_norm
 
     if a.checkpoint:
         from baffle_edge.simulate import TrainConfig, load_checkpoint, model_config
@@ -33,7 +33,7 @@ def load_model_for_export(a: argparse.Namespace):
         return model, mcfg, data, f"checkpoint {path} (round {state['next_round']})"
     data = load_dataset(a.calibration, a.data_dir, seed=a.init_seed)
     mcfg = ModelConfig(a.model, data.in_channels, data.image_size, data.num_classes,
-                       norm="group" if a.model.startswith("wrn") else "none")
+                       norm=default_norm(a.model))
     return build_model(mcfg, seed=a.init_seed), mcfg, data, f"fresh {a.model} (init seed {a.init_seed})"
 
 

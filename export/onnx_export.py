@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from baffle_edge.quant import QTensor, QuantTable
+from baffle_edge.quant import QuantTable, bias_tensor, weight_tensor
 
 OPSET = 17
 INPUT, OUTPUT = "input", "logits"
@@ -123,7 +123,6 @@ def quant_table(int8: onnx.ModelProto, layout, *, reduce_range: bool = True) -> 
     """Read each trainable tensor's integer initializer, scale and axis from a QDQ graph."""
     inits = {i.name: i for i in int8.graph.initializer}
     dq = {n.input[0]: n for n in int8.graph.node if n.op_type == "DequantizeLinear"}
-    input_scale: dict[str, float] = {}
     tensors = []
     for spec in layout.specs:
         qname = f"{spec.name}_quantized"
@@ -136,18 +135,11 @@ def quant_table(int8: onnx.ModelProto, layout, *, reduce_range: bool = True) -> 
         dtype = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.INT32: "int32"}[inits[qname].data_type]
         axis = axis % len(spec.shape) if len(spec.shape) > 1 else 0
         if dtype == "int8":
-            qmax = 64 if reduce_range else 127  # onnxruntime's symmetric int8 range (7-bit: +-64)
-            lo, hi = (-64, 64) if reduce_range else (-128, 127)  # perturbed weights stay saturation-free
-            tensors.append(QTensor(spec.name, qname, spec.offset, spec.shape, dtype, axis, tuple(scale),
-                                   qmax=qmax, lo=lo, hi=hi))
-        else:  # bias: scale = s_in * s_w; one step ~ one weight step in float
-            wname = spec.name.rsplit(".", 1)[0] + ".weight"
-            wrow = next(t for t in tensors if t.name == wname)
-            s_in = float(np.median(scale / np.asarray(wrow.scale)))
-            input_scale[spec.name] = s_in
-            mult = max(1, int(round(1.0 / s_in)))
-            tensors.append(QTensor(spec.name, qname, spec.offset, spec.shape, dtype, 0, tuple(scale), mult,
-                                   qmax=2**31 - 1))
+            tensors.append(weight_tensor(spec.name, qname, spec.offset, spec.shape, axis, tuple(scale),
+                                         reduce_range=reduce_range))
+        else:
+            wrow = next(t for t in tensors if t.name == spec.name.rsplit(".", 1)[0] + ".weight")
+            tensors.append(bias_tensor(spec.name, qname, spec.offset, spec.shape, tuple(scale), wrow))
     return QuantTable(tuple(tensors))
 
 

@@ -2,6 +2,18 @@
 from __future__ import annotations
 
 
+def _int8_rule(fmt: str, info: dict) -> str:
+    """The integer perturbation of one int8 format, read from its quantization table (quant.py)."""
+    from baffle_edge.quant import QuantTable
+    table = QuantTable.from_json(info["quantization"])
+    weights = sorted({(t.qmax, *t.bounds) for t in table.tensors if t.dtype == "int8"})
+    rules = "; ".join(f"`q = clip(rint(w / scale), -{qmax}, {qmax})`, perturbed `clip(q + eps, {lo}, {hi})`"
+                      for qmax, lo, hi in weights)
+    return (f"- {fmt}: quantize w with the per-channel scales in `formats.{fmt}.quantization`. int8 weights: "
+            f"{rules or 'none'}. int32 biases: `q = rint(w / scale)`, perturbed `q + multiplier * eps` "
+            "(`multiplier` per tensor in the table). eps is Rademacher (+-1).")
+
+
 def bundle_readme(meta: dict) -> str:
     m, inp, out = meta["model"], meta["input"], meta["output"]
     shape = ", ".join(str(s) for s in inp["shape"])
@@ -31,9 +43,7 @@ def bundle_readme(meta: dict) -> str:
         "`baffle.json` and docs/noise.md), evaluate the loss at the perturbed weights, then upload the K "
         "losses (+ the unperturbed loss) as a ClientReport.",
         "- float graphs (`model.train.onnx`): feed every parameter input `w + float32(sigma) * eps`.",
-        "- int8 graphs: quantize w with the scales in `formats.<fmt>.quantization` "
-        "(`q = clip(rint(w / scale), -127, 127)`), then feed `clip(q + eps, -128, 127)` for int8 weights and "
-        "`q + multiplier * eps` for int32 biases (Rademacher eps).",
+    ] + [_int8_rule(fmt, info) for fmt, info in meta["formats"].items() if "quantization" in info] + [
         "",
         "## ONNX Runtime Mobile (Kotlin)",
         "```kotlin",

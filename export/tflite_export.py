@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from baffle_edge.quant import QTensor, QuantTable
+from baffle_edge.quant import QTensor, QuantTable, bias_tensor, weight_tensor
 
 INFERENCE_FILE = "model.int8.tflite"
 CONVERT_BATCH = 7  # sample batch of the conversion; chosen so it cannot be confused with a channel count of 1
@@ -264,13 +264,10 @@ def _quant_table(interp, rows: list[dict], layout, pt2e: dict) -> QuantTable:
             axis = perm[qp["quantized_dimension"]] if len(scale) > 1 else 0
         if is_bias:
             wrow = next(t for t in tensors if t.name == spec.name.rsplit(".", 1)[0] + ".weight")
-            s_in = float(np.median(np.asarray(scale) / np.asarray(wrow.scale)))
-            mult = max(1, int(round(1.0 / s_in)))
-            tensors.append(QTensor(spec.name, row["tflite_name"], spec.offset, spec.shape, "int32", 0, scale, mult,
-                                   qmax=2**31 - 1))
+            tensors.append(bias_tensor(spec.name, row["tflite_name"], spec.offset, spec.shape, scale, wrow))
         else:
-            tensors.append(QTensor(spec.name, row["tflite_name"], spec.offset, spec.shape, "int8",
-                                   axis if len(spec.shape) > 1 else 0, scale))
+            tensors.append(weight_tensor(spec.name, row["tflite_name"], spec.offset, spec.shape,
+                                         axis if len(spec.shape) > 1 else 0, scale))
     return QuantTable(tuple(tensors))
 
 

@@ -11,6 +11,8 @@ this 2-core x86 machine), and anything else is a ValueError. The rule behind the
 """
 from __future__ import annotations
 
+import numpy as np
+
 AUTO_KEY = "auto"
 
 # (runtime, model) -> P chosen by the measured rule; unknown models use the runtime's "*" entry.
@@ -42,8 +44,14 @@ def resolve(p: int | str, runtime: str, model: str = "*") -> int:
             p = int(p)
         except ValueError:
             raise ValueError(f"perturbations per call must be an integer >= 1 or 'auto', got {p!r}") from None
-    from baffle_edge.export.batched import check_p
     return check_p(p)
+
+
+def check_p(p) -> int:
+    """A valid perturbations-per-call count (int >= 1); anything else is a ValueError."""
+    if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or int(p) < 1:
+        raise ValueError(f"perturbations per call must be an integer >= 1, got {p!r}")
+    return int(p)
 
 
 def model_name(model) -> str:

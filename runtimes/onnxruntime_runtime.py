@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from baffle_edge.client import Batch, cross_entropy, noise_stream
+from baffle_edge.client import BaseSession, FloatWeights, StepWeights
 from baffle_edge.export.bundle import read_bundle
-from baffle_edge.perturb import NoiseKind
-from baffle_edge.protocol import Domain, RoundTask, Scheme
-from baffle_edge.quant import StepSelector
+from baffle_edge.protocol import Domain
+
+from .batching import resolve
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider", "nnapi": "NnapiExecutionProvider",
@@ -51,114 +51,107 @@ def make_session(path: Path, *, provider: str = "cpu", threads: int | None = Non
     return ort.InferenceSession(str(path), so, providers=providers)
 
 
-class _OrtSession:
-    fmt = ""
-    domain = Domain.FLOAT
-    signs = False  # how eps_k reaches _weights: float32 values, or a Rademacher sign mask (client.step_noise)
+class OrtSession(BaseSession):
+    """A bundle's train graph in ONNX Runtime: every trainable tensor is a graph input, so one
+    InferenceSession serves all perturbations. With ``P > 1`` the bundle's ``train_p{P}`` graph
+    (export/batched.py: parameter inputs with a leading P axis, logits ``[P, batch, classes]``)
+    evaluates P weight sets per call; it is built from the train graph at load time (needs
+    ``onnx``) when the bundle has none. A remainder of r <= P/2 sets runs on the sequential graph
+    (r small calls are cheaper than one padded P call); a larger one is padded with the first set
+    (padding discarded)."""
 
-    def __init__(self, bundle_dir: str | Path, *, provider: str = "cpu", threads: int | None = None,
-                 profile: bool = False):
+    fmt = ""
+
+    def __init__(self, bundle_dir: str | Path, *, perturbations_per_call: int = 1, provider: str = "cpu",
+                 threads: int | None = None, profile: bool = False):
         self.bundle = read_bundle(bundle_dir)
-        self._open(self.bundle.file(self.fmt, "train"), provider=provider, threads=threads, profile=profile)
+        self.name = f"onnxruntime{'-int8' if self.domain is Domain.INT8_STEP else ''}"
+        self.perturbations_per_call = resolve(perturbations_per_call, self.name, self.bundle.meta["model"]["name"])
+        options = dict(provider=provider, threads=threads, profile=profile)
+        self._open(self.bundle.file(self.fmt, "train"), **options)
+        self.batched = (make_session(batched_graph_path(self.bundle, self.fmt, self.perturbations_per_call),
+                                     **options) if self.perturbations_per_call > 1 else None)
         self.input_name = self.bundle.meta["input"]["name"]
         self.output_name = self.bundle.meta["output"]["name"]
         self.dim = int(self.bundle.meta["model"]["parameters"])
-        self.name = f"onnxruntime{'-int8' if self.domain is Domain.INT8_STEP else ''}"
 
     def _open(self, path: Path, **options) -> None:
         """Load the verified train graph (the one hook an alternative executor overrides)."""
         self.session = make_session(path, **options)
 
-    def forward(self, x: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: x, **weights})[0]
+    def _feeds(self, weights) -> dict[str, np.ndarray]:
+        raise NotImplementedError
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """Plain forward at the current (unperturbed) weights."""
+    def forward(self, x: np.ndarray, weights) -> np.ndarray:
+        """Logits of one weight set (a ``weight_set``)."""
+        return self.session.run([self.output_name], {self.input_name: x, **self._feeds(weights)})[0]
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        self.bundle.check_batch(x)
-        return self.forward(x, self._weights(0, None, None))
-
-    def _check(self, batch: Batch, task: RoundTask) -> np.ndarray:
-        if Domain(task.domain) is not self.domain:
-            raise ValueError(f"runtime {self.name!r} perturbs in the {self.domain.value!r} domain; task asks for "
-                             f"{Domain(task.domain).value!r}")
-        x = np.ascontiguousarray(batch.x, dtype=np.float32)
         self.bundle.check_batch(x)
         if not np.all(np.isfinite(x)):
             raise ValueError("input batch contains non-finite values")
         return x
 
-    def _weights(self, sign: int, eps: np.ndarray | None, task: RoundTask) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def losses(self, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
-        x = self._check(batch, task)
-        central = Scheme(task.scheme) is Scheme.CENTRAL
-        loss = lambda w: cross_entropy(self.forward(x, w), batch.y)  # noqa: E731
-        base = [] if central else [loss(self._weights(0, None, task))]
-        plus, minus = [], []
-        for eps in noise_stream(task, step, self.dim, signs=self.signs):
-            plus.append(loss(self._weights(1, eps, task)))
-            if central:
-                minus.append(loss(self._weights(-1, eps, task)))
-        out = np.asarray(base + plus + minus, dtype=np.float64)
-        if not np.all(np.isfinite(out)):
-            raise ValueError(f"runtime {self.name!r} produced non-finite losses")
-        return out
+    def evaluate(self, x: np.ndarray, sets) -> list[np.ndarray]:
+        p = self.perturbations_per_call
+        if self.batched is None or len(sets) <= p // 2:
+            return [self.forward(x, w) for w in sets]
+        feeds = [self._feeds(w) for w in sets]
+        feeds += [feeds[0]] * (p - len(sets))
+        stacked = {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}
+        return list(self.batched.run([self.output_name], {self.input_name: x, **stacked})[0][:len(sets)])
 
     def end_profiling(self) -> str:
-        return self.session.end_profiling()
+        """End profiling; returns the trace of the batched session when there is one."""
+        trace = self.session.end_profiling()
+        return self.batched.end_profiling() if self.batched is not None else trace
 
 
-class OrtFloatSession(_OrtSession):
-    """fp32: each parameter input is fed ``w + float32(sigma) * eps`` (float32 arithmetic)."""
+class OrtFloatSession(FloatWeights, OrtSession):
+    """fp32: each parameter input is fed its slice of ``w + float32(sigma) * eps``."""
 
     fmt = "onnx"
 
     def __init__(self, bundle_dir, **kw):
         super().__init__(bundle_dir, **kw)
         self.specs = [(p["name"], p["offset"], p["size"], tuple(p["shape"])) for p in self.bundle.meta["parameters"]]
-        self.w0 = np.zeros(self.dim, np.float32)
+        self.set_weights(np.zeros(self.dim, np.float32))
 
-    def set_weights(self, flat: np.ndarray) -> None:
-        flat = np.asarray(flat, dtype=np.float32).reshape(-1)
-        if flat.size != self.dim:
-            raise ValueError(f"weights: expected {self.dim} values, got {flat.size}")
-        self.w0 = flat.copy()
-
-    def _weights(self, sign, eps, task):
-        w = self.w0 if eps is None else self.w0 + np.float32(sign) * (np.float32(task.sigma) * eps)
+    def _feeds(self, w):
         return {n: w[o:o + s].reshape(shape) for n, o, s, shape in self.specs}
 
 
-class OrtInt8Session(_OrtSession):
+class OrtInt8Session(StepWeights, OrtSession):
     """int8: the integers of every trainable tensor are inputs; perturbation k feeds
     ``QuantTable.perturb(q, eps_k)`` (whole quantization steps, baffle_edge/quant.py), computed as a
     select between q - m and q + m (``StepSelector``)."""
 
     fmt = "onnx-int8"
-    domain = Domain.INT8_STEP
-
-    signs = True  # eps arrives as a boolean mask (True = -1) and selects between q - m and q + m
 
     def __init__(self, bundle_dir, **kw):
         super().__init__(bundle_dir, **kw)
         self.table = self.bundle.quant_table(self.fmt)
         self.set_weights(np.zeros(self.dim, np.float32))
 
-    def set_weights(self, flat: np.ndarray) -> None:
-        self.q = self.table.quantize(flat)
-        self.select = StepSelector(self.table, self.q)
-
-    def _check(self, batch, task):
-        if NoiseKind(task.noise) is not NoiseKind.RADEMACHER:
-            raise ValueError(f"runtime {self.name!r} moves integers by whole steps: it needs noise 'rademacher', "
-                             f"task has {NoiseKind(task.noise).value!r}")
-        return super()._check(batch, task)
-
-    def _weights(self, sign, eps, task):
-        qs = self.q if eps is None else self.select(eps, sign)
+    def _feeds(self, qs):
         return {t.input: q for t, q in zip(self.table.tensors, qs)}
+
+
+def batched_graph_path(bundle, fmt: str, p: int) -> Path:
+    """The bundle's ``train_p{P}`` graph of ``fmt``, or one built now into a temporary folder."""
+    files = bundle.meta["formats"].get(fmt, {}).get("files", {})
+    if f"train_p{p}" in files:
+        return bundle.file(fmt, f"train_p{p}")
+    import tempfile
+
+    import onnx
+
+    from baffle_edge.export.batched import batch_graph
+    proto = batch_graph(onnx.load(str(bundle.file(fmt, "train"))), p)
+    out = Path(tempfile.mkdtemp(prefix="baffle-p")) / f"{fmt}.p{p}.train.onnx"
+    out.write_bytes(proto.SerializeToString())
+    return out
 
 
 class OrtFloatRuntime:
@@ -166,21 +159,13 @@ class OrtFloatRuntime:
     session_class = OrtFloatSession
 
     def __init__(self, provider: str = "cpu", perturbations_per_call: int | str = 1):
-        from .batching import resolve
         resolve(perturbations_per_call, self.name)  # a bad value fails here, not at load
         self.provider = provider
-        self.perturbations_per_call = perturbations_per_call  # > 1 / "auto": onnxruntime_batched.py
+        self.perturbations_per_call = perturbations_per_call
 
     def load(self, bundle_dir, *, threads: int | None = None, profile: bool = False):
-        from .batching import resolve
-        from baffle_edge.export.bundle import read_bundle
-        p = resolve(self.perturbations_per_call, self.name, read_bundle(bundle_dir).meta["model"]["name"])
-        if p > 1:
-            from . import onnxruntime_batched as ob
-            cls = ob.OrtInt8BatchedSession if self.session_class is OrtInt8Session else ob.OrtFloatBatchedSession
-            return cls(bundle_dir, perturbations_per_call=p, provider=self.provider, threads=threads,
-                       profile=profile)
-        return self.session_class(bundle_dir, provider=self.provider, threads=threads, profile=profile)
+        return self.session_class(bundle_dir, perturbations_per_call=self.perturbations_per_call,
+                                  provider=self.provider, threads=threads, profile=profile)
 
 
 class OrtInt8Runtime(OrtFloatRuntime):

@@ -1,14 +1,13 @@
 """LiteRT (TFLite) int8 runtime: K perturbed forwards of one interpreter, integers written in place.
 
 numpy + ai_edge_litert (or tflite_runtime) only — no torch — so this is the path a device client
-mirrors. Per round (docs/quantized-perturbation.md):
+mirrors. The loss loop is client.step_losses; this backend's part (docs/quantized-perturbation.md):
 
-    q = table.quantize(w)                                  # set_weights: int8 / int32, torch layout
-    for k:  q' = table.perturb(q, eps_k, sign)             # whole quantization steps (as a select
-                                                           # between q -/+ m: quant.StepSelector)
-            interpreter.tensor(i)()[...] = transpose(q')   # into the model's constant buffer
-            invoke; loss = cross_entropy(dequantized logits)
-    write q back (bit-exact restore)
+    set_weights:  q = table.quantize(w)                    # int8 / int32, torch layout
+    evaluate:     for each weight set q' (q moved by whole steps: quant.StepSelector)
+                      interpreter.tensor(i)()[...] = transpose(q')   # into the model's constant buffer
+                      invoke -> dequantized logits
+    after losses: write q back (bit-exact restore)
 
 The interpreter is created from a private ``bytes`` copy of the model (constant tensors point into
 it; a ``model_path`` interpreter maps the file read-only and a write would crash) with the
@@ -22,12 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from baffle_edge.client import Batch, cross_entropy, noise_stream
+from baffle_edge.client import BaseSession, StepWeights
 from baffle_edge.export.bundle import read_bundle
 from baffle_edge.export.tflite_export import dequantize_output, quantize_input
-from baffle_edge.perturb import NoiseKind
-from baffle_edge.protocol import Domain, RoundTask, Scheme
-from baffle_edge.quant import StepSelector
 
 FORMAT = "tflite-int8"
 DELEGATES = ("builtin", "xnnpack")
@@ -46,7 +42,7 @@ def _litert():
     return Interpreter, OpResolverType
 
 
-class TFLiteSession:
+class TFLiteSession(StepWeights, BaseSession):
     """One interpreter of a bundle's int8 .tflite; implements ``baffle_edge.client.Session``."""
 
     def __init__(self, bundle_dir: str | Path, *, threads: int | None = None, delegate: str = "builtin"):
@@ -72,18 +68,20 @@ class TFLiteSession:
                                   experimental_op_resolver_type=resolver)
         self.interp.allocate_tensors()
         self._batch = int(self.interp.get_input_details()[0]["shape"][0])
-        self._q: list[np.ndarray] | None = None
+        self.q: list[np.ndarray] | None = None
+        self._written = None  # the weight set the interpreter holds (writes of the same set are skipped)
         self._scales = [t._bcast(t.scale).astype(np.float32) for t in self.table.tensors]
         self._check_writes_take_effect()
 
     # ------------------------------------------------------------------ weights
     def set_weights(self, flat: np.ndarray) -> None:
         """Quantize the global float weights with the bundle's scales and write them."""
-        self._q = self.table.quantize(np.asarray(flat, dtype=np.float32))
-        self._select = StepSelector(self.table, self._q)  # q' for a Rademacher sign mask
-        self._write(self._q)
+        super().set_weights(np.asarray(flat, dtype=np.float32))
+        self._write(self.q)
 
     def _write(self, qs: list[np.ndarray]) -> None:
+        if qs is self._written:
+            return
         for row, t, q, s in zip(self._rows, self.table.tensors, qs, self._scales):
             a = np.transpose(q, row["permutation"])
             if row["tflite_dtype"] == "float32":  # float-logits head: the dequantized integers, in float32
@@ -91,14 +89,16 @@ class TFLiteSession:
             view = self.interp.tensor(row["index"])()
             view[...] = a
             del view  # invoke refuses to run while a view into internal data is alive
+        self._written = qs
 
     def _resize(self, n: int) -> None:
         if n != self._batch:
             self.interp.resize_tensor_input(self._inp["index"], [n] + list(self.bundle.input_shape))
             self.interp.allocate_tensors()
             self._batch = n
-            if self._q is not None:
-                self._write(self._q)
+            self._written = None
+            if self.q is not None:
+                self._write(self.q)
 
     def _logits(self, xq: np.ndarray) -> np.ndarray:
         self.interp.set_tensor(self._inp["index"], xq)
@@ -135,45 +135,22 @@ class TFLiteSession:
         if not np.array_equal(back, base):
             raise RuntimeError("TFLite: writing the original integers back did not restore the output exactly")
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """Plain forward at the current (unperturbed) weights: float32 logits."""
+    def restore(self) -> None:
+        if self.q is not None:
+            self._write(self.q)
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        """The batch quantized with the int8 input's scale (the interpreter resized to its size)."""
         x = np.asarray(x, dtype=np.float32)
         self.bundle.check_batch(x)
-        if self._q is None:
-            raise ValueError("call set_weights(global weights) before logits()")
         self._resize(len(x))
-        return self._logits(quantize_input(x, self._inp)).copy()
+        return quantize_input(x, self._inp)
 
-    # ------------------------------------------------------------------ losses
-    def losses(self, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
-        if Domain(task.domain) is not Domain.INT8_STEP:
-            raise ValueError(f"runtime {self.name!r} perturbs int8 integers; task asks for domain "
-                             f"{Domain(task.domain).value!r} (expected {Domain.INT8_STEP.value!r})")
-        if NoiseKind(task.noise) is not NoiseKind.RADEMACHER:
-            raise ValueError(f"runtime {self.name!r}: int8-step perturbation needs noise 'rademacher' "
-                             f"(whole +-1 steps), task asks for {NoiseKind(task.noise).value!r}")
-        if self._q is None:
-            raise ValueError("call set_weights(global weights) before losses()")
-        x = np.asarray(batch.x)
-        self.bundle.check_batch(x)
-        y = np.asarray(batch.y, dtype=np.int64)
-        self._resize(len(x))
-        xq = quantize_input(x, self._inp)
-        central = Scheme(task.scheme) is Scheme.CENTRAL
-        plus, minus = [], []
-        try:
-            base = [] if central else [cross_entropy(self._logits(xq), y)]
-            for negative in noise_stream(task, step, self.dim, signs=True):
-                self._write(self._select(negative, 1))
-                plus.append(cross_entropy(self._logits(xq), y))
-                if central:
-                    self._write(self._select(negative, -1))
-                    minus.append(cross_entropy(self._logits(xq), y))
-        finally:
-            self._write(self._q)
-        out = np.asarray(base + plus + minus, dtype=np.float64)
-        if not np.all(np.isfinite(out)):
-            raise ValueError(f"runtime {self.name!r} produced non-finite losses")
+    def evaluate(self, xq: np.ndarray, sets) -> list[np.ndarray]:
+        out = []
+        for qs in sets:
+            self._write(qs)
+            out.append(self._logits(xq).copy())
         return out
 
 

@@ -27,11 +27,11 @@ def test_quorum_not_met_skips_the_round_and_keeps_the_model():
         return fed.baffle_client(task, batches)
 
     row = fed.step(0, client_fn=flaky)
-    assert row["skipped"] and not row["applied"] and row["clients_accepted"] == 2
+    assert row.skipped and not row.applied and row.clients_accepted == 2
     assert np.array_equal(before.numpy(), fed.server.flat().numpy())
     row = fed.step(1, client_fn=lambda t, b: flaky(dataclasses.replace(t, client=0), b) if t.client >= 3
                    else fed.baffle_client(t, b))  # 3 valid: quorum met
-    assert not row["skipped"] and row["applied"] and row["clients_accepted"] == 3
+    assert not row.skipped and row.applied and row.clients_accepted == 3
 
 
 def test_deadline_records_stragglers_as_absent():
@@ -45,7 +45,7 @@ def test_deadline_records_stragglers_as_absent():
     start = time.perf_counter()
     row = fed.step(0, client_fn=slow)
     assert time.perf_counter() - start < 7.5  # the round closed at the deadline
-    assert row["absent"] == [1, 4] and row["clients_accepted"] == 4 and row["applied"]
+    assert row.absent == [1, 4] and row.clients_accepted == 4 and row.applied
 
 
 def test_duplicate_and_replayed_reports_are_rejected():
@@ -59,11 +59,11 @@ def test_duplicate_and_replayed_reports_are_rejected():
         return [(ts[0], reports[0]), (ts[0], reports[0]), (ts[1], reports[1]), (ts[2], clone)]
 
     row = fed.step(0, gather=gather)
-    assert row["clients_accepted"] == 2 and row["absent"] == [3, 4, 5]
-    assert row["rejected"]["0"].startswith("duplicate") and row["rejected"]["2"].startswith("replay")
+    assert row.clients_accepted == 2 and row.absent == [3, 4, 5]
+    assert row.rejected["0"].startswith("duplicate") and row.rejected["2"].startswith("replay")
     # a report of the previous round sent again next round: refused by round/model version
     row = fed.step(1, gather=lambda ts, weights: [(ts[1], reports[1])])
-    assert "round" in row["rejected"]["1"] and row["skipped"]
+    assert "round" in row.rejected["1"] and row.skipped
     guard = ReplayGuard()
     assert guard.admit(reports[1]) is None and "duplicate" in guard.admit(reports[1])
 
@@ -92,7 +92,7 @@ def test_byzantine_clients_are_seeded_and_upload_wellformed_garbage():
     assert len(byzantine_clients(10, 0.3, seed=0)) == 3 and byzantine_clients(10, 0.0, seed=0) == frozenset()
     fed = Federation(dataclasses.replace(SMALL, byzantine=0.5, rounds=1))
     row = fed.step(0)
-    assert row["clients_accepted"] == 6 and not row["rejected"]  # garbage passes validation...
+    assert row.clients_accepted == 6 and not row.rejected  # garbage passes validation...
     t = fed.task(0, 0)
     bad = garbage_report(fed.baffle_client(t, fed.batches(0, 0)), seed=0)
     assert bad.losses.max() > 10 and np.all(np.isfinite(bad.losses))  # ...but is garbage

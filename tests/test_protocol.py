@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from baffle_edge.protocol import PROTOCOL_VERSION, ClientReport, RoundTask, wire_bytes
+from baffle_edge.perturb import NoiseKind
+from baffle_edge.protocol import PROTOCOL_VERSION, ClientReport, RoundTask, Scheme, wire_bytes
 
 
 def task(**kw):
@@ -85,10 +86,32 @@ def test_corrupt_or_pickled_npz_is_rejected():
 
 
 @pytest.mark.parametrize("bad", [dict(k=0), dict(sigma=0.0), dict(sigma=float("nan")), dict(scheme="backward"),
-                                 dict(seed=-1), dict(client=2**32 - 1), dict(version=2), dict(local_steps=0)])
+                                 dict(seed=-1), dict(client=2**32 - 1), dict(version=1), dict(version=3),
+                                 dict(local_steps=0), dict(local_lr=-0.1), dict(clip=0.0), dict(clip=float("inf")),
+                                 dict(k=1_000_000, local_steps=4295),  # k' = step*K + k would pass 2^32
+                                 dict(domain="int8-step", noise="gaussian")])
 def test_invalid_tasks(bad):
     with pytest.raises(ValueError):
         task(**bad)
+
+
+def test_version_1_messages_are_refused_by_name():
+    d = task().to_dict()
+    d["version"] = 1
+    with pytest.raises(ValueError, match="protocol version 1 is not supported .*speaks 2"):
+        RoundTask.from_json(json.dumps(d))
+    del d["local_lr"], d["clip"]  # what a version-1 server really sent
+    with pytest.raises(ValueError, match="version"):
+        RoundTask.from_json(json.dumps(d))
+
+
+def test_task_fields_are_enums_and_round_trip():
+    t = task(scheme="central", noise="rademacher", local_lr=0.05, clip=0.3, local_steps=3)
+    assert t.scheme is Scheme.CENTRAL and t.noise is NoiseKind.RADEMACHER and t.central
+    back = RoundTask.from_json(t.to_json())
+    assert back == t and back.local_lr == 0.05 and back.clip == 0.3
+    assert RoundTask.from_json(task(clip=None).to_json()).clip is None
+    assert task(k=1_000_000, local_steps=4294).local_steps == 4294  # 4.294e9 counter words < 2^32: allowed
 
 
 def test_protocol_version_constant():

@@ -128,7 +128,7 @@ def test_in_place_writes_equal_patched_models(session, digits, scheme):
     b = Batch(digits.x_train[:32], digits.y_train[:32])
     got = session.losses(b, t)
     content = session._content
-    rows, table, q = session._rows, session.table, session._q
+    rows, table, q = session._rows, session.table, session.q
     floats = [r["tflite_dtype"] == "float32" for r in rows]
     noise = step_noise(t, 0, table.dim)
     variants = [] if scheme is Scheme.CENTRAL else [q]
@@ -176,7 +176,7 @@ def test_gradient_quality(session, trained, digits):
     t = task(k=k, seed=11)
     x, y = digits.x_train[700:732], digits.y_train[700:732]
     out = session.losses(Batch(x, y), t)
-    table, q = session.table, session._q
+    table, q = session.table, session.q
     noise = step_noise(t, 0, table.dim)
     diffs = loss_differences(out[1:], out[0], t.scheme)
     g = stein_gradient(diffs, table.step(), lambda i: table.effective_noise(q, noise(i)), table.dim)
@@ -214,7 +214,7 @@ def test_client_runs_without_torch(bundle, session, digits, tmp_path):
 
 
 def flat_params_of(session) -> np.ndarray:
-    return session.table.dequantize(session._q).astype(np.float32)
+    return session.table.dequantize(session.q).astype(np.float32)
 
 
 def test_bad_inputs(bundle, session, digits, tmp_path):
