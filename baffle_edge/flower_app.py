@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import tempfile
 import threading
@@ -490,27 +489,27 @@ class Device:
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,100}")
 
 
+_UNPACKED: dict[str, Path] = {}  # bundle digest -> this process's private copy
+
+
 def _unpack_bundle(files: dict, digest: str) -> Path:
-    """Write shipped bundle files into a private folder (names checked; contents verified by the
-    runtime against baffle.json's sha256 when it loads them)."""
-    root = Path(tempfile.gettempdir()) / f"baffle-flower-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    root.mkdir(mode=0o700, exist_ok=True)
-    d = root / digest[:32]
-    if not (d / "baffle.json").exists():
-        tmp = Path(tempfile.mkdtemp(dir=root))
-        for name, data in files.items():
-            if not _SAFE_NAME.fullmatch(name) or not isinstance(data, bytes):
-                raise ValueError(f"bundle file {name!r}: not a plain file name with bytes")
-            (tmp / name).write_bytes(data)
-        try:
-            os.replace(tmp, d)
-        except OSError:  # another process unpacked the same bundle first
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
-    for old in root.iterdir():  # keep the folder small: bundles of earlier rounds
-        if old != d and old.stat().st_mtime < time.time() - 600:
-            import shutil
-            shutil.rmtree(old, ignore_errors=True)
+    """Write shipped bundle files into a private folder of this process, removed when it exits
+    (names checked; contents verified by the runtime against baffle.json's sha256 when it loads
+    them). Private, not shared: SuperNodes on one machine run ClientApp processes concurrently."""
+    if digest in _UNPACKED and (_UNPACKED[digest] / "baffle.json").exists():
+        return _UNPACKED[digest]
+    import atexit
+    import shutil
+    d = Path(tempfile.mkdtemp(prefix="baffle-flower-bundle-"))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    for name, data in files.items():
+        if not _SAFE_NAME.fullmatch(name) or not isinstance(data, bytes):
+            raise ValueError(f"bundle file {name!r}: not a plain file name with bytes")
+        (d / name).write_bytes(data)
+    for old in _UNPACKED.values():  # one round's bundle at a time
+        shutil.rmtree(old, ignore_errors=True)
+    _UNPACKED.clear()
+    _UNPACKED[digest] = d
     return d
 
 
