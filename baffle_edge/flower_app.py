@@ -79,6 +79,7 @@ def require_flwr() -> None:
 
 MESSAGE_TYPE = "train"
 QUERY_TYPE = "query"
+LATE_QUERY_WAIT = 5.0  # seconds a round waits for the answers of nodes that joined mid-run
 CLIENT_DATA = ("node", "shard")  # see the module docstring
 
 
@@ -204,6 +205,7 @@ class FlowerGather:
         self._payload_key: tuple | None = None
         self._payload: RoundPayload | None = None
         self._waited = False
+        self._queries: dict[str, tuple[int, float]] = {}  # pending query message id -> (node, sent at)
 
     def bind(self, fed) -> None:
         """Called by ``simulate.train`` with the run's Federation (its model and bundle)."""
@@ -250,20 +252,34 @@ class FlowerGather:
         return replies
 
     def describe(self, nodes: list[int]) -> None:
-        """Ask nodes not seen before which partition they hold (one query message each)."""
-        new = [n for n in nodes if n not in self.partition_of]
-        if not new:
-            return
-        content = lambda: RecordDict({"query": ConfigRecord({"what": "partition"})})  # noqa: E731
-        replies = self.exchange([Message(content(), dst_node_id=n, message_type=QUERY_TYPE) for n in new],
-                                self.flower.query_timeout)
-        for reply in replies:
-            node, info = reply.metadata.src_node_id, parse_node_info(reply)
-            if isinstance(info, Exception):
-                log.warning("node %s cannot train (asked again next round): %s", node, info)
-            else:
-                self.partition_of[node] = info
-                log.info("node %s holds partition %s", node, "-" if info is None else info)
+        """Ask nodes not seen before which partition they hold (one query message each).
+
+        Before the first round this waits up to ``query_timeout`` for the answers; later (a node
+        that joins mid-run) at most ``LATE_QUERY_WAIT`` seconds, so a node that never answers does
+        not stall the rounds: its query stays pending (re-sent after ``query_timeout``) and the node
+        joins in the round after its answer arrives."""
+        now = time.monotonic()
+        self._queries = {m: (n, t) for m, (n, t) in self._queries.items() if now - t < self.flower.query_timeout}
+        asked = {n for n, _ in self._queries.values()}
+        new = [n for n in nodes if n not in self.partition_of and n not in asked]
+        if new:
+            content = lambda: RecordDict({"query": ConfigRecord({"what": "partition"})})  # noqa: E731
+            ids = self.grid.push_messages([Message(content(), dst_node_id=n, message_type=QUERY_TYPE) for n in new])
+            self._queries.update({m: (n, now) for m, n in zip(ids, new) if m})
+        wait = self.flower.query_timeout if not self.partition_of else min(LATE_QUERY_WAIT, self.flower.query_timeout)
+        deadline = now + wait
+        while self._queries:
+            for reply in self.grid.pull_messages(list(self._queries)):
+                self._queries.pop(reply.metadata.reply_to_message_id, None)
+                node, info = reply.metadata.src_node_id, parse_node_info(reply)
+                if isinstance(info, Exception):
+                    log.warning("node %s cannot train (asked again next round): %s", node, info)
+                else:
+                    self.partition_of[node] = info
+                    log.info("node %s holds partition %s", node, "-" if info is None else info)
+            if not self._queries or time.monotonic() >= deadline:
+                break
+            time.sleep(self.flower.poll)
 
     def assign(self, nodes: list[int]) -> dict[int, int]:
         """client -> node for this round."""

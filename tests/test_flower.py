@@ -6,6 +6,7 @@ The process-level tests (simulation runtime, secured SuperLink + SuperNodes) are
 tests/test_flower_deploy.py."""
 import dataclasses
 import json
+import time
 import tomllib
 
 import numpy as np
@@ -30,12 +31,13 @@ class LoopbackGrid:
     its node (node i has ``node_configs[i]``); a handler's exception becomes an error reply, as a
     SuperNode sends it."""
 
-    def __init__(self, node_configs):
+    def __init__(self, node_configs, *, silent=()):
         from flwr.supercore.task_identity import TaskIdentity
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.node_configs = {1000 + i: nc for i, nc in enumerate(node_configs)}
         self.sent: list[tuple[str, int]] = []
         self.replies: dict[str, Message] = {}
+        self.silent = {1000 + i for i in silent}  # nodes that never answer (vanished after joining)
 
     def get_node_ids(self):
         return list(self.node_configs)
@@ -46,6 +48,9 @@ class LoopbackGrid:
             node = m.metadata.dst_node_id
             m.metadata.__dict__["_message_id"] = mid = f"m{len(self.sent)}"
             self.sent.append((m.metadata.message_type, node))
+            ids.append(mid)
+            if node in self.silent:
+                continue
             ctx = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
                           run_config={})
             handler = flower_app.client_query if m.metadata.message_type == "query" else flower_app.client_train
@@ -54,7 +59,6 @@ class LoopbackGrid:
             except Exception as e:
                 reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=m)
             self.replies[mid] = reply
-            ids.append(mid)
         return ids
 
     def pull_messages(self, ids):
@@ -192,13 +196,18 @@ def test_deployment_nodes_without_data_or_with_bad_data_never_crash_the_server(t
     np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 28, 28), np.uint8), y=np.zeros(4, np.int64))
     grid = LoopbackGrid([{"data": str(paths[0]), "partition-id": 0},
                          {},  # a SuperNode started without --node-config data=...: never assigned
-                         {"data": str(tmp_path / "wrong.npz")}])  # MNIST-sized images for a digits model
-    cfg = dataclasses.replace(CFG, runtime="torch", rounds=1)
-    fl = flower_app.FlowerConfig(out=str(tmp_path / "run"), client_data="node")
+                         {"data": str(tmp_path / "wrong.npz")},  # MNIST-sized images for a digits model
+                         {"data": str(paths[2]), "partition-id": 2}],  # never answers: vanished
+                        silent=[3])
+    cfg = dataclasses.replace(CFG, runtime="torch", rounds=2, round_timeout=1.0)
+    fl = flower_app.FlowerConfig(out=str(tmp_path / "run"), client_data="node", query_timeout=1.0)
+    start = time.monotonic()
     m = train(cfg, tmp_path / "run", progress=False, gather=flower_app.FlowerGather(grid, cfg, fl))
-    row = m["rounds"][0]
-    assert row["clients_accepted"] == 1 and row["absent"] == [2]
-    assert "model expects" in row["rejected"]["1"]  # the wrong-shaped node took a free client and failed
+    assert time.monotonic() - start < 30  # the silent node costs at most its query timeout per round
+    for row in m["rounds"]:
+        assert row["clients_accepted"] == 1 and row["absent"] == [2] and not row["skipped"]
+        assert "model expects" in row["rejected"]["1"]  # the wrong-shaped node took a free client and failed
+    assert grid.sent.count(("query", 1001)) == 2  # a node without data is asked again each round
     assert m["final"]["complete"]
 
 

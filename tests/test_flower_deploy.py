@@ -48,7 +48,7 @@ def _wait(predicate, timeout, what, run):
 
 @pytest.mark.slow
 def test_secure_deployment_survives_a_vanished_supernode_and_refuses_intruders(tmp_path):
-    """~4 min: SuperLink + 3 SuperNodes as processes, TLS + SuperNode auth, int8 ORT clients on
+    """~4-6 min on 2 cores: SuperLink + 3 SuperNodes as processes, TLS + SuperNode auth, int8 ORT clients on
     their own data files; SuperNode 1 is killed after round 2 (rounds go on with 2 of 3 = quorum),
     restarted (it rejoins), and SuperNodes with an unregistered key or no key are refused."""
     clients, rounds = 3, 14
