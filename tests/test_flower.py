@@ -171,6 +171,14 @@ def test_certificates_and_node_keys_are_what_flower_reads(tmp_path):
         assert try_load_public_key(pub)  # what `flwr supernode register` does
     with pytest.raises(ValueError, match="key name"):
         flower_deploy.make_node_keys(tmp_path / "keys", ["../evil"])
+    # the same through the command line; bad input is an error message and exit code 2
+    from baffle_edge.cli import main
+    assert main(["flower", "certs", str(tmp_path / "c3"), "--hosts", "localhost,10.0.0.5"]) == 0
+    assert main(["flower", "keys", str(tmp_path / "k3"), "--nodes", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "k3").iterdir()) == ["node-0", "node-0.pub", "node-1", "node-1.pub"]
+    assert main(["flower", "shards", str(tmp_path / "s3"), "--clients", "2", "--format", "idx"]) == 0
+    assert main(["flower", "certs", str(tmp_path / "c4"), "--hosts", "bad host!"]) == 2
+    assert main(["flower", "keys", str(tmp_path / "k3"), "--nodes", "2"]) == 2  # exists: never overwritten silently
 
 
 CFG = TrainConfig(clients=3, k=3, rounds=2, runtime="onnxruntime-int8", eval_every=1, checkpoint_every=2, workers=1)
