@@ -320,7 +320,8 @@ class FlowerGather:
                 answered.append((task, report))
         order = {t.client: i for i, t in enumerate(tasks)}
         heard = {t.client for t, _ in answered}
-        log.info("round %d: %d/%d replies in %.1f s%s", tasks[0].round + 1 if tasks else 0, len(answered), len(tasks),
+        log.info("round %d/%d: %d/%d replies in %.1f s%s", tasks[0].round + 1 if tasks else 0, self.cfg.rounds,
+                 len(answered), len(tasks),
                  time.monotonic() - start, f"; absent: {sorted(set(order) - heard)}" if len(heard) < len(tasks) else "")
         return sorted(answered, key=lambda a: order[a[0].client])  # reproducible: client order
 

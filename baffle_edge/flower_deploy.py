@@ -443,6 +443,47 @@ def flwr_home(directory: Path, connections: dict[str, dict]) -> Path:
     return directory
 
 
+def follow(cmd: list[str], *, env: dict, timeout: float | None, log: Path | None = None,
+           echo: bool = True, verbose: bool = False) -> tuple[int, str]:
+    """Run ``cmd`` (``flwr run ... --stream``) to its end, echoing the ServerApp's per-round lines
+    (all lines with ``verbose``; none without ``echo``) to stderr as progress, appending everything
+    to ``log``.
+    Returns (exit code, the last lines). Killed after ``timeout`` seconds (TimeoutError)."""
+    import collections
+    import signal
+    import subprocess
+    import sys
+    import threading
+    tail: collections.deque = collections.deque(maxlen=200)
+    p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    sink = open(log, "ab") if log is not None else None
+
+    def pump() -> None:
+        for raw in p.stdout:
+            if sink is not None:
+                sink.write(raw)
+                sink.flush()
+            line = raw.decode(errors="replace").rstrip()
+            tail.append(line)
+            if echo and (verbose or "baffle-edge:" in line):
+                print(line, file=sys.stderr, flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        code = p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _signal_group(p.pid, signal.SIGKILL)
+        p.wait(10)
+        raise TimeoutError(f"{' '.join(cmd[:3])} did not finish within {timeout:.0f} s") from None
+    finally:
+        reader.join(10)
+        if sink is not None:
+            sink.close()
+    return code, "\n".join(tail)
+
+
 def superlink_command(port: int, *, certs: Path | None = None, node_auth: bool = False, simulation: bool = False,
                       host: str = "127.0.0.1") -> list[str]:
     cmd = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
@@ -477,7 +518,6 @@ def simulate(cfg, out: str | Path, *, resume: bool = False, cpus_per_client: int
     in simulation mode (loopback only, started and stopped here) and ``flwr run`` of the app
     folder with ``num-supernodes = cfg.clients`` virtual SuperNodes (Ray). Returns the metrics."""
     import shutil
-    import subprocess
     import sys
     from .flower_app import require_flwr
     require_flwr()
@@ -502,15 +542,14 @@ def simulate(cfg, out: str | Path, *, resume: bool = False, cpus_per_client: int
                " ".join(f"{k}={json.dumps(v)}" for k, v in federation.items())]
         if resume:
             cmd += ["--run-config", "resume=true"]
-        done = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, timeout=timeout,
-                              stdout=None if verbose else subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        code, tail = follow(cmd, env=env, timeout=timeout, verbose=verbose)
         metrics_path = out / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-        if done.returncode != 0 or not metrics.get("final"):
-            log_text = (done.stdout or "")[-4000:]
-            sys.stderr.write(log_text)
+        if code != 0 or not metrics.get("final"):
+            if not verbose:
+                sys.stderr.write(tail[-4000:] + "\n")
             raise RuntimeError(f"the Flower simulation ended without final metrics (flwr run exit code "
-                               f"{done.returncode}); SuperLink log:\n{superlink.tail(40)}")
+                               f"{code}); SuperLink log:\n{superlink.tail(40)}")
         return metrics
     finally:
         if superlink is not None:
@@ -661,15 +700,14 @@ class LocalFederation:
         raise TimeoutError(f"fewer than {n} SuperNodes online after {timeout:.0f} s")
 
     def run(self, app: str | Path, *, run_config: str | None = None, timeout: float = 600.0,
-            log: Path | None = None):
-        """``flwr run APP local --stream`` (blocking, bounded by ``timeout``); returns CompletedProcess."""
-        import subprocess
+            progress: bool = False) -> int:
+        """``flwr run APP local --stream`` to its end (bounded by ``timeout``); the output goes to
+        logs/flwr-run.log (and the per-round lines to stderr with ``progress``). Returns the exit code."""
         cmd = ["flwr", "run", str(app), "local", "--stream"]
         if run_config:
             cmd += ["--run-config", run_config]
-        with open(log or self.work / "logs" / "flwr-run.log", "ab") as f:
-            return subprocess.run(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)
+        log = self.work / "logs" / "flwr-run.log"
+        return follow(cmd, env=self.env, timeout=timeout, log=log, echo=progress)[0]
 
     def stop(self) -> None:
         for p in list(self.nodes.values()) + ([self.superlink] if self.superlink else []):
@@ -775,14 +813,14 @@ def run_local(cfg, out: str | Path, *, work: str | Path, timeout: float = 3600.0
         timings["federation_up"] = time.monotonic() - t0
         timings.update({f"federation_{k}": v for k, v in fed.timings.items()})
         t0 = time.monotonic()
-        done = fed.run(app, timeout=timeout)
+        code = fed.run(app, timeout=timeout, progress=True)
         timings["run"] = time.monotonic() - t0
     finally:
         fed.stop()
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    if done.returncode != 0 or not metrics.get("final"):
-        raise RuntimeError(f"the run ended without final metrics (flwr run exit code {done.returncode}); "
+    if code != 0 or not metrics.get("final"):
+        raise RuntimeError(f"the run ended without final metrics (flwr run exit code {code}); "
                            f"logs in {fed.work / 'logs'}")
     first = metrics["rounds"][0]["seconds"] if metrics["rounds"] else 0.0
     timings["first_round"] = first
