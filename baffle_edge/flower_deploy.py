@@ -70,7 +70,7 @@ train-config = '{train_config}'
 client-data = "{client_data}"
 # Run folder on the machine running the ServerApp (the SuperLink's): metrics.json, checkpoint.pt.
 # A relative path is relative to the folder the SuperLink was started in.
-out = "{out}"
+out = {out}
 # Wait for this many SuperNodes before round 1, at most node-wait seconds.
 min-nodes = {min_nodes}
 node-wait = {node_wait}
@@ -100,7 +100,7 @@ def write_app(directory: str | Path, *, train_config: dict | None = None, client
     FlowerConfig(min_nodes=min_nodes, node_wait=node_wait)  # validates
     d.mkdir(parents=True, exist_ok=True)
     text = PYPROJECT.format(name=APP_NAME, train_config=given, client_data=client_data,
-                            out=Path(out).as_posix(), min_nodes=min_nodes, node_wait=node_wait)
+                            out=json.dumps(Path(out).as_posix()), min_nodes=min_nodes, node_wait=node_wait)
     (d / "pyproject.toml").write_text(text)
     (d / "README.md").write_text(
         "# BAFFLE on Flower\n\nWritten by `baffle-edge flower app`. Run it with `flwr run . CONNECTION`\n"
