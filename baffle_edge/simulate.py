@@ -418,14 +418,15 @@ def load_checkpoint(path: Path) -> dict:
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
           stop_after: int | None = None, client_fn: Callable | None = None,
-          gather: Callable | None = None, setup: Callable[[Federation], None] | None = None) -> dict:
+          gather: Callable | None = None) -> dict:
     """Run (or resume) a federated training run and write its folder. Returns the metrics dict.
 
     ``stop_after`` ends the process-level loop after that many rounds of this call (tests use it to
     simulate an interrupted run); ``client_fn(task, batches)`` replaces the simulated device and
-    ``gather(tasks, weights)`` the whole collection of reports (``Federation.step``; Flower uses it);
-    ``setup(federation)`` sees the run's Federation before the first round (the HTTP gateway serves
-    its bundle files and demo data)."""
+    ``gather(tasks, weights)`` the whole collection of reports (``Federation.step``; Flower and the HTTP
+    gateway use it). A gather with a ``bind(federation)`` method is handed the run's Federation once,
+    before the first round (Flower ships the round's bundle with each task; the gateway serves its
+    bundle files and demo data)."""
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
     history: list[dict] = []
@@ -449,9 +450,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             raise FileExistsError(f"output folder {out} is not empty; pass --resume to continue it "
                                   "or choose another --out")
         fed = Federation(cfg)
+    if gather is not None and hasattr(gather, "bind"):
+        gather.bind(fed)  # the transport may need the run's model and bundle (Flower ships them with each task)
     out.mkdir(parents=True, exist_ok=True)
-    if setup is not None:
-        setup(fed)
     metrics = {"config": cfg.to_json(), "versions": _versions(), "parameters": fed.server.dim,
                "rounds_per_epoch": fed.rpe, "rounds": history}
     end = cfg.rounds if stop_after is None else min(cfg.rounds, start_round + stop_after)
