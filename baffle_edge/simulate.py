@@ -439,7 +439,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
 
     ``stop_after`` ends the process-level loop after that many rounds of this call (tests use it to
     simulate an interrupted run); ``client_fn(task, batches)`` replaces the simulated device and
-    ``gather(tasks, weights)`` the whole collection of reports (``Federation.step``; Flower uses it)."""
+    ``gather(tasks, weights)`` the whole collection of reports (``Federation.step``; Flower and the HTTP
+    gateway use it). A gather with a ``bind(federation)`` method is handed the run's Federation once,
+    before the first round (Flower ships the round's bundle with each task; the gateway serves its
+    bundle files and demo data)."""
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
     history: list[dict] = []
@@ -463,6 +466,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             raise FileExistsError(f"output folder {out} is not empty; pass --resume to continue it "
                                   "or choose another --out")
         fed = Federation(cfg)
+    if gather is not None and hasattr(gather, "bind"):
+        gather.bind(fed)  # the transport may need the run's model and bundle (Flower ships them with each task)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"config": cfg.to_json(), "versions": _versions(), "parameters": fed.server.dim,
                "rounds_per_epoch": fed.rpe, "rounds": history}

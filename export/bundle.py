@@ -199,7 +199,8 @@ def _base_meta(model_cfg, data, layout, cfg: ExportConfig, source: str, target: 
                   "normalisation": {"formula": "x = (raw / scale - mean[c]) / std[c]", "scale": data.scale,
                                     "mean": list(data.mean), "std": list(data.std)}},
         "output": {"name": "logits", "shape": ["batch", model_cfg.num_classes], "dtype": "float32",
-                   "loss": "mean softmax cross-entropy of the logits, computed in float64"},
+                   "loss": "mean softmax cross-entropy of the logits in float64, bit for bit as noise.md section 7 "
+                           "specifies (fdlibm exp/log, pairwise sums)"},
         "parameters": layout.to_json(),
         "noise": {"spec_version": NOISE_SPEC_VERSION, "spec": "noise.md", "int8_spec": "quantized-perturbation.md", "generator": "philox4x32-10",
                   "key": "(seed & 0xFFFFFFFF, seed >> 32)", "counter": "(block, step*K + k, client, round)",
