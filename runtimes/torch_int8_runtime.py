@@ -70,15 +70,20 @@ class QdqInterpreter:
         pads = at.get("pads", [0, 0, 0, 0])
         if pads[:2] != pads[2:]:
             raise ValueError(f"asymmetric Conv pads {pads} are not supported by the oracle")
-        return F.conv2d(a[0], a[1], a[2] if len(a) > 2 else None, stride=at.get("strides", [1, 1]),
-                        padding=pads[:2], dilation=at.get("dilations", [1, 1]), groups=at.get("group", 1))
+        # float64: the sums of dequantized int8 products are exact enough that the next QuantizeLinear
+        # rounds like ORT's int32 accumulation, whatever torch's thread count (float32 sums flipped
+        # rare activation steps when the summation order changed)
+        bias = a[2].double() if len(a) > 2 and a[2] is not None else None
+        return F.conv2d(a[0].double(), a[1].double(), bias, stride=at.get("strides", [1, 1]), padding=pads[:2],
+                        dilation=at.get("dilations", [1, 1]), groups=at.get("group", 1)).float()
 
     def _gemm(self, a, at):
         x, w = a[0], a[1]
         x = x.t() if at.get("transA", 0) else x
         w = w.t() if at.get("transB", 0) else w
-        y = at.get("alpha", 1.0) * (x @ w)
-        return y + at.get("beta", 1.0) * a[2] if len(a) > 2 and a[2] is not None else y
+        y = at.get("alpha", 1.0) * (x.double() @ w.double())
+        y = y + at.get("beta", 1.0) * a[2].double() if len(a) > 2 and a[2] is not None else y
+        return y.float()
 
     def _maxpool(self, a, at):
         pads = at.get("pads", [0, 0, 0, 0])
