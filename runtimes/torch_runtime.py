@@ -30,6 +30,7 @@ from torch import nn
 from baffle_edge.client import BaseSession, FloatWeights
 from baffle_edge.models import MLP, LeNet, WideResNet, _WideBlock
 from baffle_edge.params import flat_params, layout_of, trainable
+from baffle_edge.perturb import BlockTable
 
 from .batching import model_name, resolve
 
@@ -141,6 +142,9 @@ class TorchSession(FloatWeights, BaseSession):
         self.params = trainable(model)
         self.perturbations_per_call = resolve(perturbations_per_call, name, model_name(model))
         self.forward = BatchedForward(self.model) if self.perturbations_per_call > 1 else None
+        self.blocks = BlockTable.from_layout(layout_of(model))
+        from .torch_incremental import LeNetBlockForward, supports
+        self.block_forward = LeNetBlockForward(self, model, self.blocks) if supports(model) else None
         self.set_weights(flat_params(model).numpy())
 
     @property
