@@ -14,6 +14,7 @@ import numpy as np
 
 from baffle_edge.client import BaseSession, FloatWeights, StepWeights
 from baffle_edge.export.bundle import read_bundle
+from baffle_edge.perturb import BlockTable
 from baffle_edge.protocol import Domain
 
 from .batching import resolve
@@ -74,6 +75,8 @@ class OrtSession(BaseSession):
         self.input_name = self.bundle.meta["input"]["name"]
         self.output_name = self.bundle.meta["output"]["name"]
         self.dim = int(self.bundle.meta["model"]["parameters"])
+        # block noise (float domain): the partition follows from the parameter table; rows run as full forwards
+        self.blocks = BlockTable.from_layout(self.bundle.meta["parameters"])
 
     def _open(self, path: Path, **options) -> None:
         """Load the verified train graph (the one hook an alternative executor overrides)."""

@@ -153,3 +153,18 @@ def test_train_config_forward_budget(digits):
     assert fed.task(0, 0).k == 6058
     with pytest.raises(ValueError, match="block noise only"):
         Federation(TrainConfig(forward_budget=101, rounds=1, workers=1), data=digits)
+
+
+def test_onnxruntime_float_runs_block_noise_as_full_forwards(lenet_batch, digits, tmp_path):
+    """ORT fp32 has no incremental forward: its block rows are full forwards with the same losses."""
+    from baffle_edge.export.bundle import ExportConfig, export_bundle
+    from baffle_edge.runtimes import get_runtime
+    model, x, y = lenet_batch
+    export_bundle(model, LENET, digits, tmp_path / "b", ExportConfig(formats=("onnx",)))
+    ort = get_runtime("onnxruntime").load(tmp_path / "b")
+    assert ort.block_forward is None and ort.blocks.dim == 26730
+    ort.set_weights(flat_params(model).numpy())
+    task = _task(12)
+    got, ref = ort.losses(Batch(x, y), task), TorchSession(model).losses(Batch(x, y), task)
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    np.testing.assert_allclose(np.diff(got), np.diff(ref), atol=2e-6)
