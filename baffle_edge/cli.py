@@ -182,6 +182,7 @@ COMMAND_MODULES: list[str] = [
     "baffle_edge.flower_app",
     "baffle_edge.verify",
     "baffle_edge.bench_report",
+    "baffle_edge.conformance",
 ]
 
 

@@ -235,3 +235,16 @@ def forward_loss_fn(session, batch: Batch) -> Callable[[], float]:
     x = session.prepare(batch.x)
     weights = session.weight_set(0, None, None)
     return lambda: cross_entropy(session.evaluate(x, [weights])[0], batch.y)
+
+
+def reference_loss(case: ModelCase, batch: Batch) -> float:
+    """The torch fp32 reference: loss of the case's initial weights on ``batch`` (float64 CE)."""
+    import torch
+    with torch.no_grad():
+        logits = case.build()(torch.from_numpy(batch.x)).double()
+        return float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch.y)))
+
+
+def loss_tolerance(runtime: str) -> float:
+    """Absolute tolerance of a runtime's loss vs the fp32 reference (int8: quantization error)."""
+    return 0.15 if "int8" in runtime else 1e-4

@@ -32,6 +32,15 @@ FORMAT_FILES = {
 }
 
 
+SPEC_FILES = ("noise.md", "quantized-perturbation.md")  # docs/ pages copied into every bundle
+
+
+def spec_text(name: str) -> bytes:
+    """A normative docs/ page as installed with the package (baffle_edge/spec/ links to docs/)."""
+    from importlib.resources import files
+    return files("baffle_edge").joinpath("spec", name).read_bytes()
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     formats: tuple[str, ...] = ("onnx", "onnx-int8")
@@ -109,7 +118,7 @@ def export_bundle(model, model_cfg, data, out: str | Path, cfg: ExportConfig = E
             meta["formats"]["onnx"] = {
                 "files": {"inference": "model.onnx", "train": "model.train.onnx"}, "domain": "float",
                 "perturbation": "each trainable parameter is a float32 graph input named like the parameter; "
-                                "feed w + float32(sigma) * eps (docs/noise.md section 3)"}
+                                "feed w + float32(sigma) * eps (noise.md section 3)"}
         if "onnx-int8" in formats:
             import onnx
             ox.quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx", calib, method=cfg.calibration_method,
@@ -139,6 +148,8 @@ def export_bundle(model, model_cfg, data, out: str | Path, cfg: ExportConfig = E
             meta["formats"]["tflite-int8"] = export_tflite_int8(model, calib, tmp / "model.int8.tflite", layout)
         if "onnx" not in formats:
             (tmp / "model.onnx").unlink()
+        for name in SPEC_FILES:  # the normative texts travel with the bundle (hashed like the models)
+            (tmp / name).write_bytes(spec_text(name))
         meta["files"] = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
                          for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "baffle.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
@@ -183,7 +194,7 @@ def _base_meta(model_cfg, data, layout, cfg: ExportConfig, source: str) -> dict:
         "output": {"name": "logits", "shape": ["batch", model_cfg.num_classes], "dtype": "float32",
                    "loss": "mean softmax cross-entropy of the logits, computed in float64"},
         "parameters": layout.to_json(),
-        "noise": {"spec_version": NOISE_SPEC_VERSION, "spec": "docs/noise.md", "generator": "philox4x32-10",
+        "noise": {"spec_version": NOISE_SPEC_VERSION, "spec": "noise.md", "int8_spec": "quantized-perturbation.md", "generator": "philox4x32-10",
                   "key": "(seed & 0xFFFFFFFF, seed >> 32)", "counter": "(block, step*K + k, client, round)",
                   "kinds": {"gaussian": "Box-Muller in float64 -> float32", "rademacher": "1 bit per value"}},
         "calibration": {"samples": cfg.calibration_samples, "method": cfg.calibration_method, "seed": cfg.seed,

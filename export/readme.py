@@ -40,10 +40,12 @@ def bundle_readme(meta: dict) -> str:
         "1. Receive the RoundTask (JSON) and the round's float weights (flat, parameter order of `baffle.json`"
         " `parameters`).",
         "2. For k = 0..K-1 regenerate eps_k (Philox4x32-10 keyed by seed/round/client/k, see `noise` in "
-        "`baffle.json` and docs/noise.md), evaluate the loss at the perturbed weights, then upload the K "
+        "`baffle.json` and `noise.md` in this folder, the normative spec with test vectors), evaluate the loss "
+        "at the perturbed weights, then upload the K "
         "losses (+ the unperturbed loss) as a ClientReport.",
         "- float graphs (`model.train.onnx`): feed every parameter input `w + float32(sigma) * eps`.",
     ] + [_int8_rule(fmt, info) for fmt, info in meta["formats"].items() if "quantization" in info] + [
+        "  The exact integer rules are in `quantized-perturbation.md` in this folder.",
         "",
         "## ONNX Runtime Mobile (Kotlin)",
         "```kotlin",

@@ -1,0 +1,271 @@
+"""The conformance kit: files a device client (TypeScript, Kotlin, C, ...) checks itself against.
+
+``baffle-edge conformance --out DIR`` (or ``python -m baffle_edge.conformance --out DIR``) writes
+
+    DIR/conformance.json     the index: noise vectors, rounds (task + files + the Python report)
+    DIR/bundle/              an fp32 + int8 ONNX bundle of a briefly trained LeNet on digits
+    DIR/rounds/*.f32|.i32    round inputs as raw little-endian arrays (weights, batch inputs, labels)
+
+Noise vectors (docs/noise.md): the Philox known-answer tests, short streams given word by word
+(``words`` hex = the numeric uint32 values, ``gauss`` hex = float32 bit patterns, ``rad`` signs) and
+long ones by the SHA-256 of their float32 little-endian bytes plus a few values around the chunk
+boundary. Seeds are JSON integers up to 2**64 - 1: a port must parse them as unsigned 64-bit.
+
+Rounds: the same (task, weights, batches, bundle) run by the Python ONNX Runtime client
+(``runtimes/onnxruntime_runtime.py``, one intra-op thread); its ``ClientReport`` is stored. A port
+must reproduce the int8 losses exactly and the fp32 ones within 1e-6 relative
+(docs/device-clients.md says how to check a new client).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import perturb
+from .perturb import philox4x32
+
+KIT_VERSION = 1
+# a Gaussian pair with u1 = 1 (first word >= 0xFFFFFF00): r = sqrt(-2 ln 1) = sqrt(-0.0) = -0.0
+U1_ONE = dict(seed=0, round=0, client=0, k=1229, index=2648)
+
+KAT = [  # Random123 kat_vectors for philox4x32-10: (counter, key, expected output)
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+# short streams: (what it exercises, seed, round, client, k', d)
+SHORT = [
+    ("spec vector 1", 0, 0, 0, 0, 8),
+    ("spec vector 2", 42, 7, 3, 11, 8),
+    ("spec vector 3: seed >= 2**63, shared client word", 2**63 + 1, 1, perturb.SHARED_CLIENT, 0, 8),
+    ("seed 2**64 - 1 (both key words 0xFFFFFFFF)", 2**64 - 1, 2**32 - 1, 2**32 - 2, 2**32 - 1, 8),
+    ("seed 2**53 + 1 (not a float64)", 2**53 + 1, 3, 9, 4, 8),
+    ("odd dimension 7 (last pair's second value dropped)", 7, 1, 2, 3, 7),
+    ("dimension 1", 7, 1, 2, 3, 1),
+    ("dimension 0", 7, 1, 2, 3, 0),
+    ("odd dimension 33 (Rademacher: 2 words, 31 bits of the last one unused)", 5, 0, 4, 2, 33),
+    ("FedAvg k' = step*K + k = 2*100 + 5", 1234, 6, 17, 205, 12),
+]
+# long streams: (what, seed, round, client, k', d, indices reported one by one)
+LONG = [
+    ("65,537 values: the Gaussian chunk boundary (65,536) and the odd tail", 3, 1, 2, 0, 65_537,
+     [0, 1, 65_531, 65_532, 65_533, 65_534, 65_535, 65_536]),
+    ("302,778 values (a WRN-10-2-sized vector)", 11, 4, 5, 6, 302_778, [0, 65_536, 131_072, 302_777]),
+]
+
+
+def _hex(words_: np.ndarray) -> list[str]:
+    return [f"{int(w):08x}" for w in words_]
+
+
+def _bits(values: np.ndarray) -> list[str]:
+    return _hex(np.asarray(values, np.float32).view(np.uint32))
+
+
+def _signs(values: np.ndarray) -> str:
+    return "".join("-" if v < 0 else "+" for v in values)
+
+
+def _sha(values: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(values, "<f4").tobytes()).hexdigest()
+
+
+def noise_vectors() -> dict:
+    """Every noise vector of the kit (pure: no files)."""
+    kat = [{"counter": _hex(c), "key": _hex(k), "output": _hex(o)} for c, k, o in KAT]
+    for row, (c, k, o) in zip(kat, KAT):
+        got = philox4x32(c, k).reshape(-1)
+        assert tuple(int(x) for x in got) == o, f"philox4x32 fails its known-answer test {row}"
+    short = []
+    for what, seed, rnd, client, k, d in SHORT:
+        gauss = perturb.noise(seed, rnd, client, k, d, "gaussian")
+        rad = perturb.noise(seed, rnd, client, k, d, "rademacher")
+        short.append({"what": what, "seed": seed, "round": rnd, "client": client, "k": k, "d": d,
+                      "words": _hex(perturb.words(seed, rnd, client, k, max(8, d + (d & 1)))),
+                      "gauss": _bits(gauss), "rad": _signs(rad),
+                      "negative_signs_words": _hex(perturb.words(seed, rnd, client, k, -(-d // 32)))})
+    long = []
+    for what, seed, rnd, client, k, d, idx in LONG:
+        for kind in ("gaussian", "rademacher"):
+            v = perturb.noise(seed, rnd, client, k, d, kind)
+            long.append({"what": what, "kind": kind, "seed": seed, "round": rnd, "client": client, "k": k,
+                         "d": d, "sha256_f32le": _sha(v), "values": {str(i): _bits(v[i:i + 1])[0] for i in idx}})
+    u = U1_ONE
+    v = perturb.noise(u["seed"], u["round"], u["client"], u["k"], u["index"] + 2)
+    w = perturb.words(u["seed"], u["round"], u["client"], u["k"], u["index"] + 2)
+    assert w[u["index"]] >> 8 == 0xFFFFFF, "the u1 = 1 vector no longer has u1 = 1"
+    u1_one = {**u, "d": u["index"] + 2, "pair_words": _hex(w[u["index"]:u["index"] + 2]),
+              "gauss": _bits(v[u["index"]:]), "sha256_f32le": _sha(v)}
+    return {"spec_version": perturb.NOISE_SPEC_VERSION, "philox_kat": kat, "short": short, "long": long,
+            "u1_one": u1_one}
+
+
+# ------------------------------------------------------------------------------------------- rounds
+# (name, bundle format, task fields, client options). Every task is built at the kit's weights.
+ROUNDS = [
+    ("fp32-forward", "onnx", dict(k=8, sigma=1e-3), {}),
+    ("fp32-central-rademacher", "onnx", dict(k=6, sigma=1e-3, scheme="central", noise="rademacher"), {}),
+    ("fp32-fedavg", "onnx", dict(k=6, sigma=1e-3, local_steps=3), dict(local_lr=0.05, clip=0.3)),
+    ("int8-forward-k100", "onnx-int8", dict(k=100, baseline="leave-one-out"), {}),
+    ("int8-central-shared", "onnx-int8", dict(k=8, scheme="central", noise_scope="shared",
+                                              seed=2**63 + 5, estimator="per-step"), {}),
+    ("int8-fedavg", "onnx-int8", dict(k=10, baseline="leave-one-out", local_steps=3),
+     dict(local_lr=0.05, clip=0.3)),
+    ("int8-fedavg-noclip", "onnx-int8", dict(k=6, local_steps=2), dict(local_lr=0.02, clip=None)),
+]
+INT8_TASK = dict(noise="rademacher", domain="int8-step", sigma=1.0)
+
+
+def summation_vectors(seed: int = 0) -> list[dict]:
+    """float64 arrays whose numpy sum depends on the summation order (numpy sums pairwise, with 8
+    accumulators per block of <= 128 values): a port that sums in another order gets other bits in
+    the losses' softmax sums and means, and in FedAvg's local weights."""
+    rng = np.random.default_rng([seed, 0x5E])
+    out = []
+    for n in (5, 10, 32, 100, 128, 129, 300, 26_730):
+        v = rng.standard_normal(n) * np.exp(rng.standard_normal(n) * 12)
+        out.append({"values": [float(x) for x in v], "sum": float(np.sum(v)), "mean": float(np.mean(v))})
+    return out
+
+
+def model_version(flat: np.ndarray) -> str:
+    """server.model_version of a flat float32 weight vector: sha256 of its little-endian bytes, 16 hex."""
+    return hashlib.sha256(np.asarray(flat, "<f4").tobytes()).hexdigest()[:16]
+
+
+def _lenet(data, steps: int, seed: int):
+    """A LeNet trained for a few Adam steps (informative gradients, int8 scales of a real model)."""
+    import torch
+    from .models import ModelConfig, build_model
+    model = build_model(ModelConfig(), seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    for i in range(steps):
+        j = (i * 32) % (len(y) - 32)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[j:j + 32]), y[j:j + 32]).backward()
+        opt.step()
+    return model.eval()
+
+
+def _make_task(fields: dict, options: dict, version: str):
+    """A RoundTask; FedAvg's local_lr/clip go into the task when the protocol has those fields."""
+    from .protocol import RoundTask
+    names = {f.name for f in dataclasses.fields(RoundTask)}
+    extra = {k: v for k, v in options.items() if k in names}
+    return RoundTask(**({"round": 3, "client": 2, "seed": 2024, "model_version": version} | fields | extra))
+
+
+def _run_python(task, session, batches, weights, options: dict):
+    """client.run_task, passing local_lr/clip as arguments only where this version still takes them."""
+    from .client import run_task
+    params = inspect.signature(run_task).parameters
+    kw = {k: v for k, v in options.items() if k in params}
+    return run_task(task, session, batches, weights=weights, runtime="onnxruntime-python", **kw)
+
+
+def write_kit(out: str | Path, *, force: bool = False, train_steps: int = 60, batch: int = 32,
+              progress: bool = True) -> dict:
+    """Write the whole kit into ``out``; returns the index (conformance.json)."""
+    from .client import Batch
+    from .data import load_digits
+    from .export.bundle import ExportConfig, export_bundle
+    from .models import ModelConfig
+    from .params import flat_params
+    from .runtimes.onnxruntime_runtime import OrtFloatSession, OrtInt8Session
+
+    out = Path(out)
+    if out.exists():
+        if not force:
+            raise FileExistsError(f"{out} exists; pass --force to replace it")
+        shutil.rmtree(out)
+    started = time.perf_counter()
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    data = load_digits(seed=0)
+    say(f"conformance: training LeNet on digits for {train_steps} steps, exporting the bundle")
+    model = _lenet(data, train_steps, seed=0)
+    (out / "rounds").mkdir(parents=True)
+    export_bundle(model, ModelConfig(), data, out / "bundle", ExportConfig(formats=("onnx", "onnx-int8")),
+                  source=f"conformance kit: LeNet, {train_steps} Adam steps on digits")
+    weights = flat_params(model).numpy().astype("<f4")
+    weights.tofile(out / "rounds" / "weights.f32")
+    version = model_version(weights)
+    n_batches = max(t.get("local_steps", 1) for _, _, t, _ in ROUNDS)
+    batch_files = []
+    for i in range(n_batches):
+        x = np.ascontiguousarray(data.x_test[i * batch:(i + 1) * batch], "<f4")
+        y = np.ascontiguousarray(data.y_test[i * batch:(i + 1) * batch], "<i4")
+        x.tofile(out / "rounds" / f"batch{i}.x.f32")
+        y.tofile(out / "rounds" / f"batch{i}.y.i32")
+        batch_files.append({"x": f"rounds/batch{i}.x.f32", "y": f"rounds/batch{i}.y.i32",
+                            "shape": list(x.shape), "labels": int(y.size)})
+    sessions = {"onnx": OrtFloatSession(out / "bundle", threads=1),
+                "onnx-int8": OrtInt8Session(out / "bundle", threads=1)}
+    x0 = np.fromfile(out / batch_files[0]["x"], "<f4").reshape(batch_files[0]["shape"])
+    logits = {}
+    for fmt, session in sessions.items():
+        session.set_weights(weights)
+        logits[fmt] = _bits(session.logits(x0).reshape(-1))  # float32 bit patterns, row-major (batch, classes)
+    rounds = []
+    for name, fmt, fields, options in ROUNDS:
+        fields = (INT8_TASK if fmt == "onnx-int8" else {}) | fields
+        task = _make_task(fields, options, version)
+        steps = task.local_steps
+        batches = [Batch(np.fromfile(out / b["x"], "<f4").reshape(b["shape"]),
+                         np.fromfile(out / b["y"], "<i4").astype(np.int64)) for b in batch_files[:steps]]
+        report = _run_python(task, sessions[fmt], batches, weights, options)
+        say(f"conformance: round {name:26s} {report.losses.size + report.base_losses.size:4d} losses, "
+            f"{report.seconds * 1e3:7.1f} ms")
+        rounds.append({"name": name, "format": fmt, "task": json.loads(task.to_json()),
+                       "client_options": options, "weights": "rounds/weights.f32",
+                       "batches": batch_files[:steps], "report": json.loads(report.to_json())})
+    index = {"kit_version": KIT_VERSION, "noise": noise_vectors(), "bundle": "bundle",
+             "weights": {"file": "rounds/weights.f32", "values": int(weights.size), "model_version": version},
+             "base_logits": {"batch": 0, "formats": logits},
+             "tolerance": {"int8_logits": "identical", "int8_losses_relative": 1e-15, "fp32_losses_relative": 1e-6,
+                           "gradient_cosine": 0.999999},
+             "summation": summation_vectors(),
+             "rounds": rounds,
+             "python": {"onnxruntime_threads": 1, "versions": json.loads((out / "bundle" / "baffle.json")
+                                                                        .read_text())["versions"]}}
+    (out / "conformance.json").write_text(json.dumps(index, indent=1))
+    say(f"conformance: kit written to {out} in {time.perf_counter() - started:.1f} s")
+    return index
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("conformance", help="write the conformance kit a device client port checks itself against",
+                       description="Write noise vectors, an fp32 + int8 LeNet bundle, round inputs and the "
+                                   "Python client's reports into OUT (docs/device-clients.md).")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=lambda a: (write_kit(a.out, force=a.force), 0)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m baffle_edge.conformance", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    a = parser.parse_args(argv)
+    try:
+        write_kit(a.out, force=a.force, progress=not a.quiet)
+    except (ValueError, FileExistsError) as e:
+        print(f"conformance: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+/**
+ * @baffle-edge/client: a BAFFLE device client on ONNX Runtime's JavaScript API.
+ *
+ *     import * as ort from "onnxruntime-node";     // or onnxruntime-web, onnxruntime-react-native
+ *     const bundle = await loadBundle(source, { formats: ["onnx-int8"] });
+ *     const rs = await RoundSession.open(ort, bundle, "onnx-int8", { intraOpNumThreads: 1 });
+ *     const report = await runTask(taskJson, weights, batches, rs);
+ *     upload(reportToJson(report));
+ */
+export { Bundle, BundleError, loadBundle, SCHEMA_VERSION, utf8, type BundleSource, type Parameter, type TrainFormat } from "./bundle.js";
+export { crossEntropy, modelVersion, RoundSession, runTask, type Batch, type OrtModule, type RunOptions, type TensorConstructor } from "./client.js";
+export { clipInf, leaveOneOut, lossDifferences, pairwiseSum } from "./estimator.js";
+export { exp, log } from "./libm.js";
+export { parseJson, stringifyJson, type Json } from "./json.js";
+export { boxMuller, GAUSSIAN_CHUNK, negativeSigns, noise, NOISE_SPEC_VERSION, philox4x32, seedWords, SHARED_CLIENT, words,
+  type NoiseKind, type Seed } from "./noise.js";
+export { lossesPerStep, MAX_K, noiseClient, parseTask, PROTOCOL_VERSIONS, ProtocolError, reportToJson, taskToJson,
+  type ClientReport, type RoundTask } from "./protocol.js";
+export { quantize, rint, shifted, steps, StepSelector, type IntArray, type QTensor } from "./quant.js";
+export { sha256Hex } from "./sha256.js";

@@ -1,0 +1,25 @@
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+/** clients/js (this file is compiled to clients/js/dist/test/). */
+export const PACKAGE_DIR = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
+
+/** The conformance kit the tests read: $BAFFLE_CONFORMANCE or clients/js/.conformance. */
+export function kitDir(): string {
+  return process.env.BAFFLE_CONFORMANCE ? resolve(process.env.BAFFLE_CONFORMANCE) : join(PACKAGE_DIR, ".conformance");
+}
+
+export function f32hex(v: number): string {
+  const b = new DataView(new ArrayBuffer(4));
+  b.setFloat32(0, v, true);
+  return b.getUint32(0, true).toString(16).padStart(8, "0");
+}
+
+export function hexWords(a: Uint32Array): string[] {
+  return Array.from(a, (w) => w.toString(16).padStart(8, "0"));
+}
+
+/** Relative difference |a - b| / |b|, the loss tolerance's measure. */
+export function relDiff(a: number, b: number): number {
+  return a === b ? 0 : Math.abs(a - b) / Math.abs(b);
+}

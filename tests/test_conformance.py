@@ -1,0 +1,130 @@
+"""The conformance kit (baffle_edge/conformance.py) and the TypeScript client checked against it.
+
+The kit's noise vectors must be the published ones and its Python reports must be accepted by the
+server. When node and clients/js/node_modules are present (CI: `.ci/run` installs them before
+pytest) the JS client runs every kit round through `node clients/js/dist/src/cli.js conformance`
+and the server must accept each JS report and decode it to the same update as the Python client's
+(cosine >= 0.999999). Without node the JS test is skipped with the reason; under CI=true it fails.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from baffle_edge import perturb
+from baffle_edge.conformance import noise_vectors, write_kit
+from baffle_edge.estimator import cosine
+from baffle_edge.export.bundle import read_bundle
+from baffle_edge.models import ModelConfig, build_model
+from baffle_edge.protocol import ClientReport, RoundTask
+from baffle_edge.server import OptimConfig, Server, make_strategy
+
+JS = Path(__file__).resolve().parents[1] / "clients" / "js"
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    out = tmp_path_factory.mktemp("conformance") / "kit"
+    index = write_kit(out, progress=False)
+    return out, index
+
+
+def test_noise_vectors_include_the_published_ones_and_the_edge_cases():
+    v = noise_vectors()
+    first = v["short"][0]
+    assert first["words"][:4] == ["6627e8d5", "e169c58d", "bc57ac4c", "9b00dbd8"]
+    assert first["gauss"][:2] == ["3f7dbb30", "bf6cb6b3"] and first["rad"] == "-+-+-+--"
+    assert {s["seed"] for s in v["short"]} >= {2**63 + 1, 2**64 - 1, 2**53 + 1}
+    assert {s["d"] for s in v["short"]} >= {0, 1, 7, 33} and any(s["k"] == 205 for s in v["short"])
+    assert {(x["kind"], x["d"]) for x in v["long"]} == {(k, d) for k in ("gaussian", "rademacher") for d in (65_537, 302_778)}
+    # u1 = 1: r = sqrt(-2 * ln 1) = sqrt(-0.0) = -0.0, and -0.0 * cos(t) with cos(t) < 0 is +0.0
+    u = v["u1_one"]
+    z = perturb.noise(u["seed"], u["round"], u["client"], u["k"], u["d"])[u["index"]:]
+    assert np.all(z == 0) and [f"{b:08x}" for b in z.view(np.uint32)] == u["gauss"]
+
+
+def test_kit_rounds_are_accepted_by_the_server(kit):
+    out, index = kit
+    assert {r["format"] for r in index["rounds"]} == {"onnx", "onnx-int8"}
+    assert any(r["task"]["local_steps"] > 1 for r in index["rounds"])
+    stored = json.loads((out / "conformance.json").read_text())
+    assert stored["rounds"][0]["task"]["seed"] == index["rounds"][0]["task"]["seed"]
+    for r in index["rounds"]:
+        update = decode(out, r, ClientReport.from_json(json.dumps(r["report"])))
+        assert np.all(np.isfinite(update)) and np.any(update != 0), r["name"]
+
+
+def test_kit_writer_refuses_to_overwrite(kit):
+    with pytest.raises(FileExistsError, match="--force"):
+        write_kit(kit[0], progress=False)
+
+
+def test_bundle_ships_the_noise_spec(kit):
+    bundle = read_bundle(kit[0] / "bundle")
+    spec = bundle.meta["noise"]["spec"]
+    assert (kit[0] / "bundle" / spec).read_text().startswith("# The perturbation noise")
+    assert spec in bundle.meta["files"]  # its sha256 is listed like every model file
+
+
+def decode(kit_dir: Path, r: dict, report: ClientReport) -> np.ndarray:
+    """What the server makes of a report: the FedSGD gradient, or the FedAvg weight change."""
+    task = RoundTask.from_json(json.dumps(r["task"]))
+    weights = np.fromfile(kit_dir / r["weights"], "<f4")
+    opts = r["client_options"]
+    fields = {f.name for f in dataclasses.fields(OptimConfig)}
+    cfg = OptimConfig(**{k: v for k, v in {"clip": opts.get("clip", 0.3), "local_lr": opts.get("local_lr", 0.0),
+                                           "ema_decay": None}.items() if k in fields})
+    server = Server(build_model(ModelConfig(), seed=0), make_strategy(
+        "fedavg" if task.local_steps > 1 else "fedsgd", local_steps=task.local_steps), cfg)
+    server.set_flat(weights)
+    if r["format"] == "onnx-int8":
+        server.quant_table = read_bundle(kit_dir / "bundle").quant_table("onnx-int8")
+    update = server.decode(task, report)
+    assert not isinstance(update, str), f"{r['name']}: server rejected the report: {update}"
+    return update.gradient if update.gradient is not None else update.weights - weights
+
+
+def _node_ready() -> str | None:
+    """Why the JS client cannot run here, or None."""
+    if shutil.which("node") is None:
+        return "node is not on PATH"
+    if not (JS / "node_modules" / "onnxruntime-node").is_dir():
+        return "clients/js/node_modules is missing (cd clients/js && npm ci --ignore-scripts)"
+    return None
+
+
+def test_js_client_reports_decode_to_the_python_clients_updates(kit, tmp_path):
+    why = _node_ready()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the JS client: {why}")
+        pytest.skip(why)
+    build = subprocess.run([str(JS / "node_modules" / ".bin" / "tsc"), "-p", str(JS / "tsconfig.json")],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout + build.stderr
+    out, index = kit
+    run = subprocess.run(["node", str(JS / "dist" / "src" / "cli.js"), "conformance", str(out), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for r in index["rounds"]:
+        js = ClientReport.from_json((tmp_path / f"{r['name']}.json").read_text())
+        task = RoundTask.from_json(json.dumps(r["task"]))
+        js.check_against(task)
+        py = ClientReport.from_json(json.dumps(r["report"]))
+        assert js.runtime.endswith("-js") and py.runtime == "onnxruntime-python"
+        rel = 1e-15 if r["format"] == "onnx-int8" else 1e-6
+        assert np.allclose(js.losses, py.losses, rtol=rel, atol=0), r["name"]
+        assert np.allclose(js.base_losses, py.base_losses, rtol=rel, atol=0), r["name"]
+        c = cosine(decode(out, r, js), decode(out, r, py))
+        assert c >= 0.999999, f"{r['name']}: cosine {c}"
+
+
+def test_noise_md_publishes_the_kits_long_vector_digests():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "noise.md").read_text()
+    for v in noise_vectors()["long"]:
+        assert v["sha256_f32le"] in text, (v["kind"], v["d"])
