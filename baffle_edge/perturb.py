@@ -162,6 +162,8 @@ def noise(
     kind = NoiseKind(kind)
     if d < 0:
         raise ValueError(f"d must be >= 0, got {d}")
+    if kind is NoiseKind.BLOCK:
+        raise ValueError("block noise is drawn on the model's block partition: use BlockTable.draw")
     if kind is NoiseKind.GAUSSIAN:
         if d <= GAUSSIAN_CHUNK:
             return box_muller(words(seed, round_, client, k, d + (d & 1)))[:d]

@@ -168,3 +168,15 @@ def test_onnxruntime_float_runs_block_noise_as_full_forwards(lenet_batch, digits
     got, ref = ort.losses(Batch(x, y), task), TorchSession(model).losses(Batch(x, y), task)
     np.testing.assert_allclose(got, ref, rtol=1e-4)
     np.testing.assert_allclose(np.diff(got), np.diff(ref), atol=2e-6)
+
+
+def test_conformance_kit_carries_block_vectors(table):
+    from baffle_edge.conformance import noise_vectors
+    v = noise_vectors()["block"]
+    assert v["modules"] == table.to_json()
+    first = v["draws"][0]
+    assert (first["block"], first["values_head"]) == (0, VECTORS[0][2].split())
+    assert {d["module"] for d in v["draws"]} >= {"features.4"}
+    with pytest.raises(ValueError, match="BlockTable.draw"):
+        from baffle_edge.perturb import noise
+        noise(0, 0, 0, 0, 10, "block")
