@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from baffle_edge.client import Batch, run_task, step_gradient, step_losses, step_noise, split_step
+from baffle_edge.client import Batch, cross_entropy, run_task, step_gradient, step_losses, step_noise, split_step
 from baffle_edge.estimator import cosine, stein_gradient
 from baffle_edge.models import ModelConfig, Norm, build_model
 from baffle_edge.params import flat_params, layout_of
@@ -73,19 +73,38 @@ def test_blocks_are_drawn_in_proportion_to_their_size(table):
 
 @pytest.mark.parametrize("scheme", ["forward", "central"])
 def test_incremental_forward_equals_full_forward(lenet_batch, scheme):
-    """Every row (conv1, conv2 and head blocks) of the incremental path = a full forward at the same
-    perturbed weights, fp32, to 1e-6 relative."""
+    """The incremental rows of a round = the generic loop's full forwards at the same perturbed
+    weights, fp32, to 1e-6 relative."""
     model, x, y = lenet_batch
     session = TorchSession(model)
     assert session.block_forward is not None
-    task, batch = _task(120, scheme), Batch(x, y)
-    blocks, _ = session.blocks.draw(task.seed, task.round, task.noise_client, np.arange(task.k))
-    assert set(session.blocks.module[blocks]) == {0, 1, 2}  # all three kinds of block are exercised
+    task, batch = _task(24, scheme), Batch(x, y)
     inc = session.losses(batch, task)
     session.block_forward = None  # the generic loop: dense eps_k, full forwards
     full = session.losses(batch, task)
     assert inc.shape == full.shape == (task.losses_per_step + (scheme == "forward"),)
     np.testing.assert_allclose(inc, full, rtol=1e-6, atol=0)
+
+
+def test_incremental_logits_for_every_kind_of_block(lenet_batch, table):
+    """conv1 channels, conv2 channels and head rows (first, last, in between; large perturbations so
+    that activations cross the Hardswish knees and the max-pool winners change)."""
+    model, x, y = lenet_batch
+    session = TorchSession(model)
+    fwd, w0 = session.block_forward, session.w0
+    chosen = np.array([0, 7, 15, 16, 50, 79, 80, 85, 89])
+    rng = np.random.default_rng(3)
+    values = [w0[table.index[table.bounds[b]:table.bounds[b + 1]]]
+              + rng.standard_normal(table.sizes[b]).astype(np.float32) * np.float32(0.3) for b in chosen]
+    fwd.cache(session.prepare(x))
+    got = fwd.logits(chosen, values)
+    for i, b in enumerate(chosen):
+        w = w0.copy()
+        w[table.index[table.bounds[b]:table.bounds[b + 1]]] = values[i]
+        want = session.evaluate(session.prepare(x), [w])[0]
+        session.restore()
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
+        assert abs(cross_entropy(got[i], y) / cross_entropy(want, y) - 1) < 1e-6
 
 
 def test_sparse_decoding_equals_dense_stein(lenet_batch, table):
@@ -171,8 +190,8 @@ def test_onnxruntime_float_runs_block_noise_as_full_forwards(lenet_batch, digits
 
 
 def test_conformance_kit_carries_block_vectors(table):
-    from baffle_edge.conformance import noise_vectors
-    v = noise_vectors()["block"]
+    from baffle_edge.conformance import block_vectors
+    v = block_vectors()
     assert v["modules"] == table.to_json()
     first = v["draws"][0]
     assert (first["block"], first["values_head"]) == (0, VECTORS[0][2].split())
