@@ -248,10 +248,13 @@ def block_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0)
     base = fwd.cache(session.prepare(batch.x))
     blocks, values = step_blocks(task, step, table)
     sigma = np.float32(task.sigma)
+    # all rows at once: the drawn blocks' indices and values concatenated, split back into one view per row
+    idx = np.concatenate([table.index[table.bounds[b]:table.bounds[b + 1]] for b in blocks])
+    eps = np.concatenate(values)
+    cuts = np.cumsum([v.size for v in values])[:-1]
     rows = []
     for sign in ((1, -1) if task.central else (1,)):
-        sets = [session.w0[table.index[table.bounds[b]:table.bounds[b + 1]]] + np.float32(sign) * (sigma * v)
-                for b, v in zip(blocks, values)]
+        sets = np.split(session.w0[idx] + np.float32(sign) * (sigma * eps), cuts)
         rows.append(cross_entropies(fwd.logits(blocks, sets), batch.y))
     out = np.concatenate(([] if task.central else [cross_entropy(base, batch.y)], *rows))
     if not np.all(np.isfinite(out)):
