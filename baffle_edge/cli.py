@@ -183,6 +183,7 @@ COMMAND_MODULES: list[str] = [
     "baffle_edge.verify",
     "baffle_edge.bench_report",
     "baffle_edge.conformance",
+    "baffle_edge.gateway.cli",
 ]
 
 

@@ -447,12 +447,14 @@ def load_checkpoint(path: Path) -> dict:
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
           stop_after: int | None = None, client_fn: Callable | None = None,
-          gather: Callable | None = None) -> dict:
+          gather: Callable | None = None, setup: Callable[[Federation], None] | None = None) -> dict:
     """Run (or resume) a federated training run and write its folder. Returns the metrics dict.
 
     ``stop_after`` ends the process-level loop after that many rounds of this call (tests use it to
     simulate an interrupted run); ``client_fn(task, batches)`` replaces the simulated device and
-    ``gather(tasks, weights)`` the whole collection of reports (``Federation.step``; Flower uses it)."""
+    ``gather(tasks, weights)`` the whole collection of reports (``Federation.step``; Flower uses it);
+    ``setup(federation)`` sees the run's Federation before the first round (the HTTP gateway serves
+    its bundle files and demo data)."""
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
     history: list[dict] = []
@@ -477,6 +479,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
                                   "or choose another --out")
         fed = Federation(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    if setup is not None:
+        setup(fed)
     metrics = {"config": cfg.to_json(), "versions": _versions(), "parameters": fed.server.dim,
                "rounds_per_epoch": fed.rpe, "rounds": history}
     end = cfg.rounds if stop_after is None else min(cfg.rounds, start_round + stop_after)

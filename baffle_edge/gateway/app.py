@@ -1,0 +1,289 @@
+"""The HTTP API (FastAPI): versioned endpoints a device uses to fetch its task and answer it.
+
+    GET  /v1/config                  the run's public settings (model, runtime, bundle format)
+    GET  /v1/task?wait=S             the device's task of the open round, or "wait" / "done" (long poll)
+    GET  /v1/weights/{version}       the round's float32 weights, little-endian; ETag = model version
+    GET  /v1/bundle/{gen}/{file}     a bundle file (int8 runtimes); ETag and X-Sha256 = its sha256
+    GET  /v1/data/{round}            demo only (--demo-data): the device's batches for the round
+    POST /v1/report                  a ClientReport as JSON or NPZ -> 202, or 4xx with a reason
+    GET  /v1/status                  round, deadline, reports accepted / rejected (no secrets)
+
+Every device endpoint needs ``Authorization: Bearer <token>``. Refusals are JSON
+``{"error": kind, "reason": text}`` with a 4xx status and are recorded by the ``Board``.
+docs/gateway.md describes the API and its threat model.
+"""
+# no "from __future__ import annotations": FastAPI reads the local Annotated aliases at runtime
+
+import asyncio
+import base64
+import contextlib
+import io
+import time
+import zipfile
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from ..protocol import PROTOCOL_VERSION, ClientReport
+from .board import Board, Rejection
+from .tokens import Device, TokenStore
+
+API_VERSION = "1"
+JSON_TYPES = ("application/json",)
+NPZ_TYPES = ("application/x-npz", "application/octet-stream")
+NPZ_MEMBERS = {"header.npy", "losses.npy", "base_losses.npy"}
+
+
+class ReportJSON(BaseModel):
+    """A ``ClientReport`` in JSON (protocol.py): loss scalars only, never a gradient."""
+
+    round: int = Field(ge=0, le=2**32 - 1, description="0-based round index of the task")
+    client: int = Field(ge=0, le=2**32 - 2, description="client id of the task (must be the token's client)")
+    losses: list[float] = Field(description="local_steps x (K or 2K) perturbed losses, finite")
+    base_losses: list[float] = Field(description="L(w) per local step (forward scheme), finite")
+    num_samples: int = Field(ge=1, le=2**31, description="samples in the device's batch(es)")
+    model_version: str = Field(max_length=256, description="the task's model_version (hash of the weights used)")
+    runtime: str = Field("", max_length=256, description="runtime that produced the losses")
+    seconds: float = Field(0.0, ge=0, description="device wall time for the task")
+    version: int = Field(ge=PROTOCOL_VERSION, le=PROTOCOL_VERSION, description="protocol version")
+
+
+class Problem(BaseModel):
+    error: str = Field(description="kind: unauthenticated, wrong-device, stale, late, duplicate, replay, "
+                                   "malformed, invalid, too-large, unsupported-media-type, rate-limited, ...")
+    reason: str
+
+
+PROBLEMS = {s: {"model": Problem} for s in (400, 401, 403, 404, 409, 413, 415, 422, 429)}
+
+
+class RateLimiter:
+    """Token bucket per device: ``rate`` requests per second on average, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[str, tuple[float, float]] = {}  # device -> (tokens, last refill time)
+
+    def allow(self, key: str) -> float:
+        """0 if the request may proceed, else the seconds to wait."""
+        now = time.monotonic()
+        tokens, last = self.buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self.buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+        self.buckets[key] = (tokens - 1.0, now)
+        return 0.0
+
+
+def report_limit(cfg) -> int:
+    """Default largest accepted report body: ~40 bytes per loss value as JSON, plus headroom."""
+    steps = cfg.local_steps if cfg.strategy == "fedavg" else 1
+    per_step = cfg.k * (2 if getattr(cfg.scheme, "value", cfg.scheme) == "central" else 1) + 1
+    return 64 * 1024 + 40 * steps * per_step
+
+
+def check_npz(body: bytes) -> None:
+    """Refuse an NPZ that is not what ``ClientReport.to_npz`` writes: only the three expected
+    members, stored uncompressed (so a small upload cannot inflate into a huge array)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as e:
+        raise ValueError(f"report: not a valid NPZ file ({e})") from None
+    names = {i.filename for i in infos}
+    if len(infos) != len(names) or not names <= NPZ_MEMBERS:
+        raise ValueError(f"report: NPZ members must be {sorted(NPZ_MEMBERS)}, got {sorted(names)[:5]}")
+    if any(i.compress_type != zipfile.ZIP_STORED or i.file_size > len(body) for i in infos):
+        raise ValueError("report: NPZ members must be stored uncompressed (numpy.savez)")
+
+
+def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: int = 40, max_poll: float = 30.0,
+               max_report_bytes: int | None = None, web_dir: str | Path | None = None) -> FastAPI:
+    cfg = board.cfg
+    limit = max_report_bytes or report_limit(cfg)
+    limiter = RateLimiter(rate, burst)
+    wake = {"event": None}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):  # long polls wake when the board changes (from any thread)
+        loop = asyncio.get_running_loop()
+        wake["event"] = asyncio.Event()
+
+        def pulse() -> None:
+            old, wake["event"] = wake["event"], asyncio.Event()
+            old.set()
+
+        listener = lambda: loop.call_soon_threadsafe(pulse)
+        board.listeners.append(listener)
+        yield
+        board.listeners.remove(listener)
+
+    app = FastAPI(title="baffle-edge device gateway", version=API_VERSION, lifespan=lifespan,
+                  description="Fetch a BAFFLE round task, evaluate K perturbed losses on the device, post them "
+                              "back. Loss scalars only travel up; see docs/gateway.md.")
+    bearer = HTTPBearer(auto_error=False, description="a device token from `baffle-edge tokens issue`")
+
+    @app.exception_handler(Rejection)
+    async def _refused(request: Request, exc: Rejection) -> JSONResponse:
+        return JSONResponse({"error": exc.kind, "reason": exc.reason}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse({"error": "malformed", "reason": errors[:500]}, status_code=422)
+
+    def endpoint_of(request: Request) -> str:
+        route = request.scope.get("route")
+        return getattr(route, "path", request.url.path)
+
+    async def device_of(request: Request,
+                        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Device:
+        endpoint = endpoint_of(request)
+        board.requests[endpoint] += 1
+        device = tokens.authenticate(creds.credentials if creds else None)
+        if device is None:
+            raise board.record(None, Rejection(401, "unauthenticated", "missing, unknown or revoked bearer token",
+                                               headers={"WWW-Authenticate": "Bearer"}), endpoint)
+        wait = limiter.allow(device.name)
+        if wait:
+            raise board.record(device, Rejection(429, "rate-limited", f"more than {rate:g} requests/s from device "
+                                                 f"{device.name!r}", headers={"Retry-After": f"{wait:.1f}"}),
+                               endpoint)
+        if device.client >= cfg.clients:
+            raise board.record(device, Rejection(403, "no-slot", f"client {device.client} is not in this run "
+                                                 f"(clients 0..{cfg.clients - 1})"), endpoint)
+        return device
+
+    Authenticated = Annotated[Device, Depends(device_of)]
+
+    @app.get("/v1/config", responses=PROBLEMS, summary="the run's public settings")
+    async def config(device: Authenticated) -> dict:
+        fed = board.fed
+        m = fed.model_cfg if fed is not None else None
+        return {"api_version": API_VERSION, "client": device.client, "train_config": cfg.to_json(),
+                "model": None if m is None else {
+                    "name": m.name, "in_channels": m.in_channels, "image_size": m.image_size,
+                    "num_classes": m.num_classes, "activation": getattr(m.activation, "value", m.activation),
+                    "norm": getattr(m.norm, "value", m.norm)},
+                "parameters": None if fed is None else fed.server.dim,
+                "bundle_format": None if fed is None or fed.bundle_dir is None else fed.runtime_info.format,
+                "demo_data": board.demo_data, "max_report_bytes": limit}
+
+    @app.get("/v1/task", responses=PROBLEMS, summary="the device's task, or wait / done (long poll)")
+    async def task(device: Authenticated,
+                   wait: float = Query(0.0, ge=0.0, le=600.0,
+                                       description=f"seconds to hold the request until a task is ready "
+                                                   f"(capped at {max_poll:g})")) -> dict:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + min(wait, max_poll)
+        while True:
+            changed = wake["event"]
+            offer = board.offer(device)
+            remaining = until - loop.time()
+            if offer["status"] != "wait" or remaining <= 0 or changed is None:
+                return offer
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    @app.get("/v1/weights/{version}", responses={**PROBLEMS, 200: {"content": {"application/octet-stream": {}}}},
+             response_class=Response, summary="the round's float32 weights (ETag = model version)")
+    async def weights(request: Request, version: Annotated[str, PathParam(max_length=64)],
+                      device: Authenticated) -> Response:
+        data = board.weights(version)
+        etag = f'"{version}"'
+        headers = {"ETag": etag, "X-Model-Version": version, "Cache-Control": "private, max-age=3600"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type="application/octet-stream", headers=headers)
+
+    @app.get("/v1/bundle/{generation}/{name}", responses={**PROBLEMS, 200: {"content": {"application/octet-stream": {}}}},
+             response_class=Response, summary="a file of the round's bundle (verify its sha256)")
+    async def bundle(request: Request, generation: Annotated[int, PathParam(ge=0, le=2**31)],
+                     name: Annotated[str, PathParam(max_length=128)], device: Authenticated) -> Response:
+        data, digest = board.bundle_file(generation, name)
+        headers = {"ETag": f'"{digest}"', "X-Sha256": digest, "Cache-Control": "private, max-age=3600"}
+        if request.headers.get("if-none-match") == headers["ETag"]:
+            return Response(status_code=304, headers=headers)
+        media = "application/json" if name.endswith(".json") else "application/octet-stream"
+        return Response(data, media_type=media, headers=headers)
+
+    @app.get("/v1/data/{round_}", responses=PROBLEMS, summary="demo only: the device's batches for the round")
+    async def data(round_: Annotated[int, PathParam(ge=0, le=2**32 - 1)], device: Authenticated) -> dict:
+        batches = board.batches(device, round_)
+        return {"round": round_, "client": device.client, "batches": [
+            {"shape": list(b.x.shape), "x": base64.b64encode(np.ascontiguousarray(b.x, "<f4").tobytes()).decode(),
+             "y": [int(v) for v in b.y]} for b in batches]}
+
+    @app.post("/v1/report", status_code=202, responses=PROBLEMS, summary="post a ClientReport (JSON or NPZ)",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": ReportJSON.model_json_schema()},
+                  "application/x-npz": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def report(request: Request, device: Authenticated) -> dict:
+        endpoint = endpoint_of(request)
+        try:
+            body = await read_body(request, limit)
+            media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if media in JSON_TYPES:
+                parse = ClientReport.from_json
+            elif media in NPZ_TYPES:
+                def parse(b: bytes) -> ClientReport:
+                    check_npz(b)
+                    return ClientReport.from_npz(b)
+            else:
+                raise Rejection(415, "unsupported-media-type", f"Content-Type {media or '(none)'!r}: send "
+                                "application/json or application/x-npz")
+            try:
+                parsed = parse(body)
+            except ValueError as e:
+                raise Rejection(400, "malformed", str(e)[:500]) from None
+            return board.submit(device, parsed)
+        except Rejection as r:
+            raise board.record(device, r, endpoint)
+
+    @app.get("/v1/status", summary="round, deadline, reports accepted and rejected (public)")
+    async def status(request: Request) -> dict:
+        board.requests[endpoint_of(request)] += 1
+        return board.status()
+
+    if web_dir is not None:
+        web = Path(web_dir)
+        if not (web / "index.html").is_file():
+            raise FileNotFoundError(f"--web {web}: no index.html there")
+        app.mount("/web", StaticFiles(directory=web), name="web")
+
+        @app.get("/", include_in_schema=False)
+        async def index() -> FileResponse:
+            return FileResponse(web / "index.html")
+    else:
+        @app.get("/", include_in_schema=False)
+        async def root() -> RedirectResponse:
+            return RedirectResponse("/docs")
+
+    return app
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (before reading it all)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Rejection(400, "malformed", f"Content-Length {declared[:20]!r} is not a number")
+        if int(declared) > limit:
+            raise Rejection(413, "too-large", f"report of {declared} bytes exceeds the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Rejection(413, "too-large", f"report exceeds the limit of {limit} bytes")
+    return bytes(body)

@@ -1,0 +1,307 @@
+"""The round board: ``Federation.step``'s ``gather`` hook for devices that talk HTTP.
+
+The training thread calls ``board(tasks, weights)``: the round's tasks and float32 weights are
+published, the call blocks until every task is answered or ``round_timeout`` passes, and it
+returns ``(task, report)`` pairs in client order, so the reference server (quorum, robust
+aggregation, replay guard, checkpoints) decides what the round does. The HTTP handlers call
+``offer``/``submit`` from the event loop; every refusal is a ``Rejection`` (HTTP status, kind,
+reason) that is logged here and, when it comes from a device with a task in the open round, also
+handed to the server as that client's failed report, so it lands in the round's ``rejected``
+entry of ``metrics.json`` like any rejected report.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..protocol import ClientReport, RoundTask
+from ..server import ReplayGuard
+from .tokens import Device
+
+LOG_KEEP = 500  # rejections kept in full in gateway.json / metrics.json (all are counted)
+
+
+class Rejection(Exception):
+    """A refused request: HTTP ``status``, a short machine-readable ``kind`` and a reason."""
+
+    def __init__(self, status: int, kind: str, reason: str, *, headers: dict | None = None):
+        super().__init__(f"HTTP {status} {kind}: {reason}")
+        self.status, self.kind, self.reason, self.headers = status, kind, reason, headers or {}
+
+
+class GatewayRejected(Exception):
+    """What the server sees for a client whose uploads the gateway refused this round."""
+
+
+class GatewayStopped(RuntimeError):
+    """The gateway is shutting down while a round is open (the run can be resumed)."""
+
+
+@dataclass(frozen=True)
+class BundleSnapshot:
+    """One bundle generation held in memory, every file checked against ``baffle.json``."""
+
+    generation: int
+    format: str
+    files: dict[str, bytes]  # name -> content, baffle.json included
+    sha256: dict[str, str]  # name -> hex digest
+
+    @classmethod
+    def read(cls, folder: Path, generation: int, fmt: str) -> BundleSnapshot:
+        manifest = (folder / "baffle.json").read_bytes()
+        meta = json.loads(manifest)
+        files, digests = {"baffle.json": manifest}, {"baffle.json": hashlib.sha256(manifest).hexdigest()}
+        for name, entry in meta["files"].items():
+            data = (folder / name).read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != entry["sha256"]:  # never hand a device a file that is not the exported one
+                raise RuntimeError(f"bundle {folder}: {name} has sha256 {digest[:12]}, baffle.json says "
+                                   f"{entry['sha256'][:12]}")
+            files[name], digests[name] = data, digest
+        return cls(generation, fmt, files, digests)
+
+
+@dataclass
+class RoundState:
+    round: int
+    tasks: dict[int, RoundTask]
+    weights: bytes  # float32 little-endian
+    version: str  # the model hash the tasks name (also the weights' ETag)
+    deadline: float | None  # time.monotonic() when the round closes, None = waits for all
+    bundle: BundleSnapshot | None
+    reports: dict[int, ClientReport] = field(default_factory=dict)
+    rejections: dict[int, list[str]] = field(default_factory=dict)
+    guard: ReplayGuard = field(default_factory=ReplayGuard)
+    closed: bool = False
+
+
+class Board:
+    def __init__(self, cfg, *, out_dir: str | Path | None = None, demo_data: bool = False):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.demo_data = demo_data
+        self.fed = None  # the run's Federation (set by ``bind`` before the first round)
+        self.cond = threading.Condition()
+        self.current: RoundState | None = None
+        self.bundles: dict[int, BundleSnapshot] = {}  # the current and the previous generation
+        self.finished = False
+        self.stopping: str | None = None
+        self.listeners: list[Callable[[], None]] = []  # woken on every state change (long polls)
+        self.requests: collections.Counter = collections.Counter()  # endpoint -> count
+        self.rejected_by_kind: collections.Counter = collections.Counter()
+        self.rejection_log: collections.deque = collections.deque(maxlen=LOG_KEEP)
+        self.accepted_total = 0
+        self.devices_seen: set[str] = set()
+
+    # ------------------------------------------------------------------ training thread side
+    def bind(self, fed) -> None:
+        """``simulate.train``'s ``setup`` hook: the Federation whose rounds this board serves."""
+        self.fed = fed
+
+    def __call__(self, tasks: list[RoundTask], weights: np.ndarray) -> list[tuple]:
+        if self.fed is None:
+            raise RuntimeError("Board.bind(federation) must be called before the first round")
+        round_ = tasks[0].round
+        bundle = self._snapshot_bundle()
+        timeout = self.cfg.round_timeout
+        state = RoundState(round=round_, tasks={t.client: t for t in tasks},
+                           weights=np.ascontiguousarray(weights, dtype="<f4").tobytes(),
+                           version=tasks[0].model_version, bundle=bundle,
+                           deadline=time.monotonic() + timeout if timeout else None)
+        with self.cond:
+            self.current = state
+        self._pulse()
+        with self.cond:
+            while len(state.reports) < len(state.tasks) and self.stopping is None:
+                remaining = None if state.deadline is None else state.deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self.cond.wait(remaining if remaining is None else min(remaining, 1.0))
+            state.closed = True
+            stopping = self.stopping
+        self._pulse()
+        if stopping is not None:
+            raise GatewayStopped(f"round {round_ + 1} interrupted: {stopping}")
+        answered = []
+        for client in sorted(state.tasks):  # client order: the same result however the HTTP calls raced
+            task = state.tasks[client]
+            reasons = state.rejections.get(client)
+            if reasons:
+                more = f" ({len(reasons)} refused uploads; first shown)" if len(reasons) > 1 else ""
+                answered.append((task, GatewayRejected(reasons[0] + more)))
+            if client in state.reports:
+                answered.append((task, state.reports[client]))
+        self.write_log()
+        return answered
+
+    def finish(self) -> None:
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+        self._pulse()
+
+    def stop(self, reason: str) -> None:
+        """Make an open (or the next) round raise ``GatewayStopped``: the server is going down."""
+        with self.cond:
+            self.stopping = reason
+            self.cond.notify_all()
+        self._pulse()
+
+    def _snapshot_bundle(self) -> BundleSnapshot | None:
+        fed = self.fed
+        if fed.bundle_dir is None:
+            return None
+        gen = fed.bundle_generation
+        if gen not in self.bundles:
+            snap = BundleSnapshot.read(Path(fed.bundle_dir), gen, fed.runtime_info.format)
+            with self.cond:
+                self.bundles = {g: b for g, b in self.bundles.items() if g >= gen - 1}
+                self.bundles[gen] = snap
+        return self.bundles[gen]
+
+    def _pulse(self) -> None:
+        for wake in list(self.listeners):
+            wake()
+
+    # ------------------------------------------------------------------ HTTP side
+    def record(self, device: Device | None, rejection: Rejection, endpoint: str) -> Rejection:
+        """Log a refusal; if it comes from a device with a task in the open round, it also
+        becomes that client's rejected report in the round's metrics."""
+        entry = {"time": round(time.time(), 3), "endpoint": endpoint, "status": rejection.status,
+                 "kind": rejection.kind, "reason": rejection.reason,
+                 "device": device.name if device else None, "client": device.client if device else None}
+        with self.cond:
+            st = self.current
+            if device is not None and st is not None and not st.closed and device.client in st.tasks:
+                entry["round"] = st.round + 1  # 1-based, as in metrics.json rows
+                st.rejections.setdefault(device.client, []).append(
+                    f"gateway refused an upload from device {device.name!r}: HTTP {rejection.status} "
+                    f"{rejection.kind}: {rejection.reason}")
+            self.rejected_by_kind[rejection.kind] += 1
+            self.rejection_log.append(entry)
+        return rejection
+
+    def offer(self, device: Device) -> dict:
+        """What ``GET /v1/task`` answers: the device's task of the open round, or wait, or done."""
+        with self.cond:
+            self.devices_seen.add(device.name)
+            if self.finished:
+                return {"status": "done", "rounds": self.cfg.rounds}
+            st = self.current
+            if st is None or st.closed or device.client not in st.tasks or device.client in st.reports:
+                return {"status": "wait", "retry_after": 1.0,
+                        "round": None if st is None else st.round}
+            task = st.tasks[device.client]
+            deadline_in = None if st.deadline is None else max(0.0, st.deadline - time.monotonic())
+            bundle = st.bundle
+        return {
+            "status": "task", "round": st.round, "rounds": self.cfg.rounds, "task": task.to_dict(),
+            "weights": {"url": f"/v1/weights/{st.version}", "version": st.version, "dtype": "float32",
+                        "byte_order": "little", "count": len(st.weights) // 4},
+            "bundle": None if bundle is None else {
+                "generation": bundle.generation, "format": bundle.format,
+                "manifest": f"/v1/bundle/{bundle.generation}/baffle.json",
+                "files": {n: {"url": f"/v1/bundle/{bundle.generation}/{n}", "sha256": h}
+                          for n, h in bundle.sha256.items()}},
+            "data": f"/v1/data/{st.round}" if self.demo_data else None,
+            "deadline_in": deadline_in,
+            "runtime": self.cfg.runtime,
+        }
+
+    def submit(self, device: Device, report: ClientReport) -> dict:
+        """Admit a parsed report or raise ``Rejection`` (the caller records it)."""
+        with self.cond:
+            st = self.current
+            if report.client != device.client:
+                raise Rejection(403, "wrong-device", f"the report names client {report.client}, but this token "
+                                f"answers for client {device.client}")
+            if st is None or self.finished:
+                raise Rejection(409, "stale", "no round is open")
+            if report.round != st.round:
+                raise Rejection(409, "stale", f"the report is for round {report.round + 1}, the current round is "
+                                f"{st.round + 1}")
+            if st.closed:
+                raise Rejection(409, "late", f"round {st.round + 1} closed before the report arrived "
+                                "(deadline passed)")
+            task = st.tasks.get(device.client)
+            if task is None:
+                raise Rejection(409, "stale", f"client {device.client} has no task in round {st.round + 1}")
+            if device.client in st.reports:
+                raise Rejection(409, "duplicate", f"client {device.client} already reported for round {st.round + 1}")
+            if report.model_version != task.model_version:
+                raise Rejection(409, "stale", f"the losses were computed at model {report.model_version!r}, "
+                                f"the round's model is {task.model_version!r}")
+            try:
+                report.check_against(task)
+            except ValueError as e:
+                raise Rejection(422, "invalid", str(e)) from None
+            reason = st.guard.admit(report)
+            if reason is not None:
+                raise Rejection(409, "replay" if reason.startswith("replay") else "duplicate", reason)
+            st.reports[device.client] = report
+            self.accepted_total += 1
+            self.cond.notify_all()
+            return {"accepted": True, "round": st.round, "client": device.client,
+                    "reports": len(st.reports), "tasks": len(st.tasks)}
+
+    def weights(self, version: str) -> bytes:
+        st = self.current
+        if st is None or st.version != version:
+            raise Rejection(404, "unknown-version", f"no weights with model version {version!r} are served "
+                            f"(current: {st.version if st else 'none'})")
+        return st.weights
+
+    def bundle_file(self, generation: int, name: str) -> tuple[bytes, str]:
+        snap = self.bundles.get(generation)
+        if snap is None:
+            raise Rejection(404, "unknown-bundle", f"bundle generation {generation} is not served "
+                            f"(current: {max(self.bundles) if self.bundles else 'none'})")
+        if name not in snap.files:
+            raise Rejection(404, "unknown-file", f"bundle generation {generation} has no file {name!r}")
+        return snap.files[name], snap.sha256[name]
+
+    def batches(self, device: Device, round_: int):
+        """Demo only: the device's batches of the open round, from the server's dataset."""
+        if not self.demo_data:
+            raise Rejection(404, "no-demo-data", "this server does not hand out data (start it with "
+                            "--demo-data); a real device trains on its own data")
+        st = self.current
+        if st is None or st.closed or st.round != round_ or device.client not in st.tasks:
+            raise Rejection(409, "stale", f"round {round_ + 1} is not open for client {device.client}")
+        return self.fed.batches(device.client, round_)
+
+    def status(self) -> dict:
+        with self.cond:
+            st = self.current
+            state = ("done" if self.finished else "waiting" if st is None else "closed" if st.closed else "open")
+            return {"state": state, "round": None if st is None else st.round + 1, "rounds": self.cfg.rounds,
+                    "clients": self.cfg.clients,
+                    "reports": 0 if st is None else len(st.reports), "tasks": 0 if st is None else len(st.tasks),
+                    "deadline_in": None if st is None or st.deadline is None or st.closed
+                    else round(max(0.0, st.deadline - time.monotonic()), 3),
+                    "accepted_total": self.accepted_total, "rejected_total": sum(self.rejected_by_kind.values()),
+                    "rejected_by_kind": dict(self.rejected_by_kind), "devices_seen": len(self.devices_seen)}
+
+    def summary(self) -> dict:
+        """The gateway's record of the run (``OUT/gateway.json``, metrics.json ``gateway``)."""
+        with self.cond:
+            return {"requests": dict(self.requests), "accepted_reports": self.accepted_total,
+                    "rejected_by_kind": dict(self.rejected_by_kind),
+                    "rejections": list(self.rejection_log), "devices_seen": sorted(self.devices_seen)}
+
+    def write_log(self) -> None:
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / ".gateway.json.tmp"
+        tmp.write_text(json.dumps(self.summary(), indent=1))
+        os.replace(tmp, self.out_dir / "gateway.json")

@@ -1,0 +1,276 @@
+"""A device over HTTP: fetch the task, run ``client.run_task`` on any registered runtime, post
+the losses. The Python counterpart of the TypeScript client (clients/js/src/gateway.ts).
+
+    loop:
+        GET  /v1/task?wait=25        -> task | wait | done
+        GET  /v1/weights/{version}   float32, checked against the task's model_version (sha256)
+        GET  /v1/bundle/{gen}/...    int8 runtimes: every file checked against its sha256
+        data: own .npz (x, y), or GET /v1/data/{round} when the server is a --demo-data server
+        run_task(...) -> POST /v1/report (NPZ or JSON)
+
+A server that is unreachable (restarting with --resume, say) is retried with backoff for
+``patience`` seconds; 429 answers are retried after ``Retry-After``; 401/403 are fatal.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..client import Batch, run_task
+from ..protocol import ClientReport, RoundTask
+
+
+class DeviceError(RuntimeError):
+    """The server refused this device for good (bad token, wrong slot) or stayed unreachable."""
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    server: str  # base URL, e.g. https://gateway.example:8443
+    token: str  # this device's bearer token
+    runtime: str | None = None  # None: the run's runtime
+    data: str | None = None  # .npz with x (N, C, H, W) float32 normalised and y (N,) labels; None: server demo data
+    cafile: str | None = None  # PEM CA bundle to verify the server's TLS certificate (self-signed servers)
+    upload: str = "npz"  # npz | json
+    patience: float = 120.0  # seconds the server may stay unreachable before the device gives up
+    poll: float = 25.0  # long-poll length of GET /v1/task
+    threads: int | None = None  # runtime threads (None: the runtime's default)
+    max_tasks: int | None = None  # stop after answering this many tasks (None: until the run is done)
+
+    def __post_init__(self):
+        if self.upload not in ("npz", "json"):
+            raise ValueError(f"upload must be npz or json, got {self.upload!r}")
+        if not self.server.startswith(("http://", "https://")):
+            raise ValueError(f"server must be an http(s):// URL, got {self.server!r}")
+
+
+@dataclass
+class DeviceSummary:
+    answered: int = 0  # reports the server accepted
+    refused: list[str] = field(default_factory=list)  # reasons of reports the server refused
+    rounds: list[int] = field(default_factory=list)  # 0-based rounds answered
+
+
+class Device:
+    def __init__(self, dc: DeviceConfig, *, log: Callable[[str], None] = lambda s: None):
+        import httpx
+        self.dc, self.log = dc, log
+        import ssl
+        verify = ssl.create_default_context(cafile=dc.cafile) if dc.cafile else True
+        self.http = httpx.Client(base_url=dc.server.rstrip("/"), verify=verify,
+                                 headers={"Authorization": f"Bearer {dc.token}"},
+                                 timeout=httpx.Timeout(30.0, read=dc.poll + 30.0))
+        self._httpx = httpx
+        self.config: dict | None = None
+        self.session = None
+        self.session_key = None
+        self.weights_cache: tuple[str, np.ndarray] | None = None
+        self.cache_dir = Path(tempfile.mkdtemp(prefix="baffle-device-"))
+        self.own = self._load_own(dc.data) if dc.data else None
+
+    def close(self) -> None:
+        self.http.close()
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+    # --- transport ---
+    def request(self, method: str, url: str, **kw):
+        """One request, retried while the server is unreachable, restarting (5xx) or rate-limiting."""
+        give_up = time.monotonic() + self.dc.patience
+        delay = 0.2
+        while True:
+            try:
+                r = self.http.request(method, url, **kw)
+            except self._httpx.TransportError as e:
+                reason = f"{type(e).__name__}: {e}"
+            else:
+                if r.status_code == 429:
+                    time.sleep(min(10.0, float(r.headers.get("retry-after", "1") or 1)))
+                    continue
+                if r.status_code < 500:
+                    return r
+                reason = f"HTTP {r.status_code}"
+            if time.monotonic() > give_up:
+                raise DeviceError(f"server {self.dc.server} unreachable for {self.dc.patience:.0f} s ({reason})")
+            self.log(f"server unreachable ({reason}); retrying in {delay:.1f} s")
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+    def _check(self, r, what: str):
+        if r.status_code in (401, 403):
+            raise DeviceError(f"{what}: HTTP {r.status_code}: {_reason(r)}")
+        if r.status_code >= 400:
+            raise ValueError(f"{what}: HTTP {r.status_code}: {_reason(r)}")
+        return r
+
+    # --- what a round needs ---
+    def weights(self, offer: dict) -> np.ndarray:
+        w = offer["weights"]
+        if self.weights_cache is not None and self.weights_cache[0] == w["version"]:
+            return self.weights_cache[1]
+        r = self._check(self.request("GET", w["url"]), "weights")
+        arr = np.frombuffer(r.content, dtype="<f4").copy()
+        got = hashlib.sha256(arr.astype(np.float32).tobytes()).hexdigest()[:16]
+        if arr.size != w["count"] or got != w["version"]:
+            raise ValueError(f"weights: {arr.size} values hashing to {got}, the task names {w['count']} / {w['version']}")
+        self.weights_cache = (w["version"], arr)
+        return arr
+
+    def bundle(self, offer: dict) -> Path:
+        b = offer["bundle"]
+        folder = self.cache_dir / f"bundle-{b['generation']}"
+        if folder.exists():
+            return folder
+        tmp = self.cache_dir / f".bundle-{b['generation']}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, f in b["files"].items():
+            if "/" in name or name.startswith("."):
+                raise ValueError(f"bundle: refusing file name {name!r}")
+            data = self._check(self.request("GET", f["url"]), f"bundle file {name}").content
+            if hashlib.sha256(data).hexdigest() != f["sha256"]:
+                raise ValueError(f"bundle file {name}: sha256 does not match the task's ({f['sha256'][:12]})")
+            (tmp / name).write_bytes(data)
+        for old in self.cache_dir.glob("bundle-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(folder)
+        return folder
+
+    def batches(self, offer: dict, task: RoundTask) -> list[Batch]:
+        if self.own is not None:
+            from ..data import batch_indices
+            x, y = self.own
+            cfg = self.config["train_config"]
+            idx = np.arange(len(y))
+            return [Batch(x[i], y[i]) for i in (
+                batch_indices(idx, task.round * task.local_steps + s, cfg["batch_size"], seed=cfg["seed"],
+                              client=task.client) for s in range(task.local_steps))]
+        if offer.get("data") is None:
+            raise DeviceError("the server hands out no data (not a --demo-data server): pass --data FILE.npz")
+        d = self._check(self.request("GET", offer["data"]), "data").json()
+        return [Batch(np.frombuffer(base64.b64decode(b["x"]), dtype="<f4").reshape(b["shape"]).astype(np.float32),
+                      np.asarray(b["y"], dtype=np.int64)) for b in d["batches"]]
+
+    def load_session(self, offer: dict, runtime: str):
+        from ..runtimes import REGISTRY, get_runtime
+        from ..runtimes.batching import BATCHED_RUNTIMES
+        info = REGISTRY[runtime]
+        key = (runtime, offer["bundle"]["generation"] if info.artifact == "bundle" else None)
+        if self.session is not None and self.session_key == key:
+            return self.session
+        cfg = self.config["train_config"]
+        options = {"provider": cfg.get("provider", "cpu")} if runtime.startswith("onnxruntime") else {}
+        if runtime in BATCHED_RUNTIMES:
+            options["perturbations_per_call"] = cfg.get("perturbations_per_call", "auto")
+        rt = get_runtime(runtime, **options)
+        if info.artifact == "bundle":
+            if offer["bundle"] is None:
+                raise DeviceError(f"runtime {runtime!r} needs a bundle, but the run's runtime "
+                                  f"{cfg['runtime']!r} does not export one; use --runtime {cfg['runtime']}")
+            if offer["bundle"]["format"] != info.format:
+                raise DeviceError(f"runtime {runtime!r} reads {info.format} bundles; the server exports "
+                                  f"{offer['bundle']['format']}")
+            artifact = self.bundle(offer)
+        else:
+            from ..models import Activation, ModelConfig, Norm, build_model
+            m = self.config["model"]
+            artifact = build_model(ModelConfig(m["name"], m["in_channels"], m["image_size"], m["num_classes"],
+                                               Activation(m["activation"]), Norm(m["norm"])), seed=cfg["seed"])
+        self.session = rt.load(artifact, threads=self.dc.threads) if self.dc.threads else rt.load(artifact)
+        self.session_key = key
+        return self.session
+
+    @staticmethod
+    def _load_own(path: str) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z or "y" not in z:
+                raise ValueError(f"{path}: expected arrays 'x' (N, C, H, W) and 'y' (N,)")
+            x, y = np.asarray(z["x"], dtype=np.float32), np.asarray(z["y"], dtype=np.int64)
+        if x.ndim != 4 or len(x) != len(y) or len(y) == 0:
+            raise ValueError(f"{path}: x must be (N, C, H, W) and y (N,), got {x.shape} and {y.shape}")
+        return x, y
+
+    # --- the loop ---
+    def answer(self, offer: dict) -> ClientReport:
+        from ..runtimes import REGISTRY
+        if self.config["model"] is None:  # fetched before the server had set its run up
+            self.config = self._check(self.request("GET", "/v1/config"), "config").json()
+        task = RoundTask.from_dict(offer["task"])
+        runtime = self.dc.runtime or self.config["train_config"]["runtime"]
+        if runtime not in REGISTRY:
+            raise DeviceError(f"unknown runtime {runtime!r}; known: {', '.join(sorted(REGISTRY))}")
+        if REGISTRY[runtime].domain != getattr(task.domain, "value", task.domain):
+            raise DeviceError(f"runtime {runtime!r} perturbs in the {REGISTRY[runtime].domain} domain, the task "
+                              f"in {getattr(task.domain, 'value', task.domain)}")
+        weights = self.weights(offer)
+        session = self.load_session(offer, runtime)
+        batches = self.batches(offer, task)
+        return run_task(task, session, batches, weights=weights, runtime=runtime)
+
+    def post(self, report: ClientReport):
+        if self.dc.upload == "npz":
+            body, media = report.to_npz(), "application/x-npz"
+        else:
+            body, media = report.to_json().encode(), "application/json"
+        return self.request("POST", "/v1/report", content=body, headers={"Content-Type": media})
+
+    def run(self) -> DeviceSummary:
+        summary = DeviceSummary()
+        self.config = self._check(self.request("GET", "/v1/config"), "config").json()
+        self.log(f"device for client {self.config['client']} on {self.dc.server}")
+        while self.dc.max_tasks is None or summary.answered < self.dc.max_tasks:
+            offer = self._check(self.request("GET", "/v1/task", params={"wait": self.dc.poll}), "task").json()
+            if offer["status"] == "done":
+                break
+            if offer["status"] != "task":
+                continue
+            try:
+                report = self.answer(offer)
+            except ValueError as e:  # a download that failed its check: the round goes on without us
+                summary.refused.append(f"round {offer['round'] + 1}: {e}")
+                self.log(f"round {offer['round'] + 1}: skipped ({e})")
+                continue
+            r = self.post(report)
+            if r.status_code == 202:
+                summary.answered += 1
+                summary.rounds.append(report.round)
+                self.log(f"round {report.round + 1}: report accepted")
+            elif r.status_code in (401, 403):
+                self._check(r, "report")
+            else:
+                summary.refused.append(f"round {report.round + 1}: HTTP {r.status_code} {_reason(r)}")
+                self.log(f"round {report.round + 1}: report refused: HTTP {r.status_code} {_reason(r)}")
+        return summary
+
+
+def _reason(r) -> str:
+    try:
+        d = r.json()
+        return f"{d.get('error')}: {d.get('reason')}"
+    except Exception:  # noqa: BLE001 - not our JSON (a proxy's error page)
+        return r.text[:200]
+
+
+def run_device(dc: DeviceConfig, *, log: Callable[[str], None] = lambda s: None) -> DeviceSummary:
+    dev = Device(dc, log=log)
+    try:
+        return dev.run()
+    finally:
+        dev.close()
+
+
+def read_token(path: str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"token file {path} does not exist (`baffle-edge tokens issue ... --out FILE`)") from None
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    return token

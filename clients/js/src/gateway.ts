@@ -1,0 +1,281 @@
+/**
+ * The device loop against `baffle-edge serve` (docs/gateway.md) with the platform's built-in
+ * `fetch`: the same code in Node 20+ and in a browser tab.
+ *
+ *     loop:
+ *         GET  /v1/task?wait=25             task | wait | done        (long poll)
+ *         GET  /v1/weights/{version}        float32, checked: sha256 prefix = task.model_version
+ *         GET  /v1/bundle/{gen}/{file}      when the generation changes; sha256 checked twice:
+ *                                           against the task's list and against baffle.json
+ *         batches: options.data(task), or GET /v1/data/{round} from a --demo-data server
+ *         runTask(...) -> POST /v1/report   (JSON)
+ *
+ * An unreachable server (restarting with --resume) is retried with backoff for `patience`
+ * seconds; 429 waits for Retry-After; 401/403 end the loop with a GatewayError.
+ *
+ * Node: `node dist/src/gateway.js --server URL --token FILE [--threads N] [--max-tasks N]`.
+ */
+import type { InferenceSession } from "onnxruntime-common";
+import { loadBundle, type Bundle, type TrainFormat } from "./bundle.js";
+import { modelVersion, RoundSession, runTask, type Batch, type OrtModule } from "./client.js";
+import { parseJson, stringifyJson, type Json } from "./json.js";
+import { reportToJson, type ClientReport } from "./protocol.js";
+import { sha256Hex } from "./sha256.js";
+
+export class GatewayError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "GatewayError";
+  }
+}
+
+/** What `GET /v1/task` answers when a task is ready (other statuses: "wait", "done"). */
+export interface TaskOffer {
+  status: "task";
+  round: number;
+  rounds: number;
+  task: Json;
+  weights: { url: string; version: string; dtype: "float32"; count: number };
+  bundle: null | { generation: number; format: TrainFormat; manifest: string; files: Record<string, { url: string; sha256: string }> };
+  data: string | null;
+  deadline_in: number | null;
+  runtime: string;
+}
+
+export type GatewayEvent =
+  | { type: "config"; client: number; rounds: number }
+  | { type: "task"; round: number; rounds: number }
+  | { type: "accepted"; round: number; seconds: number; report: ClientReport }
+  | { type: "refused"; round: number; status: number; reason: string }
+  | { type: "retry"; reason: string; delay: number }
+  | { type: "done" };
+
+export interface DeviceOptions {
+  /** Base URL of the server, e.g. "https://gateway.example:8443" ("" = same origin in a browser). */
+  server: string;
+  /** This device's bearer token. */
+  token: string;
+  /** onnxruntime-node / -web / -react-native. */
+  ort: OrtModule;
+  sessionOptions?: InferenceSession.SessionOptions;
+  /** The device's own batches for a task (one per local step); default: the server's demo data. */
+  data?: (task: Json, offer: TaskOffer) => Promise<Batch[]>;
+  /** Long-poll seconds of GET /v1/task (default 25). */
+  poll?: number;
+  /** Seconds the server may stay unreachable before the device gives up (default 120). */
+  patience?: number;
+  /** Stop after this many accepted reports (default: until the run is done). */
+  maxTasks?: number;
+  /** Runtime name recorded in reports (default: the client's, "onnxruntime-int8-js" / "onnxruntime-js"). */
+  runtime?: string;
+  onEvent?: (e: GatewayEvent) => void;
+  /** Injected fetch (default: globalThis.fetch). */
+  fetch?: typeof fetch;
+}
+
+export interface DeviceSummary {
+  accepted: number;
+  refused: string[];
+  /** Seconds from receiving each task to its report being accepted. */
+  roundSeconds: number[];
+}
+
+const sleep = (s: number) => new Promise((ok) => setTimeout(ok, s * 1000));
+
+function base64ToBytes(b64: string): Uint8Array {
+  const bin = atob(b64);
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+
+/** Little-endian float32 bytes as a Float32Array (copied: aligned, independent of the buffer). */
+export function f32(bytes: Uint8Array): Float32Array {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const out = new Float32Array(bytes.byteLength >> 2);
+  for (let i = 0; i < out.length; i++) out[i] = view.getFloat32(4 * i, true);
+  return out;
+}
+
+async function reason(r: Response): Promise<string> {
+  const text = await r.text();
+  try {
+    const d = JSON.parse(text) as { error?: string; reason?: string };
+    return `${d.error}: ${d.reason}`;
+  } catch {
+    return text.slice(0, 200);
+  }
+}
+
+export class GatewayDevice {
+  private readonly fetch: typeof fetch;
+  private weightsCache: [string, Float32Array] | null = null;
+  private sessionCache: [number, RoundSession] | null = null;
+
+  constructor(readonly options: DeviceOptions) {
+    this.fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
+  }
+
+  private url(path: string): string {
+    return this.options.server.replace(/\/$/, "") + path;
+  }
+
+  /** One request, retried while the server is unreachable, restarting (5xx) or rate-limiting. */
+  async request(path: string, init: RequestInit = {}): Promise<Response> {
+    const giveUp = Date.now() + 1000 * (this.options.patience ?? 120);
+    let delay = 0.2;
+    for (;;) {
+      let why: string;
+      try {
+        const r = await this.fetch(this.url(path), {
+          ...init, headers: { ...(init.headers as Record<string, string> | undefined), Authorization: `Bearer ${this.options.token}` },
+        });
+        if (r.status === 429) {
+          await r.arrayBuffer();
+          await sleep(Math.min(10, Number(r.headers.get("retry-after") ?? "1") || 1));
+          continue;
+        }
+        if (r.status < 500) return r;
+        why = `HTTP ${r.status}`;
+        await r.arrayBuffer();
+      } catch (e) {
+        why = String((e as Error).cause ?? (e as Error).message ?? e);
+      }
+      if (Date.now() > giveUp) throw new GatewayError(`server ${this.options.server} unreachable (${why})`);
+      this.options.onEvent?.({ type: "retry", reason: why, delay });
+      await sleep(delay);
+      delay = Math.min(2, delay * 2);
+    }
+  }
+
+  private async get(path: string, what: string): Promise<Uint8Array> {
+    const r = await this.request(path);
+    if (r.status === 401 || r.status === 403) throw new GatewayError(`${what}: HTTP ${r.status} ${await reason(r)}`);
+    if (!r.ok) throw new Error(`${what}: HTTP ${r.status} ${await reason(r)}`);
+    return new Uint8Array(await r.arrayBuffer());
+  }
+
+  private async getJson(path: string, what: string): Promise<Json> {
+    return parseJson(new TextDecoder().decode(await this.get(path, what)));
+  }
+
+  async weights(offer: TaskOffer): Promise<Float32Array> {
+    const w = offer.weights;
+    if (this.weightsCache && this.weightsCache[0] === w.version) return this.weightsCache[1];
+    const arr = f32(await this.get(w.url, "weights"));
+    const got = modelVersion(arr);
+    if (arr.length !== w.count || got !== w.version) {
+      throw new Error(`weights: ${arr.length} values hashing to ${got}; the task names ${w.count} / ${w.version}`);
+    }
+    this.weightsCache = [w.version, arr];
+    return arr;
+  }
+
+  async session(offer: TaskOffer): Promise<RoundSession> {
+    const b = offer.bundle;
+    if (!b) throw new GatewayError("the run's runtime exports no bundle: this client needs an onnx or onnx-int8 run");
+    if (this.sessionCache && this.sessionCache[0] === b.generation) return this.sessionCache[1];
+    const bundle: Bundle = await loadBundle(async (name) => {
+      const f = b.files[name];
+      if (!f) throw new Error(`bundle generation ${b.generation} has no file ${name}`);
+      const bytes = await this.get(f.url, `bundle file ${name}`);
+      if (sha256Hex(bytes) !== f.sha256) throw new Error(`bundle file ${name}: sha256 differs from the task's`);
+      return bytes;
+    }, { formats: [b.format] });
+    const rs = await RoundSession.open(this.options.ort, bundle, b.format, this.options.sessionOptions ?? {});
+    this.sessionCache = [b.generation, rs];
+    return rs;
+  }
+
+  async batches(offer: TaskOffer): Promise<Batch[]> {
+    if (this.options.data) return this.options.data(offer.task, offer);
+    if (!offer.data) throw new GatewayError("the server hands out no data (not a --demo-data server): pass options.data");
+    const d = JSON.parse(new TextDecoder().decode(await this.get(offer.data, "data"))) as
+      { batches: { shape: number[]; x: string; y: number[] }[] };
+    return d.batches.map((b) => ({ x: f32(base64ToBytes(b.x)), y: Int32Array.from(b.y) }));
+  }
+
+  /** Answer tasks until the server says done (or maxTasks reports were accepted). */
+  async run(): Promise<DeviceSummary> {
+    const ev = this.options.onEvent ?? (() => {});
+    const summary: DeviceSummary = { accepted: 0, refused: [], roundSeconds: [] };
+    const config = await this.getJson("/v1/config", "config") as { client: number; train_config: { rounds: number } };
+    ev({ type: "config", client: config.client, rounds: config.train_config.rounds });
+    const poll = this.options.poll ?? 25;
+    while (this.options.maxTasks === undefined || summary.accepted < this.options.maxTasks) {
+      const offer = await this.getJson(`/v1/task?wait=${poll}`, "task") as unknown as TaskOffer | { status: "wait" | "done" };
+      if (offer.status === "done") break;
+      if (offer.status !== "task") continue;
+      const start = performance.now();
+      ev({ type: "task", round: offer.round, rounds: offer.rounds });
+      let report: ClientReport;
+      try {
+        const [weights, rs, batches] = [await this.weights(offer), await this.session(offer), await this.batches(offer)];
+        report = await runTask(stringifyJson(offer.task), weights, batches, rs,
+                               this.options.runtime ? { runtime: this.options.runtime } : {});
+      } catch (e) {
+        if (e instanceof GatewayError) throw e;
+        summary.refused.push(`round ${offer.round + 1}: ${(e as Error).message}`);  // a failed check: skip the round
+        ev({ type: "refused", round: offer.round, status: 0, reason: (e as Error).message });
+        continue;
+      }
+      const r = await this.request("/v1/report", { method: "POST", body: reportToJson(report),
+                                                   headers: { "Content-Type": "application/json" } });
+      if (r.status === 202) {
+        await r.arrayBuffer();
+        const seconds = (performance.now() - start) / 1000;
+        summary.accepted++;
+        summary.roundSeconds.push(seconds);
+        ev({ type: "accepted", round: offer.round, seconds, report });
+      } else {
+        const why = await reason(r);
+        if (r.status === 401 || r.status === 403) throw new GatewayError(`report: HTTP ${r.status} ${why}`);
+        summary.refused.push(`round ${offer.round + 1}: HTTP ${r.status} ${why}`);
+        ev({ type: "refused", round: offer.round, status: r.status, reason: why });
+      }
+    }
+    ev({ type: "done" });
+    return summary;
+  }
+}
+
+/** Run a device until the server's run is done. */
+export function runDevice(options: DeviceOptions): Promise<DeviceSummary> {
+  return new GatewayDevice(options).run();
+}
+
+/** Node entry point: `node dist/src/gateway.js --server URL --token FILE [--threads N] [--max-tasks N] [--quiet]`. */
+async function main(argv: string[]): Promise<number> {
+  const opt = (name: string) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : undefined; };
+  const server = opt("--server"), tokenFile = opt("--token");
+  if (!server || !tokenFile) {
+    console.error("usage: node dist/src/gateway.js --server URL --token FILE [--threads N] [--max-tasks N] [--patience S] [--quiet]");
+    return 2;
+  }
+  const { readFile } = await import("node:fs/promises");
+  const token = (await readFile(tokenFile, "utf8")).trim();
+  const ort = await import("onnxruntime-node");
+  const threads = Number(opt("--threads") ?? 1);
+  const quiet = argv.includes("--quiet");
+  const summary = await runDevice({
+    server, token, ort: ort as unknown as OrtModule, sessionOptions: { intraOpNumThreads: threads, interOpNumThreads: 1 },
+    maxTasks: opt("--max-tasks") ? Number(opt("--max-tasks")) : undefined,
+    patience: opt("--patience") ? Number(opt("--patience")) : undefined,
+    onEvent: (e) => {
+      if (quiet) return;
+      if (e.type === "accepted") console.error(`device: round ${e.round + 1}: report accepted (${(e.seconds * 1e3).toFixed(0)} ms)`);
+      else if (e.type === "refused") console.error(`device: round ${e.round + 1}: refused: ${e.reason}`);
+      else if (e.type === "retry") console.error(`device: server unreachable (${e.reason}); retrying in ${e.delay.toFixed(1)} s`);
+      else if (e.type === "config") console.error(`device: client ${e.client}, ${e.rounds} rounds`);
+    },
+  });
+  console.log(JSON.stringify(summary));
+  return 0;
+}
+
+const isMain = typeof process !== "undefined" && Array.isArray(process.argv) && process.argv[1] !== undefined &&
+  import.meta.url === (await import("node:url")).pathToFileURL(process.argv[1]).href;
+if (isMain) {
+  main(process.argv.slice(2)).then((c) => process.exit(c),
+    (e) => { console.error(`baffle-client device: error: ${(e as Error).message}`); process.exit(e instanceof GatewayError ? 2 : 1); });
+}

@@ -1,0 +1,154 @@
+/**
+ * The device loop (src/gateway.ts) against a real `baffle-edge serve` on loopback:
+ * - Node device processes answering an int8 run give the same per-round metrics as
+ *   `baffle-edge train` with the same seed (losses within the client's documented 1 ulp, see
+ *   docs/device-clients.md; bytes_up differs by the runtime name the report carries);
+ * - headless Debian chromium tabs (playwright-core) open the page the server serves
+ *   (`--web clients/js/web`), run the int8 bundle on onnxruntime-web and complete every round;
+ *   the test accuracy rises.
+ * Needs the Python package with its [serve] extra (PYTHON, default: python). Every process is
+ * killed at the end; every wait is bounded.
+ */
+import assert from "node:assert/strict";
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, test } from "node:test";
+import { chromium } from "playwright-core";
+import { PACKAGE_DIR } from "./helpers.js";
+
+const PYTHON = process.env.PYTHON ?? "python";
+const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const haveServe = spawnSync(PYTHON, ["-c", "import baffle_edge.gateway.serve, fastapi, uvicorn"]).status === 0;
+if (!haveServe && process.env.CI) throw new Error(`${PYTHON} cannot import baffle_edge.gateway.serve: CI must pip install '.[serve]'`);
+const haveBrowser = existsSync(CHROMIUM);
+const RUN = ["--runtime", "onnxruntime-int8", "--eval-every", "1", "--checkpoint-every", "1", "--no-progress"];
+const children: ChildProcess[] = [];
+
+after(() => { for (const c of children) if (c.exitCode === null) c.kill("SIGKILL"); });
+
+function python(args: string[], cwd: string): string {
+  const r = spawnSync(PYTHON, ["-m", "baffle_edge", ...args], { cwd, encoding: "utf8", timeout: 300_000 });
+  assert.equal(r.status, 0, `baffle-edge ${args.join(" ")}: ${r.stderr}`);
+  return r.stdout;
+}
+
+function tokens(dir: string, clients: number): void {
+  python(["tokens", "issue", "--tokens", "tokens.json", "--clients", String(clients), "--out-dir", "toks"], dir);
+}
+
+function exited(p: ChildProcess, seconds: number, what: string): Promise<number> {
+  return new Promise((ok, fail) => {
+    if (p.exitCode !== null) return ok(p.exitCode);
+    const timer = setTimeout(() => { p.kill("SIGKILL"); fail(new Error(`${what} still running after ${seconds} s`)); }, seconds * 1000);
+    p.on("exit", (code) => { clearTimeout(timer); ok(code ?? -1); });
+  });
+}
+
+/** `baffle-edge serve --port 0 ...`; resolves with the port from its first line. */
+function serve(dir: string, args: string[]): Promise<[ChildProcess, number]> {
+  const p = spawn(PYTHON, ["-m", "baffle_edge", "serve", "--tokens", "tokens.json", "--port", "0", "--linger", "2",
+                           "--demo-data", "--out", "run", ...args], { cwd: dir, stdio: ["ignore", "pipe", "pipe"] });
+  children.push(p);
+  let err = "";
+  p.stderr!.on("data", (d) => { err += d; });
+  return new Promise((ok, fail) => {
+    let out = "";
+    const timer = setTimeout(() => fail(new Error(`serve did not start: ${err}`)), 120_000);
+    p.stdout!.on("data", (d) => {
+      out += d;
+      const m = /listening on https?:\/\/127\.0\.0\.1:(\d+)/.exec(out);
+      if (m) { clearTimeout(timer); ok([p, Number(m[1])]); }
+    });
+    p.on("exit", (code) => { clearTimeout(timer); fail(new Error(`serve exited (${code}): ${err}`)); });
+  });
+}
+
+interface Row { round: number; train_loss: number | null; clients_accepted: number; rejected: object; absent: number[];
+  skipped: boolean; applied: boolean; bytes_up: number; bytes_down: number; test_accuracy?: number; test_loss?: number }
+
+function rows(dir: string): Row[] {
+  return (JSON.parse(readFileSync(join(dir, "metrics.json"), "utf8")) as { rounds: Row[] }).rounds;
+}
+
+function relDiff(a: number, b: number): number {
+  return a === b ? 0 : Math.abs(a - b) / Math.abs(b);
+}
+
+test("Node device processes over HTTP reproduce `baffle-edge train` (int8 bundle)",
+  { skip: haveServe ? false : `${PYTHON} lacks baffle_edge[serve]`, timeout: 300_000 }, async () => {
+    const dir = mkdtempSync(join(tmpdir(), "baffle-gw-node-"));
+    const args = [...RUN, "--clients", "3", "--k", "4", "--rounds", "3"];
+    tokens(dir, 3);
+    const [server, port] = await serve(dir, args);
+    const devices = [0, 1, 2].map((c) => {
+      const p = spawn(process.execPath, [join(PACKAGE_DIR, "dist", "src", "gateway.js"), "--server", `http://127.0.0.1:${port}`,
+                                         "--token", join(dir, "toks", `client-${c}.token`), "--quiet"], { stdio: "ignore" });
+      children.push(p);
+      return p;
+    });
+    assert.equal(await exited(server, 240, "serve"), 0);
+    for (const d of devices) assert.equal(await exited(d, 30, "device"), 0);
+    python(["train", ...args, "--out", "ref"], dir);
+    const got = rows(join(dir, "run")), want = rows(join(dir, "ref"));
+    assert.equal(got.length, 3);
+    for (const [g, w] of got.map((g, i) => [g, want[i]] as const)) {
+      assert.equal(g.clients_accepted, 3);
+      assert.deepEqual([g.round, g.rejected, g.absent, g.skipped, g.applied, g.bytes_down],
+                       [w.round, w.rejected, w.absent, w.skipped, w.applied, w.bytes_down]);
+      assert.ok(relDiff(g.train_loss!, w.train_loss!) < 1e-12, `round ${g.round}: train loss ${g.train_loss} vs ${w.train_loss}`);
+      assert.equal(g.test_accuracy, w.test_accuracy, `round ${g.round}: test accuracy`);
+      assert.ok(relDiff(g.test_loss!, w.test_loss!) < 1e-6, `round ${g.round}: test loss ${g.test_loss} vs ${w.test_loss}`);
+    }
+    const check = spawnSync(PYTHON, ["-c", `
+import torch
+a = torch.load("run/checkpoint.pt", weights_only=True)["server"]["model"]
+b = torch.load("ref/checkpoint.pt", weights_only=True)["server"]["model"]
+print(max(float((a[k] - b[k]).abs().max()) for k in a))`], { cwd: dir, encoding: "utf8" });
+    const maxDiff = Number(check.stdout.trim());
+    assert.ok(maxDiff < 1e-6, `final weights differ by up to ${maxDiff}`);
+    console.log(`# Node devices vs in-process: final weights max |difference| ${maxDiff.toExponential(2)}`);
+  });
+
+test("headless chromium tabs join a serve run with the int8 bundle; accuracy rises",
+  { skip: !haveServe ? `${PYTHON} lacks baffle_edge[serve]` : !haveBrowser ? `${CHROMIUM} not found` : false, timeout: 600_000 },
+  async () => {
+    const stage = spawnSync(process.execPath, [join(PACKAGE_DIR, "web", "build.mjs")], { encoding: "utf8" });
+    assert.equal(stage.status, 0, stage.stderr);
+    const dir = mkdtempSync(join(tmpdir(), "baffle-gw-web-"));
+    const clients = 3;
+    tokens(dir, clients);
+    const [server, port] = await serve(dir, [...RUN, "--clients", String(clients), "--k", "20", "--rounds", "9",
+                                             "--eval-every", "3", "--web", join(PACKAGE_DIR, "web")]);
+    const browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"],
+    });
+    try {
+      const pages = await Promise.all(Array.from({ length: clients }, async (_, c) => {
+        const page = await browser.newPage();
+        const token = readFileSync(join(dir, "toks", `client-${c}.token`), "utf8").trim();
+        await page.goto(`http://127.0.0.1:${port}/#token=${token}`);
+        return page;
+      }));
+      assert.equal(await exited(server, 480, "serve"), 0);
+      const states = await Promise.all(pages.map(async (p) => {
+        await p.waitForFunction("window.__gateway && window.__gateway.done", undefined, { timeout: 60_000 });
+        return await p.evaluate("window.__gateway") as { error: string | null; roundSeconds: number[]; summary: { accepted: number } };
+      }));
+      for (const s of states) assert.equal(s.error, null, s.error ?? "");
+      const got = rows(join(dir, "run"));
+      assert.deepEqual(got.map((r) => r.clients_accepted), Array(9).fill(clients));
+      const acc = got.filter((r) => r.test_accuracy !== undefined).map((r) => r.test_accuracy!);
+      assert.ok(acc[acc.length - 1] > acc[0], `test accuracy did not rise: ${acc.join(", ")}`);
+      const seconds = states.flatMap((s) => s.roundSeconds).sort((a, b) => a - b);
+      const median = seconds[seconds.length >> 1];
+      console.log(`# browser tabs (int8 LeNet, K=20, WASM 1 thread, ${clients} tabs): test accuracy ` +
+        `${acc.map((a) => (100 * a).toFixed(1)).join(" -> ")} %; task -> report accepted: median ` +
+        `${(1e3 * median).toFixed(0)} ms, max ${(1e3 * seconds[seconds.length - 1]).toFixed(0)} ms`);
+    } finally {
+      await browser.close();
+    }
+  });
