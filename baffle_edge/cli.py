@@ -65,7 +65,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--forward-budget", type=float, default=_d(_T.forward_budget),
                    help="block noise: choose K so that a client round costs this many full forwards in MACs, "
                         "rows evaluated incrementally where the runtime can (e.g. 101 = the compute of an "
-                        "isotropic K = 100 round; docs/noise.md section 7). Default: use --k")
+                        "isotropic K = 100 round; docs/noise.md section 8). Default: use --k")
     g.add_argument("--noise-scope", default=_d(_T.noise_scope), choices=_values(NoiseScope),
                    help="one noise stream per client, or one per round shared by all (default: %(default)s)")
     g.add_argument("--int8-estimator", default=_d(_T.int8_estimator), choices=_values(StepEstimator),
@@ -80,12 +80,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--runtime", default=_d(_T.runtime), help="client runtime (default: %(default)s); see `baffle-edge runtimes`")
     g.add_argument("--provider", default=_d(_T.provider),
                    help="onnxruntime execution provider: cpu, xnnpack, nnapi, qnn, coreml, ... (default: %(default)s)")
+    from .targets import CHOICES
+    g.add_argument("--target", default=_d(_T.target), choices=CHOICES,
+                   help="bundle runtimes: CPU the server exports the int8 bundles for (arm64, x86-vnni, x86-avx2; "
+                        "decides the int8 weight range, see `baffle-edge export -h`) (default: %(default)s = this machine)")
     g.add_argument("--refresh-every", type=int, default=None,
                    help="bundle runtimes: re-export and re-calibrate the bundle every N rounds (default: 1 for "
                         "every format: stale int8 scales cost accuracy; TFLite conversion takes ~5 s per refresh)")
     g.add_argument("--perturbations-per-call", default=_d(_T.perturbations_per_call), metavar="P",
-                   help="perturbations evaluated per runtime call (torch, onnxruntime[-int8]); 'auto' picks P "
-                        "per model and runtime by the measured rule in docs/batched-k.md (default: %(default)s)")
+                   help="perturbations evaluated per runtime call (torch, onnxruntime[-int8]); 'auto' measures P "
+                        "on this device at the first batch and caches it (docs/batched-k.md) (default: %(default)s)")
     g = p.add_argument_group("server optimizer")
     g.add_argument("--optimizer", default=_d(_O.optimizer), choices=_values(OptimizerName), help="(default: %(default)s)")
     g.add_argument("--lr", type=float, default=_d(_O.lr), help="server learning rate (default: %(default)s)")
@@ -136,7 +140,7 @@ def config_from_args(a: argparse.Namespace):
     ppc = AUTO_KEY if str(ppc).strip().lower() == AUTO_KEY else resolve(ppc, a.runtime)  # ValueError if bad
     same = ("model", "dataset", "data_dir", "activation", "norm", "clients", "partition", "alpha", "batch_size",
             "method", "strategy", "local_steps", "k", "sigma", "scheme", "noise", "noise_scope", "forward_budget", "int8_estimator",
-            "baseline", "seed", "eval_every", "checkpoint_every", "runtime", "provider", "refresh_every", "workers",
+            "baseline", "seed", "eval_every", "checkpoint_every", "runtime", "provider", "target", "refresh_every", "workers",
             "quorum", "round_timeout", "aggregate", "trim", "byzantine")  # option = TrainConfig field (enums from strings)
     cfg = TrainConfig(**{n: getattr(a, n) for n in same}, perturbations_per_call=ppc,
                       optim=OptimConfig(optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,

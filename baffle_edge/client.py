@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from . import perturb
+from . import libm, perturb
 from .estimator import clip_inf, leave_one_out, loss_differences, stein_gradient
 from .perturb import NoiseKind
 from .protocol import Baseline, ClientReport, Domain, RoundTask, Scheme, check_noise
@@ -132,12 +132,25 @@ class StepWeights:
         return self.q if sign == 0 else self.select(eps, sign)
 
 
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Mean softmax cross-entropy, computed in float64 (every runtime's losses use this)."""
+def cross_entropies(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The loss of each logits array ``logits[i]`` (n x B x C, labels (B,)): mean softmax
+    cross-entropy in float64, computed exactly as docs/noise.md section 7 specifies (first maximum,
+    fdlibm exp/log, pairwise sums), so every machine and every port gets the same bits."""
     z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(labels)), labels].mean())
+    y = np.asarray(labels)
+    if z.ndim != 3 or y.ndim != 1 or len(y) != z.shape[1]:
+        raise ValueError(f"cross-entropy: expected logits n x B x C and B labels, got logits {z.shape}, labels {y.shape}")
+    if y.size and (y.min() < 0 or y.max() >= z.shape[2]):
+        raise ValueError(f"labels outside [0, {z.shape[2]})")
+    m = np.take_along_axis(z, z.argmax(axis=2)[..., None], axis=2)  # the first largest logit of each row
+    sums = libm.pairwise_sum(libm.exp(z - m))
+    logp = (z[:, np.arange(y.size), y] - m[..., 0]) - libm.log(sums)
+    return -(libm.pairwise_sum(logp) / y.size)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The loss of one logits array (B x C): ``cross_entropies`` of one."""
+    return float(cross_entropies(np.asarray(logits)[None], labels)[0])
 
 
 def step_noise(task: RoundTask, step: int, dim: int, *, signs: bool = False,
@@ -196,6 +209,9 @@ def check_task(session: Session, task: RoundTask) -> None:
     check_noise(task.domain, task.noise)
 
 
+LOSS_CHUNK_VALUES = 1 << 13  # logits values per cross_entropies call in step_losses (its temporaries stay in cache)
+
+
 def step_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
     """The losses of one local step: ``[L(w)] + [L(w + d_k) for k] (+ [L(w - d_k) for k] central)``.
 
@@ -209,10 +225,17 @@ def step_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) 
     p = session.perturbations_per_call
     signs = (1, -1) if task.central else (1,)
     pending = [] if task.central else [session.weight_set(0, None, task)]
-    out: list[float] = []
+    logits: list[np.ndarray] = []  # not yet turned into losses: up to LOSS_CHUNK_VALUES values
+    out: list[np.ndarray] = []
+
+    def losses() -> None:
+        out.append(cross_entropies(np.stack(logits), batch.y))
+        logits.clear()
 
     def run(sets: list) -> None:
-        out.extend(cross_entropy(z, batch.y) for z in session.evaluate(x, sets))
+        logits.extend(np.array(z) for z in session.evaluate(x, sets))  # copies: a backend may reuse its buffers
+        if len(logits) * logits[0].size >= LOSS_CHUNK_VALUES:
+            losses()
 
     for eps in noise_stream(task, step, session.dim, signs=session.domain is Domain.INT8_STEP,
                             blocks=session.blocks):
@@ -222,20 +245,14 @@ def step_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) 
             del pending[:p]
     if pending:
         run(pending)
+    if logits:
+        losses()
+    res = np.concatenate(out)
     if task.central:  # (+1, -1) pairs -> plus..., minus...
-        out = out[0::2] + out[1::2]
-    res = np.asarray(out, dtype=np.float64)
+        res = np.concatenate([res[0::2], res[1::2]])
     if not np.all(np.isfinite(res)):
         raise ValueError(f"runtime {session.name!r} produced non-finite losses")
     return res
-
-
-def cross_entropies(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``cross_entropy`` of each row set ``logits[n]`` ([n, B, classes]), float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=2, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=2, keepdims=True))
-    return -logp[:, np.arange(len(labels)), labels].mean(axis=1)
 
 
 def block_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:

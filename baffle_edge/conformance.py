@@ -11,10 +11,14 @@ Noise vectors (docs/noise.md): the Philox known-answer tests, short streams give
 long ones by the SHA-256 of their float32 little-endian bytes plus a few values around the chunk
 boundary. Seeds are JSON integers up to 2**64 - 1: a port must parse them as unsigned 64-bit.
 
+Loss vectors (docs/noise.md section 7): fdlibm ``exp``/``log`` of edge-case arguments and
+cross-entropies of small logits arrays, as float64 bit patterns.
+
 Rounds: the same (task, weights, batches, bundle) run by the Python ONNX Runtime client
 (``runtimes/onnxruntime_runtime.py``, one intra-op thread); its ``ClientReport`` is stored. A port
-must reproduce the int8 losses exactly and the fp32 ones within 1e-6 relative
-(docs/device-clients.md says how to check a new client).
+must reproduce the int8 losses exactly (float64 bit for bit) and the fp32 ones within 1e-6
+relative, exactly where its float kernels round like this machine's (docs/device-clients.md says
+how to check a new client).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import numpy as np
 from . import perturb
 from .perturb import philox4x32
 
-KIT_VERSION = 1
+KIT_VERSION = 2  # 2: int8 losses bit-identical (the specified loss), loss vectors
 # a Gaussian pair with u1 = 1 (first word >= 0xFFFFFF00): r = sqrt(-2 ln 1) = sqrt(-0.0) = -0.0
 U1_ONE = dict(seed=0, round=0, client=0, k=1229, index=2648)
 
@@ -64,7 +68,7 @@ LONG = [
     ("302,778 values (a WRN-10-2-sized vector)", 11, 4, 5, 6, 302_778, [0, 65_536, 131_072, 302_777]),
 ]
 
-# block noise (docs/noise.md section 7) on LeNet digits' parameter table: (name, shape, offset)
+# block noise (docs/noise.md section 8) on LeNet digits' parameter table: (name, shape, offset)
 LENET_PARAMS = [("features.0.weight", (16, 1, 5, 5), 0), ("features.0.bias", (16,), 400),
                 ("features.4.weight", (64, 16, 5, 5), 416), ("features.4.bias", (64,), 26016),
                 ("fc.weight", (10, 64), 26080), ("fc.bias", (10,), 26720)]
@@ -137,6 +141,36 @@ def noise_vectors() -> dict:
               "gauss": _bits(v[u["index"]:]), "sha256_f32le": _sha(v)}
     return {"spec_version": perturb.NOISE_SPEC_VERSION, "philox_kat": kat, "short": short, "long": long,
             "u1_one": u1_one, "block": block_vectors()}
+
+
+# ------------------------------------------------------------------------------------------- losses
+LIBM_ARGUMENTS = [  # exp/log edge cases: zeros, subnormals, thresholds, fdlibm's branch boundaries
+    0.0, -0.0, 5e-324, -5e-324, 2.2250738585072014e-308, 2.225073858507201e-308, 1e-300, 2.0**-28, -2.0**-28,
+    2.0**-29, 0.34657359027997264, 0.3465735902799727, -0.34657359027997264, 1.0397207708399179, -1.0397207708399179,
+    1.0, 1.0000000000000002, 0.9999999999999999, 1.000000954, 0.5, 1.7, -1.7, 2.0, 10.0, -12.420129267708877,
+    709.782712893384, 709.7827128933841, 709.79, -708.3964185322641, -708.4, -744.44, -745.1332191019411,
+    -745.1332191019412, -746.0, 1e300, 1.7976931348623157e308, float("inf"), float("-inf"), float("nan")]
+
+
+def _f64(v) -> list[str]:
+    return [f"{b:016x}" for b in np.asarray(v, dtype="<f8").reshape(-1).view(np.uint64)]
+
+
+def loss_vectors(seed: int = 0) -> dict:
+    """fdlibm exp/log of ``LIBM_ARGUMENTS`` and the specified cross-entropy of a few logits arrays
+    (random, ties for the maximum, one whose other classes underflow to exp = 0, 100 classes), all
+    as float64 bit patterns (logits: float32 bit patterns, row-major batch x classes)."""
+    from . import libm
+    from .client import cross_entropy
+    rng = np.random.default_rng([seed, 0x1055])
+    x = np.array(LIBM_ARGUMENTS)
+    cases = [("random, 4 x 10", (rng.standard_normal((4, 10)) * 4).astype(np.float32), [3, 0, 9, 5]),
+             ("ties: the first maximum", np.array([[2, 5, 5, -1], [0, 0, 0, 0], [-0.0, 0.0, -3, -0.0]], np.float32), [1, 2, 0]),
+             ("saturated: the other classes' exp underflows", np.array([[800, 0, -5], [0, 900, 1]], np.float32), [0, 1]),
+             ("32 x 100", (rng.standard_normal((32, 100)) * 6).astype(np.float32), rng.integers(0, 100, 32).tolist())]
+    return {"libm": {"x": _f64(x), "exp": _f64(libm.exp(x)), "log": _f64(libm.log(x))},
+            "cross_entropy": [{"what": what, "shape": list(z.shape), "logits": _bits(z.reshape(-1)), "labels": y,
+                               "loss": _f64(cross_entropy(z, np.array(y)))[0]} for what, z, y in cases]}
 
 
 # ------------------------------------------------------------------------------------------- rounds
@@ -261,9 +295,10 @@ def write_kit(out: str | Path, *, force: bool = False, train_steps: int = 60, ba
     index = {"kit_version": KIT_VERSION, "noise": noise_vectors(), "bundle": "bundle",
              "weights": {"file": "rounds/weights.f32", "values": int(weights.size), "model_version": version},
              "base_logits": {"batch": 0, "formats": logits},
-             "tolerance": {"int8_logits": "identical", "int8_losses_relative": 1e-15, "fp32_losses_relative": 1e-6,
+             "tolerance": {"int8_logits": "identical", "int8_losses_relative": 0.0, "fp32_losses_relative": 1e-6,
                            "gradient_cosine": 0.999999},
              "summation": summation_vectors(),
+             "loss": loss_vectors(),
              "rounds": rounds,
              "python": {"onnxruntime_threads": 1, "versions": json.loads((out / "bundle" / "baffle.json")
                                                                         .read_text())["versions"]}}

@@ -12,7 +12,11 @@ Modes (one step each, on a random batch of the model's input shape):
     bp-adam     forward + backward + Adam step: the backprop client of the reference recipe
     baffle      ``client.run_task`` with the torch runtime: K+1 forwards, in-place perturbation
     baffle-<runtime>   the same through another registered runtime (e.g. baffle-onnxruntime-int8);
-                       bundle runtimes get a bundle exported during setup (not measured)
+                       bundle runtimes get a bundle exported during setup, in a child process (a
+                       device never holds the exporter: its imports would inflate every figure)
+    inference-<runtime>  one plain forward + loss through that runtime, the floor its BAFFLE step
+                       is compared with: ONNX Runtime runs the bundle's inference graph (weights as
+                       initializers) in its own session; other runtimes their session's forward
 
 How peak memory is measured (``method`` in the output):
 
@@ -172,6 +176,13 @@ def _prepare(cfg: MemoryConfig):
         state["grad"] = lambda: _tensor_bytes(p.grad for p in params if p.grad is not None)
         state["opt"] = lambda: _tensor_bytes(v for s in opt.state.values() for v in s.values()
                                              if torch.is_tensor(v) and v.dim() > 0)
+    elif cfg.mode.startswith("inference-"):
+        runtime = cfg.mode[len("inference-"):]
+        forward = _inference_forward(runtime, cfg, model, x, y)
+        forward(x[:1])  # warm at batch 1, like the BAFFLE modes
+
+        def step():
+            return cross_entropy(forward(x), y)
     elif cfg.mode == "baffle" or cfg.mode.startswith("baffle-"):
         runtime = "torch" if cfg.mode == "baffle" else cfg.mode[len("baffle-"):]
         session, task = _runtime_session(runtime, cfg, model, x, y)
@@ -183,7 +194,7 @@ def _prepare(cfg: MemoryConfig):
             report = run_task(task, session, [batch], weights=weights, runtime=runtime)
             return float(report.base_losses[0] if report.base_losses.size else report.losses.mean())
     else:
-        raise ValueError(f"mode: {cfg.mode!r} is not one of {MODES} or 'baffle-<runtime>'")
+        raise ValueError(f"mode: {cfg.mode!r} is not one of {MODES}, 'baffle-<runtime>' or 'inference-<runtime>'")
     return step, state, _tensor_bytes(params)
 
 
@@ -191,24 +202,61 @@ def _runtime_session(runtime: str, cfg: MemoryConfig, model, x: np.ndarray, y: n
     """A loaded session of a registered runtime and a RoundTask it can answer. Bundle runtimes
     get a bundle exported here (setup, not measured) into a temporary folder."""
     from .protocol import RoundTask
-    from .runtimes import REGISTRY, get_runtime
+    from .runtimes import get_runtime
     rt = get_runtime(runtime)  # ValueError for unknown names, ImportError naming the extra
-    info = REGISTRY[runtime]
-    artifact = model
-    if getattr(info, "artifact", "torch-model") == "bundle":
-        import tempfile
-        from pathlib import Path
-
-        from baffle_edge.export.bundle import ExportConfig, export_bundle
-        from .data import Dataset
-        c = cfg.in_channels
-        data = Dataset("synthetic", x, y, x[:1], y[:1], 10, (0.0,) * c, (1.0,) * c, 1.0)
-        artifact = Path(tempfile.mkdtemp(prefix="baffle-memory-")) / "bundle"
-        export_bundle(model, _model_config(cfg), data, artifact, ExportConfig(formats=(info.format,)),
-                      source="baffle_edge.memory")
+    artifact = _artifact(runtime, cfg, model)
     session = rt.load(artifact, threads=cfg.threads)
     task = RoundTask.for_domain(session.domain, round=0, client=0, seed=cfg.seed, k=cfg.k, sigma=1e-4)
     return session, task
+
+
+def _artifact(runtime: str, cfg: MemoryConfig, model):
+    """What ``runtime`` loads: the torch model, or a bundle exported by a child process from the
+    same seeded model (``build_model`` is deterministic), so the exporter's imports stay out."""
+    from .runtimes import REGISTRY
+    info = REGISTRY[runtime]
+    if getattr(info, "artifact", "torch-model") != "bundle":
+        return model
+    import tempfile
+    from pathlib import Path
+    out = Path(tempfile.mkdtemp(prefix="baffle-memory-")) / "bundle"
+    code = ("import sys, json; from baffle_edge.memory import MemoryConfig, export_for; "
+            "export_for(MemoryConfig(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3])")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(cfg)), info.format, str(out)],
+                          capture_output=True, text=True, env=dict(os.environ))
+    if proc.returncode != 0:
+        raise RuntimeError(f"exporting the {info.format} bundle failed: {proc.stderr.strip()[-2000:]}")
+    return out
+
+
+def export_for(cfg: MemoryConfig, fmt: str, out: str) -> None:
+    """Export the seeded model of ``cfg`` as a ``fmt`` bundle into ``out`` (``_artifact``'s child)."""
+    from baffle_edge.export.bundle import ExportConfig, export_bundle
+    from .data import Dataset
+    from .models import build_model
+    rng = np.random.default_rng(cfg.seed)  # the same calibration batch as the measuring process
+    x = rng.standard_normal((cfg.batch, cfg.in_channels, cfg.image_size, cfg.image_size)).astype(np.float32)
+    y = rng.integers(0, 10, cfg.batch).astype(np.int64)
+    c = cfg.in_channels
+    data = Dataset("synthetic", x, y, x[:1], y[:1], 10, (0.0,) * c, (1.0,) * c, 1.0)
+    export_bundle(build_model(_model_config(cfg), seed=cfg.seed), _model_config(cfg), data, out,
+                  ExportConfig(formats=(fmt,)), source="baffle_edge.memory")
+
+
+def _inference_forward(runtime: str, cfg: MemoryConfig, model, x: np.ndarray, y: np.ndarray):
+    """``forward(x) -> logits`` of a plain inference through ``runtime`` at the model's weights."""
+    from .params import flat_params
+    if runtime.startswith("onnxruntime"):
+        from .export.bundle import read_bundle
+        from .runtimes.onnxruntime_runtime import make_session
+        from .runtimes import REGISTRY
+        bundle = read_bundle(_artifact(runtime, cfg, model))
+        sess = make_session(bundle.file(REGISTRY[runtime].format, "inference"), threads=cfg.threads)
+        name, out = bundle.meta["input"]["name"], bundle.meta["output"]["name"]
+        return lambda xb: sess.run([out], {name: xb})[0]
+    session, _ = _runtime_session(runtime, cfg, model, x, y)
+    session.set_weights(flat_params(model).numpy())
+    return session.logits
 
 
 def measure(cfg: MemoryConfig) -> MemoryResult:

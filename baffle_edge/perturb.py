@@ -15,7 +15,7 @@ Gaussian: words are consumed in pairs (a, b) by Box–Muller in float64,
 then rounded to float32. Rademacher: bit j (LSB first) of word i gives value 32 i + j,
 0 -> +1, 1 -> -1 (32 values per word).
 
-Block (``BlockTable``, docs/noise.md section 7): words 0 and 1 pick one block b with probability
+Block (``BlockTable``, docs/noise.md section 8): words 0 and 1 pick one block b with probability
 d_b / d, r = (w[1] * 2**32 + w[0]) mod d, b = the block whose range [bounds[b], bounds[b+1]) holds r;
 the block's d_b values are Gaussian from block 1 of the same stream on (Box-Muller as above),
 times float32(sqrt(d / d_b)) in float32; every other entry of eps_k is 0.
@@ -178,7 +178,7 @@ def noise(
 
 
 class BlockTable:
-    """The partition of the flat parameter vector into perturbation blocks (docs/noise.md section 7).
+    """The partition of the flat parameter vector into perturbation blocks (docs/noise.md section 8).
 
     A *module* is a parameter name up to its last dot (``features.4`` for ``features.4.weight`` and
     ``features.4.bias``); all of a module's tensors share their first (output) dimension C. Block

@@ -73,7 +73,8 @@ class TrainConfig:
     checkpoint_every: int = 50  # rounds between checkpoints (and at the end)
     runtime: str = "torch"  # client runtime by name (runtimes.REGISTRY)
     provider: str = "cpu"  # onnxruntime execution provider (runtimes/onnxruntime_runtime.py PROVIDERS)
-    perturbations_per_call: int | str = "auto"  # P per runtime call; "auto": runtimes/batching.py AUTO (docs/batched-k.md)
+    perturbations_per_call: int | str = "auto"  # P per runtime call; "auto": measured on the device (runtimes/batching.py)
+    target: str = "auto"  # bundle runtimes: CPU the int8 bundles are exported for (baffle_edge/targets.py); auto = here
     refresh_every: int | None = None  # bundle runtimes: re-export (re-calibrate int8 scales) every N rounds;
     # None = the format's default (REFRESH_DEFAULT: every round; ONNX exports in < 1 s, TFLite in ~5 s)
     workers: int = 2  # threads simulating clients / decoding reports (results do not depend on it)
@@ -98,6 +99,9 @@ class TrainConfig:
     def __post_init__(self):
         """Choices given as strings (CLI, JSON) are held as their enums."""
         coerce_enums(self)
+        from .targets import CHOICES
+        if self.target not in CHOICES:
+            raise ValueError(f"unknown export target {self.target!r}; known: {', '.join(CHOICES)}")
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
@@ -218,7 +222,8 @@ class Federation:
         path = self._workdir / f"bundle-{self.bundle_generation}"
         model = build_model(self.model_cfg, seed=self.cfg.seed)
         set_flat_params(model, weights)
-        meta = export_bundle(model, self.model_cfg, self.data, path, ExportConfig(formats=(fmt,), seed=self.cfg.seed),
+        meta = export_bundle(model, self.model_cfg, self.data, path, ExportConfig(formats=(fmt,), seed=self.cfg.seed,
+                                                                                  target=self.cfg.target),
                              source=f"train refresh {self.bundle_generation}")
         if self.bundle_dir is not None:
             import shutil
@@ -261,7 +266,18 @@ class Federation:
             artifact = (self.bundle_dir if self.runtime_info.artifact == "bundle"
                         else build_model(self.model_cfg, seed=self.cfg.seed))
             loc.session, loc.generation = rt.load(artifact), self.bundle_generation
+            self.last_session = loc.session
         return loc.session
+
+    def perturbations_per_call(self) -> dict | None:
+        """What the simulated devices evaluate per runtime call: the P asked for, the P used, and
+        auto-P's calibration (measured at the first batch or read from the cache; runtimes/batching.py)."""
+        s = getattr(self, "last_session", None)
+        if s is None:
+            return None
+        cal = getattr(s, "calibration", None)
+        return {"requested": self.cfg.perturbations_per_call, "p": int(s.perturbations_per_call),
+                "calibration": cal.to_json() if cal is not None else None}
 
     def baffle_client(self, task: RoundTask, batches: list[Batch], *, weights: np.ndarray | None = None):
         """What a device does: evaluate the task's perturbed losses at the global weights (or at
@@ -447,14 +463,15 @@ def load_checkpoint(path: Path) -> dict:
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
           stop_after: int | None = None, client_fn: Callable | None = None,
-          gather: Callable | None = None, setup: Callable[[Federation], None] | None = None) -> dict:
+          gather: Callable | None = None) -> dict:
     """Run (or resume) a federated training run and write its folder. Returns the metrics dict.
 
     ``stop_after`` ends the process-level loop after that many rounds of this call (tests use it to
     simulate an interrupted run); ``client_fn(task, batches)`` replaces the simulated device and
-    ``gather(tasks, weights)`` the whole collection of reports (``Federation.step``; Flower uses it);
-    ``setup(federation)`` sees the run's Federation before the first round (the HTTP gateway serves
-    its bundle files and demo data)."""
+    ``gather(tasks, weights)`` the whole collection of reports (``Federation.step``; Flower and the HTTP
+    gateway use it). A gather with a ``bind(federation)`` method is handed the run's Federation once,
+    before the first round (Flower ships the round's bundle with each task; the gateway serves its
+    bundle files and demo data)."""
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
     history: list[dict] = []
@@ -478,9 +495,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             raise FileExistsError(f"output folder {out} is not empty; pass --resume to continue it "
                                   "or choose another --out")
         fed = Federation(cfg)
+    if gather is not None and hasattr(gather, "bind"):
+        gather.bind(fed)  # the transport may need the run's model and bundle (Flower ships them with each task)
     out.mkdir(parents=True, exist_ok=True)
-    if setup is not None:
-        setup(fed)
     metrics = {"config": cfg.to_json(), "versions": _versions(), "parameters": fed.server.dim,
                "rounds_per_epoch": fed.rpe, "rounds": history}
     end = cfg.rounds if stop_after is None else min(cfg.rounds, start_round + stop_after)
@@ -494,6 +511,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             last = next((h for h in reversed(history) if "test_accuracy" in h), {})
             bar.set_postfix(loss=f"{row['train_loss'] or float('nan'):.3f}",
                             acc=f"{last.get('test_accuracy', float('nan')):.3f}")
+        metrics["perturbations_per_call"] = fed.perturbations_per_call()
         if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == end:
             save_checkpoint(ckpt, fed, r + 1, history)
             _write_metrics(out, metrics)

@@ -99,3 +99,56 @@ def test_batched_round(benchmark, tmp_path_factory, bench_full, bench_threads, m
         np.testing.assert_allclose(report.losses, seq_report.losses, rtol=1e-5, atol=0)
         np.testing.assert_allclose(report.base_losses, seq_report.base_losses, rtol=1e-5, atol=0)
     assert np.ptp(report.losses) > 0
+
+
+# ------------------------------------------------------------------ auto-P (measured on the device)
+AUTO_CASES = ("lenet-8", "lenet-28", "mlp", "wrn-10-2")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case_id", AUTO_CASES)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_auto_p_round(benchmark, tmp_path_factory, bench_full, measuring, runtime, case_id, threads, monkeypatch):
+    """A round with ``perturbations_per_call="auto"`` next to the P = 1 round of the same runtime,
+    timed alternately in the same run (so machine load hits both alike); the calibration (fresh:
+    a temporary cache) goes to extra_info. auto must never be much slower than P = 1."""
+    from baffle_edge.runtimes import batching
+    if case_id == "wrn-10-2" and not bench_full:
+        pytest.skip("WRN-10-2 auto-P: run with --bench-full")
+    if not measuring and (case_id, threads) != ("lenet-28", 1):
+        pytest.skip("auto-P grid: measured with --benchmark-only (a plain run checks one case)")
+    monkeypatch.setenv(batching.CACHE_ENV, str(tmp_path_factory.mktemp("auto-p")))
+    case = MODELS[case_id]
+    k = 100 if bench_full else 24
+    workdir = _cache.setdefault(("auto-workdir", case_id), tmp_path_factory.mktemp(f"auto-{case_id}"))
+    artifact = build_artifact(runtime, case, workdir / runtime)
+    w = flat_params(case.build()).numpy()
+    task, batch = task_for(runtime, k=k), case.batch(BATCH)
+
+    def load(p):
+        s = get_runtime(runtime, perturbations_per_call=p).load(case.build() if runtime == "torch" else artifact,
+                                                                threads=threads)
+        s.set_weights(w)
+        return s
+
+    auto, seq = load("auto"), load(1)
+    auto.prepare(batch.x)  # the calibration: at the first batch
+    cal = auto.calibration
+    t_auto, t_seq = [], []
+
+    def both():
+        for s, times in ((seq, t_seq), (auto, t_auto)):
+            t0 = time.perf_counter()
+            report = run_task(task, s, [batch], weights=w, runtime=runtime)
+            times.append(time.perf_counter() - t0)
+        return report
+
+    benchmark.group = f"auto_p-{case_id}"
+    report = benchmark.pedantic(both, rounds=3 if measuring else 1, warmup_rounds=0)
+    ratio = statistics.median(t_seq) / statistics.median(t_auto)
+    benchmark.extra_info.update(
+        case.info(), runtime=runtime, dtype=dtype_of(runtime), batch=BATCH, K=k, threads=threads,
+        auto_p=cal.p, calibration=cal.to_json(), auto_round_s=statistics.median(t_auto),
+        p1_round_s=statistics.median(t_seq), speedup_auto_vs_p1=ratio, stage="auto_p")
+    assert auto.perturbations_per_call == cal.p and not cal.cached
+    assert report.losses.shape == (k,) and np.ptp(report.losses) > 0

@@ -16,7 +16,7 @@ from baffle_edge.bench_report import K_RATIO
 from baffle_edge.protocol import Scheme
 
 from .cases import FULL, MODELS, dtype_of, runtime_names
-from .conftest import forward_loss_fn, task_for
+from .conftest import forward_loss_fn, forward_losses_fn, task_for
 
 BATCH = 32  # reference client batch
 TARGET_RATIO = K_RATIO  # defined once, with the other targets, in baffle_edge/bench_report.py
@@ -45,13 +45,13 @@ def test_client_round(benchmark, sessions, measuring, runtime, case_id, k, schem
     benchmark.group = f"k_estimation {case_id} {scheme}"
     report = benchmark.pedantic(client_round, rounds=rounds if measuring else 1, warmup_rounds=0)
 
-    # side by side: the same number of plain forwards on the same session, same batch
-    one_forward = forward_loss_fn(session, batch)
+    # side by side: the same number of plain forwards on the same session, same batch, their
+    # losses gathered and computed as the round computes them
+    one_forward, plain_forwards = forward_loss_fn(session, batch), forward_losses_fn(session, batch)
     forward_seconds = []
     for _ in range(rounds if measuring else 1):
         t0 = time.perf_counter()
-        for _ in range(forwards):
-            base = one_forward()
+        base = float(plain_forwards(forwards)[-1])
         forward_seconds.append(time.perf_counter() - t0)
     t_round, t_fwd = statistics.median(round_seconds), statistics.median(forward_seconds)
     ratio = t_round / t_fwd

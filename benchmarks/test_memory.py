@@ -62,3 +62,38 @@ def test_step_memory(benchmark, bench_threads, case_id, batch, mode):
     else:
         assert r.grad_bytes == 0 and r.optimizer_state_bytes == 0
     assert 0.5 < r.result < 5.0, f"loss {r.result} of a 10-class model at its initial weights"
+
+
+RATIO_CASES = [pytest.param("lenet-28", 32, r, id=f"lenet-28-b32-{r}", marks=[FULL] if r == "onnxruntime" else [])
+               for r in ("onnxruntime-int8", "onnxruntime")] + \
+              [pytest.param("wrn-10-2", 128, r, id=f"wrn-10-2-b128-{r}", marks=[FULL])
+               for r in ("onnxruntime-int8", "onnxruntime")]
+STEP_VS_INFERENCE = 1.1  # target (issue 16): a runtime's BAFFLE step peaks within 1.1x its inference step
+
+
+@pytest.mark.parametrize("case_id,batch,runtime", RATIO_CASES)
+def test_step_vs_inference_memory(benchmark, bench_threads, case_id, batch, runtime):
+    """A runtime's BAFFLE step (K+1 forwards) against one plain inference through the same runtime
+    (for ONNX Runtime: the bundle's inference graph), each in a fresh process, side by side."""
+    if runtime not in REGISTRY:
+        pytest.skip(f"runtime {runtime!r} is not registered")
+    case = MODELS[case_id]
+    base = MemoryConfig(model=case.model, in_channels=case.in_channels, image_size=case.image_size, batch=batch,
+                        threads=bench_threads)
+    got = {}
+
+    def both():
+        for mode in (f"inference-{runtime}", f"baffle-{runtime}"):
+            got[mode.split("-")[0]] = measure_in_subprocess(dataclasses.replace(base, mode=mode))
+
+    benchmark.group = f"memory step/inference {case_id} b{batch}"
+    benchmark.pedantic(both, rounds=1, warmup_rounds=0)
+    inf, step = got["inference"], got["baffle"]
+    ratio = step.peak_rss_bytes / inf.peak_rss_bytes
+    benchmark.extra_info.update(case.info(), runtime=runtime, dtype=dtype_of(runtime), batch=batch, K=base.k,
+                                stage="memory_ratio", inference_peak_rss_bytes=inf.peak_rss_bytes,
+                                baffle_peak_rss_bytes=step.peak_rss_bytes,
+                                inference_step_peak_bytes=inf.step_peak_bytes, baffle_step_peak_bytes=step.step_peak_bytes,
+                                peak_ratio=ratio, target=STEP_VS_INFERENCE, meets_target=bool(ratio <= STEP_VS_INFERENCE))
+    assert abs(step.result - inf.result) < 0.05  # the same model, weights and batch
+    assert ratio <= STEP_VS_INFERENCE, f"{runtime} BAFFLE step peaks at {ratio:.2f}x its inference step"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from baffle_edge import __version__
+from baffle_edge import __version__, targets
 from baffle_edge.perturb import NOISE_SPEC_VERSION
 from baffle_edge.quant import QuantTable
 
@@ -46,7 +46,8 @@ class ExportConfig:
     formats: tuple[str, ...] = ("onnx", "onnx-int8")
     calibration_samples: int = 256  # training samples used to calibrate int8 activation ranges
     calibration_method: str = "minmax"  # minmax | entropy | percentile (onnxruntime)
-    reduce_range: bool = True  # onnx-int8: 7-bit weights, safe on x86 without VNNI (onnx_export.quantize_int8)
+    target: str = "auto"  # CPU the int8 bundle is made for: arm64 | x86-vnni | x86-avx2 | auto (this machine's);
+    # decides the int8 weight range (7-bit only for x86-avx2), baffle_edge/targets.py
     seed: int = 0  # which calibration samples are drawn
     perturbations_per_call: int = 1  # > 1: also write model[.int8].p{P}.train.onnx (export/batched.py, issue 9)
 
@@ -58,6 +59,11 @@ class ExportConfig:
             raise ValueError(f"unknown format(s) {unknown or '(none)'}; known: {', '.join(FORMATS)}")
         if self.calibration_samples < 1:
             raise ValueError(f"calibration_samples must be >= 1, got {self.calibration_samples}")
+        targets.resolve(self.target)  # an unknown name fails here
+
+    @property
+    def target_spec(self) -> "targets.TargetSpec":
+        return targets.spec(self.target)
 
 
 def sha256(path: Path) -> str:
@@ -109,8 +115,9 @@ def export_bundle(model, model_cfg, data, out: str | Path, cfg: ExportConfig = E
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     started = time.perf_counter()
+    target = cfg.target_spec
     try:
-        meta = _base_meta(model_cfg, data, layout, cfg, source)
+        meta = _base_meta(model_cfg, data, layout, cfg, source, target)
         float_proto = ox.export_float(model, calib, tmp / "model.onnx")
         if "onnx" in formats:
             (tmp / "model.train.onnx").write_bytes(
@@ -122,24 +129,24 @@ def export_bundle(model, model_cfg, data, out: str | Path, cfg: ExportConfig = E
         if "onnx-int8" in formats:
             import onnx
             ox.quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx", calib, method=cfg.calibration_method,
-                             reduce_range=cfg.reduce_range)
+                             reduce_range=target.reduce_range)
             int8 = onnx.load(str(tmp / "model.int8.onnx"))
-            table = ox.quant_table(int8, layout, reduce_range=cfg.reduce_range)
+            table = ox.quant_table(int8, layout, reduce_range=target.reduce_range)
             (tmp / "model.int8.train.onnx").write_bytes(ox.int8_train_variant(int8, table).SerializeToString())
             meta["formats"]["onnx-int8"] = {
                 "files": {"inference": "model.int8.onnx", "train": "model.int8.train.onnx"}, "domain": "int8-step",
                 "perturbation": "each trainable tensor's integers are a graph input (table 'quantization', field "
                                 "'input'); feed q' per docs/quantized-perturbation.md",
-                "quantization": table.to_json(), "reduce_range": cfg.reduce_range}
+                "quantization": table.to_json(), "reduce_range": target.reduce_range}
         if cfg.perturbations_per_call > 1:
             _add_batched(tmp, meta, cfg.perturbations_per_call)
         if "ort" in formats:
             ort, config = ox.to_ort_format(tmp / "model.int8.onnx", tmp)
             files = {"inference": ort.name}
             if config is not None:
-                target = tmp / "model.int8.required_operators.config"
-                config.replace(target)
-                files["required_operators"] = target.name
+                ops = tmp / "model.int8.required_operators.config"
+                config.replace(ops)
+                files["required_operators"] = ops.name
             meta["formats"]["ort"] = {"files": files, "domain": "int8-step",
                                       "note": "ORT Mobile format of model.int8.onnx; build a minimal ORT with "
                                               "--include_ops_by_config model.int8.required_operators.config"}
@@ -179,7 +186,7 @@ def _add_batched(folder: Path, meta: dict, p: int) -> None:
         entry["perturbations_per_call"] = p
 
 
-def _base_meta(model_cfg, data, layout, cfg: ExportConfig, source: str) -> dict:
+def _base_meta(model_cfg, data, layout, cfg: ExportConfig, source: str, target: "targets.TargetSpec") -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "source": source,
@@ -192,14 +199,18 @@ def _base_meta(model_cfg, data, layout, cfg: ExportConfig, source: str) -> dict:
                   "normalisation": {"formula": "x = (raw / scale - mean[c]) / std[c]", "scale": data.scale,
                                     "mean": list(data.mean), "std": list(data.std)}},
         "output": {"name": "logits", "shape": ["batch", model_cfg.num_classes], "dtype": "float32",
-                   "loss": "mean softmax cross-entropy of the logits, computed in float64"},
+                   "loss": "mean softmax cross-entropy of the logits in float64, bit for bit as noise.md section 7 "
+                           "specifies (fdlibm exp/log, pairwise sums)"},
         "parameters": layout.to_json(),
         "noise": {"spec_version": NOISE_SPEC_VERSION, "spec": "noise.md", "int8_spec": "quantized-perturbation.md", "generator": "philox4x32-10",
                   "key": "(seed & 0xFFFFFFFF, seed >> 32)", "counter": "(block, step*K + k, client, round)",
                   "kinds": {"gaussian": "Box-Muller in float64 -> float32", "rademacher": "1 bit per value"}},
         "calibration": {"samples": cfg.calibration_samples, "method": cfg.calibration_method, "seed": cfg.seed,
-                        "reduce_range": cfg.reduce_range,
+                        "reduce_range": target.reduce_range,
                         "dataset": data.name},
+        "target": {"name": target.target.value, "requested": str(getattr(cfg.target, "value", cfg.target)),
+                   "int8_weight_range": list(target.weight_range), "accumulation": target.accumulation,
+                   "exported_on": targets.isa_summary()},
         "versions": _versions(),
         "formats": {},
     }

@@ -40,10 +40,12 @@ def load_model_for_export(a: argparse.Namespace):
 def cmd_export(a: argparse.Namespace) -> int:
     formats = tuple(f.strip() for f in a.formats.split(",") if f.strip())
     cfg = ExportConfig(formats=formats, calibration_samples=a.calibration_samples,
-                       calibration_method=a.calibration_method, seed=a.init_seed)
+                       calibration_method=a.calibration_method, seed=a.init_seed, target=a.target)
     model, mcfg, data, source = load_model_for_export(a)
     meta = export_bundle(model, mcfg, data, a.out, cfg, force=a.force, source=source)
-    print(f"bundle {a.out} ({source}), {meta['export_seconds']:.1f} s:")
+    t = meta["target"]
+    print(f"bundle {a.out} ({source}), target {t['name']} (int8 weights in {t['int8_weight_range']}), "
+          f"{meta['export_seconds']:.1f} s:")
     for name, f in meta["files"].items():
         print(f"  {name:42s} {f['bytes']:>10,d} bytes  sha256 {f['sha256'][:16]}")
     return 0
@@ -70,6 +72,15 @@ def add_parser(sub) -> None:
     p.add_argument("--calibration-samples", type=int, default=256, help="training samples to calibrate on (default: 256)")
     p.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="onnxruntime calibration method for activation ranges (default: minmax)")
+    from baffle_edge.targets import CHOICES, detect
+    try:
+        here = detect().value
+    except ValueError:
+        here = "unknown"
+    p.add_argument("--target", default="auto", choices=CHOICES,
+                   help="CPU the int8 bundle runs on; decides the int8 weight range: x86-avx2 (x86 without VNNI) "
+                        "gets 7-bit weights so ORT's saturating int16 sums stay exact, arm64 (Android) and x86-vnni "
+                        f"full 8-bit ones (default: auto = this machine, {here})")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)

@@ -5,7 +5,7 @@ Graph variants (file names in the bundle):
 - ``model.onnx``            float, weights as initializers (plain inference)
 - ``model.train.onnx``      float, each trainable tensor is a graph input named like the torch
                             parameter (fed ``w + sigma * eps``)
-- ``model.int8.onnx``       int8 QDQ (per-channel symmetric int8 weights, int32 biases, int8
+- ``model.int8.onnx``       int8 QDQ (per-channel symmetric int8 weights, int32 biases, uint8
                             activations), weights as initializers (plain inference)
 - ``model.int8.train.onnx`` the same int8 graph with each ``<param>_quantized`` integer
                             initializer turned into a graph input (fed perturbed integers); ORT
@@ -70,8 +70,14 @@ class _Reader:
 
 def quantize_int8(float_path: Path, int8_path: Path, calibration: np.ndarray, *, method: str = "minmax",
                   reduce_range: bool = True) -> None:
-    """Static QDQ quantization with onnxruntime: per-channel symmetric int8 weights, int8
-    activations calibrated on ``calibration``; the final logits are left in float (finer losses).
+    """Static QDQ quantization with onnxruntime: per-channel symmetric int8 weights, uint8
+    (asymmetric) activations calibrated on ``calibration``; the final logits are left in float
+    (finer losses).
+
+    uint8 activations (u8 x s8, the pair MLAS's x86 and ARM int8 kernels are built around): with
+    int8 activations ORT fused only 3 of WRN-10-2's 10 convolutions into QLinearConv and ran the
+    other 7 as DequantizeLinear -> float Conv -> QuantizeLinear (profile in docs/benchmarks.md);
+    with uint8 all 10 fuse, and Add/Mul become QLinearAdd/QLinearMul.
 
     ``reduce_range`` keeps weights in [-64, 64] (7 bits): ORT's x86 int8 kernels without VNNI
     (AVX2) multiply-add pairs into int16 with saturation, which costs accuracy with full-range
@@ -89,7 +95,7 @@ def quantize_int8(float_path: Path, int8_path: Path, calibration: np.ndarray, *,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_static(str(float_path), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QInt8, reduce_range=reduce_range,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, reduce_range=reduce_range,
                         calibrate_method=methods[method],
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
     proto = _float_output(onnx.load(str(int8_path)))

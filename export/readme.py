@@ -29,6 +29,12 @@ def bundle_readme(meta: dict) -> str:
     ]
     for fmt, info in meta["formats"].items():
         lines.append(f"| {fmt} | {', '.join('`%s`' % f for f in info['files'].values())} | {info['domain']} |")
+    target = meta.get("target")
+    if target:
+        lo, hi = target["int8_weight_range"]
+        lines += ["", f"Made for CPU target **{target['name']}** (int8 weights in [{lo}, {hi}]; "
+                      f"{target['accumulation']}). A client on another CPU warns; re-export with "
+                      "`baffle-edge export --target arm64|x86-vnni|x86-avx2`."]
     lines += [
         "",
         "## Input and output",

@@ -1,45 +1,57 @@
 """How many perturbations a session evaluates per runtime call (``--perturbations-per-call``).
 
-``resolve(p, runtime, model)`` turns the user's choice into an int: an int >= 1 is kept, ``"auto"``
-looks up ``AUTO`` (measured, docs/batched-k.md: LeNet 28x28 / WRN-10-2 32x32 / MLP, batch 32, K=100,
-this 2-core x86 machine), and anything else is a ValueError. The rule behind the table:
+``resolve(p, runtime)`` turns the user's choice into an int >= 1 or ``"auto"``; anything else is a
+ValueError. ``"auto"`` is *measured on the device* (docs/batched-k.md), not looked up: a session
+that can batch (torch, onnxruntime, onnxruntime-int8) calibrates when it sees its first batch:
 
-* the fastest P of the measured grid (1, 5, 10, 25), rounded down to the smaller P when two are
-  within ~10% (smaller P = less memory: activations grow linearly with P);
-* capped so that the client's peak RSS stays within 1.5x the plain-inference peak (``MEMORY_CAP``);
-* 1 for runtimes without a batched session (they ignore the option).
+* for each candidate P (``CANDIDATES``, increasing) it builds the P-sets call, runs it once
+  (warm-up: graph build, arena growth), then times ``REPEATS`` calls (more for sub-millisecond calls) and keeps the fastest
+  (the least disturbed by other processes) divided by P: seconds per perturbation;
+* memory cap: before a candidate runs, its resident memory is predicted from the growth measured
+  so far (linear in P: activations and weight copies); a candidate predicted, or measured, above
+  ``MEMORY_CAP`` x the RSS after the P = 1 call is not used, and larger ones are not tried;
+* it stops early when a P is more than ``TOLERANCE`` slower per perturbation than the best so far
+  (batching stopped paying), or when ``BUDGET_S`` of calibration time is spent;
+* the choice: the smallest P whose time per perturbation is within ``TOLERANCE`` of the best
+  (smaller P = less memory), so P = 1 when batching does not pay.
+
+The result is cached per (model, runtime, threads, CPU, batch) in a small JSON file
+(``cache_path()``: ``$BAFFLE_EDGE_CACHE_DIR`` or the user cache dir, ``auto-p.json``), so later
+sessions of the same model on the same device skip the measurement. A session reports what it
+measured (or read from the cache) in ``session.calibration`` (``Calibration.to_json``): train runs
+write it to metrics.json, benchmarks to their extra_info.
 """
 from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 AUTO_KEY = "auto"
-
-# (runtime, model) -> P chosen by the measured rule; unknown models use the runtime's "*" entry.
-AUTO: dict[tuple[str, str], int] = {
-    ("torch", "lenet"): 10,  # 4.2x (P=25: 4.5x, but +58 MB more RSS)
-    ("torch", "mlp"): 25,  # tiny activations; call overhead dominates
-    ("torch", "wrn-10-2"): 5,  # 1.8x; P=10 (1.95x) breaks the 1.5x RSS cap
-    ("torch", "*"): 5,
-    ("onnxruntime", "lenet"): 5,  # 1.2-1.4x, noisy: ORT's fp32 grouped conv loops over groups
-    ("onnxruntime", "mlp"): 10,
-    ("onnxruntime", "wrn-10-2"): 1,
-    ("onnxruntime", "*"): 1,
-    ("onnxruntime-int8", "lenet"): 10,  # 1.7x, peak RSS 408 MB vs cap 412 MB
-    ("onnxruntime-int8", "mlp"): 10,
-    ("onnxruntime-int8", "wrn-10-2"): 1,  # no gain (0.9-0.96x): float convs around GroupNorm dominate
-    ("onnxruntime-int8", "*"): 1,
-}
 BATCHED_RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8")
+CANDIDATES = (1, 2, 5, 10, 25)  # P values tried, in order
+REPEATS = 3  # timed calls per candidate (after one warm-up call) ...
+MIN_TIME_S = 0.05  # ... and more, up to MAX_CALLS, until this much time was timed (sub-ms calls are noisy)
+MAX_CALLS = 50
+TOLERANCE = 0.10  # a P within 10% of the best time per perturbation counts as as fast
+MEMORY_CAP = 1.5  # resident memory at most 1.5x the RSS after the P = 1 call
+BUDGET_S = 10.0  # calibration stops trying larger P after this much time
+CACHE_ENV = "BAFFLE_EDGE_CACHE_DIR"
+CACHE_VERSION = 1
 
 
-def resolve(p: int | str, runtime: str, model: str = "*") -> int:
-    """P for ``runtime`` on ``model`` (a baffle_edge.models name) from an int or ``"auto"``."""
+def resolve(p: int | str, runtime: str = "", model: str = "*") -> int | str:
+    """An int >= 1, or ``"auto"`` for runtimes that batch (1 for the others: they ignore it)."""
     if isinstance(p, str):
         if p.strip().lower() == AUTO_KEY:
-            if runtime not in BATCHED_RUNTIMES:
-                return 1
-            return AUTO.get((runtime, model), AUTO[(runtime, "*")])
+            return AUTO_KEY if (runtime in BATCHED_RUNTIMES or not runtime) else 1
         try:
             p = int(p)
         except ValueError:
@@ -58,3 +70,181 @@ def model_name(model) -> str:
     """The baffle_edge.models name of a torch module (``*`` when it is not one of them)."""
     from baffle_edge.models import MLP, LeNet, WideResNet
     return {LeNet: "lenet", WideResNet: "wrn-10-2", MLP: "mlp"}.get(type(model), "*")
+
+
+# ----------------------------------------------------------------------------- measurement
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where unavailable: no cap applied)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@dataclass
+class Calibration:
+    p: int  # the chosen P
+    seconds_per_set: dict[int, float] = field(default_factory=dict)  # fastest timed call / P
+    rss_bytes: dict[int, int] = field(default_factory=dict)  # resident memory after the candidate's warm-up
+    cap_bytes: int = 0  # MEMORY_CAP x RSS after the P = 1 call (0: not measurable here)
+    over_cap: list[int] = field(default_factory=list)  # candidates predicted or measured above the cap
+    stopped: str = ""  # why larger candidates were not tried
+    seconds: float = 0.0  # calibration time
+    key: str = ""  # the cache key (model, runtime, threads, CPU, batch)
+    cached: bool = False  # read from the cache file instead of measured now
+
+    def to_json(self) -> dict:
+        return {"p": self.p, "seconds_per_set": {str(k): v for k, v in self.seconds_per_set.items()},
+                "rss_bytes": {str(k): v for k, v in self.rss_bytes.items()}, "cap_bytes": self.cap_bytes,
+                "over_cap": self.over_cap, "stopped": self.stopped, "seconds": self.seconds, "key": self.key,
+                "cached": self.cached}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Calibration":
+        return cls(check_p(d["p"]), {int(k): float(v) for k, v in d.get("seconds_per_set", {}).items()},
+                   {int(k): int(v) for k, v in d.get("rss_bytes", {}).items()}, int(d.get("cap_bytes", 0)),
+                   [int(v) for v in d.get("over_cap", [])], str(d.get("stopped", "")),
+                   float(d.get("seconds", 0.0)), str(d.get("key", "")), bool(d.get("cached", False)))
+
+
+def calibrate(run: Callable[[int], Callable[[], object]], *, candidates=CANDIDATES, repeats: int = REPEATS,
+              timer: Callable[[], float] = time.perf_counter, memory: Callable[[], int] = rss_bytes,
+              cap: float = MEMORY_CAP, budget_s: float = BUDGET_S, tolerance: float = TOLERANCE,
+              min_time_s: float = MIN_TIME_S) -> Calibration:
+    """Measure the candidates and choose P (the rule in the module docstring). ``run(p)`` prepares
+    the P-sets call and returns it; ``timer`` and ``memory`` are injectable (tests fake them)."""
+    candidates = sorted({check_p(p) for p in candidates} | {1})
+    out = Calibration(1)
+    start = timer()
+    base = memory()  # before any candidate ran
+    per_set_growth = 0.0
+    for p in candidates:
+        if out.cap_bytes and base + p * per_set_growth > out.cap_bytes:
+            out.over_cap.append(p)
+            out.stopped = f"P={p} predicted above the memory cap"
+            break
+        try:
+            call = run(p)
+        except ImportError as e:  # e.g. a device without `onnx` cannot build ORT's p{P} graph
+            out.stopped = f"P={p} unavailable here ({e})"
+            break
+        call()  # warm-up
+        rss = memory()
+        out.rss_bytes[p] = rss
+        if p == 1:
+            out.cap_bytes = int(cap * rss) if rss else 0
+        elif out.cap_bytes and rss > out.cap_bytes:
+            out.over_cap.append(p)
+            out.stopped = f"P={p} measured above the memory cap"
+            break
+        if rss:
+            per_set_growth = max(per_set_growth, (rss - base) / p)
+        times: list[float] = []
+        while len(times) < repeats or (sum(times) < min_time_s and len(times) < MAX_CALLS):
+            t0 = timer()
+            call()
+            times.append(timer() - t0)
+        out.seconds_per_set[p] = min(times) / p
+        best = min(out.seconds_per_set.values())
+        if out.seconds_per_set[p] > best * (1 + tolerance):
+            out.stopped = f"P={p} slower per perturbation than P={min(out.seconds_per_set, key=out.seconds_per_set.get)}"
+            break
+        if timer() - start > budget_s and p != candidates[-1]:
+            out.stopped = f"calibration budget ({budget_s:g} s) spent"
+            break
+    best = min(out.seconds_per_set.values())
+    out.p = min(p for p, s in out.seconds_per_set.items() if s <= best * (1 + tolerance))
+    out.seconds = timer() - start
+    return out
+
+
+# ----------------------------------------------------------------------------- cache
+def cache_path() -> Path:
+    """``$BAFFLE_EDGE_CACHE_DIR/auto-p.json``, else the user cache dir's ``baffle-edge/auto-p.json``."""
+    root = os.environ.get(CACHE_ENV)
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "baffle-edge")
+    return Path(root) / "auto-p.json"
+
+
+def cache_key(*, model: str, runtime: str, threads: int, batch: int) -> str:
+    from baffle_edge.targets import cpu_model
+    return f"model={model}|runtime={runtime}|threads={threads}|cpu={cpu_model()}|batch={batch}"
+
+
+_lock = threading.Lock()
+
+
+def _read_cache(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+            raise ValueError(f"version {data.get('version')!r}")
+        return data["entries"]
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:
+        warnings.warn(f"ignoring the auto-P cache {path} ({e}); it will be rewritten", RuntimeWarning, stacklevel=3)
+        return {}
+
+
+def cached_calibration(key: str, measure: Callable[[], Calibration]) -> Calibration:
+    """The cached calibration of ``key``, or ``measure()`` stored under it (one measurement at a
+    time in this process: concurrent sessions would disturb each other's timings)."""
+    path = cache_path()
+    with _lock:
+        entry = _read_cache(path).get(key)
+        if entry is not None:
+            try:
+                got = Calibration.from_json(entry)
+                got.cached, got.key = True, key
+                return got
+            except (KeyError, TypeError, ValueError):
+                pass  # a damaged entry is measured again
+        got = measure()
+        got.key = key
+        entries = _read_cache(path)
+        entries[key] = got.to_json()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only home is not an error: the choice is just not remembered
+            warnings.warn(f"cannot write the auto-P cache {path} ({e})", RuntimeWarning, stacklevel=3)
+        return got
+
+
+class AutoP:
+    """Session mixin: P as given, or ``"auto"`` resolved at the first batch (``prepare``).
+
+    A backend implements ``use_p(p)`` (sets ``perturbations_per_call`` and builds what P needs) and
+    calls ``_init_p`` in its constructor and ``_calibrate_once(x)`` at the start of ``prepare``;
+    ``_auto_key_model`` and ``_auto_threads`` name what the cache key needs."""
+
+    calibration: Calibration | None = None
+    _auto_pending = False
+
+    def _init_p(self, p: int | str) -> None:
+        p = resolve(p, self.name)
+        self._auto_pending = p == AUTO_KEY
+        self.use_p(1 if p == AUTO_KEY else p)
+
+    def use_p(self, p: int) -> None:
+        raise NotImplementedError
+
+    def _calibrate_once(self, x) -> None:
+        if not self._auto_pending:
+            return
+        self._auto_pending = False
+        sets = self.weight_set(0, None, None)
+
+        def run(p: int):
+            self.use_p(p)
+            return lambda: self.evaluate(x, [sets] * p)
+
+        key = cache_key(model=self._auto_key_model, runtime=self.name, threads=self._auto_threads, batch=len(x))
+        self.calibration = cached_calibration(key, lambda: calibrate(run, candidates=CANDIDATES, min_time_s=MIN_TIME_S))
+        self.use_p(self.calibration.p)

@@ -8,6 +8,7 @@ Execution providers are chosen by short name (``cpu``, ``xnnpack``, ``nnapi``, `
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ from baffle_edge.client import BaseSession, FloatWeights, StepWeights
 from baffle_edge.export.bundle import read_bundle
 from baffle_edge.perturb import BlockTable
 from baffle_edge.protocol import Domain
+from baffle_edge.targets import check_bundle
 
-from .batching import resolve
+from .batching import AutoP, resolve
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider", "nnapi": "NnapiExecutionProvider",
@@ -41,6 +43,11 @@ def make_session(path: Path, *, provider: str = "cpu", threads: int | None = Non
                          f"({ort.__version__}); available here: {', '.join(available_providers())}")
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # No memory pattern: with it ORT plans one block for all activations at the second run of a
+    # shape and allocates it *next to* the arena chunks the first run grew, so a BAFFLE step (K+1
+    # runs) peaked at ~2x the activations of one forward (WRN-10-2 int8, batch 128: +165 MB vs
+    # +86 MB; the arena alone reuses its chunks). Run time unchanged within noise (docs/benchmarks.md).
+    so.enable_mem_pattern = False
     so.enable_profiling = profile
     if profile:  # the trace goes to the temp folder, not the working directory
         import tempfile
@@ -52,14 +59,15 @@ def make_session(path: Path, *, provider: str = "cpu", threads: int | None = Non
     return ort.InferenceSession(str(path), so, providers=providers)
 
 
-class OrtSession(BaseSession):
+class OrtSession(AutoP, BaseSession):
     """A bundle's train graph in ONNX Runtime: every trainable tensor is a graph input, so one
     InferenceSession serves all perturbations. With ``P > 1`` the bundle's ``train_p{P}`` graph
     (export/batched.py: parameter inputs with a leading P axis, logits ``[P, batch, classes]``)
     evaluates P weight sets per call; it is built from the train graph at load time (needs
     ``onnx``) when the bundle has none. A remainder of r <= P/2 sets runs on the sequential graph
     (r small calls are cheaper than one padded P call); a larger one is padded with the first set
-    (padding discarded)."""
+    (padding discarded). ``perturbations_per_call="auto"`` measures P at the first batch
+    (runtimes/batching.py)."""
 
     fmt = ""
 
@@ -67,16 +75,30 @@ class OrtSession(BaseSession):
                  threads: int | None = None, profile: bool = False):
         self.bundle = read_bundle(bundle_dir)
         self.name = f"onnxruntime{'-int8' if self.domain is Domain.INT8_STEP else ''}"
-        self.perturbations_per_call = resolve(perturbations_per_call, self.name, self.bundle.meta["model"]["name"])
-        options = dict(provider=provider, threads=threads, profile=profile)
-        self._open(self.bundle.file(self.fmt, "train"), **options)
-        self.batched = (make_session(batched_graph_path(self.bundle, self.fmt, self.perturbations_per_call),
-                                     **options) if self.perturbations_per_call > 1 else None)
+        self._options = dict(provider=provider, threads=threads, profile=profile)
+        self._open(self.bundle.file(self.fmt, "train"), **self._options)
+        m = self.bundle.meta["model"]
+        self._auto_key_model = f"{m['name']}[{m['parameters']}]{m['image_size']}x{m['image_size']}"
+        self._auto_threads = threads or os.cpu_count() or 1
+        self._init_p(perturbations_per_call)
         self.input_name = self.bundle.meta["input"]["name"]
         self.output_name = self.bundle.meta["output"]["name"]
         self.dim = int(self.bundle.meta["model"]["parameters"])
         # block noise (float domain): the partition follows from the parameter table; rows run as full forwards
         self.blocks = BlockTable.from_layout(self.bundle.meta["parameters"])
+
+    def use_p(self, p: int) -> None:
+        """Evaluate ``p`` sets per call (the ``train_p{p}`` graph for p > 1)."""
+        if p != getattr(self, "_batched_p", None):
+            self.batched = None  # release the previous P's session first
+            if p > 1:
+                path = batched_graph_path(self.bundle, self.fmt, p)
+                self.batched = make_session(path, **self._options)
+                if self.bundle.path not in path.parents:  # built now: the session holds it, the file can go
+                    import shutil
+                    shutil.rmtree(path.parent, ignore_errors=True)
+            self._batched_p = p
+        self.perturbations_per_call = p
 
     def _open(self, path: Path, **options) -> None:
         """Load the verified train graph (the one hook an alternative executor overrides)."""
@@ -94,6 +116,7 @@ class OrtSession(BaseSession):
         self.bundle.check_batch(x)
         if not np.all(np.isfinite(x)):
             raise ValueError("input batch contains non-finite values")
+        self._calibrate_once(x)
         return x
 
     def evaluate(self, x: np.ndarray, sets) -> list[np.ndarray]:
@@ -131,10 +154,12 @@ class OrtInt8Session(StepWeights, OrtSession):
     select between q - m and q + m (``StepSelector``)."""
 
     fmt = "onnx-int8"
+    cpu_bound = True  # the integer kernels depend on the CPU: warn when the bundle's target is another one
 
     def __init__(self, bundle_dir, **kw):
         super().__init__(bundle_dir, **kw)
         self.table = self.bundle.quant_table(self.fmt)
+        self.target = check_bundle(self.bundle.meta, self.name) if self.cpu_bound else None
         self.set_weights(np.zeros(self.dim, np.float32))
 
     def _feeds(self, qs):

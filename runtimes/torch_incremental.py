@@ -1,4 +1,4 @@
-"""The exact incremental forward of block noise (docs/noise.md section 7) for torch LeNet.
+"""The exact incremental forward of block noise (docs/noise.md section 8; the forward: section 9) for torch LeNet.
 
 A block-noise perturbation moves one output channel of one layer: a conv filter and its bias, or
 one row of the head. Until the next layer that mixes channels, only that channel's activations

@@ -102,6 +102,8 @@ class QdqInterpreter:
 class TorchInt8Session(OrtInt8Session):
     """Same feeds and perturbations as the ORT int8 session; forward = QdqInterpreter."""
 
+    cpu_bound = False  # float32 fake quantization: exact for any target's range on any CPU
+
     def __init__(self, bundle_dir, **kw):
         super().__init__(bundle_dir, **kw)
         self.name = "torch-int8"

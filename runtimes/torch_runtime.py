@@ -32,7 +32,7 @@ from baffle_edge.models import MLP, LeNet, WideResNet, _WideBlock
 from baffle_edge.params import flat_params, layout_of, trainable
 from baffle_edge.perturb import BlockTable
 
-from .batching import model_name, resolve
+from .batching import AutoP, model_name, resolve
 
 _ELEMENTWISE = (nn.Hardswish, nn.ReLU, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.SELU,
                 nn.Hardsigmoid, nn.Sigmoid, nn.Tanh)
@@ -133,19 +133,25 @@ class BatchedForward:
         return _X(a.t + b.t, a.stacked or b.stacked)
 
 
-class TorchSession(FloatWeights, BaseSession):
-    """A torch module as a ``client.Session`` (float domain)."""
+class TorchSession(AutoP, FloatWeights, BaseSession):
+    """A torch module as a ``client.Session`` (float domain). ``perturbations_per_call="auto"``
+    measures P at the first batch (runtimes/batching.py)."""
 
-    def __init__(self, model: nn.Module, *, perturbations_per_call: int = 1, name: str = "torch"):
+    def __init__(self, model: nn.Module, *, perturbations_per_call: int | str = 1, name: str = "torch"):
         self.model = model.eval()
         self.name = name
         self.params = trainable(model)
-        self.perturbations_per_call = resolve(perturbations_per_call, name, model_name(model))
-        self.forward = BatchedForward(self.model) if self.perturbations_per_call > 1 else None
+        self._auto_key_model = f"{model_name(model)}[{sum(p.numel() for p in self.params)}]"
+        self._auto_threads = torch.get_num_threads()
+        self._init_p(perturbations_per_call)
         self.blocks = BlockTable.from_layout(layout_of(model))
         from .torch_incremental import LeNetBlockForward, supports
         self.block_forward = LeNetBlockForward(self, model, self.blocks) if supports(model) else None
         self.set_weights(flat_params(model).numpy())
+
+    def use_p(self, p: int) -> None:
+        self.perturbations_per_call = p
+        self.forward = BatchedForward(self.model) if p > 1 else None
 
     @property
     def dim(self) -> int:
@@ -170,7 +176,9 @@ class TorchSession(FloatWeights, BaseSession):
         self._load(self.w0)
 
     def prepare(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        self._calibrate_once(x)
+        return x
 
     def evaluate(self, x: torch.Tensor, sets) -> list[np.ndarray]:
         with torch.no_grad():

@@ -32,3 +32,10 @@ def exact_grad(model, x, y) -> np.ndarray:
     g = flat_grad(model).numpy().astype(np.float64)
     model.zero_grad(set_to_none=True)
     return g
+
+
+@pytest.fixture(autouse=True)
+def _auto_p_cache(tmp_path_factory, monkeypatch):
+    """auto-P calibrations (runtimes/batching.py) go to a per-run temporary cache, never ~/.cache."""
+    from baffle_edge.runtimes.batching import CACHE_ENV
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "auto-p-cache"))

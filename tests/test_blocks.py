@@ -39,7 +39,7 @@ def test_lenet_partition(table):
     assert idx[0] == 416 + 54 * 400 and idx[399] == 416 + 55 * 400 - 1 and idx[400] == 416 + 25600 + 54
 
 
-# docs/noise.md section 7
+# docs/noise.md section 8
 VECTORS = [((0, 0, 0, 0), 0, "c09da367 40b988af 41d558fe 40ca9488", "40f78953"),
            ((42, 7, 3, 11), 70, "c1121d68 c108cc53 c1294f55 4001eb12", "4194ee6e"),
            ((2**63 + 1, 1, SHARED_CLIENT, 0), 20, "c0f20662 bfa7bd87 c0bc7527 c03ffcbc", "bfcd1d94")]

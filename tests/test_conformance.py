@@ -3,8 +3,9 @@
 The kit's noise vectors must be the published ones and its Python reports must be accepted by the
 server. When node and clients/js/node_modules are present (CI: `.ci/run` installs them before
 pytest) the JS client runs every kit round through `node clients/js/dist/src/cli.js conformance`
-and the server must accept each JS report and decode it to the same update as the Python client's
-(cosine >= 0.999999). Without node the JS test is skipped with the reason; under CI=true it fails.
+the JS losses must be the Python client's float64 bits (the loss is specified: docs/noise.md
+section 7), and the server must accept each JS report and decode it to the same update as the Python
+client's (cosine >= 0.999999). Without node the JS test is skipped with the reason; under CI=true it fails.
 """
 import dataclasses
 import json
@@ -57,6 +58,23 @@ def test_kit_rounds_are_accepted_by_the_server(kit):
     for r in index["rounds"]:
         update = decode(out, r, ClientReport.from_json(json.dumps(r["report"])))
         assert np.all(np.isfinite(update)) and np.any(update != 0), r["name"]
+
+
+def test_kit_loss_vectors_are_the_specified_loss(kit):
+    from baffle_edge import libm
+    from baffle_edge.client import cross_entropy
+    _, index = kit
+    assert index["tolerance"]["int8_losses_relative"] == 0
+    v = index["loss"]["libm"]
+    x = np.array([int(h, 16) for h in v["x"]], dtype=np.uint64).view(np.float64)
+    assert {0x8000000000000000, 0x1, 0x7FF0000000000000} <= {int(h, 16) for h in v["x"]}  # -0.0, subnormal, inf
+    assert [f"{b:016x}" for b in libm.exp(x).view(np.uint64)] == v["exp"]
+    assert [f"{b:016x}" for b in libm.log(x).view(np.uint64)] == v["log"]
+    for c in index["loss"]["cross_entropy"]:
+        z = np.array([int(h, 16) for h in c["logits"]], dtype=np.uint32).view(np.float32).reshape(c["shape"])
+        assert f"{np.float64(cross_entropy(z, np.array(c['labels']))).view(np.uint64):016x}" == c["loss"], c["what"]
+    # the saturated case: every logp is +0.0, their sum +0.0, the loss -(0/2) = -0.0
+    assert any(c["loss"] == "8000000000000000" for c in index["loss"]["cross_entropy"])
 
 
 def test_kit_writer_refuses_to_overwrite(kit):
@@ -117,9 +135,13 @@ def test_js_client_reports_decode_to_the_python_clients_updates(kit, tmp_path):
         js.check_against(task)
         py = ClientReport.from_json(json.dumps(r["report"]))
         assert js.runtime.endswith("-js") and py.runtime == "onnxruntime-python"
-        rel = 1e-15 if r["format"] == "onnx-int8" else 1e-6
-        assert np.allclose(js.losses, py.losses, rtol=rel, atol=0), r["name"]
-        assert np.allclose(js.base_losses, py.base_losses, rtol=rel, atol=0), r["name"]
+        # the same logits (same ORT kernels, this CPU) and the specified loss: the same float64 bits,
+        # int8 and fp32 alike (int8 must be identical on any machine, fp32 within 1e-6 across ISAs)
+        for what, a, b in (("losses", js.losses, py.losses), ("base losses", js.base_losses, py.base_losses)):
+            assert a.dtype == b.dtype == np.float64 and a.shape == b.shape, (r["name"], what)
+            differ = np.flatnonzero(a.view(np.int64) != b.view(np.int64))
+            assert differ.size == 0, f"{r['name']}: {differ.size} {what} differ from the Python client's, " \
+                                     f"first {a[differ[0]]!r} vs {b[differ[0]]!r}"
         c = cosine(decode(out, r, js), decode(out, r, py))
         assert c >= 0.999999, f"{r['name']}: cosine {c}"
 

@@ -109,7 +109,7 @@ def serve(cfg: TrainConfig, gw: GatewayConfig, out: str | Path, *, resume: bool 
 
     def training() -> None:
         try:
-            result["metrics"] = train(cfg, out, resume=resume, progress=progress, gather=board, setup=board.bind)
+            result["metrics"] = train(cfg, out, resume=resume, progress=progress, gather=board)
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread after uvicorn stops
             result["error"] = e
         finally:

@@ -52,7 +52,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--estimators", default="",
                    help="extra estimators judged on the reference runtime, comma-separated: block = block noise "
                         "with the incremental forward at the compute of K+1 full forwards (docs/noise.md "
-                        "section 7; run name torch+block). Also accepted in --runtimes as <runtime>+block")
+                        "section 8; run name torch+block). Also accepted in --runtimes as <runtime>+block")
     g.add_argument("--quick", action="store_true",
                    help=f"smoke-test preset (a few minutes on 2 cores): {QUICK['clients']} clients, "
                         f"K={QUICK['k']}, {QUICK['rounds']} rounds, a small sweep. Default: the full preset "

@@ -167,7 +167,7 @@ def write_report_md(report: dict, out: Path, figures: dict[str, str]) -> Path:
         lines += ["## Compute and what it buys", "",
                   "Per client round (one local step): model compute in full-forward equivalents and MACs "
                   "(conv and linear layers; block noise on torch counts the incremental rows, "
-                  "docs/noise.md section 8), the mean client cosine divided by it, the upload, and test "
+                  "docs/noise.md section 9), the mean client cosine divided by it, the upload, and test "
                   "accuracy along the rounds.", "", table, ""]
     if figures.get("accuracy"):
         lines += ["## Accuracy", "", f"![accuracy vs round]({figures['accuracy']})", ""]

@@ -9,8 +9,8 @@
  *     return ClientReport(losses, base losses, sample count, seconds)
  *
  * Float domain: feed w + float32(sigma) * eps in float32. int8-step domain: feed the integers of
- * docs/quantized-perturbation.md (StepSelector). Losses: mean softmax cross-entropy in float64
- * with numpy's summation order.
+ * docs/quantized-perturbation.md (StepSelector). Losses: mean softmax cross-entropy in float64,
+ * bit for bit as docs/noise.md section 7 specifies (fdlibm exp/log, numpy's pairwise order).
  */
 import type { InferenceSession, Tensor } from "onnxruntime-common";
 import type { Bundle, TrainFormat } from "./bundle.js";
@@ -54,8 +54,9 @@ export function modelVersion(weights: Float32Array): string {
 }
 
 /**
- * Mean softmax cross-entropy of row-major logits (n x classes), in float64 (client.cross_entropy),
- * with fdlibm's exp/log (libm.ts) so that every JS engine gives the same bits.
+ * Mean softmax cross-entropy of row-major logits (n x classes), in float64: the loss of
+ * docs/noise.md section 7 (first maximum, fdlibm's exp/log from libm.ts, pairwise sums), the same
+ * bits as the Python client's `client.cross_entropies` and in every JS engine.
  */
 export function crossEntropy(logits: Float32Array, labels: ArrayLike<number>, classes: number): number {
   const n = labels.length;

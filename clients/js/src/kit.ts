@@ -30,7 +30,7 @@ export interface Kit {
 /** Read a kit folder: its index (parsed keeping 64-bit seeds exact) and its verified bundle. */
 export async function readKit(dir: string): Promise<Kit> {
   const index = parseJson(await readFile(join(dir, "conformance.json"), "utf-8")) as Record<string, any>;
-  if (index.kit_version !== 1) throw new Error(`${dir}: conformance kit version ${String(index.kit_version)} is not supported (expected 1)`);
+  if (index.kit_version !== 2) throw new Error(`${dir}: conformance kit version ${String(index.kit_version)} is not supported (expected 2)`);
   const bundle = await readBundleDir(join(dir, String(index.bundle)));
   return { dir, index, rounds: index.rounds as KitRound[], bundle };
 }

@@ -93,7 +93,7 @@ after(async () => {
   if (server) await new Promise((ok) => server.close(ok));
 });
 
-test("headless chromium runs an int8 round on onnxruntime-web (WASM); losses equal the Node client's",
+test("headless chromium runs an int8 round on onnxruntime-web (WASM); losses equal the Node and Python clients'",
   { skip: haveBrowser ? false : `${CHROMIUM} not found (apt-get install -y chromium)`, timeout: 180_000 }, async () => {
     const page = await browser!.newPage();
     const logs: string[] = [];
@@ -113,6 +113,7 @@ test("headless chromium runs an int8 round on onnxruntime-web (WASM); losses equ
     const worst = Math.max(...got.map((v, i) => relDiff(v, want[i])));
     // WASM int8 kernels give the x86 logits bit for bit and the loss uses fdlibm's exp/log: identical
     assert.deepEqual(got, want, `browser vs Node: max relative loss difference ${worst}`);
+    assert.deepEqual(got, [...round.report.base_losses, ...round.report.losses], "browser vs the Python client (kit report)");
     console.log(`# browser int8 round (K=${String(round.task.k)}, WASM, 1 thread): median ${result.ms[2].toFixed(1)} ms of 5 ` +
       `(min ${result.ms[0].toFixed(1)}); ` +
       `Node ${(node.seconds * 1e3).toFixed(1)} ms; max relative loss difference ${worst.toExponential(2)}`);

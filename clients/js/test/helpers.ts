@@ -15,6 +15,19 @@ export function f32hex(v: number): string {
   return b.getUint32(0, true).toString(16).padStart(8, "0");
 }
 
+/** The float64 bit pattern of v, 16 hex digits (the kit's loss vectors). */
+export function f64hex(v: number): string {
+  const b = new DataView(new ArrayBuffer(8));
+  b.setFloat64(0, v);
+  return b.getBigUint64(0).toString(16).padStart(16, "0");
+}
+
+export function fromF64hex(h: string): number {
+  const b = new DataView(new ArrayBuffer(8));
+  b.setBigUint64(0, BigInt(`0x${h}`));
+  return b.getFloat64(0);
+}
+
 export function hexWords(a: Uint32Array): string[] {
   return Array.from(a, (w) => w.toString(16).padStart(8, "0"));
 }

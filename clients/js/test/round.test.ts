@@ -8,7 +8,7 @@ import { BundleError, crossEntropy, loadBundle, modelVersion, parseTask, reportT
   stringifyJson, type TrainFormat } from "../src/index.js";
 import { kitSessions, readKit, roundInputs, runKitRound, type Kit } from "../src/kit.js";
 import { directorySource } from "../src/node.js";
-import { f32hex, kitDir, relDiff } from "./helpers.js";
+import { f32hex, f64hex, kitDir, relDiff } from "./helpers.js";
 
 let kit: Kit;
 let sessions: Record<TrainFormat, RoundSession>;
@@ -40,18 +40,22 @@ test("base logits equal the Python client's bit for bit (fp32 and int8 graphs)",
   }
 });
 
-test("every kit round: int8 losses within 1e-15 relative, fp32 within 1e-6, reports the Python side accepts", async () => {
+test("every kit round: int8 losses identical to the Python client's (float64 bits), fp32 within tolerance, reports the Python side accepts", async () => {
   const tol = kit.index.tolerance;
+  assert.equal(tol.int8_losses_relative, 0);
   assert.ok(kit.rounds.length >= 7);
   for (const r of kit.rounds) {
     const report = await runKitRound(kit, r, sessions[r.format]);
     const want = r.report;
     assert.equal(report.losses.length, want.losses.length, r.name);
     assert.equal(report.base_losses.length, want.base_losses.length, r.name);
-    const limit = r.format === "onnx-int8" ? tol.int8_losses_relative : tol.fp32_losses_relative;
     const got = [...report.base_losses, ...report.losses], exp = [...want.base_losses, ...want.losses];
-    const worst = Math.max(...got.map((v, i) => relDiff(v, exp[i])));
-    assert.ok(worst <= limit, `${r.name}: max relative loss difference ${worst} > ${limit}`);
+    if (r.format === "onnx-int8") {
+      assert.deepEqual(got.map(f64hex), exp.map(f64hex), `${r.name}: int8 losses must be bit-identical`);
+    } else {
+      const worst = Math.max(...got.map((v, i) => relDiff(v, exp[i])));
+      assert.ok(worst <= tol.fp32_losses_relative, `${r.name}: max relative loss difference ${worst} > ${tol.fp32_losses_relative}`);
+    }
     assert.ok(new Set(report.losses.map((v) => v.toPrecision(12))).size > 2, `${r.name}: the perturbations change the loss`);
     for (const f of ["version", "round", "client", "num_samples", "model_version"] as const) assert.equal(report[f], want[f], `${r.name} ${f}`);
     const json = JSON.parse(reportToJson(report));
@@ -60,7 +64,14 @@ test("every kit round: int8 losses within 1e-15 relative, fp32 within 1e-6, repo
   }
 });
 
-test("cross-entropy uses float64 and numpy's summation order", () => {
+test("cross-entropy is the specified one: the kit's loss vectors bit for bit", () => {
+  const vectors = kit.index.loss.cross_entropy as { what: string; shape: number[]; logits: string[]; labels: number[]; loss: string }[];
+  assert.ok(vectors.length >= 4);
+  for (const v of vectors) {
+    const logits = new Float32Array(Uint32Array.from(v.logits, (h) => parseInt(h, 16)).buffer);
+    assert.equal(f64hex(crossEntropy(logits, v.labels, v.shape[1])), v.loss, v.what);
+  }
+  // and it is the mean softmax cross-entropy (Math.exp/log: within an ulp or so)
   const logits = Float32Array.from([1, 2, 3, 0, -1, 5, 0.5, 0.25, 0.125, 100]);
   const l = crossEntropy(logits, [2, 0], 5);
   const ref = (row: number[], y: number) => { const m = Math.max(...row); const s = row.reduce((a, v) => a + Math.exp(v - m), 0); return -((row[y] - m) - Math.log(s)); };

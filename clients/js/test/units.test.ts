@@ -4,7 +4,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { clipInf, exp, leaveOneOut, log, pairwiseSum, parseJson, rint, sha256Hex, stringifyJson, utf8 } from "../src/index.js";
-import { kitDir } from "./helpers.js";
+import { f64hex, fromF64hex, kitDir } from "./helpers.js";
 
 test("sha256Hex equals node:crypto on every padding length and a large input", () => {
   for (const n of [0, 1, 55, 56, 63, 64, 65, 119, 120, 1000, 1 << 20]) {
@@ -79,4 +79,16 @@ test("exp/log are fdlibm's, the same bits on every JS engine", () => {
     [1, 0, Infinity, Infinity, 0, 0, -Infinity, NaN, Infinity]);
   assert.ok(Number.isNaN(exp(NaN)) && Number.isNaN(log(NaN)));
   assert.equal(log(5e-324), -744.4400719213812);
+});
+
+test("exp/log reproduce the kit's fdlibm vectors bit for bit (edge cases, thresholds, branch boundaries)", () => {
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  const v = (parseJson(readFileSync(join(kitDir(), "conformance.json"), "utf-8")) as any).loss.libm as { x: string[]; exp: string[]; log: string[] };
+  assert.ok(v.x.length >= 30);
+  const x = v.x.map(fromF64hex);
+  const same = (a: number, h: string) => f64hex(a) === h || (Number.isNaN(a) && Number.isNaN(fromF64hex(h)));
+  x.forEach((xi, i) => {
+    assert.ok(same(exp(xi), v.exp[i]), `exp(${xi}) = ${f64hex(exp(xi))}, kit ${v.exp[i]}`);
+    assert.ok(same(log(xi), v.log[i]), `log(${xi}) = ${f64hex(log(xi))}, kit ${v.log[i]}`);
+  });
 });

@@ -1,0 +1,163 @@
+"""The CPU an int8 bundle is made for (``baffle-edge export --target``), decided once.
+
+What differs between targets is how the int8 kernels accumulate:
+
+* ``x86-avx2`` (x86 without VNNI): ONNX Runtime's int8 GEMM multiplies u8 x s8 pairs with
+  ``vpmaddubsw``, which adds two products into a *saturating* int16. Full-range weights overflow it
+  (measured on digits LeNet: 90.0% vs 93.9% float), so weights are exported with 7 bits
+  ([-64, 64], ``reduce_range``) and their +-1 perturbation steps stay inside that range too.
+* ``x86-vnni`` (AVX512-VNNI or AVX-VNNI; AMX-INT8 machines have it too): ``vpdpbusd`` accumulates
+  straight into int32, no saturation: full 8-bit weights ([-127, 127]).
+* ``arm64`` (Android phones, Apple silicon, Graviton): NEON ``smull``/``sdot`` accumulate into
+  int32: full 8-bit weights. Pick it for Android whatever machine exports the bundle.
+
+``detect()`` names this machine's target (``platform.machine()`` and the ``/proc/cpuinfo`` flags);
+``"auto"`` resolves to it. A bundle records its target in ``baffle.json``; ``check_bundle`` warns
+(``TargetMismatchWarning``) when a client runs an int8 bundle on a CPU of another target.
+Pure Python: a device client imports it without torch or onnx.
+"""
+from __future__ import annotations
+
+import enum
+import platform
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+AUTO = "auto"
+
+
+class Target(str, enum.Enum):
+    ARM64 = "arm64"
+    X86_VNNI = "x86-vnni"
+    X86_AVX2 = "x86-avx2"
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    target: Target
+    reduce_range: bool  # int8 weights in [-64, 64] (7 bits) instead of [-127, 127]
+    accumulation: str  # how the int8 kernels add products (why the range is what it is)
+    isa_flags: tuple[str, ...]  # /proc/cpuinfo flags (any of them) that identify the target on x86
+
+    @property
+    def weight_range(self) -> tuple[int, int]:
+        return (-64, 64) if self.reduce_range else (-127, 127)
+
+
+SPECS: dict[Target, TargetSpec] = {
+    Target.ARM64: TargetSpec(Target.ARM64, False, "NEON smull/sdot into int32 (no saturation)", ()),
+    Target.X86_VNNI: TargetSpec(Target.X86_VNNI, False, "VNNI vpdpbusd into int32 (no saturation)",
+                                ("avx512_vnni", "avx_vnni", "amx_int8")),
+    Target.X86_AVX2: TargetSpec(Target.X86_AVX2, True, "AVX2 vpmaddubsw into saturating int16 pairs", ("avx2",)),
+}
+CHOICES = (AUTO, *(t.value for t in Target))
+
+
+class TargetMismatchWarning(UserWarning):
+    """An int8 bundle runs on a CPU of another target than the one it was exported for."""
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU feature flags of the first processor in ``cpuinfo`` (empty when unreadable)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / arm64 spelling
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """This CPU's name and target, e.g. ``Intel(R) Xeon(R) Processor (x86-vnni)`` (auto-P's cache key)."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Hardware", "CPU part") and value.strip():
+                name = value.strip()
+                break
+    except OSError:
+        pass
+    try:
+        return f"{name} ({detect().value})"
+    except ValueError:
+        return name
+
+
+def detect(machine: str | None = None, flags: frozenset[str] | None = None) -> Target:
+    """This machine's target (or the one of ``machine`` / ``flags``, for tests)."""
+    machine = (machine if machine is not None else platform.machine()).lower()
+    if machine in ("arm64", "aarch64", "armv8", "armv8l", "arm64-v8a"):
+        return Target.ARM64
+    if machine in ("x86_64", "amd64", "x64", "i386", "i686", "x86"):
+        flags = cpu_flags() if flags is None else flags
+        return Target.X86_VNNI if flags & set(SPECS[Target.X86_VNNI].isa_flags) else Target.X86_AVX2
+    raise ValueError(f"no int8 export target for CPU architecture {machine!r}; pass --target "
+                     f"{' / '.join(t.value for t in Target)} explicitly")
+
+
+def resolve(target: str | Target) -> Target:
+    """A ``Target`` from its name or ``"auto"`` (this machine's)."""
+    if isinstance(target, Target):
+        return target
+    name = str(target).strip().lower()
+    if name == AUTO:
+        return detect()
+    try:
+        return Target(name)
+    except ValueError:
+        raise ValueError(f"unknown export target {target!r}; known: {', '.join(CHOICES)}") from None
+
+
+def spec(target: str | Target) -> TargetSpec:
+    return SPECS[resolve(target)]
+
+
+def isa_summary(flags: frozenset[str] | None = None) -> dict:
+    """What benchmarks record about this CPU: architecture, target, and the int8-relevant ISA flags."""
+    flags = cpu_flags() if flags is None else flags
+    keep = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+            "amx_bf16", "asimd", "asimddp", "i8mm")
+    try:
+        target = detect().value
+    except ValueError:
+        target = None
+    return {"machine": platform.machine(), "target": target, "isa": [f for f in keep if f in flags]}
+
+
+def bundle_target(meta: dict) -> Target | None:
+    """The target a bundle was exported for; bundles from before targets existed: x86-avx2 when
+    their int8 weights are 7-bit (the old default), else unknown (``None``)."""
+    name = (meta.get("target") or {}).get("name")
+    if name is not None:
+        return Target(name)
+    if (meta.get("calibration") or {}).get("reduce_range"):
+        return Target.X86_AVX2
+    return None
+
+
+def check_bundle(meta: dict, runtime: str, *, here: Target | None = None) -> Target | None:
+    """Warn (``TargetMismatchWarning``) when the int8 bundle ``meta`` was made for another target
+    than this CPU's. Returns the bundle's target."""
+    made_for = bundle_target(meta)
+    try:
+        here = detect() if here is None else here
+    except ValueError:
+        return made_for
+    if made_for is None or made_for is here:
+        return made_for
+    if SPECS[here].reduce_range and not SPECS[made_for].reduce_range:
+        cost = (f"its full-range int8 weights can saturate this CPU's int16 sums ({SPECS[here].accumulation}): "
+                "losses may be wrong")
+    elif SPECS[made_for].reduce_range and not SPECS[here].reduce_range:
+        cost = "its 7-bit weights cost accuracy this CPU does not need to give up"
+    else:
+        cost = "its kernels' numerics are the same, but the bundle was not validated here"
+    warnings.warn(f"{runtime}: bundle exported for target {made_for.value!r} runs on a {here.value!r} CPU; {cost}. "
+                  f"Re-export it with `baffle-edge export --target {here.value}` (or auto).",
+                  TargetMismatchWarning, stacklevel=3)
+    return made_for
