@@ -62,6 +62,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise", default=None, choices=_values(NoiseKind),
                    help="distribution of eps_k, see docs/noise.md (default: the runtime's: gaussian for float "
                         "runtimes, rademacher for int8 ones)")
+    g.add_argument("--forward-budget", type=float, default=_d(_T.forward_budget),
+                   help="block noise: choose K so that a client round costs this many full forwards in MACs, "
+                        "rows evaluated incrementally where the runtime can (e.g. 101 = the compute of an "
+                        "isotropic K = 100 round; docs/noise.md section 8). Default: use --k")
     g.add_argument("--noise-scope", default=_d(_T.noise_scope), choices=_values(NoiseScope),
                    help="one noise stream per client, or one per round shared by all (default: %(default)s)")
     g.add_argument("--int8-estimator", default=_d(_T.int8_estimator), choices=_values(StepEstimator),
@@ -135,7 +139,7 @@ def config_from_args(a: argparse.Namespace):
     ppc = getattr(a, "perturbations_per_call", AUTO_KEY)
     ppc = AUTO_KEY if str(ppc).strip().lower() == AUTO_KEY else resolve(ppc, a.runtime)  # ValueError if bad
     same = ("model", "dataset", "data_dir", "activation", "norm", "clients", "partition", "alpha", "batch_size",
-            "method", "strategy", "local_steps", "k", "sigma", "scheme", "noise", "noise_scope", "int8_estimator",
+            "method", "strategy", "local_steps", "k", "sigma", "scheme", "noise", "noise_scope", "forward_budget", "int8_estimator",
             "baseline", "seed", "eval_every", "checkpoint_every", "runtime", "provider", "target", "refresh_every", "workers",
             "quorum", "round_timeout", "aggregate", "trim", "byzantine")  # option = TrainConfig field (enums from strings)
     cfg = TrainConfig(**{n: getattr(a, n) for n in same}, perturbations_per_call=ppc,

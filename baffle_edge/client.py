@@ -58,6 +58,14 @@ class Session(Protocol):
     def losses(self, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray: ...
 
 
+class BlockForward(Protocol):
+    """A session capability (``session.block_forward``): the exact incremental forward of block-noise
+    rows from the cached activations of the unperturbed weights (runtimes/torch_incremental.py)."""
+
+    def cache(self, x: Any) -> np.ndarray: ...  # run the unperturbed forward, keep its activations; its logits
+    def logits(self, blocks: np.ndarray, values: list[np.ndarray]) -> np.ndarray: ...  # [n, B, classes]
+
+
 class BaseSession:
     """What every backend shares: the loss loop, plain logits, and the P of its calls. A backend
     adds a domain (``FloatWeights`` / ``StepWeights``), ``prepare`` and ``evaluate``."""
@@ -67,6 +75,8 @@ class BaseSession:
     domain = Domain.FLOAT
     table = None
     perturbations_per_call = 1
+    blocks: perturb.BlockTable | None = None  # block noise: the partition of the parameters (None: not supported)
+    block_forward: BlockForward | None = None  # block noise evaluated incrementally (None: full forwards)
 
     def losses(self, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
         try:
@@ -143,10 +153,15 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(cross_entropies(np.asarray(logits)[None], labels)[0])
 
 
-def step_noise(task: RoundTask, step: int, dim: int, *, signs: bool = False) -> Callable[[int], np.ndarray]:
+def step_noise(task: RoundTask, step: int, dim: int, *, signs: bool = False,
+               blocks: perturb.BlockTable | None = None) -> Callable[[int], np.ndarray]:
     """eps_k for local step ``step`` of ``task`` (counter word k' = step * K + k). ``signs``: the
-    Rademacher eps_k as a boolean mask, True where eps = -1 (quant.StepSelector's input)."""
+    Rademacher eps_k as a boolean mask, True where eps = -1 (quant.StepSelector's input). Block
+    noise needs the model's ``blocks`` and is returned dense here (``step_blocks`` keeps it sparse)."""
     c, base = task.noise_client, step * task.k
+    if task.noise is NoiseKind.BLOCK:
+        table = require_blocks(blocks, dim)
+        return lambda k: table.dense(*(v[0] for v in table.draw(task.seed, task.round, c, [base + k])))
     if signs:
         if task.noise is not NoiseKind.RADEMACHER:
             raise ValueError(f"sign masks need Rademacher noise, task has {task.noise.value!r}")
@@ -154,13 +169,26 @@ def step_noise(task: RoundTask, step: int, dim: int, *, signs: bool = False) -> 
     return lambda k: perturb.noise(task.seed, task.round, c, base + k, dim, task.noise)
 
 
+def require_blocks(blocks: perturb.BlockTable | None, dim: int) -> perturb.BlockTable:
+    if blocks is None:
+        raise ValueError("block noise needs the model's block table (perturb.BlockTable); this runtime has none")
+    if blocks.dim != dim:
+        raise ValueError(f"block table covers {blocks.dim} parameters, the model has {dim}")
+    return blocks
+
+
+def step_blocks(task: RoundTask, step: int, blocks: perturb.BlockTable) -> tuple[np.ndarray, list[np.ndarray]]:
+    """All K block perturbations of one local step, sparse: (block index per k, its values per k)."""
+    return blocks.draw(task.seed, task.round, task.noise_client, step * task.k + np.arange(task.k))
+
+
 def noise_stream(task: RoundTask, step: int, dim: int, *, prefetch: bool = True,
-                 signs: bool = False) -> Iterator[np.ndarray]:
+                 signs: bool = False, blocks: perturb.BlockTable | None = None) -> Iterator[np.ndarray]:
     """eps_0 .. eps_{K-1} of one step, in order (as ``step_noise``). With ``prefetch`` the next eps
     is generated in a helper thread while the caller runs the forward pass (numpy releases the GIL
     in the Philox and Box-Muller array ops), so noise generation overlaps inference on a multi-core
     device."""
-    noise = step_noise(task, step, dim, signs=signs)
+    noise = step_noise(task, step, dim, signs=signs, blocks=blocks)
     if not prefetch or task.k == 1:
         yield from (noise(k) for k in range(task.k))
         return
@@ -191,6 +219,8 @@ def step_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) 
     per ``session.evaluate`` call (the last call takes the remainder), so at most P + 1 sets and
     one prefetched eps are alive at once."""
     check_task(session, task)
+    if task.noise is NoiseKind.BLOCK and session.block_forward is not None:
+        return block_losses(session, batch, task, step)
     x = session.prepare(batch.x)
     p = session.perturbations_per_call
     signs = (1, -1) if task.central else (1,)
@@ -207,7 +237,8 @@ def step_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) 
         if len(logits) * logits[0].size >= LOSS_CHUNK_VALUES:
             losses()
 
-    for eps in noise_stream(task, step, session.dim, signs=session.domain is Domain.INT8_STEP):
+    for eps in noise_stream(task, step, session.dim, signs=session.domain is Domain.INT8_STEP,
+                            blocks=session.blocks):
         pending.extend(session.weight_set(s, eps, task) for s in signs)
         while len(pending) >= p:
             run(pending[:p])
@@ -224,6 +255,30 @@ def step_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) 
     return res
 
 
+def block_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
+    """``step_losses`` for block noise on a session with an incremental forward: the same rows, in the
+    same order, but each perturbed row is evaluated from the cached unperturbed activations. The
+    block's perturbed values are ``w0[block] + sign * (float32(sigma) * eps)`` (FloatWeights'
+    arithmetic); the backend gets the block index and those values."""
+    table = require_blocks(session.blocks, session.dim)
+    fwd = session.block_forward
+    base = fwd.cache(session.prepare(batch.x))
+    blocks, values = step_blocks(task, step, table)
+    sigma = np.float32(task.sigma)
+    # all rows at once: the drawn blocks' indices and values concatenated, split back into one view per row
+    idx = np.concatenate([table.index[table.bounds[b]:table.bounds[b + 1]] for b in blocks])
+    eps = np.concatenate(values)
+    cuts = np.cumsum([v.size for v in values])[:-1]
+    rows = []
+    for sign in ((1, -1) if task.central else (1,)):
+        sets = np.split(session.w0[idx] + np.float32(sign) * (sigma * eps), cuts)
+        rows.append(cross_entropies(fwd.logits(blocks, sets), batch.y))
+    out = np.concatenate(([] if task.central else [cross_entropy(base, batch.y)], *rows))
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"runtime {session.name!r} produced non-finite losses")
+    return out
+
+
 def split_step(task: RoundTask, out: np.ndarray) -> tuple[float | None, np.ndarray]:
     """Split a session's output for one step into (base loss, perturbed losses)."""
     if task.scheme is Scheme.FORWARD:
@@ -232,7 +287,8 @@ def split_step(task: RoundTask, out: np.ndarray) -> tuple[float | None, np.ndarr
 
 
 def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | None, dim: int,
-                  *, table=None, weights: np.ndarray | None = None) -> np.ndarray:
+                  *, table=None, weights: np.ndarray | None = None,
+                  blocks: perturb.BlockTable | None = None) -> np.ndarray:
     """The (clipped, ``task.clip``) gradient estimate of one local step, as client and server both
     compute it.
 
@@ -245,6 +301,9 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
     diffs = loss_differences(losses, base, task.scheme)
     if task.baseline is Baseline.LOO:
         diffs = leave_one_out(diffs)
+    if task.noise is NoiseKind.BLOCK:  # sparse: only the drawn blocks are regenerated and touched
+        drawn, values = step_blocks(task, step, require_blocks(blocks, dim))
+        return clip_inf(drawn_gradient(diffs, task.sigma, drawn, values, blocks), task.clip)
     noise = step_noise(task, step, dim)
     if task.domain is Domain.FLOAT:
         return clip_inf(stein_gradient(diffs, task.sigma, noise, dim), task.clip)
@@ -253,6 +312,13 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
     q = table.quantize(weights)
     eff = lambda k: table.effective_noise(q, noise(k), central=task.central)  # noqa: E731
     return clip_inf(stein_gradient(diffs, table.divisor(task.estimator), eff, dim), task.clip)
+
+
+def drawn_gradient(diffs: np.ndarray, sigma: float, drawn: np.ndarray, values: list[np.ndarray],
+                   blocks: perturb.BlockTable) -> np.ndarray:
+    """``stein_gradient`` for block noise: (1/K) sum_k diffs[k] eps_k / sigma over the drawn blocks."""
+    diffs = np.asarray(diffs, dtype=np.float64)
+    return blocks.accumulate(drawn, values, diffs / diffs.size) / sigma
 
 
 def local_step(task: RoundTask, w: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -276,7 +342,8 @@ def run_task(task: RoundTask, session: Session, batches: list[Batch], *, weights
             bases.append(base)
         losses.append(pert)
         if s + 1 < len(batches):
-            w = local_step(task, w, step_gradient(task, s, pert, base, w.size, table=session.table, weights=w))
+            w = local_step(task, w, step_gradient(task, s, pert, base, w.size, table=session.table, weights=w,
+                                                  blocks=session.blocks))
             session.set_weights(w)
     return ClientReport(round=task.round, client=task.client, losses=np.concatenate(losses),
                         base_losses=np.asarray(bases), num_samples=int(sum(len(b.y) for b in batches)),

@@ -68,6 +68,34 @@ LONG = [
     ("302,778 values (a WRN-10-2-sized vector)", 11, 4, 5, 6, 302_778, [0, 65_536, 131_072, 302_777]),
 ]
 
+# block noise (docs/noise.md section 8) on LeNet digits' parameter table: (name, shape, offset)
+LENET_PARAMS = [("features.0.weight", (16, 1, 5, 5), 0), ("features.0.bias", (16,), 400),
+                ("features.4.weight", (64, 16, 5, 5), 416), ("features.4.bias", (64,), 26016),
+                ("fc.weight", (10, 64), 26080), ("fc.bias", (10,), 26720)]
+# (what, seed, round, client, k')
+BLOCK = [("spec block vector 1", 0, 0, 0, 0), ("spec block vector 2", 42, 7, 3, 11),
+         ("spec block vector 3: seed >= 2**63, shared client word", 2**63 + 1, 1, perturb.SHARED_CLIENT, 0),
+         ("seed 2**64 - 1", 2**64 - 1, 2**32 - 1, 2**32 - 2, 2**32 - 1),
+         ("FedAvg k' = 2*6058 + 5", 1234, 6, 17, 12_121)] + [
+         (f"seed 5, k' = {k}", 5, 0, 4, k) for k in range(8)]
+
+
+def block_vectors() -> dict:
+    """Block-noise draws on LeNet digits: the drawn block, its flat indices and its values."""
+    table = perturb.BlockTable(LENET_PARAMS)
+    rows = []
+    for what, seed, rnd, client, k in BLOCK:
+        (b,), (v,) = table.draw(seed, rnd, client, [k])
+        w = perturb.words(seed, rnd, client, k, 2)
+        idx = table.index[table.bounds[b]:table.bounds[b + 1]]
+        rows.append({"what": what, "seed": seed, "round": rnd, "client": client, "k": k,
+                     "r": ((int(w[1]) << 32) | int(w[0])) % table.dim, "block": int(b),
+                     "module": table.modules[table.module[b]], "row": int(table.row[b]), "size": int(v.size),
+                     "first_index": int(idx[0]), "last_index": int(idx[-1]), "scale": _bits(table.scale[b:b + 1])[0],
+                     "values_head": _bits(v[:4]), "values_last": _bits(v[-1:])[0], "sha256_f32le": _sha(v)})
+    return {"parameters": [{"name": n, "shape": list(s), "offset": o} for n, s, o in LENET_PARAMS],
+            "modules": table.to_json(), "draws": rows}
+
 
 def _hex(words_: np.ndarray) -> list[str]:
     return [f"{int(w):08x}" for w in words_]
@@ -112,7 +140,7 @@ def noise_vectors() -> dict:
     u1_one = {**u, "d": u["index"] + 2, "pair_words": _hex(w[u["index"]:u["index"] + 2]),
               "gauss": _bits(v[u["index"]:]), "sha256_f32le": _sha(v)}
     return {"spec_version": perturb.NOISE_SPEC_VERSION, "philox_kat": kat, "short": short, "long": long,
-            "u1_one": u1_one}
+            "u1_one": u1_one, "block": block_vectors()}
 
 
 # ------------------------------------------------------------------------------------------- losses

@@ -14,6 +14,11 @@ Gaussian: words are consumed in pairs (a, b) by Box–Muller in float64,
     r = sqrt(-2 ln u1),  z[2i] = r cos(2 pi u2),  z[2i+1] = r sin(2 pi u2),
 then rounded to float32. Rademacher: bit j (LSB first) of word i gives value 32 i + j,
 0 -> +1, 1 -> -1 (32 values per word).
+
+Block (``BlockTable``, docs/noise.md section 8): words 0 and 1 pick one block b with probability
+d_b / d, r = (w[1] * 2**32 + w[0]) mod d, b = the block whose range [bounds[b], bounds[b+1]) holds r;
+the block's d_b values are Gaussian from block 1 of the same stream on (Box-Muller as above),
+times float32(sqrt(d / d_b)) in float32; every other entry of eps_k is 0.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ class NoiseKind(str, enum.Enum):
 
     GAUSSIAN = "gaussian"  # N(0, 1) via Box–Muller (the paper's choice)
     RADEMACHER = "rademacher"  # +-1 with probability 1/2 (32 values per Philox word)
+    BLOCK = "block"  # one output-channel block per perturbation (chosen ~ size, Gaussian, scaled sqrt(d/d_b))
 
 
 def philox4x32(counter: tuple, key: tuple[int, int], rounds: int = PHILOX_ROUNDS) -> np.ndarray:
@@ -82,10 +88,19 @@ def words(seed: int, round_: int, client: int, k: int, n_words: int, first_block
     nb = -(-n_words // 4)
     if not 0 <= first_block <= 2**32 - nb:
         raise ValueError(f"blocks [{first_block}, {first_block + nb}) outside the 2**32-block stream")
-    # round 1: only the block word varies, the other three are scalars
-    p0 = PHILOX_M0 * np.arange(first_block, first_block + nb, dtype=np.uint64)
+    ctr = np.arange(first_block, first_block + nb, dtype=np.uint64)
+    return _philox_blocks(ctr, np.uint64(c1), c2, c3, k0, k1).reshape(-1)[:n_words]
+
+
+def _philox_blocks(c0: np.ndarray, c1, c2: int, c3: int, k0: int, k1: int) -> np.ndarray:
+    """Philox4x32-10 of counters (c0[i], c1[i] or c1, c2, c3) as [n, 4] uint32, in place (uint64
+    arithmetic); ``c1`` is a scalar or an array like ``c0``."""
+    nb = c0.size
+    # round 1: c2 and c3 are scalars
+    p0 = PHILOX_M0 * c0
     p1 = int(PHILOX_M1) * c2
-    x0 = np.full(nb, np.uint64(((p1 >> 32) ^ c1 ^ k0) & 0xFFFFFFFF))
+    x0 = (np.uint64(p1 >> 32) ^ np.asarray(c1, dtype=np.uint64) ^ np.uint64(k0)) & _MASK32
+    x0 = np.array(np.broadcast_to(x0, (nb,)), dtype=np.uint64)
     x1 = np.full(nb, np.uint64(p1 & 0xFFFFFFFF))
     x2 = (p0 >> _SHIFT32) ^ np.uint64(c3 ^ k1)
     x3 = p0 & _MASK32
@@ -104,7 +119,7 @@ def words(seed: int, round_: int, client: int, k: int, n_words: int, first_block
         np.bitwise_and(t0, _MASK32, out=x3)
     out = np.empty((nb, 4), np.uint32)
     out[:, 0], out[:, 1], out[:, 2], out[:, 3] = x0, x1, x2, x3
-    return out.reshape(-1)[:n_words]
+    return out
 
 
 def box_muller(w: np.ndarray) -> np.ndarray:
@@ -147,6 +162,8 @@ def noise(
     kind = NoiseKind(kind)
     if d < 0:
         raise ValueError(f"d must be >= 0, got {d}")
+    if kind is NoiseKind.BLOCK:
+        raise ValueError("block noise is drawn on the model's block partition: use BlockTable.draw")
     if kind is NoiseKind.GAUSSIAN:
         if d <= GAUSSIAN_CHUNK:
             return box_muller(words(seed, round_, client, k, d + (d & 1)))[:d]
@@ -158,3 +175,98 @@ def noise(
             z[start:start + n] = box_muller(words(seed, round_, client, k, n + (n & 1), start // 4))[:n]
         return z
     return rademacher_bits(words(seed, round_, client, k, -(-d // 32)), d)
+
+
+class BlockTable:
+    """The partition of the flat parameter vector into perturbation blocks (docs/noise.md section 8).
+
+    A *module* is a parameter name up to its last dot (``features.4`` for ``features.4.weight`` and
+    ``features.4.bias``); all of a module's tensors share their first (output) dimension C. Block
+    (module, c) is row c of each of the module's tensors, concatenated in parameter order: a conv
+    filter and its bias, a row of a linear layer and its bias. Blocks are ordered by module (parameter
+    order), then by c. ``index[bounds[b]:bounds[b+1]]`` are block b's flat parameter indices, so
+    ``bounds`` are also the cumulative block sizes that ``draw`` samples from."""
+
+    def __init__(self, params: list[tuple[str, tuple[int, ...], int]]):
+        modules: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}
+        for name, shape, offset in params:
+            modules.setdefault(name.rsplit(".", 1)[0], []).append((name, tuple(shape), int(offset)))
+        index, bounds, module_of, row_of, names = [], [0], [], [], []
+        for m, (mod, tensors) in enumerate(modules.items()):
+            rows = {shape[0] if shape else 1 for _, shape, _ in tensors}
+            if len(rows) != 1:
+                raise ValueError(f"block noise: the tensors of module {mod!r} disagree on their output dimension "
+                                 f"{sorted(rows)}")
+            names.append(mod)
+            for c in range(rows.pop()):
+                idx = [off + c * int(np.prod(shape[1:], dtype=np.int64)) + np.arange(int(np.prod(shape[1:], dtype=np.int64)))
+                       if shape else np.array([off]) for _, shape, off in tensors]
+                index.append(np.concatenate(idx))
+                bounds.append(bounds[-1] + index[-1].size)
+                module_of.append(m)
+                row_of.append(c)
+        self.modules = tuple(names)
+        self.index = np.concatenate(index).astype(np.int64)
+        self.bounds = np.asarray(bounds, dtype=np.int64)
+        self.module = np.asarray(module_of, dtype=np.int64)  # block -> module number
+        self.row = np.asarray(row_of, dtype=np.int64)  # block -> output row c in its module
+        self.sizes = np.diff(self.bounds)
+        self.dim = int(self.bounds[-1])
+        if np.unique(self.index).size != self.dim:
+            raise ValueError("block noise: parameter tensors overlap")
+        self.scale = np.sqrt(self.dim / self.sizes).astype(np.float32)  # float32(sqrt(d / d_b)), in double first
+
+    @classmethod
+    def from_layout(cls, layout) -> "BlockTable":
+        """From a ``params.ParamLayout`` (or baffle.json's parameter list: name, shape, offset)."""
+        specs = layout.specs if hasattr(layout, "specs") else layout
+        return cls([(s["name"], s["shape"], s["offset"]) if isinstance(s, dict) else (s.name, s.shape, s.offset)
+                    for s in specs])
+
+    def to_json(self) -> list[dict]:
+        """One entry per module, in block order: what a device needs besides the parameter table."""
+        return [{"module": m, "blocks": int((self.module == i).sum()),
+                 "block_size": int(self.sizes[self.module == i][0])} for i, m in enumerate(self.modules)]
+
+    DRAW_CHUNK = 128  # perturbations per vectorised Philox + Box-Muller pass
+
+    def draw(self, seed: int, round_: int, client: int, ks: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The blocks and scaled Gaussian values of perturbations ``ks`` (counter words k'): block
+        index per k and a float32 array of d_b values per k (vectorised over k)."""
+        ks = np.asarray(ks, dtype=np.int64).reshape(-1)
+        for name, v in (("seed", seed), ("round", round_), ("client", client)):
+            _check_word(name, v, 64 if name == "seed" else 32)
+        if ks.size and (ks.min() < 0 or ks.max() >= 2**32):
+            raise ValueError("k must be in [0, 2**32)")
+        if ks.size > self.DRAW_CHUNK:  # chunks keep the temporaries in cache (~3x faster than one pass)
+            parts = [self.draw(seed, round_, client, ks[i:i + self.DRAW_CHUNK])
+                     for i in range(0, ks.size, self.DRAW_CHUNK)]
+            return np.concatenate([p[0] for p in parts]), [v for p in parts for v in p[1]]
+        k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+        head = _philox_blocks(np.zeros(ks.size, np.uint64), ks.astype(np.uint64), client, round_, k0, k1)
+        r = ((head[:, 1].astype(np.uint64) << np.uint64(32)) | head[:, 0].astype(np.uint64)) % np.uint64(self.dim)
+        blocks = np.searchsorted(self.bounds, r.astype(np.int64), side="right") - 1
+        n = self.sizes[blocks]
+        nw = n + (n & 1)  # words per k: an even count, so Box-Muller pairs never straddle two k
+        nb = -(-nw // 4)
+        ctr = np.arange(nb.sum()) - np.repeat(np.cumsum(nb) - nb, nb) + 1  # Philox block 1, 2, ... per k
+        w = _philox_blocks(ctr.astype(np.uint64), np.repeat(ks, nb).astype(np.uint64), client, round_, k0, k1)
+        keep = (np.arange(4)[None, :] + 4 * (ctr - 1)[:, None]) < np.repeat(nw, nb)[:, None]
+        z = box_muller(w[keep])
+        starts = np.cumsum(nw) - nw
+        vals = [z[s:s + m] * self.scale[b] for s, m, b in zip(starts, n, blocks)]
+        return blocks, vals
+
+    def dense(self, block: int, values: np.ndarray) -> np.ndarray:
+        """eps_k as a flat float32 vector (zero outside the block)."""
+        eps = np.zeros(self.dim, dtype=np.float32)
+        eps[self.index[self.bounds[block]:self.bounds[block + 1]]] = values
+        return eps
+
+    def accumulate(self, blocks: np.ndarray, values: list[np.ndarray], coef: np.ndarray) -> np.ndarray:
+        """sum_k coef[k] * eps_k as a float64 vector, sparse: only the drawn blocks are touched."""
+        if len(blocks) == 0:
+            return np.zeros(self.dim)
+        idx = np.concatenate([self.index[self.bounds[b]:self.bounds[b + 1]] for b in blocks])
+        w = np.concatenate([v.astype(np.float64) * c for v, c in zip(values, coef)])
+        return np.bincount(idx, weights=w, minlength=self.dim)

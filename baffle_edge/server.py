@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .client import local_step, step_gradient
-from .params import flat_params, set_flat_params, trainable
+from .params import flat_params, layout_of, set_flat_params, trainable
+from .perturb import BlockTable
 from .protocol import ClientReport, RoundTask, wire_bytes
 
 
@@ -262,6 +263,7 @@ class Server:
             self.optimizer, milestones=list(config.milestones), gamma=config.gamma)
         self.ema = EMA(self.flat(), config.ema_decay) if config.ema_decay else None
         self.quant_table = None  # the current int8 bundle's quant.QuantTable (int8-step runtimes)
+        self.blocks = BlockTable.from_layout(layout_of(model))  # block noise: the partition eps_k is drawn on
 
     def flat(self) -> torch.Tensor:
         return flat_params(self.model)
@@ -313,7 +315,7 @@ class Server:
         def gradient_at(s: int, w: np.ndarray) -> np.ndarray:
             base = float(report.base_losses[s]) if report.base_losses.size else None
             return step_gradient(task, s, report.losses[s * per:(s + 1) * per], base, w.size,
-                                 table=self.quant_table, weights=w)
+                                 table=self.quant_table, weights=w, blocks=self.blocks)
         return gradient_at
 
     @staticmethod

@@ -62,6 +62,8 @@ class TrainConfig:
     scheme: Scheme = Scheme.FORWARD
     noise: NoiseKind | None = None  # None: the runtime's default (float: gaussian; int8-step: rademacher)
     noise_scope: NoiseScope = NoiseScope.CLIENT
+    forward_budget: float | None = None  # block noise: K chosen so a client round costs this many full forwards
+    # (MACs: runtimes/torch_incremental.equal_compute_k, e.g. 101 = an isotropic K = 100 round); None: use k
     int8_estimator: StepEstimator = StepEstimator.RMS  # int8-step runtimes: how steps decode (protocol.py)
     baseline: Baseline | None = None  # None: the runtime's (float: base loss; int8-step: leave-one-out)
     rounds: int = 150  # total rounds (an epoch = ceil(N_train / (clients * batch)) rounds)
@@ -184,6 +186,15 @@ class Federation:
         except ValueError as e:
             raise ValueError(f"runtime {self.cfg.runtime!r}: {e} (use --noise rademacher, the default for int8 "
                              "runtimes)") from None
+        self.k = self.cfg.k
+        if self.cfg.forward_budget is not None:
+            if self.noise is not NoiseKind.BLOCK:
+                raise ValueError("forward_budget (--forward-budget) sets K for block noise only (--noise block)")
+            from baffle_edge.runtimes.torch_incremental import equal_compute_k
+            if not self.cfg.forward_budget >= 2:
+                raise ValueError(f"forward_budget must be >= 2 full forwards, got {self.cfg.forward_budget}")
+            self.k = equal_compute_k(self.model, self.model_cfg.image_size, self.cfg.forward_budget,
+                                     self.model_cfg.in_channels)
         self.baseline = Baseline(self.cfg.baseline) if self.cfg.baseline is not None else defaults.baseline
         if self.baseline is Baseline.LOO and self.cfg.k < 2 and self.cfg.method is Method.BAFFLE:
             raise ValueError("the leave-one-out baseline (the default for int8 runtimes) needs --k >= 2; "
@@ -238,7 +249,7 @@ class Federation:
 
     def task(self, round_: int, client: int) -> RoundTask:
         c = self.cfg
-        return self.server.make_task(round_, client, seed=c.seed, k=c.k, sigma=c.sigma, scheme=c.scheme,
+        return self.server.make_task(round_, client, seed=c.seed, k=self.k, sigma=c.sigma, scheme=c.scheme,
                                      noise=self.noise, noise_scope=c.noise_scope, domain=self.domain,
                                      estimator=c.int8_estimator, baseline=self.baseline)
 
@@ -372,6 +383,24 @@ class Federation:
             absent=[t.client for t in tasks if t.client not in heard], skipped=not quorum_met, applied=applied,
             bytes_up=sum(u.bytes_up for u in updates), bytes_down=sum(self.bytes_down(t) for t in tasks),
             seconds=time.perf_counter() - start)
+
+    def client_compute(self) -> dict:
+        """Model compute of one client round (per local step), counted in MACs of conv and linear
+        layers: full forwards, or for block noise on the torch runtime the incremental rows
+        (runtimes/torch_incremental.py). Backprop: one forward + a backward (about 2 forwards)."""
+        from baffle_edge.runtimes.torch_incremental import block_macs
+        mc = self.model_cfg
+        full, per_block = block_macs(self.model, mc.image_size, mc.in_channels)
+        if self.cfg.method is Method.BP:
+            fe = 3.0
+        else:
+            rows = self.k * (2 if Scheme(self.cfg.scheme) is Scheme.CENTRAL else 1)
+            if self.noise is NoiseKind.BLOCK and self.cfg.runtime == "torch":
+                sizes = self.server.blocks.sizes
+                fe = 1.0 + rows * float((per_block * sizes).sum() / sizes.sum()) / full
+            else:
+                fe = float(rows + (0 if Scheme(self.cfg.scheme) is Scheme.CENTRAL else 1))
+        return {"forward_equivalents": fe, "macs": fe * full * self.cfg.batch_size, "full_forward_macs": full}
 
     def bytes_down(self, task: RoundTask) -> int:
         """What the server sends a client: the float32 weights, and BAFFLE's task message."""

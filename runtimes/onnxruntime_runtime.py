@@ -15,6 +15,7 @@ import numpy as np
 
 from baffle_edge.client import BaseSession, FloatWeights, StepWeights
 from baffle_edge.export.bundle import read_bundle
+from baffle_edge.perturb import BlockTable
 from baffle_edge.protocol import Domain
 from baffle_edge.targets import check_bundle
 
@@ -83,6 +84,8 @@ class OrtSession(AutoP, BaseSession):
         self.input_name = self.bundle.meta["input"]["name"]
         self.output_name = self.bundle.meta["output"]["name"]
         self.dim = int(self.bundle.meta["model"]["parameters"])
+        # block noise (float domain): the partition follows from the parameter table; rows run as full forwards
+        self.blocks = BlockTable.from_layout(self.bundle.meta["parameters"])
 
     def use_p(self, p: int) -> None:
         """Evaluate ``p`` sets per call (the ``train_p{p}`` graph for p > 1)."""

@@ -30,6 +30,7 @@ from torch import nn
 from baffle_edge.client import BaseSession, FloatWeights
 from baffle_edge.models import MLP, LeNet, WideResNet, _WideBlock
 from baffle_edge.params import flat_params, layout_of, trainable
+from baffle_edge.perturb import BlockTable
 
 from .batching import AutoP, model_name, resolve
 
@@ -143,6 +144,9 @@ class TorchSession(AutoP, FloatWeights, BaseSession):
         self._auto_key_model = f"{model_name(model)}[{sum(p.numel() for p in self.params)}]"
         self._auto_threads = torch.get_num_threads()
         self._init_p(perturbations_per_call)
+        self.blocks = BlockTable.from_layout(layout_of(model))
+        from .torch_incremental import LeNetBlockForward, supports
+        self.block_forward = LeNetBlockForward(self, model, self.blocks) if supports(model) else None
         self.set_weights(flat_params(model).numpy())
 
     def use_p(self, p: int) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from ..estimator import expected_cosine
 from ..simulate import Federation, Method, TrainConfig
-from .config import BASELINE, FORMAT, REFERENCE, VerifyConfig
+from .config import BASELINE, FORMAT, REFERENCE, VerifyConfig, run_parts
 from .judge import _num, _pct, judge
 from .report import _label, plot_accuracy, plot_cosine, plot_sweep, write_report_md
 from .runs import _load_data, compare_batches, data_hash, run_one, runtime_status, sweep_runtime
@@ -43,11 +43,17 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
         """One run's settings: the reference keeps its own; judged runtimes get the user's options."""
         if name == BASELINE:
             return dataclasses.replace(base, method=Method.BP)
-        return base if name == REFERENCE else dataclasses.replace(base, runtime=name, baseline=vc.train.baseline)
+        if name == REFERENCE:
+            return base
+        runtime, estimator = run_parts(name)
+        cfg = dataclasses.replace(base, runtime=runtime, baseline=vc.train.baseline)
+        if estimator == "block":  # the compute of the reference's K+1 full forwards, spent on block noise
+            cfg = dataclasses.replace(cfg, noise="block", forward_budget=float(base.k + 1), baseline=None)
+        return cfg
     judged = [REFERENCE] + [n for n in vc.runtimes if n != REFERENCE]
     unavailable = {}
     for name in judged:
-        reason = runtime_status(name)  # ValueError for an unknown name: a usage error
+        reason = runtime_status(run_parts(name)[0])  # ValueError for an unknown name: a usage error
         if reason is not None:
             unavailable[name] = reason
     sw = vc.sweep

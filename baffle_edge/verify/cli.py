@@ -11,7 +11,7 @@ from ..protocol import Baseline, StepEstimator
 from ..server import OptimConfig
 from ..simulate import Method, TrainConfig
 from .check import verify
-from .config import CIFAR, FULL, QUICK, REFERENCE, Sweep, Thresholds, VerifyConfig
+from .config import CIFAR, FULL, QUICK, REFERENCE, Sweep, Thresholds, VerifyConfig, run_parts
 from .report import summary_table
 from .runs import default_runtimes
 
@@ -49,6 +49,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated runtimes to judge against fp32 BAFFLE (torch always runs as the "
                         "reference). Default: torch + registered, importable int8 runtimes. A runtime named "
                         "here that is unavailable fails the check; an unavailable default one does not")
+    g.add_argument("--estimators", default="",
+                   help="extra estimators judged on the reference runtime, comma-separated: block = block noise "
+                        "with the incremental forward at the compute of K+1 full forwards (docs/noise.md "
+                        "section 8; run name torch+block). Also accepted in --runtimes as <runtime>+block")
     g.add_argument("--quick", action="store_true",
                    help=f"smoke-test preset (a few minutes on 2 cores): {QUICK['clients']} clients, "
                         f"K={QUICK['k']}, {QUICK['rounds']} rounds, a small sweep. Default: the full preset "
@@ -152,6 +156,10 @@ def config_from_args(a: argparse.Namespace) -> VerifyConfig:
         explicit = True
     else:
         runtimes, explicit = default_runtimes(), False
+    extra = tuple(f"{REFERENCE}+{e.strip()}" for e in a.estimators.split(",") if e.strip())
+    for name in runtimes + extra:
+        run_parts(name)  # an unknown estimator is a usage error
+    runtimes = tuple(dict.fromkeys(runtimes + extra))
     th = Thresholds(acc_margin=a.acc_margin, cos_fraction=a.cos_fraction, ref_cos_fraction=a.ref_cos_fraction,
                     max_rejected=a.max_rejected)
     return VerifyConfig(train=train, runtimes=runtimes, explicit=explicit, thresholds=th, sweep=sweep,

@@ -17,6 +17,18 @@ BASELINE = "bp"  # name of the backprop run
 FORMAT = 1
 
 
+ESTIMATORS = ("block",)  # extra estimators a run name may carry: "<runtime>+block" (docs/verify.md)
+
+
+def run_parts(name: str) -> tuple[str, str | None]:
+    """A judged run's name -> (runtime, estimator): "torch" -> ("torch", None); "torch+block" ->
+    ("torch", "block"): block noise at the compute of the reference's K+1 full forwards."""
+    runtime, _, estimator = name.partition("+")
+    if estimator and estimator not in ESTIMATORS:
+        raise ValueError(f"run {name!r}: unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
+    return runtime, estimator or None
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Pass criteria (docs/verify.md). A runtime passes iff every check holds."""

@@ -114,6 +114,31 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def compute_table(report: dict) -> str:
+    """Per run: client compute per round, the cosine it buys per forward pass and per GMAC, the upload,
+    accuracy along the rounds and the gap to backprop."""
+    runs = report["runs"]
+    bp_acc = runs[BASELINE]["summary"]["final_accuracy"]
+    ok = {n: r for n, r in runs.items() if r["status"] == "ok" and "forward_equivalents" in r["summary"]}
+    if not ok:
+        return ""
+    marks = list(next(iter(ok.values()))["summary"]["accuracy_at"])
+    lines = ["| run | K | forward-equivalents per client round | GMAC per client round | cosine per forward "
+             "| cosine per GMAC | bytes per report | " + " | ".join(f"accuracy @{m}" for m in marks)
+             + " | gap to backprop |", "|---|" + "---|" * (7 + len(marks))]
+    for name, run in ok.items():
+        s, eff = run["summary"], run.get("effective", {})
+        acc = s["final_accuracy"]
+        gap = "–" if name == BASELINE or acc is None or bp_acc is None else f"{100 * (acc - bp_acc):+.2f}"
+        up = s.get("bytes_up_per_report")
+        lines.append(f"| {_label(name)} | {eff.get('k', '–') if name != BASELINE else '–'} "
+                     f"| {s['forward_equivalents']:.1f} | {s['macs_per_round'] / 1e9:.3f} "
+                     f"| {_num(s['cos_per_forward'], 5)} | {_num(s['cos_per_gmac'], 3)} "
+                     f"| {'–' if up is None else f'{up:,.0f}'} | "
+                     + " | ".join(_pct(s["accuracy_at"].get(m)) for m in marks) + f" | {gap} |")
+    return "\n".join(lines)
+
+
 def _md(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
@@ -137,6 +162,13 @@ def write_report_md(report: dict, out: Path, figures: dict[str, str]) -> Path:
              "gradient of that client's batch at the same weights), averaged over clients and rounds; "
              "aggregate = cos(server's weighted mean update, exact gradient of the union of the batches); "
              "norm ratio = |estimate after clipping| / |exact gradient after the same clipping|.", ""]
+    table = compute_table(report)
+    if table:
+        lines += ["## Compute and what it buys", "",
+                  "Per client round (one local step): model compute in full-forward equivalents and MACs "
+                  "(conv and linear layers; block noise on torch counts the incremental rows, "
+                  "docs/noise.md section 9), the mean client cosine divided by it, the upload, and test "
+                  "accuracy along the rounds.", "", table, ""]
     if figures.get("accuracy"):
         lines += ["## Accuracy", "", f"![accuracy vs round]({figures['accuracy']})", ""]
     if figures.get("cosine"):

@@ -198,11 +198,27 @@ def run_one(name: str, cfg: TrainConfig, data: Dataset, *, progress: bool = Fals
         "first_rejection": (f"round {rejected[0][0]} client {rejected[0][1]}: {rejected[0][2]}"
                             if rejected else None),
         "seconds": time.perf_counter() - start,
+        "bytes_up_per_report": _mean(r["bytes_up"] / max(1, r["clients_accepted"]) for r in rows
+                                     if r["clients_accepted"]),
+        **compute_summary(fed.client_compute(), rows, cfg.eval_every),
     }
     return {"name": name, "status": "ok", "method": cfg.method.value, "runtime": cfg.runtime,
             "config": cfg.to_json(), "effective": effective, "versions": _runtime_versions(cfg.runtime),
             "summary": summary,
             "rounds": rows, "_hashes": probe.hashes, "_snapshot": snapshot}
+
+
+def compute_summary(compute: dict, rows: list[dict], eval_every: int) -> dict:
+    """Compute per client round and the gradient it buys: cosine per forward-equivalent and per GMAC,
+    and test accuracy at a quarter, half, three quarters and all of the rounds."""
+    cos = _mean(r.get("cos_clients_mean") for r in rows)
+    evals = {r["round"]: r["test_accuracy"] for r in rows if "test_accuracy" in r}
+    n = len(rows)
+    marks = sorted({min(n, max(eval_every, round(n * q / eval_every) * eval_every)) for q in (0.25, 0.5, 0.75)} | {n})
+    return {"forward_equivalents": compute["forward_equivalents"], "macs_per_round": compute["macs"],
+            "cos_per_forward": None if cos is None else cos / compute["forward_equivalents"],
+            "cos_per_gmac": None if cos is None else cos / (compute["macs"] / 1e9),
+            "accuracy_at": {str(r): evals.get(r) for r in marks}}
 
 
 def compare_batches(runs: dict[str, dict]) -> dict:
@@ -263,7 +279,7 @@ def sweep_runtime(name: str, base: TrainConfig, data: Dataset, weights: np.ndarr
         return {"cos_mean": float(np.mean(ok)) if ok else None, "cos_std": float(np.std(ok)) if ok else None,
                 "n": len(ok), "failed": len(errors), "first_error": errors[0] if errors else None}
 
-    base = dataclasses.replace(base, method=Method.BAFFLE, runtime=name)
+    base = dataclasses.replace(base, method=Method.BAFFLE)
     start = time.perf_counter()
     by_k = points(base, list(sw.ks))
     k_rows = [{"k": k, **stat(k, by_k[k])} for k in sw.ks]

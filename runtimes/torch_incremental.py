@@ -1,0 +1,169 @@
+"""The exact incremental forward of block noise (docs/noise.md section 8; the forward: section 9) for torch LeNet.
+
+A block-noise perturbation moves one output channel of one layer: a conv filter and its bias, or
+one row of the head. Until the next layer that mixes channels, only that channel's activations
+change, so each perturbed row is evaluated from the activations of the unperturbed forward
+(``cache``), rows of the same layer side by side in one call:
+
+* conv2 channel c: ``conv2d(p1, W2'[c])`` (one output channel) -> act -> mean -> column c of the
+  features replaced -> head. ≈ 1/C2 of conv2 + the head.
+* conv1 channel c: ``conv2d(x, W1'[c])`` -> act -> maxpool -> delta against the cached channel ->
+  conv2's input column c applied to the delta (``a2 + conv2d(delta, W2[:, c])``, a grouped conv
+  with no bias) -> act -> mean -> head. ≈ 1/C1 of conv1 + 1/C1 of conv2 + the head.
+* head row j: column j of the logits recomputed from the cached features.
+
+Losses equal a full forward at the same perturbed weights up to float32 rounding (the sums are
+regrouped: tests/test_blocks.py checks 1e-6 relative). Supported: ``models.LeNet`` without
+normalisation (``norm='none'``, the reference's digits/MNIST recipe). With GroupNorm a block would
+have to be a norm group and the layer after it recomputed; WideResNet and MLP have no incremental
+forward here: their block-noise rows run as full forwards (``block_forward = None``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baffle_edge.models import LeNet
+from baffle_edge.params import layout_of
+from baffle_edge.perturb import BlockTable
+
+CHUNK_ELEMENTS = 1 << 22  # activation elements per batched call (bounds the temporaries, ~16 MB float32)
+
+
+def _lenet_layers(model: nn.Module):
+    """(conv1, act1, pool, conv2, act2, avgpool, fc) of a norm-free LeNet, or None."""
+    if not isinstance(model, LeNet):
+        return None
+    f = model.features
+    if not (isinstance(f[1], nn.Identity) and isinstance(f[5], nn.Identity)):
+        return None  # GroupNorm couples the channels of a group: not a channel-local change
+    return f[0], f[2], f[3], f[4], f[6], f[7], model.fc
+
+
+def supports(model: nn.Module) -> bool:
+    return _lenet_layers(model) is not None
+
+
+class LeNetBlockForward:
+    """``client.BlockForward`` for a ``TorchSession`` holding a norm-free LeNet."""
+
+    def __init__(self, session, model: nn.Module, blocks: BlockTable):
+        layers = _lenet_layers(model)
+        if layers is None:
+            raise ValueError("incremental block forward: only a LeNet without normalisation is supported")
+        self.session, self.blocks = session, blocks
+        self.conv1, self.act1, self.pool, self.conv2, self.act2, self.avg, self.fc = layers
+        names = {m: n for n, m in model.named_modules()}
+        self.kind = {blocks.modules.index(names[self.conv1]): self._conv1,
+                     blocks.modules.index(names[self.conv2]): self._conv2,
+                     blocks.modules.index(names[self.fc]): self._head}
+
+    @torch.no_grad()
+    def cache(self, x: torch.Tensor) -> np.ndarray:
+        """Run the unperturbed forward at the session's weights, keep its activations, return its logits."""
+        self.session.restore()
+        self.x = x
+        self.p1 = self.pool(self.act1(self.conv1(x)))
+        self.a2 = self.conv2(self.p1)
+        self.f = self.avg(self.act2(self.a2)).flatten(1)
+        self.z = self.fc(self.f)
+        return self.z.numpy()
+
+    @torch.no_grad()
+    def logits(self, blocks: np.ndarray, values: list[np.ndarray]) -> np.ndarray:
+        """Logits [n, B, classes] of the rows that replace block ``blocks[i]``'s values by ``values[i]``."""
+        blocks = np.asarray(blocks)
+        out = np.empty((len(blocks), *self.z.shape), dtype=np.float32)
+        modules = self.blocks.module[blocks]
+        for m in np.unique(modules):
+            if int(m) not in self.kind:
+                raise ValueError(f"incremental block forward: no rule for module {self.blocks.modules[m]!r}")
+            rows = np.flatnonzero(modules == m)
+            step = self._chunk(int(m))
+            for s in range(0, rows.size, step):
+                i = rows[s:s + step]
+                v = torch.from_numpy(np.stack([values[j] for j in i]))
+                out[i] = self.kind[int(m)](torch.from_numpy(self.blocks.row[blocks[i]]), v[:, :-1], v[:, -1]).numpy()
+        return out
+
+    def _chunk(self, m: int) -> int:
+        b, c2, h, w = self.a2.shape
+        per_row = b * c2 * h * w if self.kind[m] == self._conv1 else b * max(h * w, 1) * 4
+        return max(1, CHUNK_ELEMENTS // per_row)
+
+    def _features_with(self, c: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """The cached features with column c[i] replaced by col[:, i], per row i: [n, B, C2]."""
+        f = self.f.unsqueeze(0).repeat(len(c), 1, 1)
+        f[torch.arange(len(c)), :, c] = col.T
+        return f
+
+    def _conv2(self, c, w, b):
+        conv = self.conv2
+        a = F.conv2d(self.p1, w.reshape(len(c), *conv.weight.shape[1:]), b, conv.stride, conv.padding,
+                     conv.dilation)
+        col = self.avg(self.act2(a)).flatten(1)  # [B, n]
+        return self.fc(self._features_with(c, col))
+
+    def _conv1(self, c, w, b):
+        c1, c2 = self.conv1, self.conv2
+        a = F.conv2d(self.x, w.reshape(len(c), *c1.weight.shape[1:]), b, c1.stride, c1.padding, c1.dilation)
+        delta = self.pool(self.act1(a)) - self.p1[:, c]  # [B, n, h, w]
+        k = c2.weight[:, c].transpose(0, 1).reshape(len(c) * c2.out_channels, 1, *c2.weight.shape[2:])
+        d = F.conv2d(delta, k, None, c2.stride, c2.padding, c2.dilation, groups=len(c))
+        bsz, ch, h, w_ = self.a2.shape
+        a2 = self.a2.unsqueeze(1) + d.reshape(bsz, len(c), ch, h, w_)
+        f = self.act2(a2).mean(dim=(3, 4))  # [B, n, C2]: AdaptiveAvgPool2d(1) of each row
+        return self.fc(f.transpose(0, 1))
+
+    def _head(self, j, w, b):
+        col = self.f @ w.T + b  # [B, n]
+        z = self.z.unsqueeze(0).repeat(len(j), 1, 1)
+        z[torch.arange(len(j)), :, j] = col.T
+        return z
+
+
+def _conv_macs(conv: nn.Conv2d, out_hw: int, out_channels: int | None = None, in_channels: int | None = None) -> int:
+    o = conv.out_channels if out_channels is None else out_channels
+    i = conv.in_channels // conv.groups if in_channels is None else in_channels
+    return o * i * conv.kernel_size[0] * conv.kernel_size[1] * out_hw
+
+
+def block_macs(model: nn.Module, image_size: int, in_channels: int = 1) -> tuple[int, np.ndarray]:
+    """Multiply-accumulates per image: (one full forward, one incremental row per block of
+    ``BlockTable.from_layout(layout_of(model))``). Without an incremental forward every row costs
+    a full forward. Counted for conv and linear layers (activations, pooling: not MACs)."""
+    blocks = BlockTable.from_layout(layout_of(model))
+    with torch.no_grad():
+        x = torch.zeros(1, in_channels, image_size, image_size)
+        shapes: dict[nn.Module, int] = {}
+        hooks = [m.register_forward_hook(lambda mod, i, o: shapes.__setitem__(mod, o[0, 0].numel()))
+                 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        try:
+            model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+    full = sum(_conv_macs(m, shapes[m]) if isinstance(m, nn.Conv2d) else m.in_features * m.out_features
+               for m in shapes)
+    layers = _lenet_layers(model)
+    if layers is None:
+        return full, np.full(len(blocks.sizes), full, dtype=np.int64)
+    conv1, _, _, conv2, _, _, fc = layers
+    head = fc.in_features * fc.out_features
+    names = {m: n for n, m in model.named_modules()}
+    per_module = {names[conv1]: _conv_macs(conv1, shapes[conv1], 1) + _conv_macs(conv2, shapes[conv2], in_channels=1)
+                  + head,
+                  names[conv2]: _conv_macs(conv2, shapes[conv2], 1) + head,
+                  names[fc]: fc.in_features}
+    return full, np.array([per_module[blocks.modules[m]] for m in blocks.module], dtype=np.int64)
+
+
+def equal_compute_k(model: nn.Module, image_size: int, forwards: float, in_channels: int = 1) -> int:
+    """The number of block perturbations whose expected MACs (blocks drawn with probability
+    d_b / d) plus the unperturbed forward equal ``forwards`` full forwards."""
+    sizes = BlockTable.from_layout(layout_of(model)).sizes
+    full, per = block_macs(model, image_size, in_channels)
+    expected = float((per * sizes).sum() / sizes.sum())
+    return max(1, int((forwards - 1) * full / expected))
