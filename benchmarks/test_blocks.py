@@ -12,7 +12,6 @@ gradient of the batch, averaged over noise seeds. Target: block cosine >= 4x iso
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
 import pytest
