@@ -773,6 +773,13 @@ def cmd_shards(a) -> int:
     return 0
 
 
+
+def _pace(final: dict, wall: float) -> str:
+    """Rounds and rounds/minute of a finished run, with and without start-up."""
+    n = final["rounds_done"]
+    return (f"{n} rounds in {wall:.0f} s ({60 * n / wall:.1f} rounds/min incl. start-up; "
+            f"{60 * n / max(final['seconds_total'], 1e-9):.1f} rounds/min in rounds)")
+
 def cmd_simulate(a) -> int:
     from .cli import config_from_args
     cfg = config_from_args(a)
@@ -782,11 +789,9 @@ def cmd_simulate(a) -> int:
                  timeout=a.timeout)
     wall = time.perf_counter() - start
     f = m["final"]
-    print(f"flower: {cfg.clients} clients, {f['rounds_done']} rounds in {wall:.0f} s "
-          f"({60 * f['rounds_done'] / wall:.1f} rounds/min incl. start-up; "
-          f"{60 * f['rounds_done'] / max(f['seconds_total'], 1e-9):.1f} rounds/min in rounds); "
-          f"test accuracy {100 * f['test_accuracy']:.2f}%; {f['rejected_reports']} rejected, "
-          f"{f['absent_reports']} absent, {f['skipped_rounds']} skipped rounds -> {out}")
+    print(f"flower: {cfg.clients} clients, {_pace(f, wall)}; test accuracy {100 * f['test_accuracy']:.2f}%; "
+          f"{f['rejected_reports']} rejected, {f['absent_reports']} absent, {f['skipped_rounds']} skipped rounds "
+          f"-> {out}")
     return 0
 
 
@@ -841,10 +846,8 @@ def cmd_local(a) -> int:
             shutil.rmtree(work, ignore_errors=True)
     wall = time.perf_counter() - start
     f = m["final"]
-    print(f"flower deployment: {cfg.clients} SuperNodes (TLS, authenticated), {f['rounds_done']} rounds in {wall:.0f} s "
-          f"({60 * f['rounds_done'] / wall:.1f} rounds/min incl. start-up; "
-          f"{60 * f['rounds_done'] / max(f['seconds_total'], 1e-9):.1f} rounds/min in rounds); start-up: federation "
-          f"{t['federation_up']:.1f} s, first round {t['first_round']:.1f} s; test accuracy "
+    print(f"flower deployment: {cfg.clients} SuperNodes (TLS, authenticated), {_pace(f, wall)}; start-up: "
+          f"federation {t['federation_up']:.1f} s, first round {t['first_round']:.1f} s; test accuracy "
           f"{100 * f['test_accuracy']:.2f}%; {f['rejected_reports']} rejected, {f['absent_reports']} absent -> {out}")
     return 0
 
