@@ -99,7 +99,6 @@ class FloatWeights:
 
     domain = Domain.FLOAT
     table = None
-    signs = False  # eps_k arrives as float32 values
 
     def set_weights(self, flat: np.ndarray) -> None:
         flat = np.array(flat, dtype=np.float32).reshape(-1)
@@ -119,7 +118,6 @@ class StepWeights:
     Rademacher sign mask, True = -1). Sets are lists of integer arrays in the table's order."""
 
     domain = Domain.INT8_STEP
-    signs = True
 
     def set_weights(self, flat: np.ndarray) -> None:
         from .quant import StepSelector
@@ -220,7 +218,16 @@ def step_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) 
     one prefetched eps are alive at once."""
     check_task(session, task)
     if task.noise is NoiseKind.BLOCK and session.block_forward is not None:
-        return block_losses(session, batch, task, step)
+        res = block_losses(session, batch, task, step)
+    else:
+        res = _weight_set_losses(session, batch, task, step)
+    if not np.all(np.isfinite(res)):
+        raise ValueError(f"runtime {session.name!r} produced non-finite losses")
+    return res
+
+
+def _weight_set_losses(session: Session, batch: Batch, task: RoundTask, step: int) -> np.ndarray:
+    """``step_losses`` through ``session.evaluate``: every row's weight set, P per call."""
     x = session.prepare(batch.x)
     p = session.perturbations_per_call
     signs = (1, -1) if task.central else (1,)
@@ -250,8 +257,6 @@ def step_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) 
     res = np.concatenate(out)
     if task.central:  # (+1, -1) pairs -> plus..., minus...
         res = np.concatenate([res[0::2], res[1::2]])
-    if not np.all(np.isfinite(res)):
-        raise ValueError(f"runtime {session.name!r} produced non-finite losses")
     return res
 
 
@@ -273,10 +278,7 @@ def block_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0)
     for sign in ((1, -1) if task.central else (1,)):
         sets = np.split(session.w0[idx] + np.float32(sign) * (sigma * eps), cuts)
         rows.append(cross_entropies(fwd.logits(blocks, sets), batch.y))
-    out = np.concatenate(([] if task.central else [cross_entropy(base, batch.y)], *rows))
-    if not np.all(np.isfinite(out)):
-        raise ValueError(f"runtime {session.name!r} produced non-finite losses")
-    return out
+    return np.concatenate(([] if task.central else [cross_entropy(base, batch.y)], *rows))
 
 
 def split_step(task: RoundTask, out: np.ndarray) -> tuple[float | None, np.ndarray]:

@@ -303,7 +303,7 @@ class Federation:
             losses.append(float(loss.detach()))
             return clip_inf(flat_grad(m).numpy().astype(np.float64), task.clip)
 
-        weight = sum(len(b.y) for b in batches[:task.local_steps])
+        weight = sum(len(b.y) for b in batches)
         update = self.server.update(task, weight, gradient_at, w0=weights, bytes_up=4 * self.server.dim)
         update.loss = losses[0]
         return update
