@@ -126,12 +126,15 @@ class StepWeights:
         self.flat = FlatSteps(self.table, self.q)  # block noise moves a few coordinates: flat integers
 
     def weight_set(self, sign: int, eps: np.ndarray | None, task: RoundTask | None) -> list[np.ndarray]:
-        """eps: the Rademacher sign mask (bool), or whole steps per coordinate (block noise)."""
+        """eps: the Rademacher sign mask (bool), or whole steps per coordinate (block noise, moved by
+        ``quant.FlatSteps``' reflecting rule)."""
         if getattr(self, "q", None) is None:
             raise ValueError("call set_weights(global weights) before evaluating losses")
         if sign == 0:
             return self.q
-        return self.select(eps, sign) if eps.dtype == bool else self.table.perturb(self.q, eps, sign)
+        if eps.dtype == bool:
+            return self.select(eps, sign)
+        return self.flat.tensors(self.table, self.flat.moved(slice(None), eps, sign))  # block noise (dense)
 
 
 def cross_entropies(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from baffle_edge.models import ModelConfig, Norm, build_model
 from baffle_edge.params import flat_params, layout_of
 from baffle_edge.perturb import BlockTable, NoiseKind, rademacher_negative, words
 from baffle_edge.protocol import Domain, RoundTask, Scheme
+from baffle_edge.quant import FlatSteps, QuantTable, weight_tensor
 from baffle_edge.runtimes import get_runtime
 from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
 from baffle_edge.server import Server, make_strategy
@@ -77,8 +78,8 @@ def test_incremental_rows_equal_full_forwards_bit_for_bit(bundle, lenet_batch, r
 
 def test_int8_sparse_decoding_equals_dense_definition(bundle, lenet_batch):
     """step_gradient for int8 block noise = (1/K) sum_k dL_k (d/d_b)/m_b^2 eps_eff_k / divisor with the
-    dense effective noise of quant.QuantTable (saturation included), and the server decodes a report
-    into the client's estimate."""
+    dense effective noise (reflections included), and the server decodes a report into the client's
+    estimate."""
     model, x, y = lenet_batch
     s = _session(bundle, "onnxruntime-int8", model)
     w = flat_params(model).numpy() * np.float32(1.6)  # some weights saturate at +-127 when moved
@@ -91,7 +92,8 @@ def test_int8_sparse_decoding_equals_dense_definition(bundle, lenet_batch):
     q = s.table.quantize(w)
     noise = step_noise(task, 0, s.dim, blocks=s.blocks)
     drawn = s.blocks.draw_steps(7, 2, 5, np.arange(80))[0]
-    eff = lambda k: s.table.effective_noise(q, noise(k)) * s.blocks.step_weight[drawn[k]]  # noqa: E731
+    flat = FlatSteps(s.table, q)
+    eff = lambda k: flat.effective(slice(None), noise(k)) * s.blocks.step_weight[drawn[k]]  # noqa: E731
     dense = stein_gradient(diffs, s.table.divisor(task.estimator), eff, s.dim)
     np.testing.assert_allclose(sparse, dense, rtol=1e-9, atol=1e-12)
     assert (np.abs(np.concatenate([noise(k)[s.blocks.index[s.blocks.bounds[b]:s.blocks.bounds[b + 1]]]
@@ -100,6 +102,19 @@ def test_int8_sparse_decoding_equals_dense_definition(bundle, lenet_batch):
     server.quant_table = s.table
     server.set_flat(w)
     np.testing.assert_allclose(server._estimate(task, report)(0, w), sparse, rtol=1e-12)
+
+
+def test_moves_near_a_bound_are_reflected_not_clipped():
+    """Clipping made the applied noise of near-bound weights one-sided; reflection keeps it +-m_b."""
+    table = QuantTable((weight_tensor("w", "w_q", 0, (1, 6), 0, (0.1,), reduce_range=True),))
+    q = [np.array([[64, 60, 0, -60, -64, 33]], np.int8)]
+    flat = FlatSteps(table, q)
+    steps = np.array([32, 32, 32, -32, -32, 32])
+    assert flat.moved(np.arange(6), steps, 1).tolist() == [32, 28, 32, -28, -32, 1]
+    assert flat.moved(np.arange(6), steps, -1).tolist() == [32, 28, -32, -28, -32, 1]
+    assert np.abs(flat.effective(np.arange(6), steps)).tolist() == [32] * 6  # E[eps_eff] = 0 over the sign
+    wide = QuantTable((weight_tensor("w", "w_q", 0, (1, 1), 0, (0.1,), reduce_range=True),))
+    assert FlatSteps(wide, [np.array([[10]], np.int8)]).moved(np.arange(1), np.array([100])).tolist() == [-64]
 
 
 def test_chain_rule_costs_and_budget():
