@@ -183,13 +183,14 @@ class FlatSteps:
     perturbations that touch a few coordinates (int8 block noise, docs/noise.md section 10): the
     moved integers and the effective noise at chosen flat indices.
 
-    A move that would leave [lo, hi] is *reflected* (q - delta instead of q + delta; clipped only
-    if that leaves the range too), not clipped as ``QTensor.perturb`` does for +-1 steps: with
+    A coordinate whose move could leave [lo, hi] in either direction (``q +- delta`` outside) is
+    **not moved** (eps_eff = 0 for both signs), where ``QTensor.perturb`` clips +-1 steps. With
     block steps of up to 32 integers, clipping made the applied noise of weights near a bound
-    one-sided (E[eps_eff] != 0), so the loss's curvature offset leaked into their estimates and
-    pushed each channel's largest weight outward round after round (measured: accuracy peaked at
-    86% and fell). Reflection keeps E[eps_eff] = 0 and |eps_eff| = m_b; the decoder regenerates it
-    from q like any other eps_eff."""
+    one-sided (E[eps_eff] != 0), so the loss's curvature offset (always positive, ~m_b^2) leaked
+    into their estimates and pushed each channel's largest weight outward round after round
+    (measured: accuracy peaked at 86% and fell; reflecting the move has the same flaw: both signs
+    then move the weight the same way). Frozen coordinates keep E[eps_eff] = 0; they get no
+    estimate from that perturbation (a bias towards 0 for the channel's extreme weights only)."""
 
     def __init__(self, table: QuantTable, qs: list[np.ndarray]):
         self.q = np.empty(table.dim, np.int64)
@@ -201,13 +202,12 @@ class FlatSteps:
             self.mult[sl] = t.multiplier
 
     def moved(self, idx: np.ndarray, steps: np.ndarray, sign: int = 1) -> np.ndarray:
-        """q + delta at flat indices ``idx``, delta = sign * multiplier * steps, reflected to q - delta
-        where q + delta leaves [lo, hi] (then clipped if q - delta does too); int64."""
+        """q + delta at flat indices ``idx``, delta = sign * multiplier * steps, or q where q + delta
+        or q - delta leaves [lo, hi]; int64."""
         q, lo, hi = self.q[idx], self.lo[idx], self.hi[idx]
         delta = sign * self.mult[idx] * np.asarray(steps, np.int64)
-        up = q + delta
-        out = (up < lo) | (up > hi)
-        return np.clip(np.where(out, q - delta, up), lo, hi)
+        reach = np.abs(delta)
+        return np.where((q - reach >= lo) & (q + reach <= hi), q + delta, q)
 
     def tensors(self, table: QuantTable, flat: np.ndarray) -> list[np.ndarray]:
         """A flat integer vector back into the table's tensors (their shapes and dtypes)."""

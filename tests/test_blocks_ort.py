@@ -104,17 +104,17 @@ def test_int8_sparse_decoding_equals_dense_definition(bundle, lenet_batch):
     np.testing.assert_allclose(server._estimate(task, report)(0, w), sparse, rtol=1e-12)
 
 
-def test_moves_near_a_bound_are_reflected_not_clipped():
-    """Clipping made the applied noise of near-bound weights one-sided; reflection keeps it +-m_b."""
+def test_moves_that_could_leave_the_range_are_frozen_not_clipped():
+    """Clipping (and reflecting) made the applied noise of near-bound weights one-sided; a weight
+    that cannot move +-m_b both ways stays put, so E[eps_eff] = 0 for every coordinate."""
     table = QuantTable((weight_tensor("w", "w_q", 0, (1, 6), 0, (0.1,), reduce_range=True),))
-    q = [np.array([[64, 60, 0, -60, -64, 33]], np.int8)]
+    q = [np.array([[64, 60, 0, -60, -32, 32]], np.int8)]
     flat = FlatSteps(table, q)
-    steps = np.array([32, 32, 32, -32, -32, 32])
-    assert flat.moved(np.arange(6), steps, 1).tolist() == [32, 28, 32, -28, -32, 1]
-    assert flat.moved(np.arange(6), steps, -1).tolist() == [32, 28, -32, -28, -32, 1]
-    assert np.abs(flat.effective(np.arange(6), steps)).tolist() == [32] * 6  # E[eps_eff] = 0 over the sign
-    wide = QuantTable((weight_tensor("w", "w_q", 0, (1, 1), 0, (0.1,), reduce_range=True),))
-    assert FlatSteps(wide, [np.array([[10]], np.int8)]).moved(np.arange(1), np.array([100])).tolist() == [-64]
+    steps = np.array([32, -32, 32, -32, -32, 32])
+    assert flat.moved(np.arange(6), steps, 1).tolist() == [64, 60, 32, -60, -64, 64]
+    assert flat.moved(np.arange(6), steps, -1).tolist() == [64, 60, -32, -60, 0, 0]
+    assert flat.effective(np.arange(6), steps).tolist() == [0, 0, 32, 0, -32, 32]
+    assert flat.effective(np.arange(6), -steps).tolist() == [0, 0, -32, 0, 32, -32]  # symmetric in the sign
 
 
 def test_chain_rule_costs_and_budget():
