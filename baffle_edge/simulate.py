@@ -195,6 +195,8 @@ class Federation:
                 raise ValueError(f"forward_budget must be >= 2 full forwards, got {self.cfg.forward_budget}")
             self.k = equal_compute_k(self.model, self.model_cfg.image_size, self.cfg.forward_budget,
                                      self.model_cfg.in_channels, rule=self.runtime_info.block_forward)
+            if Scheme(self.cfg.scheme) is Scheme.CENTRAL:  # two rows per perturbation (+ the cached forward)
+                self.k = max(1, self.k // 2)
         self.baseline = Baseline(self.cfg.baseline) if self.cfg.baseline is not None else defaults.baseline
         if self.baseline is Baseline.LOO and self.cfg.k < 2 and self.cfg.method is Method.BAFFLE:
             raise ValueError("the leave-one-out baseline (the default for int8 runtimes) needs --k >= 2; "
