@@ -120,14 +120,18 @@ class StepWeights:
     domain = Domain.INT8_STEP
 
     def set_weights(self, flat: np.ndarray) -> None:
-        from .quant import StepSelector
+        from .quant import FlatSteps, StepSelector
         self.q = self.table.quantize(flat)
         self.select = StepSelector(self.table, self.q)
+        self.flat = FlatSteps(self.table, self.q)  # block noise moves a few coordinates: flat integers
 
     def weight_set(self, sign: int, eps: np.ndarray | None, task: RoundTask | None) -> list[np.ndarray]:
+        """eps: the Rademacher sign mask (bool), or whole steps per coordinate (block noise)."""
         if getattr(self, "q", None) is None:
             raise ValueError("call set_weights(global weights) before evaluating losses")
-        return self.q if sign == 0 else self.select(eps, sign)
+        if sign == 0:
+            return self.q
+        return self.select(eps, sign) if eps.dtype == bool else self.table.perturb(self.q, eps, sign)
 
 
 def cross_entropies(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -157,9 +161,9 @@ def step_noise(task: RoundTask, step: int, dim: int, *, signs: bool = False,
     Rademacher eps_k as a boolean mask, True where eps = -1 (quant.StepSelector's input). Block
     noise needs the model's ``blocks`` and is returned dense here (``step_blocks`` keeps it sparse)."""
     c, base = task.noise_client, step * task.k
-    if task.noise is NoiseKind.BLOCK:
+    if task.noise is NoiseKind.BLOCK:  # float: scaled Gaussians; int8-step: whole steps (float32 integers)
         table = require_blocks(blocks, dim)
-        return lambda k: table.dense(*(v[0] for v in table.draw(task.seed, task.round, c, [base + k])))
+        return lambda k: table.dense(*(v[0] for v in draw_blocks(task, table, [base + k])))
     if signs:
         if task.noise is not NoiseKind.RADEMACHER:
             raise ValueError(f"sign masks need Rademacher noise, task has {task.noise.value!r}")
@@ -177,7 +181,13 @@ def require_blocks(blocks: perturb.BlockTable | None, dim: int) -> perturb.Block
 
 def step_blocks(task: RoundTask, step: int, blocks: perturb.BlockTable) -> tuple[np.ndarray, list[np.ndarray]]:
     """All K block perturbations of one local step, sparse: (block index per k, its values per k)."""
-    return blocks.draw(task.seed, task.round, task.noise_client, step * task.k + np.arange(task.k))
+    return draw_blocks(task, blocks, step * task.k + np.arange(task.k))
+
+
+def draw_blocks(task: RoundTask, blocks: perturb.BlockTable, ks) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Block perturbations ``ks`` in the task's domain: float32 values (float) or whole int8 steps."""
+    draw = blocks.draw_steps if task.domain is Domain.INT8_STEP else blocks.draw
+    return draw(task.seed, task.round, task.noise_client, ks)
 
 
 def noise_stream(task: RoundTask, step: int, dim: int, *, prefetch: bool = True,
@@ -263,21 +273,23 @@ def _weight_set_losses(session: Session, batch: Batch, task: RoundTask, step: in
 def block_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
     """``step_losses`` for block noise on a session with an incremental forward: the same rows, in the
     same order, but each perturbed row is evaluated from the cached unperturbed activations. The
-    block's perturbed values are ``w0[block] + sign * (float32(sigma) * eps)`` (FloatWeights'
-    arithmetic); the backend gets the block index and those values."""
+    backend gets each row's block index and the block's perturbed values: ``w0[block] + sign *
+    (float32(sigma) * eps)`` (FloatWeights' arithmetic) or, int8-step, the block's integers moved by
+    ``sign`` times its steps (``quant.FlatSteps``, QTensor.perturb's rule)."""
     table = require_blocks(session.blocks, session.dim)
     fwd = session.block_forward
     base = fwd.cache(session.prepare(batch.x))
     blocks, values = step_blocks(task, step, table)
-    sigma = np.float32(task.sigma)
     # all rows at once: the drawn blocks' indices and values concatenated, split back into one view per row
     idx = np.concatenate([table.index[table.bounds[b]:table.bounds[b + 1]] for b in blocks])
     eps = np.concatenate(values)
     cuts = np.cumsum([v.size for v in values])[:-1]
-    rows = []
-    for sign in ((1, -1) if task.central else (1,)):
-        sets = np.split(session.w0[idx] + np.float32(sign) * (sigma * eps), cuts)
-        rows.append(cross_entropies(fwd.logits(blocks, sets), batch.y))
+    if session.domain is Domain.INT8_STEP:
+        moved = lambda sign: session.flat.moved(idx, eps, sign)  # noqa: E731
+    else:
+        moved = lambda sign: session.w0[idx] + np.float32(sign) * (np.float32(task.sigma) * eps)  # noqa: E731
+    rows = [cross_entropies(fwd.logits(blocks, np.split(moved(sign), cuts)), batch.y)
+            for sign in ((1, -1) if task.central else (1,))]
     return np.concatenate(([] if task.central else [cross_entropy(base, batch.y)], *rows))
 
 
@@ -304,8 +316,17 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
     if task.baseline is Baseline.LOO:
         diffs = leave_one_out(diffs)
     if task.noise is NoiseKind.BLOCK:  # sparse: only the drawn blocks are regenerated and touched
-        drawn, values = step_blocks(task, step, require_blocks(blocks, dim))
-        return clip_inf(drawn_gradient(diffs, task.sigma, drawn, values, blocks), task.clip)
+        blocks = require_blocks(blocks, dim)
+        drawn, values = step_blocks(task, step, blocks)
+        if task.domain is Domain.FLOAT:
+            return clip_inf(drawn_gradient(diffs, task.sigma, drawn, values, blocks), task.clip)
+        if table is None or weights is None:
+            raise ValueError("an int8-step report needs the bundle's quantization table to be decoded")
+        from .quant import FlatSteps
+        flat = FlatSteps(table, table.quantize(weights))  # eps_eff in steps, weighted (d/d_b) / m_b^2
+        eff = [flat.effective(blocks.index[blocks.bounds[b]:blocks.bounds[b + 1]], v, central=task.central)
+               * blocks.step_weight[b] for b, v in zip(drawn, values)]
+        return clip_inf(drawn_gradient(diffs, table.divisor(task.estimator), drawn, eff, blocks), task.clip)
     noise = step_noise(task, step, dim)
     if task.domain is Domain.FLOAT:
         return clip_inf(stein_gradient(diffs, task.sigma, noise, dim), task.clip)
@@ -316,9 +337,10 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
     return clip_inf(stein_gradient(diffs, table.divisor(task.estimator), eff, dim), task.clip)
 
 
-def drawn_gradient(diffs: np.ndarray, sigma: float, drawn: np.ndarray, values: list[np.ndarray],
+def drawn_gradient(diffs: np.ndarray, sigma, drawn: np.ndarray, values: list[np.ndarray],
                    blocks: perturb.BlockTable) -> np.ndarray:
-    """``stein_gradient`` for block noise: (1/K) sum_k diffs[k] eps_k / sigma over the drawn blocks."""
+    """``stein_gradient`` for block noise: (1/K) sum_k diffs[k] eps_k / sigma over the drawn blocks
+    (``sigma``: a float, or int8-step the divisor per coordinate)."""
     diffs = np.asarray(diffs, dtype=np.float64)
     return blocks.accumulate(drawn, values, diffs / diffs.size) / sigma
 

@@ -215,6 +215,10 @@ class BlockTable:
         if np.unique(self.index).size != self.dim:
             raise ValueError("block noise: parameter tensors overlap")
         self.scale = np.sqrt(self.dim / self.sizes).astype(np.float32)  # float32(sqrt(d / d_b)), in double first
+        # int8-step blocks move m_b = round(sqrt(d / d_b)) whole steps (so |delta| matches isotropic
+        # int8 noise); the decoder weighs each by (d / d_b) / m_b^2 (docs/noise.md section 10)
+        self.steps = np.maximum(1, np.floor(np.sqrt(self.dim / self.sizes) + 0.5)).astype(np.int64)
+        self.step_weight = (self.dim / self.sizes) / self.steps.astype(np.float64) ** 2
 
     @classmethod
     def from_layout(cls, layout) -> "BlockTable":
@@ -233,13 +237,33 @@ class BlockTable:
     def draw(self, seed: int, round_: int, client: int, ks: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """The blocks and scaled Gaussian values of perturbations ``ks`` (counter words k'): block
         index per k and a float32 array of d_b values per k (vectorised over k)."""
+        def values(blocks, n, w):  # Box-Muller pairs, an even word count per k
+            z = box_muller(w)
+            starts = np.cumsum(n + (n & 1)) - (n + (n & 1))
+            return [z[s:s + m] * self.scale[b] for s, m, b in zip(starts, n, blocks)]
+        return self._draw(seed, round_, client, ks, lambda n: n + (n & 1), values)
+
+    def draw_steps(self, seed: int, round_: int, client: int, ks: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """int8-step block noise (docs/noise.md section 10): the same blocks as ``draw``, each value
+        ``m_b * u`` with u = +-1 (Rademacher bits from Philox block 1 on) and ``m_b = self.steps[b]``
+        whole quantization steps; int64 arrays of d_b values per k."""
+        def values(blocks, n, w):
+            words_per_k = -(-n // 32)
+            starts = np.cumsum(words_per_k) - words_per_k
+            return [np.where(rademacher_negative(w[s:s + nw], m), -1, 1) * self.steps[b]
+                    for s, nw, m, b in zip(starts, words_per_k, n, blocks)]
+        return self._draw(seed, round_, client, ks, lambda n: -(-n // 32), values)
+
+    def _draw(self, seed, round_, client, ks, n_words, values) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Pick each k's block from words 0-1 of its stream, then hand ``values`` the words
+        ``n_words(d_b)`` per k from Philox block 1 on (concatenated over k)."""
         ks = np.asarray(ks, dtype=np.int64).reshape(-1)
         for name, v in (("seed", seed), ("round", round_), ("client", client)):
             _check_word(name, v, 64 if name == "seed" else 32)
         if ks.size and (ks.min() < 0 or ks.max() >= 2**32):
             raise ValueError("k must be in [0, 2**32)")
         if ks.size > self.DRAW_CHUNK:  # chunks keep the temporaries in cache (~3x faster than one pass)
-            parts = [self.draw(seed, round_, client, ks[i:i + self.DRAW_CHUNK])
+            parts = [self._draw(seed, round_, client, ks[i:i + self.DRAW_CHUNK], n_words, values)
                      for i in range(0, ks.size, self.DRAW_CHUNK)]
             return np.concatenate([p[0] for p in parts]), [v for p in parts for v in p[1]]
         k0, k1 = seed & 0xFFFFFFFF, seed >> 32
@@ -247,15 +271,12 @@ class BlockTable:
         r = ((head[:, 1].astype(np.uint64) << np.uint64(32)) | head[:, 0].astype(np.uint64)) % np.uint64(self.dim)
         blocks = np.searchsorted(self.bounds, r.astype(np.int64), side="right") - 1
         n = self.sizes[blocks]
-        nw = n + (n & 1)  # words per k: an even count, so Box-Muller pairs never straddle two k
+        nw = n_words(n)
         nb = -(-nw // 4)
         ctr = np.arange(nb.sum()) - np.repeat(np.cumsum(nb) - nb, nb) + 1  # Philox block 1, 2, ... per k
         w = _philox_blocks(ctr.astype(np.uint64), np.repeat(ks, nb).astype(np.uint64), client, round_, k0, k1)
         keep = (np.arange(4)[None, :] + 4 * (ctr - 1)[:, None]) < np.repeat(nw, nb)[:, None]
-        z = box_muller(w[keep])
-        starts = np.cumsum(nw) - nw
-        vals = [z[s:s + m] * self.scale[b] for s, m, b in zip(starts, n, blocks)]
-        return blocks, vals
+        return blocks, values(blocks, n, w[keep])
 
     def dense(self, block: int, values: np.ndarray) -> np.ndarray:
         """eps_k as a flat float32 vector (zero outside the block)."""

@@ -81,10 +81,11 @@ DOMAIN_DEFAULTS: dict[Domain, DomainDefaults] = {
 
 
 def check_noise(domain: Domain, noise: NoiseKind) -> None:
-    """int8-step perturbation moves integers by +-1 step: it needs Rademacher noise."""
-    if Domain(domain) is Domain.INT8_STEP and NoiseKind(noise) is not NoiseKind.RADEMACHER:
+    """int8-step perturbation moves integers by whole steps: it needs Rademacher noise, or block
+    noise (whose int8 values are +-m_b steps, docs/noise.md section 10)."""
+    if Domain(domain) is Domain.INT8_STEP and NoiseKind(noise) not in (NoiseKind.RADEMACHER, NoiseKind.BLOCK):
         raise ValueError(f"noise: the {Domain.INT8_STEP.value!r} domain moves int8 weights by whole quantization "
-                         f"steps and needs 'rademacher' noise, got {NoiseKind(noise).value!r}")
+                         f"steps and needs 'rademacher' or 'block' noise, got {NoiseKind(noise).value!r}")
 
 
 def _require(cond: bool, field_name: str, msg: str) -> None:

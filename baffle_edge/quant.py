@@ -176,3 +176,27 @@ class StepSelector:
         plus, minus = (self.up, self.down) if sign > 0 else (self.down, self.up)
         return [np.where(negative[t.offset:t.offset + t.size].reshape(t.shape), m, p)
                 for t, p, m in zip(self.tensors, plus, minus)]
+
+
+class FlatSteps:
+    """The integers of one set of weights as flat per-parameter arrays (parameter order), for
+    perturbations that touch a few coordinates (block noise, docs/noise.md section 10): the moved
+    integers and the effective noise at chosen flat indices, with ``QTensor.perturb``'s rule."""
+
+    def __init__(self, table: QuantTable, qs: list[np.ndarray]):
+        self.q = np.empty(table.dim, np.int64)
+        self.lo, self.hi, self.mult = (np.empty(table.dim, np.int64) for _ in range(3))
+        for t, q in zip(table.tensors, qs):
+            sl = slice(t.offset, t.offset + t.size)
+            self.q[sl] = q.reshape(-1)
+            self.lo[sl], self.hi[sl] = t.bounds
+            self.mult[sl] = t.multiplier
+
+    def moved(self, idx: np.ndarray, steps: np.ndarray, sign: int = 1) -> np.ndarray:
+        """clip(q + sign * multiplier * steps, lo, hi) at flat indices ``idx`` (int64)."""
+        return np.clip(self.q[idx] + sign * self.mult[idx] * np.asarray(steps, np.int64), self.lo[idx], self.hi[idx])
+
+    def effective(self, idx: np.ndarray, steps: np.ndarray, *, central: bool = False) -> np.ndarray:
+        """``QuantTable.effective_noise`` at ``idx``: the steps actually applied (float64)."""
+        lo = self.moved(idx, steps, -1) if central else self.q[idx]
+        return (self.moved(idx, steps, 1) - lo) / ((2 if central else 1) * self.mult[idx])

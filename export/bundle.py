@@ -138,6 +138,14 @@ def export_bundle(model, model_cfg, data, out: str | Path, cfg: ExportConfig = E
                 "perturbation": "each trainable tensor's integers are a graph input (table 'quantization', field "
                                 "'input'); feed q' per docs/quantized-perturbation.md",
                 "quantization": table.to_json(), "reduce_range": target.reduce_range}
+        from .blocks import add_block_graphs
+        for fmt in ("onnx", "onnx-int8"):  # block noise's incremental forward (docs/noise.md section 10)
+            if fmt in meta["formats"]:
+                entry = meta["formats"][fmt]
+                table = QuantTable.from_json(entry["quantization"]) if "quantization" in entry else None
+                why = add_block_graphs(tmp, entry, meta["parameters"], table)
+                if why is not None:
+                    entry["blocks_unsupported"] = why
         if cfg.perturbations_per_call > 1:
             _add_batched(tmp, meta, cfg.perturbations_per_call)
         if "ort" in formats:

@@ -34,7 +34,7 @@ def available_providers() -> list[str]:
     return [names.get(p, p) for p in ort.get_available_providers()]
 
 
-def make_session(path: Path, *, provider: str = "cpu", threads: int | None = None, profile: bool = False):
+def make_session(path: Path | bytes, *, provider: str = "cpu", threads: int | None = None, profile: bool = False):
     import onnxruntime as ort
     if provider not in PROVIDERS:
         raise ValueError(f"unknown execution provider {provider!r}; known names: {', '.join(PROVIDERS)}")
@@ -56,7 +56,7 @@ def make_session(path: Path, *, provider: str = "cpu", threads: int | None = Non
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    return ort.InferenceSession(str(path), so, providers=providers)
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=providers)
 
 
 class OrtSession(AutoP, BaseSession):
@@ -84,8 +84,38 @@ class OrtSession(AutoP, BaseSession):
         self.input_name = self.bundle.meta["input"]["name"]
         self.output_name = self.bundle.meta["output"]["name"]
         self.dim = int(self.bundle.meta["model"]["parameters"])
-        # block noise (float domain): the partition follows from the parameter table; rows run as full forwards
+        # block noise: the partition follows from the parameter table; rows run incrementally when
+        # the bundle's model is a chain (its block graphs, export/blocks.py), else as full forwards
         self.blocks = BlockTable.from_layout(self.bundle.meta["parameters"])
+        self.block_forward, self.block_forward_reason = None, None
+
+    def _init_block_forward(self) -> None:
+        """The incremental block forward from the bundle's block graphs, or built now from its train
+        graph (older bundles; needs ``onnx``). Not a chain: rows run as full forwards (the reason is
+        kept in ``block_forward_reason``)."""
+        from .ort_incremental import OrtBlockForward
+        entry = self.bundle.meta["formats"][self.fmt]
+        if "blocks" in entry:
+            plan = entry["blocks"]
+            graphs = [self.bundle.file(self.fmt, "block_cache"),
+                      *(self.bundle.file(self.fmt, f"block_seg{i}") for i in range(len(plan["modules"])))]
+        else:
+            try:
+                import onnx
+
+                from baffle_edge.export.blocks import block_graphs
+            except ImportError:
+                self.block_forward_reason = "the bundle has no block graphs and onnx is not installed to build them"
+                return
+            try:
+                proto = onnx.load(str(self.bundle.file(self.fmt, "train")))
+                chain, protos = block_graphs(proto, self.bundle.meta["parameters"], self.table)
+            except ValueError as e:
+                self.block_forward_reason = str(e)
+                return
+            plan, graphs = chain.to_json(), [g.SerializeToString() for g in protos.values()]
+        self.block_forward = OrtBlockForward(self, plan, graphs, self.blocks,
+                                             lambda g: make_session(g, **self._options))
 
     def use_p(self, p: int) -> None:
         """Evaluate ``p`` sets per call (the ``train_p{p}`` graph for p > 1)."""
@@ -143,6 +173,7 @@ class OrtFloatSession(FloatWeights, OrtSession):
         super().__init__(bundle_dir, **kw)
         self.specs = [(p["name"], p["offset"], p["size"], tuple(p["shape"])) for p in self.bundle.meta["parameters"]]
         self.set_weights(np.zeros(self.dim, np.float32))
+        self._init_block_forward()
 
     def _feeds(self, w):
         return {n: w[o:o + s].reshape(shape) for n, o, s, shape in self.specs}
@@ -161,6 +192,7 @@ class OrtInt8Session(StepWeights, OrtSession):
         self.table = self.bundle.quant_table(self.fmt)
         self.target = check_bundle(self.bundle.meta, self.name) if self.cpu_bound else None
         self.set_weights(np.zeros(self.dim, np.float32))
+        self._init_block_forward()
 
     def _feeds(self, qs):
         return {t.input: q for t, q in zip(self.table.tensors, qs)}

@@ -1,0 +1,212 @@
+"""The graphs of the incremental block-noise forward on ONNX Runtime (docs/noise.md section 10).
+
+A block-noise row moves one output channel c of one module (a conv filter + bias, a head row).
+For a model that is a *chain* of modules M_0 .. M_{L-1} whose outputs pass only through
+channel-wise ops (activation, pooling, flatten of 1x1 maps, Quantize/DequantizeLinear) until the
+next module's input, the train graph is cut at the modules' inputs ("boundaries" B_1 .. B_{L-1};
+in an int8 QDQ graph the uint8 tensor the next QLinearConv/QGemm reads):
+
+    cache     the train graph that also outputs B_1 .. B_{L-1}  (the unperturbed forward)
+    seg i     B_i (the graph input for i = 0) and M_i's parameters -> B_{i+1} (the logits for the last)
+
+A device evaluates rows of module i in *slots*: ``seg i`` fed the cached B_i and M_i's parameters
+in which channel c holds row r_c's perturbed values (one row per channel, the other channels
+anything) computes every slot's channel c at once, with the graph's own kernels (QLinearConv /
+QGemm for int8) and constant scales, so each channel equals the full forward's. Each row's B_{i+1}
+is the cached one with channel c replaced; ``seg i+1 .. L-1`` (unperturbed) finish the rows
+stacked along the batch. Cost of a row of M_i: 1/C_i of M_i plus the modules after it (LeNet:
+a conv2 row 1/64 of conv2 + the head; a conv1 row 1/16 of conv1 + conv2 + the head).
+
+``chain_plan`` finds the boundaries or says why a graph is not a chain; ``segment_graphs`` builds
+the graphs (export writes them into the bundle; the runtime builds them at load for older bundles).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import shape_inference
+
+CHANNELWISE = {"QuantizeLinear", "DequantizeLinear", "Relu", "HardSwish", "HardSigmoid", "Clip", "Sigmoid", "Tanh",
+               "LeakyRelu", "Elu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten",
+               "Identity"}
+MODULE_OPS = {"Conv", "Gemm"}
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    modules: tuple[str, ...]  # module names in chain order (parameter order)
+    params: tuple[tuple[str, ...], ...]  # per module: its graph inputs (weights, bias), in parameter order
+    boundaries: tuple[str, ...]  # B_0 (graph input) .. B_L (graph output); len = modules + 1
+    channels: tuple[int, ...]  # C_i: output channels (rows) of each module
+
+    def to_json(self) -> dict:
+        return {"modules": list(self.modules), "params": [list(p) for p in self.params],
+                "boundaries": list(self.boundaries), "channels": list(self.channels), "channel_axis": 1}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ChainPlan":
+        return cls(tuple(d["modules"]), tuple(tuple(p) for p in d["params"]), tuple(d["boundaries"]),
+                   tuple(int(c) for c in d["channels"]))
+
+
+def chain_plan(proto: onnx.ModelProto, param_inputs: dict[str, list[str]]) -> ChainPlan:
+    """The chain structure of a train graph whose parameters are graph inputs.
+
+    ``param_inputs``: module name -> the graph inputs holding its tensors (parameter order; int8:
+    the ``*_quantized`` inputs). Raises ValueError naming what breaks the chain (a module used
+    twice, an op between modules that mixes channels, a skip connection)."""
+    g = proto.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def through_dq(name: str) -> str:
+        """Follow a parameter input through its DequantizeLinear (int8 graphs) to what the module reads."""
+        users = consumers.get(name, [])
+        if len(users) == 1 and users[0].op_type == "DequantizeLinear":
+            return users[0].output[0]
+        return name
+
+    modules, params, starts, channels = [], [], [], []
+    for module, inputs in param_inputs.items():
+        weight = through_dq(inputs[0])
+        users = consumers.get(weight, [])
+        if len(users) != 1 or users[0].op_type not in MODULE_OPS or users[0].input[1] != weight:
+            raise ValueError(f"module {module!r}: its weight does not feed exactly one Conv/Gemm")
+        node = users[0]
+        if node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute):
+            raise ValueError(f"module {module!r}: a Gemm without transB (rows are not output features)")
+        data = node.input[0]
+        dq = producer.get(data)
+        if dq is not None and dq.op_type == "DequantizeLinear" and producer.get(dq.input[0]) is not None \
+                and producer[dq.input[0]].op_type == "QuantizeLinear":
+            data = dq.input[0]  # int8: the quantized tensor the fused QLinearConv/QGemm reads
+        dims = next(i for i in g.input if i.name == inputs[0]).type.tensor_type.shape.dim
+        modules.append(module)
+        params.append(tuple(inputs))
+        starts.append(data)
+        channels.append(int(dims[0].dim_value))
+    boundaries = [g.input[0].name] + starts[1:] + [g.output[0].name]
+    plan = ChainPlan(tuple(modules), tuple(params), tuple(boundaries), tuple(channels))
+    for i in range(len(modules)):  # each segment must be a valid graph of the module + channel-wise ops
+        segment(proto, plan, i)
+    return plan
+
+
+def segment(proto: onnx.ModelProto, plan: ChainPlan, i: int) -> onnx.ModelProto:
+    """seg i: B_i and module i's parameters -> B_{i+1}, checked to be module i + channel-wise ops."""
+    inputs = [plan.boundaries[i], *plan.params[i]]
+    out = plan.boundaries[i + 1]
+    seg = _cut(proto, inputs, out, plan.modules[i])
+    known = set(inputs) | {t.name for t in seg.graph.initializer} | {o for n in seg.graph.node for o in n.output}
+    missing = sorted({x for n in seg.graph.node for x in n.input if x and x not in known})
+    if missing:
+        raise ValueError(f"module {plan.modules[i]!r}: its segment also reads {missing} (not a chain: a skip "
+                         "connection or a parameter shared across modules)")
+    ops = [n.op_type for n in seg.graph.node]
+    mixing = [op for op in ops if op not in CHANNELWISE]
+    if sorted(mixing) not in ([op] for op in MODULE_OPS):
+        raise ValueError(f"module {plan.modules[i]!r}: ops {mixing} between its input and the next module's "
+                         f"(only its own Conv/Gemm and channel-wise ops {sorted(CHANNELWISE)} allowed)")
+    shape = [d.dim_value for d in seg.graph.output[0].type.tensor_type.shape.dim]
+    if len(shape) < 2 or shape[1] != plan.channels[i]:
+        raise ValueError(f"module {plan.modules[i]!r}: output {out!r} has shape {shape}; channel axis 1 must have "
+                         f"its {plan.channels[i]} channels")
+    onnx.checker.check_model(seg)
+    return seg
+
+
+def _cut(proto: onnx.ModelProto, inputs: list[str], out: str, module: str) -> onnx.ModelProto:
+    """The nodes between ``inputs`` and ``out`` as a model, cut out of ``proto`` in place (same node
+    order, value_info, metadata: ONNX Runtime then fuses the QDQ groups as in the whole graph; a
+    model rebuilt by onnx.utils.Extractor kept its Gemm unfused)."""
+    m = shape_inference.infer_shapes(proto)
+    g = m.graph
+    info = {v.name: v for v in [*g.value_info, *g.input, *g.output]}
+    producer = {o: n for n in g.node for o in n.output}
+    needed, stack = set(), [out]
+    while stack:  # walk back from the output, stopping at the inputs
+        name = stack.pop()
+        if name in inputs or name not in producer:
+            continue
+        node = producer[name]
+        if id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(x for x in node.input if x)
+    if out not in info:
+        raise ValueError(f"module {module!r}: no tensor {out!r} in the graph")
+    nodes = [n for n in g.node if id(n) in needed]
+    new_inputs = [onnx.ValueInfoProto.FromString(info[x].SerializeToString()) for x in inputs]
+    new_output = onnx.ValueInfoProto.FromString(info[out].SerializeToString())
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.input[:]
+    g.input.extend(new_inputs)
+    del g.output[:]
+    g.output.append(new_output)
+    used = {x for n in nodes for x in n.input}
+    for init in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(init)
+    keep = [v for v in g.value_info if v.name in used or v.name == out]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    return m
+
+
+def cache_graph(proto: onnx.ModelProto, plan: ChainPlan) -> onnx.ModelProto:
+    """The train graph with the inner boundaries B_1 .. B_{L-1} as extra outputs."""
+    inferred = shape_inference.infer_shapes(proto)
+    info = {v.name: v for v in inferred.graph.value_info}
+    out = onnx.ModelProto.FromString(proto.SerializeToString())
+    for b in plan.boundaries[1:-1]:
+        v = onnx.ValueInfoProto.FromString(info[b].SerializeToString())
+        v.type.tensor_type.shape.dim[0].dim_param = "batch"
+        out.graph.output.append(v)
+    onnx.checker.check_model(out)
+    return out
+
+
+def segment_graphs(proto: onnx.ModelProto, plan: ChainPlan) -> dict[str, onnx.ModelProto]:
+    """{"block_cache": cache graph, "block_seg0": seg 0, ...}."""
+    return {"block_cache": cache_graph(proto, plan),
+            **{f"block_seg{i}": segment(proto, plan, i) for i in range(len(plan.modules))}}
+
+
+def module_inputs(layout_specs, input_of) -> dict[str, list[str]]:
+    """module -> its graph inputs in parameter order; ``input_of(param name)`` maps a parameter to its
+    graph input (float: the name itself; int8: the quantization table's ``input``)."""
+    out: dict[str, list[str]] = {}
+    for s in layout_specs:
+        name = s["name"] if isinstance(s, dict) else s.name
+        out.setdefault(name.rsplit(".", 1)[0], []).append(input_of(name))
+    return out
+
+
+def block_graphs(proto: onnx.ModelProto, parameters, table=None) -> tuple[ChainPlan, dict[str, onnx.ModelProto]]:
+    """The chain plan and graphs of a train graph (``parameters``: baffle.json's list or a layout's
+    specs; ``table``: an int8 graph's quant.QuantTable, whose tensors name the graph inputs).
+    Raises ValueError when the model is not a chain of channel-local modules."""
+    inputs = {t.name: t.input for t in table.tensors} if table is not None else {}
+    plan = chain_plan(proto, module_inputs(parameters, lambda n: inputs.get(n, n)))
+    return plan, segment_graphs(proto, plan)
+
+
+def add_block_graphs(folder, entry: dict, parameters, table=None) -> str | None:
+    """Write a format's block graphs next to its train graph and list them in its baffle.json entry
+    (``files``: block_cache, block_seg0, ...; ``blocks``: the plan). Returns why not, or None."""
+    from pathlib import Path
+    train = entry["files"]["train"]
+    try:
+        plan, graphs = block_graphs(onnx.load(str(Path(folder) / train)), parameters, table)
+    except ValueError as e:
+        return str(e)
+    stem = train[:-len(".train.onnx")] if train.endswith(".train.onnx") else train.rsplit(".", 1)[0]
+    for role, g in graphs.items():
+        name = f"{stem}.{role}.onnx"
+        (Path(folder) / name).write_bytes(g.SerializeToString())
+        entry["files"][role] = name
+    entry["blocks"] = plan.to_json()
+    return None
