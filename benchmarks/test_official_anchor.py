@@ -40,8 +40,8 @@ from torch import nn
 from baffle_edge.client import Batch, run_task, split_step, step_gradient
 from baffle_edge.estimator import cosine
 from baffle_edge.models import ModelConfig
-from baffle_edge.params import flat_params
-from baffle_edge.perturb import NoiseKind
+from baffle_edge.params import flat_params, layout_of
+from baffle_edge.perturb import BlockTable, NoiseKind
 from baffle_edge.protocol import RoundTask
 
 from .test_blocks import _trained
@@ -190,6 +190,18 @@ def machine() -> dict:
     return {"cpu_model": _cpu_model(), "cpu_isa": isa_summary()["isa"], "cores_logical": os.cpu_count()}
 
 
+def gradient_shares(model: nn.Module, exact: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per block module: its share of the parameters (= how often block noise draws it) and of the
+    exact gradient's squared norm (where the signal is)."""
+    blocks = BlockTable.from_layout(layout_of(model))
+    out = {}
+    for m, name in enumerate(blocks.modules):
+        first, last = np.flatnonzero(blocks.module == m)[[0, -1]]
+        idx = blocks.index[blocks.bounds[first]:blocks.bounds[last + 1]]
+        out[name] = {"params": idx.size / blocks.dim, "grad_sq": float((exact[idx] ** 2).sum() / (exact ** 2).sum())}
+    return out
+
+
 def mean_se(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
@@ -243,7 +255,7 @@ def _compare(benchmark, measuring: bool, runtime: str, root: Path, cls: type, wo
     speedup, speedup_dense = sec["official"] / sec["block"], sec["official"] / sec["dense"]
     (c_off, se_off), (c_blk, se_blk), (c_den, se_den) = stats["official"], stats["block"], stats["dense"]
     theory = math.sqrt(K / (K + w.size))
-    info, dense = machine(), our_task(runtime, 1, None).noise.value
+    info, dense, shares = machine(), our_task(runtime, 1, None).noise.value, gradient_shares(ours, exact)
     benchmark.group = "official anchor lenet-28"
     benchmark.extra_info.update(
         info, model="lenet-28 (NoNorm, Hardswish)", official_checkout=str(root), runtime=runtime,
@@ -253,7 +265,7 @@ def _compare(benchmark, measuring: bool, runtime: str, root: Path, cls: type, wo
         seconds_dense=sec["dense"], speedup=speedup, speedup_dense=speedup_dense, target_speedup=TARGET_SPEEDUP,
         meets_speedup_target=bool(speedup >= TARGET_SPEEDUP), cos_official=c_off, cos_official_se=se_off,
         cos_block=c_blk, cos_block_se=se_blk, cos_dense=c_den, cos_dense_se=se_den, theory_isotropic=theory,
-        meets_cosine_target=bool(c_blk >= c_off),
+        meets_cosine_target=bool(c_blk >= c_off), block_modules=shares,
         seconds_per_seed={name: [t for t, _ in rows] for name, rows in out.items()})
     rows = [("official BAFFLE client step, gaussian", "official", ""),
             (f"ours, {runtime}, {dense}", "dense", f"{speedup_dense:.2f}x"),
@@ -264,6 +276,8 @@ def _compare(benchmark, measuring: bool, runtime: str, root: Path, cls: type, wo
     for label, name, note in rows:
         m, se = stats[name]
         print(f"  {label:<40} {sec[name] * 1e3:8.1f} ms   cosine {m:.4f} +- {se:.4f}   {note}")
+    print("  block modules, share of parameters (= of block draws) / of the exact gradient's squared norm: "
+          + ", ".join(f"{n} {v['params']:.1%} / {v['grad_sq']:.1%}" for n, v in shares.items()))
     print(f"  speedup >= {TARGET_SPEEDUP:g}x: {'PASS' if speedup >= TARGET_SPEEDUP else 'FAIL'};  block cosine per "
           f"perturbation >= official: {'PASS' if c_blk >= c_off else 'FAIL'};  isotropic theory sqrt(K/(K+d)) = "
           f"{theory:.4f}")
