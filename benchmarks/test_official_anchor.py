@@ -116,21 +116,18 @@ def official_model(cls: type, ours: nn.Module) -> tuple[nn.Module, list[torch.Te
 
 
 def official_step(model: nn.Module, values: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                  seed: int) -> tuple[float, np.ndarray]:
+                  seed: int) -> tuple[tuple[float, float], np.ndarray]:
     """One official client step at ``values`` (reloaded first: its add-then-subtract perturbation
     leaves float32 rounding in the weights). Noise comes from torch's global generator, seeded.
-    Returns its seconds and its gradient estimate (the parameters' ``.grad``, clipped as it clips:
+    Returns its (wall, CPU) seconds and its gradient estimate (the parameters' ``.grad``, clipped as it clips:
     a uniform scale, so the cosine is unaffected)."""
     with torch.no_grad():
         for p, v in zip(model.parameters(), values):
             p.copy_(v)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    with cuda_as_noop():
-        start = time.perf_counter()
-        with torch.no_grad():
-            model(x, y, estimate_grad=True)
-        seconds = time.perf_counter() - start
+    with cuda_as_noop(), clock() as seconds, torch.no_grad():
+        model(x, y, estimate_grad=True)
     return seconds, torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().numpy()
 
 
@@ -172,14 +169,26 @@ def our_task(runtime: str, seed: int, noise: NoiseKind | None = NoiseKind.BLOCK)
         pytest.skip(f"runtime {runtime!r} ({REGISTRY[runtime].domain} domain) takes no block-noise task yet: {e}")
 
 
-def our_round(session, task: RoundTask, runtime: str, batch: Batch, w: np.ndarray) -> tuple[float, np.ndarray]:
+def our_round(session, task: RoundTask, runtime: str, batch: Batch,
+              w: np.ndarray) -> tuple[tuple[float, float], np.ndarray]:
     """One client round (timed as a whole around ``run_task``) and its estimate, decoded as the server does."""
-    start = time.perf_counter()
-    report = run_task(task, session, [batch], weights=w, runtime=runtime)
-    seconds = time.perf_counter() - start
+    with clock() as seconds:
+        report = run_task(task, session, [batch], weights=w, runtime=runtime)
     base, pert = split_step(task, np.concatenate([report.base_losses, report.losses]))
     return seconds, step_gradient(task, 0, pert, base, w.size, table=session.table, weights=w,
                                   blocks=session.blocks)
+
+
+class clock:  # a context manager: ``with clock() as t: ...``, then t = [wall, CPU]
+    """Wall and process-CPU seconds of a block (CPU time: every thread of the process; at one
+    thread it is the arm's compute, much less sensitive than wall time to other jobs' load)."""
+
+    def __enter__(self) -> list[float]:
+        self.out, self.wall, self.cpu = [0.0, 0.0], time.perf_counter(), time.process_time()
+        return self.out
+
+    def __exit__(self, *exc) -> None:
+        self.out[:] = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 # ------------------------------------------------------------------------------------- machine
@@ -227,7 +236,7 @@ def _compare(benchmark, measuring: bool, runtime: str, root: Path, cls: type, wo
     session = our_session(runtime, ours, workdir)
     x, y = torch.from_numpy(batch.x), torch.from_numpy(batch.y)
     seeds = list(range(1, 1 + (SEEDS_MEASURING if measuring else SEEDS_PLAIN)))
-    arms = {  # seed -> (seconds, estimate)
+    arms = {  # seed -> ((wall, CPU) seconds, estimate)
         "official": lambda seed: official_step(theirs, values, x, y, seed),
         "block": lambda seed: our_round(session, our_task(runtime, seed), runtime, batch, w),
         "dense": lambda seed: our_round(session, our_task(runtime, seed, None), runtime, batch, w),
@@ -236,7 +245,7 @@ def _compare(benchmark, measuring: bool, runtime: str, root: Path, cls: type, wo
         run(0)  # warm-up: first calls allocate
 
     def measure():
-        """The arms in rotated order seed by seed (all see the same load): (seconds, cosine) per seed."""
+        """The arms in rotated order seed by seed (all see the same load): ((wall, CPU), cosine) per seed."""
         out = {name: [] for name in arms}
         for i, seed in enumerate(seeds):
             names = list(arms)[i % 3:] + list(arms)[:i % 3]
@@ -246,13 +255,15 @@ def _compare(benchmark, measuring: bool, runtime: str, root: Path, cls: type, wo
         return out
 
     out = benchmark.pedantic(measure, rounds=1, warmup_rounds=0)
-    sec = {name: statistics.median(t for t, _ in rows) for name, rows in out.items()}
+    sec = {name: statistics.median(t[0] for t, _ in rows) for name, rows in out.items()}
+    cpu = {name: statistics.median(t[1] for t, _ in rows) for name, rows in out.items()}
     cos = {name: [c for _, c in rows] for name, rows in out.items()}
     # block noise's cosine scatters ~10x more across seeds than isotropic noise's: more seeds, untimed (cheap)
     cos["block"] += [cosine(arms["block"](seed)[1], exact) for seed in range(seeds[-1] + 1, 1 + COSINE_SEEDS)] \
         if measuring else []
     stats = {name: mean_se(c) for name, c in cos.items()}
     speedup, speedup_dense = sec["official"] / sec["block"], sec["official"] / sec["dense"]
+    speedup_cpu = cpu["official"] / cpu["block"]
     (c_off, se_off), (c_blk, se_blk), (c_den, se_den) = stats["official"], stats["block"], stats["dense"]
     theory = math.sqrt(K / (K + w.size))
     info, dense, shares = machine(), our_task(runtime, 1, None).noise.value, gradient_shares(ours, exact)
@@ -263,19 +274,27 @@ def _compare(benchmark, measuring: bool, runtime: str, root: Path, cls: type, wo
         K=K, batch=BATCH, sigma=SIGMA, threads=torch.get_num_threads(), seeds_timed=len(seeds),
         seeds_cosine_block=len(cos["block"]), seconds_official=sec["official"], seconds_block=sec["block"],
         seconds_dense=sec["dense"], speedup=speedup, speedup_dense=speedup_dense, target_speedup=TARGET_SPEEDUP,
+        cpu_seconds_official=cpu["official"], cpu_seconds_block=cpu["block"], cpu_seconds_dense=cpu["dense"],
+        speedup_cpu=speedup_cpu, speedup_dense_cpu=cpu["official"] / cpu["dense"],
         meets_speedup_target=bool(speedup >= TARGET_SPEEDUP), cos_official=c_off, cos_official_se=se_off,
         cos_block=c_blk, cos_block_se=se_blk, cos_dense=c_den, cos_dense_se=se_den, theory_isotropic=theory,
         meets_cosine_target=bool(c_blk >= c_off), block_modules=shares,
-        seconds_per_seed={name: [t for t, _ in rows] for name, rows in out.items()})
+        cos_block_p5_p50_p95=[float(q) for q in np.percentile(cos["block"], [5, 50, 95])],
+        seconds_per_seed={name: [t[0] for t, _ in rows] for name, rows in out.items()},
+        cpu_seconds_per_seed={name: [t[1] for t, _ in rows] for name, rows in out.items()})
     rows = [("official BAFFLE client step, gaussian", "official", ""),
-            (f"ours, {runtime}, {dense}", "dense", f"{speedup_dense:.2f}x"),
-            (f"ours, {runtime}, block", "block", f"{speedup:.1f}x, cosine over {len(cos['block'])} seeds")]
+            (f"ours, {runtime}, {dense}", "dense", f"{speedup_dense:.2f}x (CPU {cpu['official'] / cpu['dense']:.2f}x)"),
+            (f"ours, {runtime}, block", "block",
+             f"{speedup:.1f}x (CPU {speedup_cpu:.1f}x), cosine over {len(cos['block'])} seeds")]
     print(f"\nofficial anchor: LeNet 28x28, batch {BATCH}, K = {K}, sigma {SIGMA:g}, {torch.get_num_threads()} thread, "
           f"{len(seeds)} seeds interleaved; {info['cpu_model']} ({', '.join(info['cpu_isa'])}; "
           f"{info['cores_logical']} logical cores)")
     for label, name, note in rows:
         m, se = stats[name]
-        print(f"  {label:<40} {sec[name] * 1e3:8.1f} ms   cosine {m:.4f} +- {se:.4f}   {note}")
+        print(f"  {label:<40} {sec[name] * 1e3:8.1f} ms (CPU {cpu[name] * 1e3:6.1f} ms)   cosine {m:.4f} +- {se:.4f}   "
+              f"{note}")
+    print("  block cosine over seeds: 5th / 50th / 95th percentile "
+          + " / ".join(f"{q:.4f}" for q in np.percentile(cos["block"], [5, 50, 95])))
     print("  block modules, share of parameters (= of block draws) / of the exact gradient's squared norm: "
           + ", ".join(f"{n} {v['params']:.1%} / {v['grad_sq']:.1%}" for n, v in shares.items()))
     print(f"  speedup >= {TARGET_SPEEDUP:g}x: {'PASS' if speedup >= TARGET_SPEEDUP else 'FAIL'};  block cosine per "
