@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from baffle_edge.runtimes import REGISTRY, get_runtime
 from torch import nn
 
 from baffle_edge.client import Batch, run_task, split_step, step_gradient
@@ -43,6 +42,7 @@ from baffle_edge.models import ModelConfig
 from baffle_edge.params import flat_params, layout_of
 from baffle_edge.perturb import BlockTable, NoiseKind
 from baffle_edge.protocol import RoundTask
+from baffle_edge.runtimes import REGISTRY, get_runtime
 
 from .test_blocks import _trained
 
@@ -122,7 +122,7 @@ def official_step(model: nn.Module, values: list[torch.Tensor], x: torch.Tensor,
     Returns its (wall, CPU) seconds and its gradient estimate (the parameters' ``.grad``, clipped as it clips:
     a uniform scale, so the cosine is unaffected)."""
     with torch.no_grad():
-        for p, v in zip(model.parameters(), values):
+        for p, v in zip(model.parameters(), values, strict=True):
             p.copy_(v)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
@@ -144,12 +144,14 @@ def our_session(runtime: str, model: nn.Module, workdir: Path):
     info = REGISTRY[runtime]
     if info.artifact == "torch-model":
         return rt.load(model, threads=1)
+    from baffle_edge.data import Dataset, load_digits
     from baffle_edge.export.bundle import ExportConfig, export_bundle
 
-    from baffle_edge.data import Dataset, load_digits
+    def up(a: np.ndarray) -> np.ndarray:
+        return torch.nn.functional.interpolate(torch.from_numpy(a), size=IMAGE, mode="bilinear",
+                                               align_corners=False).numpy()
+
     d = load_digits(seed=0)
-    up = lambda a: torch.nn.functional.interpolate(torch.from_numpy(a), size=IMAGE, mode="bilinear",
-                                                   align_corners=False).numpy()
     data = Dataset("digits-28", up(d.x_train), d.y_train, up(d.x_test), d.y_test, d.num_classes, d.mean, d.std,
                    d.scale)
     out = workdir / info.format
@@ -166,7 +168,8 @@ def our_task(runtime: str, seed: int, noise: NoiseKind | None = NoiseKind.BLOCK)
         return RoundTask.for_domain(REGISTRY[runtime].domain, round=0, client=0, seed=seed, k=K, sigma=SIGMA,
                                     **fields)
     except ValueError as e:
-        pytest.skip(f"runtime {runtime!r} ({REGISTRY[runtime].domain} domain) takes no block-noise task yet: {e}")
+        pytest.skip(f"runtime {runtime!r} ({REGISTRY[runtime].domain} domain) refuses a {noise or 'default'}-noise "
+                    f"task: {e}")
 
 
 def our_round(session, task: RoundTask, runtime: str, batch: Batch,
@@ -194,7 +197,6 @@ class clock:  # a context manager: ``with clock() as t: ...``, then t = [wall, C
 # ------------------------------------------------------------------------------------- machine
 def machine() -> dict:
     from baffle_edge.targets import isa_summary
-
     from .conftest import _cpu_model
     return {"cpu_model": _cpu_model(), "cpu_isa": isa_summary()["isa"], "cores_logical": os.cpu_count()}
 
@@ -212,7 +214,9 @@ def gradient_shares(model: nn.Module, exact: np.ndarray) -> dict[str, dict[str, 
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    """Mean and its standard error."""
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return statistics.fmean(values), se
 
 
 # --------------------------------------------------------------------------------------- bench
