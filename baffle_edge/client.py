@@ -126,12 +126,15 @@ class StepWeights:
         self.flat = FlatSteps(self.table, self.q)  # block noise moves a few coordinates: flat integers
 
     def weight_set(self, sign: int, eps: np.ndarray | None, task: RoundTask | None) -> list[np.ndarray]:
-        """eps: the Rademacher sign mask (bool), or whole steps per coordinate (block noise)."""
+        """eps: the Rademacher sign mask (bool), or whole steps per coordinate (block noise, moved by
+        ``quant.FlatSteps``' reflecting rule)."""
         if getattr(self, "q", None) is None:
             raise ValueError("call set_weights(global weights) before evaluating losses")
         if sign == 0:
             return self.q
-        return self.select(eps, sign) if eps.dtype == bool else self.table.perturb(self.q, eps, sign)
+        if eps.dtype == bool:
+            return self.select(eps, sign)
+        return self.flat.tensors(self.table, self.flat.moved(slice(None), eps, sign))  # block noise (dense)
 
 
 def cross_entropies(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -283,13 +286,18 @@ def block_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0)
     # all rows at once: the drawn blocks' indices and values concatenated, split back into one view per row
     idx = np.concatenate([table.index[table.bounds[b]:table.bounds[b + 1]] for b in blocks])
     eps = np.concatenate(values)
-    cuts = np.cumsum([v.size for v in values])[:-1]
+    ends = np.cumsum([v.size for v in values])
+    starts = ends - [v.size for v in values]
     if session.domain is Domain.INT8_STEP:
         moved = lambda sign: session.flat.moved(idx, eps, sign)  # noqa: E731
     else:
         moved = lambda sign: session.w0[idx] + np.float32(sign) * (np.float32(task.sigma) * eps)  # noqa: E731
-    rows = [cross_entropies(fwd.logits(blocks, np.split(moved(sign), cuts)), batch.y)
-            for sign in ((1, -1) if task.central else (1,))]
+    rows = []
+    for sign in ((1, -1) if task.central else (1,)):
+        m = moved(sign)
+        z = fwd.logits(blocks, [m[a:b] for a, b in zip(starts, ends)])
+        step = max(1, LOSS_CHUNK_VALUES // z[0].size)  # chunks keep libm's temporaries in cache
+        rows.extend(cross_entropies(z[i:i + step], batch.y) for i in range(0, len(z), step))
     return np.concatenate(([] if task.central else [cross_entropy(base, batch.y)], *rows))
 
 

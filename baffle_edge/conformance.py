@@ -93,8 +93,14 @@ def block_vectors() -> dict:
                      "module": table.modules[table.module[b]], "row": int(table.row[b]), "size": int(v.size),
                      "first_index": int(idx[0]), "last_index": int(idx[-1]), "scale": _bits(table.scale[b:b + 1])[0],
                      "values_head": _bits(v[:4]), "values_last": _bits(v[-1:])[0], "sha256_f32le": _sha(v)})
+    steps = []  # int8-step block noise (docs/noise.md section 10): the same block, +-m_b whole steps
+    for what, seed, rnd, client, k in BLOCK:
+        (b,), (v,) = table.draw_steps(seed, rnd, client, [k])
+        steps.append({"what": what, "seed": seed, "round": rnd, "client": client, "k": k, "block": int(b),
+                      "steps": int(table.steps[b]), "step_weight": float(table.step_weight[b]),
+                      "signs": _signs(v)})
     return {"parameters": [{"name": n, "shape": list(s), "offset": o} for n, s, o in LENET_PARAMS],
-            "modules": table.to_json(), "draws": rows}
+            "modules": table.to_json(), "draws": rows, "int8_step_draws": steps}
 
 
 def _hex(words_: np.ndarray) -> list[str]:

@@ -194,7 +194,7 @@ class Federation:
             if not self.cfg.forward_budget >= 2:
                 raise ValueError(f"forward_budget must be >= 2 full forwards, got {self.cfg.forward_budget}")
             self.k = equal_compute_k(self.model, self.model_cfg.image_size, self.cfg.forward_budget,
-                                     self.model_cfg.in_channels)
+                                     self.model_cfg.in_channels, rule=self.runtime_info.block_forward)
         self.baseline = Baseline(self.cfg.baseline) if self.cfg.baseline is not None else defaults.baseline
         if self.baseline is Baseline.LOO and self.cfg.k < 2 and self.cfg.method is Method.BAFFLE:
             raise ValueError("the leave-one-out baseline (the default for int8 runtimes) needs --k >= 2; "
@@ -386,16 +386,16 @@ class Federation:
 
     def client_compute(self) -> dict:
         """Model compute of one client round (per local step), counted in MACs of conv and linear
-        layers: full forwards, or for block noise on the torch runtime the incremental rows
-        (runtimes/torch_incremental.py). Backprop: one forward + a backward (about 2 forwards)."""
+        layers: full forwards, or for block noise the incremental rows as the runtime evaluates them
+        (runtimes/torch_incremental.block_macs). Backprop: one forward + a backward (about 2 forwards)."""
         from baffle_edge.runtimes.torch_incremental import block_macs
         mc = self.model_cfg
-        full, per_block = block_macs(self.model, mc.image_size, mc.in_channels)
+        full, per_block = block_macs(self.model, mc.image_size, mc.in_channels, rule=self.runtime_info.block_forward)
         if self.cfg.method is Method.BP:
             fe = 3.0
         else:
             rows = self.k * (2 if Scheme(self.cfg.scheme) is Scheme.CENTRAL else 1)
-            if self.noise is NoiseKind.BLOCK and self.cfg.runtime == "torch":
+            if self.noise is NoiseKind.BLOCK:
                 sizes = self.server.blocks.sizes
                 fe = 1.0 + rows * float((per_block * sizes).sum() / sizes.sum()) / full
             else:

@@ -1,9 +1,11 @@
-"""Block noise with the incremental forward vs isotropic Gaussian noise at equal client compute
-(issue 17): LeNet on digits (8x8) and MNIST-shaped (28x28) inputs, batch 32, torch runtime.
+"""Block noise with the incremental forward vs isotropic noise at equal client compute (issue 17):
+LeNet on digits (8x8) and MNIST-shaped (28x28) inputs, batch 32, on the torch runtime (fp32,
+Gaussian) and the ONNX Runtime int8 runtime (whole-step noise: Rademacher vs int8 blocks).
 
 Side by side in one run, on the same weights (LeNet trained 40 backprop steps on digits) and batch:
-* isotropic: K = 100 Gaussian perturbations, a client round of K+1 = 101 full forwards;
-* block (MACs): K' = ``equal_compute_k(model, 101)`` block perturbations, the same MACs;
+* isotropic: K = 100 perturbations of the domain's default noise, a client round of K+1 = 101 full forwards;
+* block (MACs): K' = ``equal_compute_k(model, 101, rule)`` block perturbations, the same MACs as
+  the runtime evaluates rows (torch: ``delta``; ONNX Runtime segments: ``chain``);
 * block (wall): K'' block perturbations chosen so the round takes the isotropic round's wall time
   (K' scaled by the measured time ratio).
 Each is judged by the cosine of the decoded estimate (the server's ``step_gradient``) to the exact
@@ -23,7 +25,8 @@ from baffle_edge.estimator import cosine
 from baffle_edge.models import ModelConfig, build_model
 from baffle_edge.params import flat_grad, flat_params
 from baffle_edge.perturb import NoiseKind
-from baffle_edge.protocol import RoundTask
+from baffle_edge.protocol import Domain, RoundTask
+from baffle_edge.runtimes import REGISTRY, get_runtime
 from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
 from baffle_edge.runtimes.torch_runtime import TorchSession
 
@@ -57,30 +60,53 @@ def _trained(image_size: int):
 def _round(session, task, batch, w):
     report = run_task(task, session, [batch], weights=w)
     base, pert = split_step(task, np.concatenate([report.base_losses, report.losses]))
-    return report.seconds, step_gradient(task, 0, pert, base, w.size, blocks=session.blocks)
+    return report.seconds, step_gradient(task, 0, pert, base, w.size, blocks=session.blocks, table=session.table,
+                                         weights=w)
 
 
+def _session(runtime: str, model, image_size: int, tmp_path, threads):
+    """The runtime's client session on ``model``: torch directly, ONNX Runtime through an exported bundle."""
+    if runtime == "torch":
+        return TorchSession(model)
+    import dataclasses
+
+    from baffle_edge.export.bundle import ExportConfig, export_bundle
+    data = load_digits(seed=0)
+    if image_size != 8:  # calibrate on the upsampled digits the model was trained on
+        x = torch.nn.functional.interpolate(torch.from_numpy(data.x_train), size=image_size, mode="bilinear",
+                                            align_corners=False).numpy()
+        data = dataclasses.replace(data, x_train=x)
+    export_bundle(model, ModelConfig("lenet", 1, image_size, 10), data, tmp_path / "b",
+                  ExportConfig(formats=(REGISTRY[runtime].format,)))
+    return get_runtime(runtime).load(tmp_path / "b", threads=threads or 1)
+
+
+@pytest.mark.parametrize("runtime", ["torch", pytest.param("onnxruntime-int8", marks=[FULL])])
 @pytest.mark.parametrize("image_size", [8, pytest.param(28, marks=[FULL])])
-def test_block_vs_isotropic_at_equal_compute(benchmark, bench_threads, image_size):
+def test_block_vs_isotropic_at_equal_compute(benchmark, bench_threads, image_size, runtime, tmp_path):
     keep = torch.get_num_threads()
     if bench_threads:
         torch.set_num_threads(bench_threads)
     try:
-        _compare(benchmark, not benchmark.disabled, image_size)
+        _compare(benchmark, not benchmark.disabled, image_size, runtime, tmp_path, bench_threads)
     finally:
         torch.set_num_threads(keep)
 
 
-def _compare(benchmark, measuring, image_size):
+def _compare(benchmark, measuring, image_size, runtime, tmp_path, threads):
     seeds = 3 if measuring else 1
     model, batch, exact = _trained(image_size)
-    session = TorchSession(model)
+    session = _session(runtime, model, image_size, tmp_path, threads)
     w = flat_params(model).numpy()
-    full, per = block_macs(model, image_size)
-    k_block = equal_compute_k(model, image_size, K_ISO + 1)
+    rule = REGISTRY[runtime].block_forward
+    full, per = block_macs(model, image_size, rule=rule)
+    k_block = equal_compute_k(model, image_size, K_ISO + 1, rule=rule)
+    domain = Domain(REGISTRY[runtime].domain)
+    isotropic = "gaussian" if domain is Domain.FLOAT else "rademacher"
 
     def task(noise, k, seed):
-        return RoundTask(round=0, client=0, seed=seed, k=k, sigma=1e-4, noise=NoiseKind(noise))
+        return RoundTask.for_domain(domain, round=0, client=0, seed=seed, k=k, sigma=1e-4,
+                                    noise=NoiseKind(isotropic if noise == "isotropic" else noise))
 
     def measure(*runs):
         """Interleaved by seed (the runs share the machine's load alike): median seconds and cosines per run."""
@@ -91,16 +117,17 @@ def _compare(benchmark, measuring, image_size):
         return [(statistics.median(t for t, _ in out[r]), [cosine(g, exact) for _, g in out[r]]) for r in runs]
 
     (t_iso, cos_iso), (t_block, cos_block) = benchmark.pedantic(
-        lambda: measure(("gaussian", K_ISO), ("block", k_block)), rounds=1, warmup_rounds=0)
+        lambda: measure(("isotropic", K_ISO), ("block", k_block)), rounds=1, warmup_rounds=0)
     # equal wall time: only when measuring (plain test runs check the equal-MAC target once, quickly)
     k_wall = max(1, int(k_block * t_iso / t_block)) if measuring else k_block
     (t_wall, cos_wall), = measure(("block", k_wall)) if measuring else [(t_block, cos_block)]
     sizes = session.blocks.sizes
     fe_block = 1 + k_block * float((per * sizes).sum() / sizes.sum()) / full
     ratio = float(np.mean(cos_block) / np.mean(cos_iso))
-    benchmark.group = f"block noise lenet-{image_size}"
+    benchmark.group = f"block noise lenet-{image_size} {runtime}"
     benchmark.extra_info.update(
-        model=f"lenet-{image_size}", batch=len(batch.y), threads=torch.get_num_threads(), seeds=seeds,
+        model=f"lenet-{image_size}", runtime=runtime, block_rule=rule, isotropic_noise=isotropic,
+        batch=len(batch.y), threads=threads or (torch.get_num_threads() if runtime == "torch" else 1), seeds=seeds,
         k_isotropic=K_ISO, k_block_equal_macs=k_block, k_block_equal_wall=k_wall,
         forward_equivalents_isotropic=K_ISO + 1, forward_equivalents_block=fe_block,
         macs_isotropic=(K_ISO + 1) * full * len(batch.y), macs_block=fe_block * full * len(batch.y),
@@ -109,7 +136,7 @@ def _compare(benchmark, measuring, image_size):
         cos_block_equal_wall=float(np.mean(cos_wall)), cos_ratio_equal_macs=ratio,
         cos_ratio_equal_wall=float(np.mean(cos_wall) / np.mean(cos_iso)), target_ratio=TARGET,
         bytes_per_report_isotropic=20 * K_ISO, bytes_per_report_block=20 * k_block)
-    print(f"\nlenet-{image_size}: isotropic K={K_ISO}: cos {np.mean(cos_iso):.3f}, {t_iso:.3f} s | block K'={k_block} "
+    print(f"\nlenet-{image_size} {runtime}: isotropic ({isotropic}) K={K_ISO}: cos {np.mean(cos_iso):.3f}, {t_iso:.3f} s | block K'={k_block} "
           f"(equal MACs, {fe_block:.1f} forwards): cos {np.mean(cos_block):.3f}, {t_block:.3f} s | block K''={k_wall} "
           f"(equal wall time): cos {np.mean(cos_wall):.3f}, {t_wall:.3f} s | ratio {ratio:.1f}x")
     assert fe_block <= K_ISO + 1

@@ -52,6 +52,14 @@ def bundle_readme(meta: dict) -> str:
         "- float graphs (`model.train.onnx`): feed every parameter input `w + float32(sigma) * eps`.",
     ] + [_int8_rule(fmt, info) for fmt, info in meta["formats"].items() if "quantization" in info] + [
         "  The exact integer rules are in `quantized-perturbation.md` in this folder.",
+    ] + ([
+        "- block noise (`\"noise\": \"block\"`: one output-channel block per perturbation, noise.md sections 8 and "
+        "10): `*.block_cache.onnx` runs the unperturbed forward and also outputs the cut tensors listed in "
+        "`baffle.json` `formats.<format>.blocks.boundaries`; `*.block_seg<i>.onnx` maps boundary i and module i's "
+        "parameters to boundary i+1. Put a row's perturbed channel into channel c of the module's parameters "
+        "(one row per channel per call), replace channel c (axis 1) of the cached next boundary with the "
+        "output's, and finish the later segments unperturbed: the losses equal a full forward's.",
+    ] if any("blocks" in info for info in meta["formats"].values()) else []) + [
         "",
         "## ONNX Runtime Mobile (Kotlin)",
         "```kotlin",

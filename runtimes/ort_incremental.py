@@ -72,16 +72,17 @@ class OrtBlockForward:
         base = [self.feeds[n] for n in names]
         cached = self.b[i + 1] if i + 1 < len(self.b) else self.z
         nxt = np.repeat(cached[None], len(channels), axis=0)
+        v = np.stack(values)  # [n, d_b]: a module's blocks all have one size
+        cols = np.cumsum([0, *self.row_sizes[i]])
         rank = _occurrence(channels)  # pass number of each row: rows on one channel go to different passes
         for p in range(int(rank.max()) + 1 if len(rank) else 0):
             sel = np.flatnonzero(rank == p)
+            ch = channels[sel]
             tensors = [t.copy() for t in base]
-            for r in sel:
-                c, parts = channels[r], np.split(values[r], np.cumsum(self.row_sizes[i])[:-1])
-                for t, v in zip(tensors, parts):
-                    t[c] = v.reshape(t.shape[1:])
+            for t, a, b in zip(tensors, cols[:-1], cols[1:]):
+                t[ch] = v[sel, a:b].reshape(len(sel), *t.shape[1:])
             y = self.segments[i].run(None, {self.boundaries[i]: self.b[i], **dict(zip(names, tensors))})[0]
-            nxt[sel, :, channels[sel]] = np.moveaxis(y[:, channels[sel]], 1, 0)
+            nxt[sel, :, ch] = np.moveaxis(y[:, ch], 1, 0)
         return nxt
 
     def _finish(self, start: int, b: np.ndarray) -> np.ndarray:

@@ -130,10 +130,17 @@ def _conv_macs(conv: nn.Conv2d, out_hw: int, out_channels: int | None = None, in
     return o * i * conv.kernel_size[0] * conv.kernel_size[1] * out_hw
 
 
-def block_macs(model: nn.Module, image_size: int, in_channels: int = 1) -> tuple[int, np.ndarray]:
+def block_macs(model: nn.Module, image_size: int, in_channels: int = 1, *, rule: str = "delta") -> tuple[int, np.ndarray]:
     """Multiply-accumulates per image: (one full forward, one incremental row per block of
-    ``BlockTable.from_layout(layout_of(model))``). Without an incremental forward every row costs
-    a full forward. Counted for conv and linear layers (activations, pooling: not MACs)."""
+    ``BlockTable.from_layout(layout_of(model))``). Counted for conv and linear layers (activations,
+    pooling: not MACs). ``rule``: how the runtime evaluates a row (runtimes.RuntimeInfo.block_forward):
+
+    * ``"delta"`` (torch): conv1 rows push their delta through 1/C1 of conv2 (this module);
+    * ``"chain"`` (ONNX Runtime segments, runtimes/ort_incremental.py): a row of module i costs
+      1/C_i of module i plus every module after it in full;
+    * ``"full"``, or a model without an incremental forward: every row costs a full forward."""
+    if rule not in BLOCK_RULES:
+        raise ValueError(f"unknown block forward rule {rule!r}; known: {', '.join(BLOCK_RULES)}")
     blocks = BlockTable.from_layout(layout_of(model))
     with torch.no_grad():
         x = torch.zeros(1, in_channels, image_size, image_size)
@@ -145,25 +152,36 @@ def block_macs(model: nn.Module, image_size: int, in_channels: int = 1) -> tuple
         finally:
             for h in hooks:
                 h.remove()
-    full = sum(_conv_macs(m, shapes[m]) if isinstance(m, nn.Conv2d) else m.in_features * m.out_features
-               for m in shapes)
+    macs = {m: _conv_macs(m, shapes[m]) if isinstance(m, nn.Conv2d) else m.in_features * m.out_features
+            for m in shapes}
+    full = sum(macs.values())
     layers = _lenet_layers(model)
-    if layers is None:
+    if layers is None or rule == "full":
         return full, np.full(len(blocks.sizes), full, dtype=np.int64)
     conv1, _, _, conv2, _, _, fc = layers
     head = fc.in_features * fc.out_features
     names = {m: n for n, m in model.named_modules()}
-    per_module = {names[conv1]: _conv_macs(conv1, shapes[conv1], 1) + _conv_macs(conv2, shapes[conv2], in_channels=1)
-                  + head,
-                  names[conv2]: _conv_macs(conv2, shapes[conv2], 1) + head,
-                  names[fc]: fc.in_features}
+    if rule == "delta":
+        per_module = {names[conv1]: _conv_macs(conv1, shapes[conv1], 1) + _conv_macs(conv2, shapes[conv2],
+                                                                                    in_channels=1) + head,
+                      names[conv2]: _conv_macs(conv2, shapes[conv2], 1) + head,
+                      names[fc]: fc.in_features}
+    else:  # chain: 1/C_i of module i, then the rest of the chain
+        chain = [conv1, conv2, fc]
+        per_module = {names[m]: macs[m] // (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+                      + sum(macs[after] for after in chain[i + 1:]) for i, m in enumerate(chain)}
     return full, np.array([per_module[blocks.modules[m]] for m in blocks.module], dtype=np.int64)
 
 
-def equal_compute_k(model: nn.Module, image_size: int, forwards: float, in_channels: int = 1) -> int:
+BLOCK_RULES = ("delta", "chain", "full")
+
+
+def equal_compute_k(model: nn.Module, image_size: int, forwards: float, in_channels: int = 1, *,
+                    rule: str = "delta") -> int:
     """The number of block perturbations whose expected MACs (blocks drawn with probability
-    d_b / d) plus the unperturbed forward equal ``forwards`` full forwards."""
+    d_b / d) plus the unperturbed forward equal ``forwards`` full forwards, on a runtime that
+    evaluates rows by ``rule`` (``block_macs``)."""
     sizes = BlockTable.from_layout(layout_of(model)).sizes
-    full, per = block_macs(model, image_size, in_channels)
+    full, per = block_macs(model, image_size, in_channels, rule=rule)
     expected = float((per * sizes).sum() / sizes.sum())
     return max(1, int((forwards - 1) * full / expected))

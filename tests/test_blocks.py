@@ -134,8 +134,9 @@ def test_round_trip_client_to_server(lenet_batch):
 
 def test_block_noise_is_refused_where_it_cannot_be_regenerated(lenet_batch):
     model, x, y = lenet_batch
-    with pytest.raises(ValueError, match="needs 'rademacher'"):
-        _task(10, domain=Domain.INT8_STEP)
+    with pytest.raises(ValueError, match="needs 'rademacher' or 'block'"):
+        RoundTask(round=0, client=0, seed=1, k=10, sigma=1e-3, noise=NoiseKind.GAUSSIAN, domain=Domain.INT8_STEP)
+    assert _task(10, domain=Domain.INT8_STEP).noise is NoiseKind.BLOCK  # int8: whole-step blocks (section 10)
     session = TorchSession(model)
     session.blocks, session.block_forward = None, None
     with pytest.raises(ValueError, match="block noise needs the model's block table"):
@@ -174,14 +175,15 @@ def test_train_config_forward_budget(digits):
         Federation(TrainConfig(forward_budget=101, rounds=1, workers=1), data=digits)
 
 
-def test_onnxruntime_float_runs_block_noise_as_full_forwards(lenet_batch, digits, tmp_path):
-    """ORT fp32 has no incremental forward: its block rows are full forwards with the same losses."""
+def test_onnxruntime_float_block_rows_match_torch(lenet_batch, digits, tmp_path):
+    """ORT fp32 evaluates block rows from its segment graphs (tests/test_blocks_ort.py: bit-identical
+    to its own full forwards); its losses agree with the torch client's."""
     from baffle_edge.export.bundle import ExportConfig, export_bundle
     from baffle_edge.runtimes import get_runtime
     model, x, y = lenet_batch
     export_bundle(model, LENET, digits, tmp_path / "b", ExportConfig(formats=("onnx",)))
     ort = get_runtime("onnxruntime").load(tmp_path / "b")
-    assert ort.block_forward is None and ort.blocks.dim == 26730
+    assert ort.block_forward is not None and ort.blocks.dim == 26730
     ort.set_weights(flat_params(model).numpy())
     task = _task(12)
     got, ref = ort.losses(Batch(x, y), task), TorchSession(model).losses(Batch(x, y), task)
