@@ -22,6 +22,7 @@ def _values(kind) -> list[str]:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .block_draw import BlockDrawPolicy
     from .models import Activation, Norm
     from .perturb import NoiseKind
     from .protocol import Baseline, NoiseScope, Scheme, StepEstimator
@@ -66,6 +67,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="block noise: choose K so that a client round costs this many full forwards in MACs, "
                         "rows evaluated incrementally where the runtime can (e.g. 101 = the compute of an "
                         "isotropic K = 100 round; docs/noise.md section 8). Default: use --k")
+    g.add_argument("--block-draw", default=_d(_T.block_draw), choices=_values(BlockDrawPolicy),
+                   help="block noise: how blocks are drawn (every choice unbiased; docs/noise.md section 11). "
+                        "size: in proportion to their size; uniform: every block alike; adaptive: where the "
+                        "gradient energy per unit of client compute is, measured by the server from the reports' "
+                        "loss differences (default: %(default)s)")
     g.add_argument("--noise-scope", default=_d(_T.noise_scope), choices=_values(NoiseScope),
                    help="one noise stream per client, or one per round shared by all (default: %(default)s)")
     g.add_argument("--int8-estimator", default=_d(_T.int8_estimator), choices=_values(StepEstimator),
@@ -139,7 +145,7 @@ def config_from_args(a: argparse.Namespace):
     ppc = getattr(a, "perturbations_per_call", AUTO_KEY)
     ppc = AUTO_KEY if str(ppc).strip().lower() == AUTO_KEY else resolve(ppc, a.runtime)  # ValueError if bad
     same = ("model", "dataset", "data_dir", "activation", "norm", "clients", "partition", "alpha", "batch_size",
-            "method", "strategy", "local_steps", "k", "sigma", "scheme", "noise", "noise_scope", "forward_budget", "int8_estimator",
+            "method", "strategy", "local_steps", "k", "sigma", "scheme", "noise", "noise_scope", "block_draw", "forward_budget", "int8_estimator",
             "baseline", "seed", "eval_every", "checkpoint_every", "runtime", "provider", "target", "refresh_every", "workers",
             "quorum", "round_timeout", "aggregate", "trim", "byzantine")  # option = TrainConfig field (enums from strings)
     cfg = TrainConfig(**{n: getattr(a, n) for n in same}, perturbations_per_call=ppc,

@@ -22,6 +22,7 @@ times float32(sqrt(d / d_b)) in float32; every other entry of eps_k is 0.
 """
 from __future__ import annotations
 
+import copy
 import enum
 
 import numpy as np
@@ -214,11 +215,33 @@ class BlockTable:
         self.dim = int(self.bounds[-1])
         if np.unique(self.index).size != self.dim:
             raise ValueError("block noise: parameter tensors overlap")
-        self.scale = np.sqrt(self.dim / self.sizes).astype(np.float32)  # float32(sqrt(d / d_b)), in double first
         # int8-step blocks move m_b = round(sqrt(d / d_b)) whole steps (so |delta| matches isotropic
-        # int8 noise); the decoder weighs each by (d / d_b) / m_b^2 (docs/noise.md section 10)
+        # int8 noise); the decoder weighs each by (1 / p_b) / m_b^2 (docs/noise.md section 10)
         self.steps = np.maximum(1, np.floor(np.sqrt(self.dim / self.sizes) + 0.5)).astype(np.int64)
-        self.step_weight = (self.dim / self.sizes) / self.steps.astype(np.float64) ** 2
+        self._set_draw(self.sizes)  # section 8: blocks drawn in proportion to their size
+        self.module_weights: tuple[int, ...] | None = None
+
+    def _set_draw(self, weight: np.ndarray) -> None:
+        """Draw block b with probability p_b = weight[b] / sum(weight) (integers >= 1)."""
+        self.draw_bounds = np.concatenate([[0], np.cumsum(weight)]).astype(np.int64)
+        self.draw_total = int(self.draw_bounds[-1])
+        inv_p = self.draw_total / weight.astype(np.float64)
+        self.scale = np.sqrt(inv_p).astype(np.float32)  # float32(sqrt(1 / p_b)), in double first: sqrt(d / d_b)
+        self.step_weight = inv_p / self.steps.astype(np.float64) ** 2
+
+    def weighted(self, module_weights) -> "BlockTable":
+        """This partition with blocks drawn in proportion to their module's weight (docs/noise.md
+        section 11: RoundTask.block_weights); ``None``: self (in proportion to size)."""
+        if module_weights is None:
+            return self
+        w = np.asarray(module_weights, dtype=np.int64)
+        if w.shape != (len(self.modules),) or (w < 1).any():
+            raise ValueError(f"block_weights: expected {len(self.modules)} positive integers (modules "
+                             f"{list(self.modules)}), got {list(module_weights)}")
+        out = copy.copy(self)
+        out._set_draw(w[self.module])
+        out.module_weights = tuple(int(x) for x in w)
+        return out
 
     @classmethod
     def from_layout(cls, layout) -> "BlockTable":
@@ -268,8 +291,8 @@ class BlockTable:
             return np.concatenate([p[0] for p in parts]), [v for p in parts for v in p[1]]
         k0, k1 = seed & 0xFFFFFFFF, seed >> 32
         head = _philox_blocks(np.zeros(ks.size, np.uint64), ks.astype(np.uint64), client, round_, k0, k1)
-        r = ((head[:, 1].astype(np.uint64) << np.uint64(32)) | head[:, 0].astype(np.uint64)) % np.uint64(self.dim)
-        blocks = np.searchsorted(self.bounds, r.astype(np.int64), side="right") - 1
+        r = ((head[:, 1].astype(np.uint64) << np.uint64(32)) | head[:, 0].astype(np.uint64)) % np.uint64(self.draw_total)
+        blocks = np.searchsorted(self.draw_bounds, r.astype(np.int64), side="right") - 1
         n = self.sizes[blocks]
         nw = n_words(n)
         nb = -(-nw // 4)

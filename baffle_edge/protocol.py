@@ -88,6 +88,20 @@ def check_noise(domain: Domain, noise: NoiseKind) -> None:
                          f"steps and needs 'rademacher' or 'block' noise, got {NoiseKind(noise).value!r}")
 
 
+MAX_BLOCK_MODULES = 4096
+
+
+def _block_weights(v, noise: NoiseKind) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    _require(noise is NoiseKind.BLOCK, "block_weights", "only block noise draws blocks")
+    _require(isinstance(v, (list, tuple)) and 0 < len(v) <= MAX_BLOCK_MODULES, "block_weights",
+             f"expected a list of 1..{MAX_BLOCK_MODULES} integers, got {v!r}"[:200])
+    _require(all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x < 2**32 for x in v), "block_weights",
+             "every weight must be an integer in [1, 2^32)")
+    return tuple(int(x) for x in v)
+
+
 def _require(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{field_name}: {msg}")
@@ -167,6 +181,9 @@ class RoundTask:
     clip: float | None = None  # inf-norm clip of each local estimate (the server sends its 0.3); None = off
     model_version: str = ""  # hash of the global weights the losses must be evaluated at
     version: int = PROTOCOL_VERSION
+    # block noise: draw weight of each module's blocks, in block-table module order (docs/noise.md
+    # section 11); None = in proportion to block size (section 8). Omitted from the JSON when None.
+    block_weights: tuple[int, ...] | None = None
 
     def __post_init__(self):
         """Validate every field and hold the choices as enums (strings are parsed once, here)."""
@@ -191,6 +208,10 @@ class RoundTask:
         d = asdict(self)
         for f in ("scheme", "noise", "noise_scope", "domain", "estimator", "baseline"):
             d[f] = getattr(self, f).value if isinstance(getattr(self, f), enum.Enum) else d[f]
+        if d["block_weights"] is None:
+            del d["block_weights"]  # tasks without it stay readable by clients built before it
+        else:
+            d["block_weights"] = list(d["block_weights"])
         return d
 
     @classmethod
@@ -214,6 +235,7 @@ class RoundTask:
         _require(out["baseline"] is not Baseline.LOO or out["k"] >= 2, "baseline",
                  "leave-one-out needs k >= 2 perturbations")
         check_noise(out["domain"], out["noise"])
+        out["block_weights"] = _block_weights(d.get("block_weights"), out["noise"])
         return out
 
     @classmethod

@@ -30,6 +30,7 @@ from .client import Batch, run_task
 from .data import Dataset, batch_indices, load_dataset, partition
 from .models import Activation, ModelConfig, Norm, build_model, default_norm
 from .params import flat_grad, layout_of, set_flat_params
+from .block_draw import BlockDraw, BlockDrawPolicy
 from .perturb import NoiseKind
 from .protocol import (DOMAIN_DEFAULTS, Baseline, ClientReport, Domain, NoiseScope, RoundTask, Scheme, StepEstimator,
                        check_noise, wire_bytes)
@@ -62,6 +63,7 @@ class TrainConfig:
     scheme: Scheme = Scheme.FORWARD
     noise: NoiseKind | None = None  # None: the runtime's default (float: gaussian; int8-step: rademacher)
     noise_scope: NoiseScope = NoiseScope.CLIENT
+    block_draw: BlockDrawPolicy = BlockDrawPolicy.SIZE  # block noise: how blocks are drawn (block_draw.py)
     forward_budget: float | None = None  # block noise: K chosen so a client round costs this many full forwards
     # (MACs: runtimes/torch_incremental.equal_compute_k, e.g. 101 = an isotropic K = 100 round); None: use k
     int8_estimator: StepEstimator = StepEstimator.RMS  # int8-step runtimes: how steps decode (protocol.py)
@@ -187,16 +189,20 @@ class Federation:
             raise ValueError(f"runtime {self.cfg.runtime!r}: {e} (use --noise rademacher, the default for int8 "
                              "runtimes)") from None
         self.k = self.cfg.k
+        self.block_draw: BlockDraw | None = None
+        if self.noise is NoiseKind.BLOCK:
+            from baffle_edge.runtimes.torch_incremental import block_macs
+            mc = self.model_cfg
+            full, per = block_macs(self.model, mc.image_size, mc.in_channels, rule=self.runtime_info.block_forward)
+            self.block_draw = BlockDraw(self.cfg.block_draw, self.server.blocks, per / full, self.domain)
+        elif self.cfg.block_draw is not BlockDrawPolicy.SIZE:
+            raise ValueError("block_draw (--block-draw) chooses how block noise draws its blocks: use --noise block")
         if self.cfg.forward_budget is not None:
             if self.noise is not NoiseKind.BLOCK:
                 raise ValueError("forward_budget (--forward-budget) sets K for block noise only (--noise block)")
-            from baffle_edge.runtimes.torch_incremental import equal_compute_k
             if not self.cfg.forward_budget >= 2:
                 raise ValueError(f"forward_budget must be >= 2 full forwards, got {self.cfg.forward_budget}")
-            self.k = equal_compute_k(self.model, self.model_cfg.image_size, self.cfg.forward_budget,
-                                     self.model_cfg.in_channels, rule=self.runtime_info.block_forward)
-            if Scheme(self.cfg.scheme) is Scheme.CENTRAL:  # two rows per perturbation (+ the cached forward)
-                self.k = max(1, self.k // 2)
+            self._budget_k()
         self.baseline = Baseline(self.cfg.baseline) if self.cfg.baseline is not None else defaults.baseline
         if self.baseline is Baseline.LOO and self.cfg.k < 2 and self.cfg.method is Method.BAFFLE:
             raise ValueError("the leave-one-out baseline (the default for int8 runtimes) needs --k >= 2; "
@@ -249,11 +255,16 @@ class Federation:
             out.append(Batch(self.data.x_train[idx], self.data.y_train[idx]))
         return out
 
+    def _budget_k(self) -> None:
+        """K of a forward budget under the current block draw (its expected row cost on this runtime)."""
+        self.k = self.block_draw.k_for_budget(self.cfg.forward_budget, central=Scheme(self.cfg.scheme) is Scheme.CENTRAL)
+
     def task(self, round_: int, client: int) -> RoundTask:
         c = self.cfg
         return self.server.make_task(round_, client, seed=c.seed, k=self.k, sigma=c.sigma, scheme=c.scheme,
                                      noise=self.noise, noise_scope=c.noise_scope, domain=self.domain,
-                                     estimator=c.int8_estimator, baseline=self.baseline)
+                                     estimator=c.int8_estimator, baseline=self.baseline,
+                                     block_weights=self.block_draw.weights if self.block_draw else None)
 
     def _session(self):
         """This worker thread's simulated device (reloaded when the server refreshes the bundle)."""
@@ -370,12 +381,16 @@ class Federation:
                 log.rejected[task.client] = reason
                 continue
             log.accepted.append(task.client)
+            if self.block_draw is not None and isinstance(answer, ClientReport):
+                self.block_draw.observe(task, answer)
             if on_update is not None:
                 on_update(round_, task.client, weights, self.batches(task.client, round_), out)
             updates.append(out)
         heard = {t.client for t, _ in answered}
         quorum_met = len(updates) >= max(1, math.ceil(self.cfg.quorum * self.cfg.clients))
         applied = self.server.apply(updates, log) if quorum_met else False
+        if self.block_draw is not None:
+            self.block_draw.end_round()
         if (round_ + 1) % self.rpe == 0:
             self.server.end_epoch()
         losses = [u.loss for u in updates]
@@ -392,14 +407,13 @@ class Federation:
         (runtimes/torch_incremental.block_macs). Backprop: one forward + a backward (about 2 forwards)."""
         from baffle_edge.runtimes.torch_incremental import block_macs
         mc = self.model_cfg
-        full, per_block = block_macs(self.model, mc.image_size, mc.in_channels, rule=self.runtime_info.block_forward)
+        full, _ = block_macs(self.model, mc.image_size, mc.in_channels)
         if self.cfg.method is Method.BP:
             fe = 3.0
         else:
             rows = self.k * (2 if Scheme(self.cfg.scheme) is Scheme.CENTRAL else 1)
             if self.noise is NoiseKind.BLOCK:
-                sizes = self.server.blocks.sizes
-                fe = 1.0 + rows * float((per_block * sizes).sum() / sizes.sum()) / full
+                fe = 1.0 + rows * self.block_draw.expected_cost()
             else:
                 fe = float(rows + (0 if Scheme(self.cfg.scheme) is Scheme.CENTRAL else 1))
         return {"forward_equivalents": fe, "macs": fe * full * self.cfg.batch_size, "full_forward_macs": full}
@@ -446,7 +460,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def save_checkpoint(path: Path, fed: Federation, next_round: int, history: list[dict]) -> None:
     state = {"format": 1, "next_round": next_round, "config": json.dumps(fed.cfg.to_json()),
              "server": fed.server.state_dict(), "history": json.dumps(history),
-             "refresh_weights": fed.refresh_weights}
+             "refresh_weights": fed.refresh_weights,
+             "block_draw": json.dumps(fed.block_draw.state()) if fed.block_draw is not None else None}
     _atomic_write(path, lambda p: torch.save(state, p))
 
 
@@ -491,6 +506,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         fed.server.load_state_dict(state["server"])
         if fed.bundle_dir is not None and state.get("refresh_weights") is not None:
             fed.refresh_bundle(state["refresh_weights"])  # the bundle the interrupted run was using
+        if fed.block_draw is not None and state.get("block_draw"):
+            fed.block_draw.load_state(json.loads(state["block_draw"]))
         start_round, history = int(state["next_round"]), json.loads(state["history"])
     else:
         if out.exists() and any(out.iterdir()):
