@@ -33,9 +33,9 @@ def bundle(lenet_batch, digits, tmp_path_factory):
     return out
 
 
-def _task(domain: Domain, k: int, scheme: str = "forward") -> RoundTask:
+def _task(domain: Domain, k: int, scheme: str = "forward", weights=None) -> RoundTask:
     return RoundTask(round=2, client=5, seed=7, k=k, sigma=1e-3, scheme=Scheme(scheme), noise=NoiseKind.BLOCK,
-                     domain=domain)
+                     domain=domain, block_weights=weights)
 
 
 def _session(bundle, runtime: str, model):
@@ -74,6 +74,17 @@ def test_incremental_rows_equal_full_forwards_bit_for_bit(bundle, lenet_batch, r
     # all three kinds of block were drawn (conv1 rows also run conv2 in full)
     drawn = s.blocks.module[s.blocks.draw(7, 2, 5, np.arange(300))[0]]
     assert set(drawn.tolist()) == {0, 1, 2}
+
+
+def test_weighted_int8_rows_and_decoding(bundle, lenet_batch):
+    """Weighted draws (section 11): rows still bit-identical, decoding weighs by 1 / (p_b m_b^2)."""
+    model, x, y = lenet_batch
+    s = _session(bundle, "onnxruntime-int8", model)
+    task, batch = _task(Domain.INT8_STEP, 200, weights=(40, 1, 300)), Batch(x, y)
+    assert np.array_equal(block_losses(s, batch, task), _weight_set_losses(s, batch, task, 0))
+    t = s.blocks.weighted((40, 1, 300))
+    p = np.diff(t.draw_bounds) / t.draw_total
+    np.testing.assert_allclose(t.step_weight, 1 / p / t.steps.astype(float) ** 2)
 
 
 def test_int8_sparse_decoding_equals_dense_definition(bundle, lenet_batch):
