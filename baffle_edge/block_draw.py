@@ -11,9 +11,10 @@ so the server may put the perturbations where the gradient is, per unit of clien
   energy per block of module m, measured from the reports themselves: a row that drew block b has
   E[dL^2] = |g_b|^2 / p_b (float, times sigma^2) or m_b^2 |g_b|^2 (int8 steps), so
   G_m = mean(dL^2 | m) * p_b (float) or / m_b^2 (int8), smoothed over rounds (EMA). A tenth of the
-  mass stays on ``size`` so no module starves when its measured energy is noisy. K stays the one a
-  forward budget gives under ``size`` (so the upload, K scalars, does not grow): the adaptive draw
-  spends less compute than the budget on cheap, informative rows (the head) and reports it.
+  mass stays on ``size`` so no module starves when its measured energy is noisy. With a forward
+  budget the server re-derives K each round from the expected row cost of the current draw (cheap
+  rows, such as head rows, buy more perturbations), capped at 4x the size draw's K because the
+  upload is K scalars (simulate.BUDGET_K_CAP).
 
 Only module-level statistics of the loss differences are used: no data, no gradient leaves a client
 beyond what its report already holds.

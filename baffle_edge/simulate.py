@@ -256,8 +256,14 @@ class Federation:
         return out
 
     def _budget_k(self) -> None:
-        """K of a forward budget under the current block draw (its expected row cost on this runtime)."""
-        self.k = self.block_draw.k_for_budget(self.cfg.forward_budget, central=Scheme(self.cfg.scheme) is Scheme.CENTRAL)
+        """K of a forward budget under the current block draw (its expected row cost on this runtime);
+        at most ``BUDGET_K_CAP`` x the K of the size draw (the upload is K scalars)."""
+        central = Scheme(self.cfg.scheme) is Scheme.CENTRAL
+        k = self.block_draw.k_for_budget(self.cfg.forward_budget, central=central)
+        if not hasattr(self, "_size_k"):
+            self._size_k = BlockDraw("size", self.server.blocks, self.block_draw.cost, self.domain).k_for_budget(
+                self.cfg.forward_budget, central=central)
+        self.k = min(k, BUDGET_K_CAP * self._size_k)
 
     def task(self, round_: int, client: int) -> RoundTask:
         c = self.cfg
@@ -367,6 +373,8 @@ class Federation:
         self.maybe_refresh(round_)
         start = time.perf_counter()
         weights = self.server.flat().numpy().copy()
+        if self.block_draw is not None and self.cfg.forward_budget is not None:
+            self._budget_k()  # an adaptive draw changes the expected cost of a row
         tasks = [self.task(round_, c) for c in range(self.cfg.clients)]
         if gather is None:
             answered = self.gather_local(tasks, client_fn or self.device(weights), round_)
@@ -428,6 +436,9 @@ class Federation:
         acc_eval = accuracy(self.model, s.eval_weights(), d.x_test, d.y_test)
         return {"test_accuracy": acc_eval, "test_accuracy_raw": acc,
                 "test_loss": mean_loss(self.model, d.x_test, d.y_test)}
+
+
+BUDGET_K_CAP = 4  # block noise with a forward budget: K at most this many times the size draw's K
 
 
 def byzantine_clients(clients: int, fraction: float, *, seed: int) -> frozenset[int]:

@@ -160,12 +160,16 @@ def our_session(runtime: str, model: nn.Module, workdir: Path):
     return rt.load(out, threads=1)
 
 
-def our_task(runtime: str, seed: int, noise: NoiseKind | None = NoiseKind.BLOCK) -> RoundTask:
-    """Our task (K, sigma as the official step) in ``runtime``'s perturbation domain: block noise, or
-    with ``noise=None`` the domain's dense default (gaussian for float, rademacher for int8 steps)."""
+def our_task(runtime: str, seed: int, noise: NoiseKind | None = NoiseKind.BLOCK, *, k: int = K,
+             weights: tuple[int, ...] | None = None) -> RoundTask:
+    """Our task (K, sigma as the official step) in ``runtime``'s perturbation domain: block noise
+    (drawn with ``weights``, docs/noise.md section 11), or with ``noise=None`` the domain's dense
+    default (gaussian for float, rademacher for int8 steps)."""
     fields = {} if noise is None else {"noise": noise}
+    if weights is not None:
+        fields["block_weights"] = weights
     try:
-        return RoundTask.for_domain(REGISTRY[runtime].domain, round=0, client=0, seed=seed, k=K, sigma=SIGMA,
+        return RoundTask.for_domain(REGISTRY[runtime].domain, round=0, client=0, seed=seed, k=k, sigma=SIGMA,
                                     **fields)
     except ValueError as e:
         pytest.skip(f"runtime {runtime!r} ({REGISTRY[runtime].domain} domain) refuses a {noise or 'default'}-noise "
@@ -180,6 +184,21 @@ def our_round(session, task: RoundTask, runtime: str, batch: Batch,
     base, pert = split_step(task, np.concatenate([report.base_losses, report.losses]))
     return seconds, step_gradient(task, 0, pert, base, w.size, table=session.table, weights=w,
                                   blocks=session.blocks)
+
+
+def adaptive_weights(session, runtime: str, model: nn.Module, batch: Batch, w: np.ndarray) -> tuple[int, ...]:
+    """The block weights an adaptive server (``--block-draw adaptive``, baffle_edge/block_draw.py)
+    sends after one round of 10 size-drawn reports of K = 1,000 (noise seeds unused by the arms)."""
+    from baffle_edge.block_draw import BlockDraw
+    from baffle_edge.protocol import Domain
+    from baffle_edge.runtimes.torch_incremental import block_macs
+    full, per = block_macs(model, IMAGE, rule=REGISTRY[runtime].block_forward)
+    policy = BlockDraw("adaptive", session.blocks, per / full, Domain(REGISTRY[runtime].domain))
+    for seed in range(10_001, 10_011):
+        task = our_task(runtime, seed, k=1000)
+        policy.observe(task, run_task(task, session, [batch], weights=w, runtime=runtime))
+    policy.end_round()
+    return policy.weights
 
 
 class clock:  # a context manager: ``with clock() as t: ...``, then t = [wall, CPU]
@@ -240,9 +259,11 @@ def _compare(benchmark, measuring: bool, runtime: str, root: Path, cls: type, wo
     session = our_session(runtime, ours, workdir)
     x, y = torch.from_numpy(batch.x), torch.from_numpy(batch.y)
     seeds = list(range(1, 1 + (SEEDS_MEASURING if measuring else SEEDS_PLAIN)))
+    weights = adaptive_weights(session, runtime, ours, batch, w)
     arms = {  # seed -> ((wall, CPU) seconds, estimate)
         "official": lambda seed: official_step(theirs, values, x, y, seed),
         "block": lambda seed: our_round(session, our_task(runtime, seed), runtime, batch, w),
+        "adaptive": lambda seed: our_round(session, our_task(runtime, seed, weights=weights), runtime, batch, w),
         "dense": lambda seed: our_round(session, our_task(runtime, seed, None), runtime, batch, w),
     }
     for run in arms.values():
@@ -252,7 +273,7 @@ def _compare(benchmark, measuring: bool, runtime: str, root: Path, cls: type, wo
         """The arms in rotated order seed by seed (all see the same load): ((wall, CPU), cosine) per seed."""
         out = {name: [] for name in arms}
         for i, seed in enumerate(seeds):
-            names = list(arms)[i % 3:] + list(arms)[:i % 3]
+            names = list(arms)[i % len(arms):] + list(arms)[:i % len(arms)]
             for name in names:
                 t, g = arms[name](seed)
                 out[name].append((t, cosine(g, exact)))
@@ -263,12 +284,14 @@ def _compare(benchmark, measuring: bool, runtime: str, root: Path, cls: type, wo
     cpu = {name: statistics.median(t[1] for t, _ in rows) for name, rows in out.items()}
     cos = {name: [c for _, c in rows] for name, rows in out.items()}
     # block noise's cosine scatters ~10x more across seeds than isotropic noise's: more seeds, untimed (cheap)
-    cos["block"] += [cosine(arms["block"](seed)[1], exact) for seed in range(seeds[-1] + 1, 1 + COSINE_SEEDS)] \
-        if measuring else []
+    for name in ("block", "adaptive"):
+        cos[name] += [cosine(arms[name](seed)[1], exact) for seed in range(seeds[-1] + 1, 1 + COSINE_SEEDS)] \
+            if measuring else []
     stats = {name: mean_se(c) for name, c in cos.items()}
     speedup, speedup_dense = sec["official"] / sec["block"], sec["official"] / sec["dense"]
     speedup_cpu = cpu["official"] / cpu["block"]
     (c_off, se_off), (c_blk, se_blk), (c_den, se_den) = stats["official"], stats["block"], stats["dense"]
+    (c_ada, se_ada), speedup_ada = stats["adaptive"], sec["official"] / sec["adaptive"]
     theory = math.sqrt(K / (K + w.size))
     info, dense, shares = machine(), our_task(runtime, 1, None).noise.value, gradient_shares(ours, exact)
     benchmark.group = "official anchor lenet-28"
@@ -283,13 +306,18 @@ def _compare(benchmark, measuring: bool, runtime: str, root: Path, cls: type, wo
         meets_speedup_target=bool(speedup >= TARGET_SPEEDUP), cos_official=c_off, cos_official_se=se_off,
         cos_block=c_blk, cos_block_se=se_blk, cos_dense=c_den, cos_dense_se=se_den, theory_isotropic=theory,
         meets_cosine_target=bool(c_blk >= c_off), block_modules=shares,
+        block_weights_adaptive=list(weights), cos_adaptive=c_ada, cos_adaptive_se=se_ada,
+        seconds_adaptive=sec["adaptive"], speedup_adaptive=speedup_ada,
+        meets_both_targets_adaptive=bool(c_ada >= c_off and speedup_ada >= TARGET_SPEEDUP),
         cos_block_p5_p50_p95=[float(q) for q in np.percentile(cos["block"], [5, 50, 95])],
         seconds_per_seed={name: [t[0] for t, _ in rows] for name, rows in out.items()},
         cpu_seconds_per_seed={name: [t[1] for t, _ in rows] for name, rows in out.items()})
     rows = [("official BAFFLE client step, gaussian", "official", ""),
             (f"ours, {runtime}, {dense}", "dense", f"{speedup_dense:.2f}x (CPU {cpu['official'] / cpu['dense']:.2f}x)"),
             (f"ours, {runtime}, block", "block",
-             f"{speedup:.1f}x (CPU {speedup_cpu:.1f}x), cosine over {len(cos['block'])} seeds")]
+             f"{speedup:.1f}x (CPU {speedup_cpu:.1f}x), cosine over {len(cos['block'])} seeds"),
+            (f"ours, {runtime}, block, adaptive draw", "adaptive",
+             f"{speedup_ada:.1f}x (CPU {cpu['official'] / cpu['adaptive']:.1f}x), weights {list(weights)}")]
     print(f"\nofficial anchor: LeNet 28x28, batch {BATCH}, K = {K}, sigma {SIGMA:g}, {torch.get_num_threads()} thread, "
           f"{len(seeds)} seeds interleaved; {info['cpu_model']} ({', '.join(info['cpu_isa'])}; "
           f"{info['cores_logical']} logical cores)")
@@ -302,11 +330,12 @@ def _compare(benchmark, measuring: bool, runtime: str, root: Path, cls: type, wo
     print("  block modules, share of parameters (= of block draws) / of the exact gradient's squared norm: "
           + ", ".join(f"{n} {v['params']:.1%} / {v['grad_sq']:.1%}" for n, v in shares.items()))
     print(f"  speedup >= {TARGET_SPEEDUP:g}x: {'PASS' if speedup >= TARGET_SPEEDUP else 'FAIL'};  block cosine per "
-          f"perturbation >= official: {'PASS' if c_blk >= c_off else 'FAIL'};  isotropic theory sqrt(K/(K+d)) = "
+          f"perturbation >= official: {'PASS' if c_blk >= c_off else 'FAIL'} (size draw), "
+          f"{'PASS' if c_ada >= c_off else 'FAIL'} (adaptive draw);  isotropic theory sqrt(K/(K+d)) = "
           f"{theory:.4f}")
     assert all(np.isfinite(c) for values_ in cos.values() for c in values_)
     # the official step measured as published: its cosine is isotropic noise's, sqrt(K/(K+d)) (+-25%: 2 seeds)
     assert abs(c_off - theory) < 0.25 * theory, f"official cosine {c_off:.4f} is not isotropic noise's {theory:.4f}"
-    assert c_blk > 0 and c_den > 0, "an estimator of ours points away from the gradient on average"
+    assert c_blk > 0 and c_den > 0 and c_ada > 0, "an estimator of ours points away from the gradient on average"
     if measuring:  # timed on 12 seeds; a plain test run (2 seeds) only checks that every arm runs and estimates
         assert speedup >= TARGET_SPEEDUP
