@@ -99,8 +99,18 @@ def block_vectors() -> dict:
         steps.append({"what": what, "seed": seed, "round": rnd, "client": client, "k": k, "block": int(b),
                       "steps": int(table.steps[b]), "step_weight": float(table.step_weight[b]),
                       "signs": _signs(v)})
+    weighted = []  # docs/noise.md section 11: block_weights per module
+    for weights in ((1, 1, 1), (3, 1, 1000)):
+        t = table.weighted(weights)
+        for what, seed, rnd, client, k in BLOCK[:5]:
+            (b,), (v,) = t.draw(seed, rnd, client, [k])
+            (_, ), (st,) = t.draw_steps(seed, rnd, client, [k])
+            weighted.append({"block_weights": list(weights), "what": what, "seed": seed, "round": rnd,
+                             "client": client, "k": k, "block": int(b), "scale": _bits(t.scale[b:b + 1])[0],
+                             "values_head": _bits(v[:4]), "sha256_f32le": _sha(v), "steps": int(t.steps[b]),
+                             "step_weight": float(t.step_weight[b]), "signs": _signs(st)})
     return {"parameters": [{"name": n, "shape": list(s), "offset": o} for n, s, o in LENET_PARAMS],
-            "modules": table.to_json(), "draws": rows, "int8_step_draws": steps}
+            "modules": table.to_json(), "draws": rows, "int8_step_draws": steps, "weighted_draws": weighted}
 
 
 def _hex(words_: np.ndarray) -> list[str]:

@@ -137,3 +137,12 @@ def test_weights_reach_the_client(lenet_batch, table):
     report = run_task(task, TorchSession(model), [Batch(x, y)], weights=w)
     g = step_gradient(task, 0, report.losses, report.base_losses[0], w.size, blocks=table)
     assert np.abs(g[:416]).sum() > 0 and (np.count_nonzero(g[416:]) < np.count_nonzero(g[:416]) * 5)
+
+
+def test_conformance_kit_carries_weighted_draws(table):
+    from baffle_edge.conformance import block_vectors
+    rows = block_vectors()["weighted_draws"]
+    assert {tuple(r["block_weights"]) for r in rows} == {(1, 1, 1), (3, 1, 1000)}
+    r = rows[0]
+    (b,), (v,) = table.weighted(r["block_weights"]).draw(r["seed"], r["round"], r["client"], [r["k"]])
+    assert b == r["block"] and [f"{x:08x}" for x in v[:4].view(np.uint32)] == r["values_head"]
