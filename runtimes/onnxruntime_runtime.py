@@ -87,19 +87,36 @@ class OrtSession(AutoP, BaseSession):
         # block noise: the partition follows from the parameter table; rows run incrementally when
         # the bundle's model is a chain (its block graphs, export/blocks.py), else as full forwards
         self.blocks = BlockTable.from_layout(self.bundle.meta["parameters"])
-        self.block_forward, self.block_forward_reason = None, None
+        self._block_forward, self.block_forward_reason, self._block_ready = None, None, False
+
+    @property
+    def block_forward(self):
+        """The incremental block forward, set up at the first block-noise task (``None``: full forwards)."""
+        if not self._block_ready:
+            self._block_ready = True
+            self._init_block_forward()
+        return self._block_forward
+
+    @block_forward.setter
+    def block_forward(self, value) -> None:
+        self._block_forward, self._block_ready = value, True
 
     def _init_block_forward(self) -> None:
-        """The incremental block forward from the bundle's block graphs, or built now from its train
-        graph (older bundles; needs ``onnx``). Not a chain: rows run as full forwards (the reason is
-        kept in ``block_forward_reason``)."""
+        """The incremental block forward from the bundle's block graphs, or cut now from its train
+        graph (bundles exported before block noise, or shipped without the block files, as Flower's
+        task messages do; needs ``onnx``). Not a chain: rows run as full forwards (the reason is
+        kept in ``block_forward_reason``). A listed block file that fails its sha256 is an error."""
         from .ort_incremental import OrtBlockForward
         entry = self.bundle.meta["formats"][self.fmt]
+        graphs = None
         if "blocks" in entry:
             plan = entry["blocks"]
-            graphs = [self.bundle.file(self.fmt, "block_cache"),
-                      *(self.bundle.file(self.fmt, f"block_seg{i}") for i in range(len(plan["modules"])))]
-        else:
+            try:
+                graphs = [self.bundle.file(self.fmt, "block_cache"),
+                          *(self.bundle.file(self.fmt, f"block_seg{i}") for i in range(len(plan["modules"])))]
+            except FileNotFoundError:
+                graphs = None
+        if graphs is None:
             try:
                 import onnx
 
@@ -173,7 +190,6 @@ class OrtFloatSession(FloatWeights, OrtSession):
         super().__init__(bundle_dir, **kw)
         self.specs = [(p["name"], p["offset"], p["size"], tuple(p["shape"])) for p in self.bundle.meta["parameters"]]
         self.set_weights(np.zeros(self.dim, np.float32))
-        self._init_block_forward()
 
     def _feeds(self, w):
         return {n: w[o:o + s].reshape(shape) for n, o, s, shape in self.specs}
@@ -192,7 +208,6 @@ class OrtInt8Session(StepWeights, OrtSession):
         self.table = self.bundle.quant_table(self.fmt)
         self.target = check_bundle(self.bundle.meta, self.name) if self.cpu_bound else None
         self.set_weights(np.zeros(self.dim, np.float32))
-        self._init_block_forward()
 
     def _feeds(self, qs):
         return {t.input: q for t, q in zip(self.table.tensors, qs)}

@@ -172,8 +172,24 @@ def test_tampered_block_graph_is_refused(bundle, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(bundle, b)
     (b / "model.int8.block_seg1.onnx").write_bytes(b"\0" * 64)
+    s = get_runtime("onnxruntime-int8").load(b)  # block graphs are opened at the first block task
     with pytest.raises(ValueError, match="sha256 does not match"):
-        get_runtime("onnxruntime-int8").load(b)
+        s.block_forward
+
+
+def test_bundle_shipped_without_its_block_files_cuts_them_from_the_train_graph(bundle, lenet_batch, tmp_path):
+    """Flower's task messages carry baffle.json and the train graph only: the client cuts the
+    segments itself (same graphs, same losses)."""
+    model, x, y = lenet_batch
+    b = tmp_path / "shipped"
+    b.mkdir()
+    meta = json.loads((bundle / "baffle.json").read_text())
+    for name in ("baffle.json", meta["formats"]["onnx-int8"]["files"]["train"]):
+        shutil.copy(bundle / name, b / name)
+    s, full = _session(b, "onnxruntime-int8", model), _session(bundle, "onnxruntime-int8", model)
+    assert s.block_forward is not None
+    task = _task(Domain.INT8_STEP, 50)
+    assert np.array_equal(s.losses(Batch(x, y), task), full.losses(Batch(x, y), task))
 
 
 def test_bundle_without_block_graphs_builds_them_at_load(bundle, lenet_batch, tmp_path):
