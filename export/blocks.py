@@ -45,7 +45,7 @@ class ChainPlan:
                 "boundaries": list(self.boundaries), "channels": list(self.channels), "channel_axis": 1}
 
     @classmethod
-    def from_json(cls, d: dict) -> "ChainPlan":
+    def from_json(cls, d: dict) -> ChainPlan:
         return cls(tuple(d["modules"]), tuple(tuple(p) for p in d["params"]), tuple(d["boundaries"]),
                    tuple(int(c) for c in d["channels"]))
 

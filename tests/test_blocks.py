@@ -107,8 +107,9 @@ def test_incremental_logits_for_every_kind_of_block(lenet_batch, table):
         assert abs(cross_entropy(got[i], y) / cross_entropy(want, y) - 1) < 1e-6
 
 
-def test_sparse_decoding_equals_dense_stein(lenet_batch, table):
-    task = _task(50)
+@pytest.mark.parametrize("weights", [None, (7, 1, 30)])  # size draw (section 8), weighted (section 11)
+def test_sparse_decoding_equals_dense_stein(lenet_batch, table, weights):
+    task = _task(50, block_weights=weights)
     rng = np.random.default_rng(0)
     losses, base = 2.0 + 1e-3 * rng.standard_normal(50), 2.0
     sparse = step_gradient(task, 0, losses, base, table.dim, blocks=table)

@@ -8,18 +8,25 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-
-from baffle_edge.client import Batch, _weight_set_losses, block_losses, run_task, step_gradient, step_noise
-from baffle_edge.estimator import stein_gradient
 from baffle_edge.export.blocks import block_graphs, chain_plan, module_inputs
 from baffle_edge.export.bundle import ExportConfig, export_bundle, sha256
+from baffle_edge.runtimes import get_runtime
+from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
+
+from baffle_edge.client import (
+    Batch,
+    _weight_set_losses,
+    block_losses,
+    run_task,
+    step_gradient,
+    step_noise,
+)
+from baffle_edge.estimator import stein_gradient
 from baffle_edge.models import ModelConfig, Norm, build_model
 from baffle_edge.params import flat_params, layout_of
 from baffle_edge.perturb import BlockTable, NoiseKind, rademacher_negative, words
 from baffle_edge.protocol import Domain, RoundTask, Scheme
 from baffle_edge.quant import FlatSteps, QuantTable, weight_tensor
-from baffle_edge.runtimes import get_runtime
-from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
 from baffle_edge.server import Server, make_strategy
 
 LENET = ModelConfig("lenet", 1, 8, 10)
@@ -104,7 +111,7 @@ def test_int8_sparse_decoding_equals_dense_definition(bundle, lenet_batch):
     noise = step_noise(task, 0, s.dim, blocks=s.blocks)
     drawn = s.blocks.draw_steps(7, 2, 5, np.arange(80))[0]
     flat = FlatSteps(s.table, q)
-    eff = lambda k: flat.effective(slice(None), noise(k)) * s.blocks.step_weight[drawn[k]]  # noqa: E731
+    eff = lambda k: flat.effective(slice(None), noise(k)) * s.blocks.step_weight[drawn[k]]
     dense = stein_gradient(diffs, s.table.divisor(task.estimator), eff, s.dim)
     np.testing.assert_allclose(sparse, dense, rtol=1e-9, atol=1e-12)
     assert (np.abs(np.concatenate([noise(k)[s.blocks.index[s.blocks.bounds[b]:s.blocks.bounds[b + 1]]]
@@ -174,7 +181,7 @@ def test_tampered_block_graph_is_refused(bundle, tmp_path):
     (b / "model.int8.block_seg1.onnx").write_bytes(b"\0" * 64)
     s = get_runtime("onnxruntime-int8").load(b)  # block graphs are opened at the first block task
     with pytest.raises(ValueError, match="sha256 does not match"):
-        s.block_forward
+        _ = s.block_forward
 
 
 def test_bundle_shipped_without_its_block_files_cuts_them_from_the_train_graph(bundle, lenet_batch, tmp_path):
