@@ -18,6 +18,9 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from baffle_edge.runtimes import REGISTRY, get_runtime
+from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
+from baffle_edge.runtimes.torch_runtime import TorchSession
 
 from baffle_edge.client import Batch, run_task, split_step, step_gradient
 from baffle_edge.data import load_digits
@@ -26,9 +29,6 @@ from baffle_edge.models import ModelConfig, build_model
 from baffle_edge.params import flat_grad, flat_params
 from baffle_edge.perturb import NoiseKind
 from baffle_edge.protocol import Domain, RoundTask
-from baffle_edge.runtimes import REGISTRY, get_runtime
-from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
-from baffle_edge.runtimes.torch_runtime import TorchSession
 
 from .cases import FULL
 

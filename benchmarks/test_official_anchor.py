@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from baffle_edge.runtimes import REGISTRY, get_runtime
 from torch import nn
 
 from baffle_edge.client import Batch, run_task, split_step, step_gradient
@@ -42,7 +43,6 @@ from baffle_edge.models import ModelConfig
 from baffle_edge.params import flat_params, layout_of
 from baffle_edge.perturb import BlockTable, NoiseKind
 from baffle_edge.protocol import RoundTask
-from baffle_edge.runtimes import REGISTRY, get_runtime
 
 from .test_blocks import _trained
 
@@ -144,8 +144,9 @@ def our_session(runtime: str, model: nn.Module, workdir: Path):
     info = REGISTRY[runtime]
     if info.artifact == "torch-model":
         return rt.load(model, threads=1)
-    from baffle_edge.data import Dataset, load_digits
     from baffle_edge.export.bundle import ExportConfig, export_bundle
+
+    from baffle_edge.data import Dataset, load_digits
 
     def up(a: np.ndarray) -> np.ndarray:
         return torch.nn.functional.interpolate(torch.from_numpy(a), size=IMAGE, mode="bilinear",
@@ -189,9 +190,10 @@ def our_round(session, task: RoundTask, runtime: str, batch: Batch,
 def adaptive_weights(session, runtime: str, model: nn.Module, batch: Batch, w: np.ndarray) -> tuple[int, ...]:
     """The block weights an adaptive server (``--block-draw adaptive``, baffle_edge/block_draw.py)
     sends after one round of 10 size-drawn reports of K = 1,000 (noise seeds unused by the arms)."""
+    from baffle_edge.runtimes.torch_incremental import block_macs
+
     from baffle_edge.block_draw import BlockDraw
     from baffle_edge.protocol import Domain
-    from baffle_edge.runtimes.torch_incremental import block_macs
     full, per = block_macs(model, IMAGE, rule=REGISTRY[runtime].block_forward)
     policy = BlockDraw("adaptive", session.blocks, per / full, Domain(REGISTRY[runtime].domain))
     for seed in range(10_001, 10_011):
@@ -216,6 +218,7 @@ class clock:  # a context manager: ``with clock() as t: ...``, then t = [wall, C
 # ------------------------------------------------------------------------------------- machine
 def machine() -> dict:
     from baffle_edge.targets import isa_summary
+
     from .conftest import _cpu_model
     return {"cpu_model": _cpu_model(), "cpu_isa": isa_summary()["isa"], "cores_logical": os.cpu_count()}
 
