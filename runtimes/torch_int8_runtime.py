@@ -112,6 +112,8 @@ class TorchInt8Session(OrtInt8Session):
     def __init__(self, bundle_dir, **kw):
         super().__init__(bundle_dir, **kw)
         self.name = "torch-int8"
+        # block noise: every row a full forward of the interpreter (the ORT segment graphs would run ONNX Runtime)
+        self.block_forward = None
 
     def _open(self, path, **options) -> None:
         self.interpreter = QdqInterpreter(onnx.load(str(path)))

@@ -231,3 +231,13 @@ def test_bundle_lists_its_block_graphs(bundle):
         if role == "block_seg1":  # int8: the conv keeps its integer weights as inputs and its QDQ scales
             assert [i.name for i in graph.graph.input][1:] == ["features.4.weight_quantized", "features.4.bias_quantized"]
             assert "Conv" in [n.op_type for n in graph.graph.node]
+
+
+def test_the_torch_int8_oracle_runs_block_rows_itself(bundle, lenet_batch):
+    """torch-int8 (the fake-quant oracle) must not borrow ONNX Runtime's segment graphs: full
+    forwards of its own interpreter, within float rounding of ONNX Runtime's rows."""
+    model, x, y = lenet_batch
+    oracle, ort = _session(bundle, "torch-int8", model), _session(bundle, "onnxruntime-int8", model)
+    assert oracle.block_forward is None and ort.block_forward is not None
+    task = _task(Domain.INT8_STEP, 30)
+    np.testing.assert_allclose(oracle.losses(Batch(x, y), task), ort.losses(Batch(x, y), task), atol=1e-5)
