@@ -127,7 +127,7 @@ class StepWeights:
 
     def weight_set(self, sign: int, eps: np.ndarray | None, task: RoundTask | None) -> list[np.ndarray]:
         """eps: the Rademacher sign mask (bool), or whole steps per coordinate (block noise, moved by
-        ``quant.FlatSteps``' reflecting rule)."""
+        ``quant.FlatSteps``: a coordinate that could leave the integer range stays still)."""
         if getattr(self, "q", None) is None:
             raise ValueError("call set_weights(global weights) before evaluating losses")
         if sign == 0:
@@ -280,7 +280,7 @@ def block_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0)
     same order, but each perturbed row is evaluated from the cached unperturbed activations. The
     backend gets each row's block index and the block's perturbed values: ``w0[block] + sign *
     (float32(sigma) * eps)`` (FloatWeights' arithmetic) or, int8-step, the block's integers moved by
-    ``sign`` times its steps (``quant.FlatSteps``, QTensor.perturb's rule)."""
+    ``sign`` times its steps (``quant.FlatSteps``, docs/noise.md section 10)."""
     table = require_blocks(session.blocks, session.dim)
     fwd = session.block_forward
     base = fwd.cache(session.prepare(batch.x))
@@ -333,7 +333,7 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
         if table is None or weights is None:
             raise ValueError("an int8-step report needs the bundle's quantization table to be decoded")
         from .quant import FlatSteps
-        flat = FlatSteps(table, table.quantize(weights))  # eps_eff in steps, weighted (d/d_b) / m_b^2
+        flat = FlatSteps(table, table.quantize(weights))  # eps_eff in steps, weighted (1 / p_b) / m_b^2
         eff = [flat.effective(blocks.index[blocks.bounds[b]:blocks.bounds[b + 1]], v, central=task.central)
                * blocks.step_weight[b] for b, v in zip(drawn, values)]
         return clip_inf(drawn_gradient(diffs, table.divisor(task.estimator), drawn, eff, blocks), task.clip)
