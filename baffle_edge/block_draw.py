@@ -14,7 +14,7 @@ so the server may put the perturbations where the gradient is, per unit of clien
   mass stays on ``size`` so no module starves when its measured energy is noisy. With a forward
   budget the server re-derives K each round from the expected row cost of the current draw (cheap
   rows, such as head rows, buy more perturbations), capped at 4x the size draw's K because the
-  upload is K scalars (simulate.BUDGET_K_CAP).
+  upload is K scalars (``BUDGET_K_CAP``).
 
 Only module-level statistics of the loss differences are used: no data, no gradient leaves a client
 beyond what its report already holds.
@@ -25,6 +25,7 @@ import enum
 
 import numpy as np
 
+from .client import step_blocks
 from .estimator import leave_one_out, loss_differences
 from .perturb import BlockTable
 from .protocol import Baseline, ClientReport, Domain, RoundTask
@@ -32,6 +33,7 @@ from .protocol import Baseline, ClientReport, Domain, RoundTask
 SCALE = 1 << 24  # integer weights: per-block probability x SCALE (>= 1)
 SIZE_SHARE = 0.1  # adaptive: fraction of the draw kept in proportion to size
 EMA = 0.3  # adaptive: weight of the newest round's energies
+BUDGET_K_CAP = 4  # with a forward budget: K at most this many times the size draw's K
 
 
 class BlockDrawPolicy(str, enum.Enum):
@@ -62,10 +64,15 @@ class BlockDraw:
         p = np.diff(t.draw_bounds) / t.draw_total
         return float(p @ self.cost)
 
-    def k_for_budget(self, forwards: float, *, central: bool = False) -> int:
-        """K whose expected rows plus the cached forward cost ``forwards`` full forwards."""
-        k = max(1, int((forwards - 1) / self.expected_cost()))
-        return max(1, k // 2) if central else k
+    def k_for_budget(self, forwards: float, *, central: bool = False, cap: float = BUDGET_K_CAP) -> int:
+        """K whose expected rows plus the cached forward cost ``forwards`` full forwards, at most
+        ``cap`` x the K of the size draw (the upload is K scalars: cheap rows must not inflate it
+        without bound)."""
+        def k_at(cost: float) -> int:
+            k = max(1, int((forwards - 1) / cost))
+            return max(1, k // 2) if central else k
+        size_cost = float(self.blocks.sizes @ self.cost / self.blocks.dim)
+        return min(k_at(self.expected_cost()), int(cap * k_at(size_cost)))
 
     def observe(self, task: RoundTask, report: ClientReport) -> None:
         """Add an accepted report's squared loss differences to its modules' energy sums."""
@@ -78,7 +85,6 @@ class BlockDraw:
             diffs = loss_differences(report.losses[s * per:(s + 1) * per], base, task.scheme)
             if task.baseline is Baseline.LOO:
                 diffs = leave_one_out(diffs)
-            from .client import step_blocks
             drawn, _ = step_blocks(task, s, t)
             p = (np.diff(t.draw_bounds) / t.draw_total)[drawn]
             scale = p if self.domain is Domain.FLOAT else 1.0 / t.steps[drawn].astype(np.float64) ** 2

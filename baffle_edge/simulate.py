@@ -26,17 +26,17 @@ import torch
 from torch import nn
 
 from . import __version__
+from .block_draw import BlockDraw, BlockDrawPolicy
 from .client import Batch, run_task
 from .data import Dataset, batch_indices, load_dataset, partition
+from .estimator import clip_inf
 from .models import Activation, ModelConfig, Norm, build_model, default_norm
 from .params import flat_grad, layout_of, set_flat_params
-from .block_draw import BlockDraw, BlockDrawPolicy
 from .perturb import NoiseKind
 from .protocol import (DOMAIN_DEFAULTS, Baseline, ClientReport, Domain, NoiseScope, RoundTask, Scheme, StepEstimator,
                        check_noise, wire_bytes)
-from .server import (Aggregate, ClientUpdate, OptimConfig, coerce_enums, ReplayGuard, RoundLog, Server, accuracy,
+from .server import (Aggregate, ClientUpdate, OptimConfig, ReplayGuard, RoundLog, Server, accuracy, coerce_enums,
                      make_strategy, mean_loss)
-from .estimator import clip_inf
 
 
 class Method(str, enum.Enum):
@@ -256,14 +256,8 @@ class Federation:
         return out
 
     def _budget_k(self) -> None:
-        """K of a forward budget under the current block draw (its expected row cost on this runtime);
-        at most ``BUDGET_K_CAP`` x the K of the size draw (the upload is K scalars)."""
-        central = Scheme(self.cfg.scheme) is Scheme.CENTRAL
-        k = self.block_draw.k_for_budget(self.cfg.forward_budget, central=central)
-        if not hasattr(self, "_size_k"):
-            self._size_k = BlockDraw("size", self.server.blocks, self.block_draw.cost, self.domain).k_for_budget(
-                self.cfg.forward_budget, central=central)
-        self.k = min(k, BUDGET_K_CAP * self._size_k)
+        """K of a forward budget under the current block draw (its expected row cost on this runtime)."""
+        self.k = self.block_draw.k_for_budget(self.cfg.forward_budget, central=Scheme(self.cfg.scheme) is Scheme.CENTRAL)
 
     def task(self, round_: int, client: int) -> RoundTask:
         c = self.cfg
@@ -436,9 +430,6 @@ class Federation:
         acc_eval = accuracy(self.model, s.eval_weights(), d.x_test, d.y_test)
         return {"test_accuracy": acc_eval, "test_accuracy_raw": acc,
                 "test_loss": mean_loss(self.model, d.x_test, d.y_test)}
-
-
-BUDGET_K_CAP = 4  # block noise with a forward budget: K at most this many times the size draw's K
 
 
 def byzantine_clients(clients: int, fraction: float, *, seed: int) -> frozenset[int]:

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+from baffle_edge.export.bundle import read_bundle
 
 from baffle_edge.client import BaseSession, FloatWeights, StepWeights
-from baffle_edge.export.bundle import read_bundle
 from baffle_edge.perturb import BlockTable
 from baffle_edge.protocol import Domain
 from baffle_edge.targets import check_bundle
@@ -119,7 +119,6 @@ class OrtSession(AutoP, BaseSession):
         if graphs is None:
             try:
                 import onnx
-
                 from baffle_edge.export.blocks import block_graphs
             except ImportError:
                 self.block_forward_reason = "the bundle has no block graphs and onnx is not installed to build them"
@@ -221,7 +220,6 @@ def batched_graph_path(bundle, fmt: str, p: int) -> Path:
     import tempfile
 
     import onnx
-
     from baffle_edge.export.batched import batch_graph
     proto = batch_graph(onnx.load(str(bundle.file(fmt, "train"))), p)
     out = Path(tempfile.mkdtemp(prefix="baffle-p")) / f"{fmt}.p{p}.train.onnx"
