@@ -60,9 +60,7 @@ class BlockDraw:
 
     def expected_cost(self) -> float:
         """Expected cost of one perturbation (full forwards) under the current weights."""
-        t = self.table()
-        p = np.diff(t.draw_bounds) / t.draw_total
-        return float(p @ self.cost)
+        return float(self.table().probability @ self.cost)
 
     def k_for_budget(self, forwards: float, *, central: bool = False, cap: float = BUDGET_K_CAP) -> int:
         """K whose expected rows plus the cached forward cost ``forwards`` full forwards, at most
@@ -86,8 +84,7 @@ class BlockDraw:
             if task.baseline is Baseline.LOO:
                 diffs = leave_one_out(diffs)
             drawn, _ = step_blocks(task, s, t)
-            p = (np.diff(t.draw_bounds) / t.draw_total)[drawn]
-            scale = p if self.domain is Domain.FLOAT else 1.0 / t.steps[drawn].astype(np.float64) ** 2
+            scale = t.probability[drawn] if self.domain is Domain.FLOAT else 1.0 / t.steps[drawn].astype(np.float64) ** 2
             m = t.module[drawn]
             np.add.at(self._sum, m, np.asarray(diffs, np.float64) ** 2 * scale)
             np.add.at(self._count, m, 1)

@@ -219,12 +219,12 @@ class BlockTable:
         # int8 noise); the decoder weighs each by (1 / p_b) / m_b^2 (docs/noise.md section 10)
         self.steps = np.maximum(1, np.floor(np.sqrt(self.dim / self.sizes) + 0.5)).astype(np.int64)
         self._set_draw(self.sizes)  # section 8: blocks drawn in proportion to their size
-        self.module_weights: tuple[int, ...] | None = None
 
     def _set_draw(self, weight: np.ndarray) -> None:
         """Draw block b with probability p_b = weight[b] / sum(weight) (integers >= 1)."""
         self.draw_bounds = np.concatenate([[0], np.cumsum(weight)]).astype(np.int64)
         self.draw_total = int(self.draw_bounds[-1])
+        self.probability = weight / float(self.draw_total)  # p_b (float64)
         inv_p = self.draw_total / weight.astype(np.float64)
         self.scale = np.sqrt(inv_p).astype(np.float32)  # float32(sqrt(1 / p_b)), in double first: sqrt(d / d_b)
         self.step_weight = inv_p / self.steps.astype(np.float64) ** 2
@@ -240,7 +240,6 @@ class BlockTable:
                              f"{list(self.modules)}), got {list(module_weights)}")
         out = copy.copy(self)
         out._set_draw(w[self.module])
-        out.module_weights = tuple(int(x) for x in w)
         return out
 
     @classmethod
