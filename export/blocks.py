@@ -56,6 +56,13 @@ def chain_plan(proto: onnx.ModelProto, param_inputs: dict[str, list[str]]) -> Ch
     ``param_inputs``: module name -> the graph inputs holding its tensors (parameter order; int8:
     the ``*_quantized`` inputs). Raises ValueError naming what breaks the chain (a module used
     twice, an op between modules that mixes channels, a skip connection)."""
+    plan = _plan(proto, param_inputs)
+    _segments(proto, plan)  # each segment must be a valid graph of the module + channel-wise ops
+    return plan
+
+
+def _plan(proto: onnx.ModelProto, param_inputs: dict[str, list[str]]) -> ChainPlan:
+    """``chain_plan`` before its segments are checked: the modules, their inputs and the boundaries."""
     g = proto.graph
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -90,17 +97,21 @@ def chain_plan(proto: onnx.ModelProto, param_inputs: dict[str, list[str]]) -> Ch
         starts.append(data)
         channels.append(int(dims[0].dim_value))
     boundaries = [g.input[0].name] + starts[1:] + [g.output[0].name]
-    plan = ChainPlan(tuple(modules), tuple(params), tuple(boundaries), tuple(channels))
-    for i in range(len(modules)):  # each segment must be a valid graph of the module + channel-wise ops
-        segment(proto, plan, i)
-    return plan
+    return ChainPlan(tuple(modules), tuple(params), tuple(boundaries), tuple(channels))
 
 
-def segment(proto: onnx.ModelProto, plan: ChainPlan, i: int) -> onnx.ModelProto:
-    """seg i: B_i and module i's parameters -> B_{i+1}, checked to be module i + channel-wise ops."""
+def _segments(proto: onnx.ModelProto, plan: ChainPlan) -> list[onnx.ModelProto]:
+    """Every seg i of ``plan``, shapes inferred once for all of them."""
+    inferred = shape_inference.infer_shapes(proto)
+    return [segment(inferred, plan, i) for i in range(len(plan.modules))]
+
+
+def segment(inferred: onnx.ModelProto, plan: ChainPlan, i: int) -> onnx.ModelProto:
+    """seg i: B_i and module i's parameters -> B_{i+1}, checked to be module i + channel-wise ops
+    (``inferred``: the train graph with its shapes inferred)."""
     inputs = [plan.boundaries[i], *plan.params[i]]
     out = plan.boundaries[i + 1]
-    seg = _cut(proto, inputs, out, plan.modules[i])
+    seg = _cut(inferred, inputs, out, plan.modules[i])
     known = set(inputs) | {t.name for t in seg.graph.initializer} | {o for n in seg.graph.node for o in n.output}
     missing = sorted({x for n in seg.graph.node for x in n.input if x and x not in known})
     if missing:
@@ -119,11 +130,11 @@ def segment(proto: onnx.ModelProto, plan: ChainPlan, i: int) -> onnx.ModelProto:
     return seg
 
 
-def _cut(proto: onnx.ModelProto, inputs: list[str], out: str, module: str) -> onnx.ModelProto:
-    """The nodes between ``inputs`` and ``out`` as a model, cut out of ``proto`` in place (same node
-    order, value_info, metadata: ONNX Runtime then fuses the QDQ groups as in the whole graph; a
-    model rebuilt by onnx.utils.Extractor kept its Gemm unfused)."""
-    m = shape_inference.infer_shapes(proto)
+def _cut(inferred: onnx.ModelProto, inputs: list[str], out: str, module: str) -> onnx.ModelProto:
+    """The nodes between ``inputs`` and ``out`` as a model, cut out of a copy of ``inferred`` in place
+    (same node order, value_info, metadata: ONNX Runtime then fuses the QDQ groups as in the whole
+    graph; a model rebuilt by onnx.utils.Extractor kept its Gemm unfused)."""
+    m = onnx.ModelProto.FromString(inferred.SerializeToString())
     g = m.graph
     info = {v.name: v for v in [*g.value_info, *g.input, *g.output]}
     producer = {o: n for n in g.node for o in n.output}
@@ -170,9 +181,10 @@ def cache_graph(proto: onnx.ModelProto, plan: ChainPlan) -> onnx.ModelProto:
 
 
 def segment_graphs(proto: onnx.ModelProto, plan: ChainPlan) -> dict[str, onnx.ModelProto]:
-    """{"block_cache": cache graph, "block_seg0": seg 0, ...}."""
+    """{"block_cache": cache graph, "block_seg0": seg 0, ...}; raises ValueError where the plan is not
+    a chain (``chain_plan``'s checks, made while the segments are cut)."""
     return {"block_cache": cache_graph(proto, plan),
-            **{f"block_seg{i}": segment(proto, plan, i) for i in range(len(plan.modules))}}
+            **{f"block_seg{i}": seg for i, seg in enumerate(_segments(proto, plan))}}
 
 
 def module_inputs(layout_specs, input_of) -> dict[str, list[str]]:
@@ -190,8 +202,8 @@ def block_graphs(proto: onnx.ModelProto, parameters, table=None) -> tuple[ChainP
     specs; ``table``: an int8 graph's quant.QuantTable, whose tensors name the graph inputs).
     Raises ValueError when the model is not a chain of channel-local modules."""
     inputs = {t.name: t.input for t in table.tensors} if table is not None else {}
-    plan = chain_plan(proto, module_inputs(parameters, lambda n: inputs.get(n, n)))
-    return plan, segment_graphs(proto, plan)
+    plan = _plan(proto, module_inputs(parameters, lambda n: inputs.get(n, n)))
+    return plan, segment_graphs(proto, plan)  # cutting the segments checks the chain
 
 
 def add_block_graphs(folder, entry: dict, parameters, table=None) -> str | None:
