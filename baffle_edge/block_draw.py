@@ -25,10 +25,10 @@ import enum
 
 import numpy as np
 
-from .client import step_blocks
 from .estimator import leave_one_out, loss_differences
 from .perturb import BlockTable
 from .protocol import Baseline, ClientReport, Domain, RoundTask
+from .rows import step_blocks
 
 SCALE = 1 << 24  # integer weights: per-block probability x SCALE (>= 1)
 SIZE_SHARE = 0.1  # adaptive: fraction of the draw kept in proportion to size

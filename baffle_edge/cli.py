@@ -21,16 +21,22 @@ def _values(kind) -> list[str]:
     return [e.value for e in kind]
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def add_train_args(p: argparse.ArgumentParser) -> None:
     from .block_draw import BlockDrawPolicy
-    from .models import Activation, Norm
+    from .config import (
+        MODEL_NAMES,
+        Activation,
+        Aggregate,
+        Method,
+        Norm,
+        OptimConfig,
+        OptimizerName,
+        TrainConfig,
+    )
+    from .data import DATASETS
     from .perturb import NoiseKind
     from .protocol import Baseline, NoiseScope, Scheme, StepEstimator
-    from .server import Aggregate, OptimConfig, OptimizerName
-    from .simulate import Method, TrainConfig
     _T, _O = TrainConfig(), OptimConfig()  # every default and choice below is read from the configs
-    from .models import MODEL_NAMES
-    from .data import DATASETS
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=_d(_T.model), choices=MODEL_NAMES, help="model architecture (default: %(default)s)")
     g.add_argument("--activation", default=_d(_T.activation), choices=_values(Activation),
@@ -130,16 +136,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="simulation: seeded fraction of clients that upload random large losses (default: %(default)s)")
 
 
-def config_from_args(a: argparse.Namespace):
-    from .data import load_dataset
-    from .server import OptimConfig
-    from .simulate import TrainConfig
+_add_train_args = add_train_args  # the old name, still imported by gateway/cli.py
 
-    for name in ("clients", "k", "batch_size", "eval_every", "checkpoint_every", "workers", "local_steps"):
-        if getattr(a, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.sigma <= 0 or a.lr <= 0:
-        raise ValueError("--sigma and --lr must be > 0")
+
+def config_from_args(a: argparse.Namespace):
+    from .config import OptimConfig, TrainConfig
+    from .data import load_dataset
+
     milestones = tuple(int(m) for m in a.milestones.split(",") if m.strip())
     from baffle_edge.runtimes.batching import AUTO_KEY, resolve
     ppc = getattr(a, "perturbations_per_call", AUTO_KEY)
@@ -185,16 +188,31 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 # Sub-commands that live in their own modules: each module defines ``add_parser(subparsers)``,
-# which registers its parser and sets ``func`` (returning the exit code).
-COMMAND_MODULES: list[str] = [
-    "baffle_edge.export.cli",
-    "baffle_edge.runtimes.cli",
-    "baffle_edge.flower_app",
-    "baffle_edge.verify",
-    "baffle_edge.bench_report",
-    "baffle_edge.conformance",
-    "baffle_edge.gateway.cli",
-]
+# which registers its parser(s) (named here) and sets ``func`` (returning the exit code). A module whose
+# dependencies this install lacks (a device install has no torch) gets stand-in parsers that say what to install.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "baffle_edge.export.cli": ("export",),
+    "baffle_edge.runtimes.cli": ("runtimes",),
+    "baffle_edge.flower.cli": ("flower",),
+    "baffle_edge.verify": ("verify",),
+    "baffle_edge.bench_report": ("bench-report",),
+    "baffle_edge.conformance": ("conformance",),
+    "baffle_edge.kit": ("check-kit",),
+    "baffle_edge.gateway.cli": ("serve", "tokens", "device"),
+}
+SERVER_INSTALL = "pip install torch==2.13.0 && pip install 'baffle-edge[server]'"
+
+
+def _unavailable(sub, names: tuple[str, ...], error: ImportError) -> None:
+    """Parsers for commands whose module cannot be imported here: running one explains why."""
+    why = f"needs {error.name or error} (not installed): {SERVER_INSTALL}"
+
+    def fail(a: argparse.Namespace) -> int:
+        raise ImportError(f"`baffle-edge {a.command}` {why}")
+    for name in names:
+        p = sub.add_parser(name, help=f"(unavailable in this install: {why})", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=fail)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,11 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="federated training in one process (BAFFLE or the backprop baseline)",
                        description="Train a model with C simulated clients. Writes OUT/metrics.json, "
                                    "OUT/curves.png and OUT/checkpoint.pt.")
-    _add_train_args(t)
+    add_train_args(t)
     t.set_defaults(func=cmd_train)
     import importlib
-    for mod in COMMAND_MODULES:
-        importlib.import_module(mod).add_parser(sub)
+    for mod, names in COMMAND_MODULES.items():
+        try:
+            module = importlib.import_module(mod)
+        except ImportError as e:
+            _unavailable(sub, names, e)
+            continue
+        module.add_parser(sub)
     return p
 
 

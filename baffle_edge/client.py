@@ -21,14 +21,14 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from . import libm, perturb
-from .estimator import clip_inf, leave_one_out, loss_differences, stein_gradient
 from .perturb import NoiseKind
-from .protocol import Baseline, ClientReport, Domain, RoundTask, Scheme, check_noise
+from .protocol import ClientReport, Domain, RoundTask, check_noise
+from .rows import local_step, require_blocks, split_step, step_blocks, step_gradient, step_noise
 
 
 @dataclass(frozen=True)
@@ -158,43 +158,6 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(cross_entropies(np.asarray(logits)[None], labels)[0])
 
 
-def step_noise(task: RoundTask, step: int, dim: int, *, signs: bool = False,
-               blocks: perturb.BlockTable | None = None) -> Callable[[int], np.ndarray]:
-    """eps_k for local step ``step`` of ``task`` (counter word k' = step * K + k). ``signs``: the
-    Rademacher eps_k as a boolean mask, True where eps = -1 (quant.StepSelector's input). Block
-    noise needs the model's ``blocks`` and is returned dense here (``step_blocks`` keeps it sparse)."""
-    c, base = task.noise_client, step * task.k
-    if task.noise is NoiseKind.BLOCK:  # float: scaled Gaussians; int8-step: whole steps (float32 integers)
-        table = require_blocks(blocks, dim)
-        return lambda k: table.dense(*(v[0] for v in draw_blocks(task, table, [base + k])))
-    if signs:
-        if task.noise is not NoiseKind.RADEMACHER:
-            raise ValueError(f"sign masks need Rademacher noise, task has {task.noise.value!r}")
-        return lambda k: perturb.negative_signs(task.seed, task.round, c, base + k, dim)
-    return lambda k: perturb.noise(task.seed, task.round, c, base + k, dim, task.noise)
-
-
-def require_blocks(blocks: perturb.BlockTable | None, dim: int) -> perturb.BlockTable:
-    if blocks is None:
-        raise ValueError("block noise needs the model's block table (perturb.BlockTable); this runtime has none")
-    if blocks.dim != dim:
-        raise ValueError(f"block table covers {blocks.dim} parameters, the model has {dim}")
-    return blocks
-
-
-def step_blocks(task: RoundTask, step: int, blocks: perturb.BlockTable) -> tuple[np.ndarray, list[np.ndarray]]:
-    """All K block perturbations of one local step, sparse: (block index per k, its values per k)."""
-    return draw_blocks(task, blocks, step * task.k + np.arange(task.k))
-
-
-def draw_blocks(task: RoundTask, blocks: perturb.BlockTable, ks) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Block perturbations ``ks`` in the task's domain: float32 values (float) or whole int8 steps,
-    blocks drawn with the task's ``block_weights`` (docs/noise.md section 11)."""
-    blocks = blocks.weighted(task.block_weights)
-    draw = blocks.draw_steps if task.domain is Domain.INT8_STEP else blocks.draw
-    return draw(task.seed, task.round, task.noise_client, ks)
-
-
 def noise_stream(task: RoundTask, step: int, dim: int, *, prefetch: bool = True,
                  signs: bool = False, blocks: perturb.BlockTable | None = None) -> Iterator[np.ndarray]:
     """eps_0 .. eps_{K-1} of one step, in order (as ``step_noise``). With ``prefetch`` the next eps
@@ -301,63 +264,6 @@ def block_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0)
         step = max(1, LOSS_CHUNK_VALUES // z[0].size)  # chunks keep libm's temporaries in cache
         rows.extend(cross_entropies(z[i:i + step], batch.y) for i in range(0, len(z), step))
     return np.concatenate(([] if task.central else [cross_entropy(base, batch.y)], *rows))
-
-
-def split_step(task: RoundTask, out: np.ndarray) -> tuple[float | None, np.ndarray]:
-    """Split a session's output for one step into (base loss, perturbed losses)."""
-    if task.scheme is Scheme.FORWARD:
-        return float(out[0]), out[1:]
-    return None, out
-
-
-def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | None, dim: int,
-                  *, table=None, weights: np.ndarray | None = None,
-                  blocks: perturb.BlockTable | None = None) -> np.ndarray:
-    """The (clipped, ``task.clip``) gradient estimate of one local step, as client and server both
-    compute it.
-
-    Float domain: delta = sigma * eps. int8-step domain (``table``: the bundle's
-    ``quant.QuantTable``, ``weights``: the float weights the integers were quantized from):
-    delta = step * eps_eff, with the steps and the saturation-aware eps_eff of quant.py; the
-    estimate divides by one RMS step or by each coordinate's step (``task.estimator``). With
-    ``task.baseline`` leave-one-out each loss difference is taken against the other perturbations'
-    mean instead of L(w) (estimator.leave_one_out)."""
-    diffs = loss_differences(losses, base, task.scheme)
-    if task.baseline is Baseline.LOO:
-        diffs = leave_one_out(diffs)
-    if task.noise is NoiseKind.BLOCK:  # sparse: only the drawn blocks are regenerated and touched
-        blocks = require_blocks(blocks, dim).weighted(task.block_weights)
-        drawn, values = step_blocks(task, step, blocks)
-        if task.domain is Domain.FLOAT:
-            return clip_inf(drawn_gradient(diffs, task.sigma, drawn, values, blocks), task.clip)
-        if table is None or weights is None:
-            raise ValueError("an int8-step report needs the bundle's quantization table to be decoded")
-        from .quant import FlatSteps
-        flat = FlatSteps(table, table.quantize(weights))  # eps_eff in steps, weighted (1 / p_b) / m_b^2
-        eff = [flat.effective(blocks.index[blocks.bounds[b]:blocks.bounds[b + 1]], v, central=task.central)
-               * blocks.step_weight[b] for b, v in zip(drawn, values)]
-        return clip_inf(drawn_gradient(diffs, table.divisor(task.estimator), drawn, eff, blocks), task.clip)
-    noise = step_noise(task, step, dim)
-    if task.domain is Domain.FLOAT:
-        return clip_inf(stein_gradient(diffs, task.sigma, noise, dim), task.clip)
-    if table is None or weights is None:
-        raise ValueError("an int8-step report needs the bundle's quantization table to be decoded")
-    q = table.quantize(weights)
-    eff = lambda k: table.effective_noise(q, noise(k), central=task.central)  # noqa: E731
-    return clip_inf(stein_gradient(diffs, table.divisor(task.estimator), eff, dim), task.clip)
-
-
-def drawn_gradient(diffs: np.ndarray, sigma, drawn: np.ndarray, values: list[np.ndarray],
-                   blocks: perturb.BlockTable) -> np.ndarray:
-    """``stein_gradient`` for block noise: (1/K) sum_k diffs[k] eps_k / sigma over the drawn blocks
-    (``sigma``: a float, or int8-step the divisor per coordinate)."""
-    diffs = np.asarray(diffs, dtype=np.float64)
-    return blocks.accumulate(drawn, values, diffs / diffs.size) / sigma
-
-
-def local_step(task: RoundTask, w: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """One FedAvg local SGD step in float32, as client and server replay both take it."""
-    return (w - np.float32(task.local_lr) * g.astype(np.float32)).astype(np.float32)
 
 
 def run_task(task: RoundTask, session: Session, batches: list[Batch], *, weights: np.ndarray,

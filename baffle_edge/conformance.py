@@ -36,7 +36,9 @@ import numpy as np
 
 from . import perturb
 from .perturb import philox4x32
+from .protocol import model_version
 
+KIT_RUNTIMES = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime-int8"}  # bundle format -> the runtime replaying it
 KIT_VERSION = 2  # 2: int8 losses bit-identical (the specified loss), loss vectors
 # a Gaussian pair with u1 = 1 (first word >= 0xFFFFFF00): r = sqrt(-2 ln 1) = sqrt(-0.0) = -0.0
 U1_ONE = dict(seed=0, round=0, client=0, k=1229, index=2648)
@@ -217,11 +219,6 @@ def summation_vectors(seed: int = 0) -> list[dict]:
     return out
 
 
-def model_version(flat: np.ndarray) -> str:
-    """server.model_version of a flat float32 weight vector: sha256 of its little-endian bytes, 16 hex."""
-    return hashlib.sha256(np.asarray(flat, "<f4").tobytes()).hexdigest()[:16]
-
-
 def _lenet(data, steps: int, seed: int):
     """A LeNet trained for a few Adam steps (informative gradients, int8 scales of a real model)."""
     import torch
@@ -238,19 +235,9 @@ def _lenet(data, steps: int, seed: int):
 
 
 def _make_task(fields: dict, options: dict, version: str):
-    """A RoundTask; FedAvg's local_lr/clip go into the task when the protocol has those fields."""
+    """A RoundTask of the kit; FedAvg's local_lr/clip (``options``) are task fields."""
     from .protocol import RoundTask
-    names = {f.name for f in dataclasses.fields(RoundTask)}
-    extra = {k: v for k, v in options.items() if k in names}
-    return RoundTask(**({"round": 3, "client": 2, "seed": 2024, "model_version": version} | fields | extra))
-
-
-def _run_python(task, session, batches, weights, options: dict):
-    """client.run_task, passing local_lr/clip as arguments only where this version still takes them."""
-    from .client import run_task
-    params = inspect.signature(run_task).parameters
-    kw = {k: v for k, v in options.items() if k in params}
-    return run_task(task, session, batches, weights=weights, runtime="onnxruntime-python", **kw)
+    return RoundTask(**({"round": 3, "client": 2, "seed": 2024, "model_version": version} | fields | options))
 
 
 def write_kit(out: str | Path, *, force: bool = False, train_steps: int = 60, batch: int = 32,
@@ -258,10 +245,10 @@ def write_kit(out: str | Path, *, force: bool = False, train_steps: int = 60, ba
     """Write the whole kit into ``out``; returns the index (conformance.json)."""
     from .client import Batch
     from .data import load_digits
+    from .device import DeviceSettings, answer, open_session
     from .export.bundle import ExportConfig, export_bundle
     from .models import ModelConfig
     from .params import flat_params
-    from .runtimes.onnxruntime_runtime import OrtFloatSession, OrtInt8Session
 
     out = Path(out)
     if out.exists():
@@ -288,8 +275,8 @@ def write_kit(out: str | Path, *, force: bool = False, train_steps: int = 60, ba
         y.tofile(out / "rounds" / f"batch{i}.y.i32")
         batch_files.append({"x": f"rounds/batch{i}.x.f32", "y": f"rounds/batch{i}.y.i32",
                             "shape": list(x.shape), "labels": int(y.size)})
-    sessions = {"onnx": OrtFloatSession(out / "bundle", threads=1),
-                "onnx-int8": OrtInt8Session(out / "bundle", threads=1)}
+    sessions = {fmt: open_session(DeviceSettings(runtime=runtime, perturbations_per_call=1, threads=1), out / "bundle")
+                for fmt, runtime in KIT_RUNTIMES.items()}
     x0 = np.fromfile(out / batch_files[0]["x"], "<f4").reshape(batch_files[0]["shape"])
     logits = {}
     for fmt, session in sessions.items():
@@ -302,7 +289,8 @@ def write_kit(out: str | Path, *, force: bool = False, train_steps: int = 60, ba
         steps = task.local_steps
         batches = [Batch(np.fromfile(out / b["x"], "<f4").reshape(b["shape"]),
                          np.fromfile(out / b["y"], "<i4").astype(np.int64)) for b in batch_files[:steps]]
-        report = _run_python(task, sessions[fmt], batches, weights, options)
+        report = answer(task, sessions[fmt], batches, weights=weights, runtime=KIT_RUNTIMES[fmt],
+                        label="onnxruntime-python")
         say(f"conformance: round {name:26s} {report.losses.size + report.base_losses.size:4d} losses, "
             f"{report.seconds * 1e3:7.1f} ms")
         rounds.append({"name": name, "format": fmt, "task": json.loads(task.to_json()),

@@ -6,39 +6,10 @@ normalisation. ``build_model`` is the one entry point; ``check_model`` refuses B
 """
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-class Activation(str, enum.Enum):
-    HARDSWISH = "hardswish"  # reference default
-    RELU = "relu"
-
-
-class Norm(str, enum.Enum):
-    NONE = "none"  # reference choice for LeNet on MNIST ("NoNorm")
-    GROUP = "group"  # GroupNorm(affine=False), reference default otherwise
-
-
-MODEL_NAMES = ("lenet", "wrn-10-2", "mlp")
-
-
-def default_norm(model: str) -> "Norm":
-    """The reference's normalisation per model: GroupNorm for WideResNets, none ("NoNorm") otherwise."""
-    return Norm.GROUP if model.startswith("wrn") else Norm.NONE
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str = "lenet"  # one of MODEL_NAMES
-    in_channels: int = 1  # input image channels (digits/MNIST 1, CIFAR 3)
-    image_size: int = 8  # input height = width in pixels (digits 8, MNIST 28, CIFAR 32)
-    num_classes: int = 10
-    activation: Activation = Activation.HARDSWISH  # reference default
-    norm: Norm = Norm.NONE  # LeNet default "NoNorm" (reference MNIST recipe); WRN uses GROUP
+from .config import MODEL_NAMES, Activation, ModelConfig, Norm, default_norm  # noqa: F401 (the model's names)
 
 
 def _act(kind: Activation) -> nn.Module:

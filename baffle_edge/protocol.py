@@ -18,6 +18,7 @@ S such blocks, one per local step, and S base losses.
 from __future__ import annotations
 
 import enum
+import hashlib
 import io
 import json
 import math
@@ -355,6 +356,13 @@ class ClientReport:
             bad = np.flatnonzero(~np.isfinite(getattr(self, name)))
             _require(bad.size == 0, name, f"{bad.size} non-finite value(s), first at index "
                      f"{int(bad[0]) if bad.size else -1}")
+
+
+def model_version(flat: np.ndarray) -> str:
+    """The version of a flat weight vector, as ``RoundTask.model_version`` names it: the first 16 hex
+    digits of the sha256 of its float32 little-endian bytes. A report must be computed at exactly
+    these weights; every device checks the weights it downloads against it."""
+    return hashlib.sha256(np.ascontiguousarray(flat, dtype="<f4").tobytes()).hexdigest()[:16]
 
 
 def wire_bytes(msg: RoundTask | ClientReport) -> int:

@@ -11,52 +11,19 @@ coordinate-wise median / trimmed mean over the per-client estimates (``make_stra
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import math
-import typing
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from .client import local_step, step_gradient
+from .config import Aggregate, OptimConfig, OptimizerName, coerce_enums  # noqa: F401 (the server's settings)
 from .params import flat_params, layout_of, set_flat_params, trainable
 from .perturb import BlockTable
-from .protocol import ClientReport, RoundTask, wire_bytes
-
-
-class OptimizerName(str, enum.Enum):
-    ADAM = "adam"  # reference default
-    SGD = "sgd"
-
-
-def coerce_enums(cfg) -> None:
-    """Set every enum-typed field of the frozen dataclass ``cfg`` that holds a string to its enum."""
-    for name, hint in typing.get_type_hints(type(cfg)).items():
-        v = getattr(cfg, name)
-        kind = next((k for k in typing.get_args(hint) or (hint,) if isinstance(k, type) and issubclass(k, enum.Enum)),
-                    None)
-        if kind is not None and isinstance(v, str) and not isinstance(v, enum.Enum):
-            object.__setattr__(cfg, name, kind(v))
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    optimizer: OptimizerName = OptimizerName.ADAM
-    lr: float = 1e-2  # reference MNIST recipe
-    betas: tuple[float, float] = (0.9, 0.99)  # reference Adam betas
-    momentum: float = 0.9  # SGD only (reference)
-    weight_decay: float = 5e-4  # reference
-    milestones: tuple[int, ...] = ()  # epochs at which lr *= gamma (reference MNIST: none within 20)
-    gamma: float = 0.2  # reference lr decay ratio
-    clip: float | None = 0.3  # inf-norm clipping of each client's gradient (reference); None = off
-    ema_decay: float | None = 0.995  # EMA of weights, updated per epoch (reference); None = off
-    local_lr: float = 1e-2  # FedAvg: clients' local SGD step size
-
-    def __post_init__(self):
-        coerce_enums(self)
+from .protocol import ClientReport, RoundTask, model_version, wire_bytes
+from .rows import local_step, step_gradient
 
 
 @dataclass
@@ -77,17 +44,6 @@ class ClientUpdate:
 class RoundLog:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)  # client -> reason
-
-
-def model_version(model: nn.Module) -> str:
-    """A short hash of the global weights: reports must be computed at exactly these."""
-    return hashlib.sha256(flat_params(model).numpy().tobytes()).hexdigest()[:16]
-
-
-class Aggregate(str, enum.Enum):
-    MEAN = "mean"  # sample-weighted mean (reference FedSGD/FedAvg)
-    MEDIAN = "median"  # coordinate-wise median (Byzantine-robust, breakdown point 1/2)
-    TRIMMED_MEAN = "trimmed-mean"  # coordinate-wise mean after dropping the `trim` fraction at each end
 
 
 class Strategy:
@@ -272,7 +228,7 @@ class Server:
         set_flat_params(self.model, torch.from_numpy(np.asarray(flat, dtype=np.float32)))
 
     def version(self) -> str:
-        return model_version(self.model)
+        return model_version(flat_params(self.model).numpy())
 
     def make_task(self, round_: int, client: int, **task_fields) -> RoundTask:
         return RoundTask(round=round_, client=client, local_steps=self.strategy.local_steps,
@@ -323,11 +279,15 @@ class Server:
         """L(w): the base loss, or for the central scheme the mean of L(w+d), L(w-d) (= L(w) + O(sigma^2))."""
         return float(report.base_losses[0] if report.base_losses.size else report.losses[:2 * task.k].mean())
 
-    def accept(self, task: RoundTask, report: ClientReport | Exception, log: RoundLog) -> ClientUpdate | None:
-        """``decode`` and record the outcome in ``log``; a bad report is skipped, never raised."""
-        out = self.decode(task, report)
-        if isinstance(out, str):
-            log.rejected[task.client] = out
+    def accept(self, task: RoundTask, answer: ClientReport | ClientUpdate | Exception, log: RoundLog, *,
+               decoded: ClientUpdate | str | None = None, guard: ReplayGuard | None = None) -> ClientUpdate | None:
+        """``decode`` the answer (or take its ``decoded`` form when decoding ran in parallel), refuse a
+        replayed report (``guard``) and record the outcome in ``log``; a bad report is skipped, never raised."""
+        out = self.decode(task, answer) if decoded is None else decoded
+        reason = out if isinstance(out, str) else (
+            guard.admit(answer) if guard is not None and isinstance(answer, ClientReport) else None)
+        if reason is not None:
+            log.rejected[task.client] = reason
             return None
         log.accepted.append(task.client)
         return out

@@ -8,7 +8,6 @@ the round, and the checkpoint holds all optimizer/EMA/schedule state.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import math
 import os
@@ -27,92 +26,33 @@ from torch import nn
 
 from . import __version__
 from .block_draw import BlockDraw, BlockDrawPolicy
-from .client import Batch, run_task
-from .data import Dataset, batch_indices, load_dataset, partition
+from .client import Batch
+from .config import Method, TrainConfig
+from .data import Dataset, load_dataset, partition
+from .device import DeviceSettings, SessionCache, answer, batch_schedule, open_session
 from .estimator import clip_inf
-from .models import Activation, ModelConfig, Norm, build_model, default_norm
+from .models import ModelConfig, build_model, default_norm
 from .params import flat_grad, layout_of, set_flat_params
 from .perturb import NoiseKind
-from .protocol import (DOMAIN_DEFAULTS, Baseline, ClientReport, Domain, NoiseScope, RoundTask, Scheme, StepEstimator,
-                       check_noise, wire_bytes)
-from .server import (Aggregate, ClientUpdate, OptimConfig, ReplayGuard, RoundLog, Server, accuracy, coerce_enums,
-                     make_strategy, mean_loss)
-
-
-class Method(str, enum.Enum):
-    BAFFLE = "baffle"  # forward passes only, K loss scalars per client
-    BP = "bp"  # exact backprop gradients on the same schedule (the float baseline)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: str = "lenet"  # lenet | wrn-10-2 | mlp
-    dataset: str = "digits"  # digits (embedded) | mnist | cifar10 (need data_dir)
-    data_dir: str | None = None
-    activation: Activation = Activation.HARDSWISH
-    norm: Norm | None = None  # None: model default (lenet/mlp none, wrn group)
-    clients: int = 10  # reference: 10 IID clients
-    partition: str = "iid"  # iid | dirichlet
-    alpha: float = 0.5  # Dirichlet concentration (partition=dirichlet)
-    batch_size: int = 32  # reference
-    method: Method = Method.BAFFLE
-    strategy: str = "fedsgd"  # fedsgd (reference default) | fedavg
-    local_steps: int = 5  # fedavg only: local steps per round (~ one local epoch on digits)
-    k: int = 100  # perturbations per client per step (reference MNIST recipe)
-    sigma: float = 1e-4  # reference
-    scheme: Scheme = Scheme.FORWARD
-    noise: NoiseKind | None = None  # None: the runtime's default (float: gaussian; int8-step: rademacher)
-    noise_scope: NoiseScope = NoiseScope.CLIENT
-    block_draw: BlockDrawPolicy = BlockDrawPolicy.SIZE  # block noise: how blocks are drawn (block_draw.py)
-    forward_budget: float | None = None  # block noise: K chosen so a client round costs this many full forwards
-    # (MACs: runtimes/torch_incremental.equal_compute_k, e.g. 101 = an isotropic K = 100 round); None: use k
-    int8_estimator: StepEstimator = StepEstimator.RMS  # int8-step runtimes: how steps decode (protocol.py)
-    baseline: Baseline | None = None  # None: the runtime's (float: base loss; int8-step: leave-one-out)
-    rounds: int = 150  # total rounds (an epoch = ceil(N_train / (clients * batch)) rounds)
-    optim: OptimConfig = OptimConfig()
-    seed: int = 0
-    eval_every: int = 5  # rounds between test evaluations (the last round is always evaluated)
-    checkpoint_every: int = 50  # rounds between checkpoints (and at the end)
-    runtime: str = "torch"  # client runtime by name (runtimes.REGISTRY)
-    provider: str = "cpu"  # onnxruntime execution provider (runtimes/onnxruntime_runtime.py PROVIDERS)
-    perturbations_per_call: int | str = "auto"  # P per runtime call; "auto": measured on the device (runtimes/batching.py)
-    target: str = "auto"  # bundle runtimes: CPU the int8 bundles are exported for (baffle_edge/targets.py); auto = here
-    refresh_every: int | None = None  # bundle runtimes: re-export (re-calibrate int8 scales) every N rounds;
-    # None = the format's default (REFRESH_DEFAULT: every round; ONNX exports in < 1 s, TFLite in ~5 s)
-    workers: int = 2  # threads simulating clients / decoding reports (results do not depend on it)
-    # faults (docs/faults.md)
-    quorum: float = 0.0  # fraction of clients whose valid reports a round needs, else it is skipped (0: >= 1)
-    round_timeout: float | None = None  # seconds a round waits for reports; None = wait for all
-    aggregate: Aggregate = Aggregate.MEAN  # mean | median | trimmed-mean over per-client estimates
-    trim: float = 0.1  # trimmed-mean: fraction dropped at each end
-    byzantine: float = 0.0  # simulation only: seeded fraction of clients that upload garbage losses
-
-    def to_json(self) -> dict:
-        def conv(v):
-            if isinstance(v, enum.Enum):
-                return v.value
-            if dataclasses.is_dataclass(v):
-                return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-            if isinstance(v, tuple):
-                return [conv(x) for x in v]
-            return v
-        return conv(self)
-
-    def __post_init__(self):
-        """Choices given as strings (CLI, JSON) are held as their enums."""
-        coerce_enums(self)
-        from .targets import CHOICES
-        if self.target not in CHOICES:
-            raise ValueError(f"unknown export target {self.target!r}; known: {', '.join(CHOICES)}")
-
-    @classmethod
-    def from_json(cls, d: dict) -> "TrainConfig":
-        """The inverse of ``to_json``: enums, tuples and the nested optimizer config restored."""
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        if isinstance(d.get("optim"), dict):
-            d["optim"] = OptimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["optim"].items()})
-        return cls(**d)
-
+from .protocol import (
+    DOMAIN_DEFAULTS,
+    Baseline,
+    ClientReport,
+    Domain,
+    RoundTask,
+    Scheme,
+    check_noise,
+    wire_bytes,
+)
+from .server import (
+    ClientUpdate,
+    ReplayGuard,
+    RoundLog,
+    Server,
+    accuracy,
+    make_strategy,
+    mean_loss,
+)
 
 # rounds between bundle re-exports per format: int8 activation ranges and weight scales go stale as
 # the weights move (measured: int8 gradient cosine drops until the next refresh)
@@ -151,14 +91,6 @@ class Federation:
     """The fixed parts of a run: data, partition, model, server; rounds are run by ``step``."""
 
     def __init__(self, cfg: TrainConfig, *, data: Dataset | None = None):
-        if cfg.k < 1 or cfg.sigma <= 0 or cfg.rounds < 1 or cfg.clients < 1:
-            raise ValueError(f"need k >= 1, sigma > 0, rounds >= 1, clients >= 1; got k={cfg.k}, "
-                             f"sigma={cfg.sigma}, rounds={cfg.rounds}, clients={cfg.clients}")
-        for name in ("quorum", "byzantine"):
-            if not 0 <= getattr(cfg, name) <= 1:
-                raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(cfg, name)}")
-        if cfg.round_timeout is not None and not cfg.round_timeout > 0:
-            raise ValueError(f"round_timeout must be > 0 seconds (or None), got {cfg.round_timeout}")
         self.cfg = cfg
         self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
         self.parts = partition(self.data.y_train, cfg.clients, scheme=cfg.partition, alpha=cfg.alpha,
@@ -180,9 +112,10 @@ class Federation:
         if self.cfg.runtime not in REGISTRY:
             raise ValueError(f"unknown runtime {self.cfg.runtime!r}; known: {', '.join(sorted(REGISTRY))}")
         self.runtime_info = REGISTRY[self.cfg.runtime]
+        self.device_settings = DeviceSettings.from_config(self.cfg)
         self.domain = Domain(self.runtime_info.domain)
         defaults = DOMAIN_DEFAULTS[self.domain]
-        self.noise = NoiseKind(self.cfg.noise) if self.cfg.noise is not None else defaults.noise
+        self.noise = self.cfg.noise if self.cfg.noise is not None else defaults.noise
         try:
             check_noise(self.domain, self.noise)
         except ValueError as e:
@@ -203,7 +136,7 @@ class Federation:
             if not self.cfg.forward_budget >= 2:
                 raise ValueError(f"forward_budget must be >= 2 full forwards, got {self.cfg.forward_budget}")
             self._budget_k()
-        self.baseline = Baseline(self.cfg.baseline) if self.cfg.baseline is not None else defaults.baseline
+        self.baseline = self.cfg.baseline if self.cfg.baseline is not None else defaults.baseline
         if self.baseline is Baseline.LOO and self.cfg.k < 2 and self.cfg.method is Method.BAFFLE:
             raise ValueError("the leave-one-out baseline (the default for int8 runtimes) needs --k >= 2; "
                              "use --baseline base for k = 1")
@@ -247,17 +180,14 @@ class Federation:
             self.refresh_bundle(self.server.flat())
 
     def batches(self, client: int, round_: int) -> list[Batch]:
-        s = self.server.strategy.local_steps
-        out = []
-        for step in range(s):
-            idx = batch_indices(self.parts[client], round_ * s + step, self.cfg.batch_size,
-                                seed=self.cfg.seed, client=client)
-            out.append(Batch(self.data.x_train[idx], self.data.y_train[idx]))
-        return out
+        """Client ``client``'s batches of round ``round_`` (device.batch_schedule over its shard)."""
+        idx = batch_schedule(self.parts[client], round_=round_, local_steps=self.server.strategy.local_steps,
+                             client=client, batch_size=self.cfg.batch_size, seed=self.cfg.seed)
+        return [Batch(self.data.x_train[i], self.data.y_train[i]) for i in idx]
 
     def _budget_k(self) -> None:
         """K of a forward budget under the current block draw (its expected row cost on this runtime)."""
-        self.k = self.block_draw.k_for_budget(self.cfg.forward_budget, central=Scheme(self.cfg.scheme) is Scheme.CENTRAL)
+        self.k = self.block_draw.k_for_budget(self.cfg.forward_budget, central=self.cfg.scheme is Scheme.CENTRAL)
 
     def task(self, round_: int, client: int) -> RoundTask:
         c = self.cfg
@@ -267,20 +197,17 @@ class Federation:
                                      block_weights=self.block_draw.weights if self.block_draw else None)
 
     def _session(self):
-        """This worker thread's simulated device (reloaded when the server refreshes the bundle)."""
+        """This worker thread's simulated device (reopened when the server refreshes the bundle)."""
         loc = self._local
-        if getattr(loc, "session", None) is None or getattr(loc, "generation", 0) != self.bundle_generation:
-            from baffle_edge.runtimes import get_runtime
-            options = {"provider": self.cfg.provider} if self.cfg.runtime.startswith("onnxruntime") else {}
-            from baffle_edge.runtimes.batching import BATCHED_RUNTIMES
-            if self.cfg.runtime in BATCHED_RUNTIMES:  # the session evaluates P perturbations per call
-                options["perturbations_per_call"] = self.cfg.perturbations_per_call
-            rt = get_runtime(self.cfg.runtime, **options)
+        if getattr(loc, "sessions", None) is None:
+            loc.sessions = SessionCache()
+
+        def make():
             artifact = (self.bundle_dir if self.runtime_info.artifact == "bundle"
                         else build_model(self.model_cfg, seed=self.cfg.seed))
-            loc.session, loc.generation = rt.load(artifact), self.bundle_generation
-            self.last_session = loc.session
-        return loc.session
+            return open_session(self.device_settings, artifact)
+        self.last_session = loc.sessions.get(self.bundle_generation, make)
+        return self.last_session
 
     def perturbations_per_call(self) -> dict | None:
         """What the simulated devices evaluate per runtime call: the P asked for, the P used, and
@@ -296,7 +223,7 @@ class Federation:
         """What a device does: evaluate the task's perturbed losses at the global weights (or at
         the round's snapshot ``weights``, so a straggler never sees a later model)."""
         w = self.server.flat().numpy() if weights is None else weights
-        return run_task(task, self._session(), batches, weights=w, runtime=self.cfg.runtime)
+        return answer(task, self._session(), batches, weights=w, runtime=self.cfg.runtime)
 
     def bp_client(self, task: RoundTask, batches: list[Batch], *, weights: np.ndarray) -> ClientUpdate:
         """The float baseline as a device: exact (clipped) backprop gradients on the same batches,
@@ -374,20 +301,17 @@ class Federation:
             answered = self.gather_local(tasks, client_fn or self.device(weights), round_)
         else:
             answered = list(gather(tasks, weights))
-        decoded = self.pool.map(lambda answer: self.server.decode(*answer), answered)
+        decoded = self.pool.map(lambda pair: self.server.decode(*pair), answered)
         log, updates, guard = RoundLog(), [], ReplayGuard()
-        for (task, answer), out in zip(answered, decoded):
-            reason = out if isinstance(out, str) else (
-                guard.admit(answer) if isinstance(answer, ClientReport) else None)
-            if reason is not None:
-                log.rejected[task.client] = reason
+        for (task, reply), out in zip(answered, decoded):
+            update = self.server.accept(task, reply, log, decoded=out, guard=guard)
+            if update is None:
                 continue
-            log.accepted.append(task.client)
-            if self.block_draw is not None and isinstance(answer, ClientReport):
-                self.block_draw.observe(task, answer)
+            if self.block_draw is not None and isinstance(reply, ClientReport):
+                self.block_draw.observe(task, reply)
             if on_update is not None:
-                on_update(round_, task.client, weights, self.batches(task.client, round_), out)
-            updates.append(out)
+                on_update(round_, task.client, weights, self.batches(task.client, round_), update)
+            updates.append(update)
         heard = {t.client for t, _ in answered}
         quorum_met = len(updates) >= max(1, math.ceil(self.cfg.quorum * self.cfg.clients))
         applied = self.server.apply(updates, log) if quorum_met else False
@@ -413,11 +337,11 @@ class Federation:
         if self.cfg.method is Method.BP:
             fe = 3.0
         else:
-            rows = self.k * (2 if Scheme(self.cfg.scheme) is Scheme.CENTRAL else 1)
+            rows = self.k * (2 if self.cfg.scheme is Scheme.CENTRAL else 1)
             if self.noise is NoiseKind.BLOCK:
                 fe = 1.0 + rows * self.block_draw.expected_cost()
             else:
-                fe = float(rows + (0 if Scheme(self.cfg.scheme) is Scheme.CENTRAL else 1))
+                fe = float(rows + (0 if self.cfg.scheme is Scheme.CENTRAL else 1))
         return {"forward_equivalents": fe, "macs": fe * full * self.cfg.batch_size, "full_forward_macs": full}
 
     def bytes_down(self, task: RoundTask) -> int:

@@ -76,14 +76,15 @@ def runtime_names() -> list[str]:
 
 def providers_of(runtime: str) -> list[str]:
     """Execution providers / delegates to measure a runtime on: those this machine offers."""
-    if runtime.startswith("onnxruntime"):
+    engine = REGISTRY[runtime].engine if runtime in REGISTRY else None
+    if engine == "onnxruntime":
         try:  # the runtime's own short names ("cpu", "xnnpack", ...)
             from baffle_edge.runtimes.onnxruntime_runtime import available_providers
             found = [p for p in available_providers() if p not in ("azure", "AzureExecutionProvider")]
             return found or ["cpu"]
         except ImportError:
             return ["cpu"]
-    if runtime.startswith("tflite"):
+    if engine == "litert":
         return ["default"]  # the runtime picks its op resolver (see docs/benchmarks.md)
     return ["cpu"] if runtime == "torch" else ["default"]
 

@@ -131,9 +131,10 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 # --------------------------------------------------------------------------- session layer
 def runtime_options(runtime: str, provider: str) -> dict:
     """Keyword options for ``get_runtime(runtime, **options)`` that select ``provider``."""
-    if runtime.startswith("onnxruntime") and provider != "default":
-        return {"provider": provider}  # OrtFloatRuntime(provider="cpu" | "xnnpack" | ...)
-    return {}
+    from baffle_edge.runtimes import REGISTRY
+    if runtime not in REGISTRY:
+        return {}
+    return REGISTRY[runtime].options(provider=None if provider == "default" else provider)
 
 
 def synthetic_dataset(case: ModelCase, n: int = 256):

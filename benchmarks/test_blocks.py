@@ -22,13 +22,14 @@ from baffle_edge.runtimes import REGISTRY, get_runtime
 from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
 from baffle_edge.runtimes.torch_runtime import TorchSession
 
-from baffle_edge.client import Batch, run_task, split_step, step_gradient
+from baffle_edge.client import Batch, run_task
 from baffle_edge.data import load_digits
 from baffle_edge.estimator import cosine
 from baffle_edge.models import ModelConfig, build_model
 from baffle_edge.params import flat_grad, flat_params
 from baffle_edge.perturb import NoiseKind
 from baffle_edge.protocol import Domain, RoundTask
+from baffle_edge.rows import split_step, step_gradient
 
 from .cases import FULL
 

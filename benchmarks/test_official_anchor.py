@@ -37,12 +37,13 @@ import torch
 from baffle_edge.runtimes import REGISTRY, get_runtime
 from torch import nn
 
-from baffle_edge.client import Batch, run_task, split_step, step_gradient
+from baffle_edge.client import Batch, run_task
 from baffle_edge.estimator import cosine
 from baffle_edge.models import ModelConfig
 from baffle_edge.params import flat_params, layout_of
 from baffle_edge.perturb import BlockTable, NoiseKind
 from baffle_edge.protocol import RoundTask
+from baffle_edge.rows import split_step, step_gradient
 
 from .test_blocks import _trained
 

@@ -18,10 +18,10 @@ def describe() -> list[dict]:
             row["detail"] = f"missing {e.name or e}: pip install " + (
                 f"'baffle-edge[{info.extra}]'" if info.extra else " ".join(info.requires))
         else:
-            if name.startswith("onnxruntime"):
+            if info.engine == "onnxruntime":
                 from .onnxruntime_runtime import available_providers
                 row["detail"] = "providers: " + ", ".join(available_providers())
-            elif name.startswith("tflite"):
+            elif info.engine == "litert":
                 row["detail"] = "delegates: builtin (in-place weight writes); xnnpack for plain inference only"
             elif name == "torch":
                 import torch

@@ -9,11 +9,12 @@ import pytest
 from baffle_edge.runtimes.torch_runtime import TorchSession
 
 from baffle_edge.block_draw import BlockDraw, BlockDrawPolicy
-from baffle_edge.client import Batch, run_task, step_gradient
+from baffle_edge.client import Batch, run_task
 from baffle_edge.models import ModelConfig, build_model
 from baffle_edge.params import flat_params, layout_of
 from baffle_edge.perturb import BlockTable, NoiseKind
 from baffle_edge.protocol import ClientReport, Domain, RoundTask
+from baffle_edge.rows import step_gradient
 
 LENET = ModelConfig("lenet", 1, 8, 10)
 
@@ -78,7 +79,7 @@ def test_adaptive_policy_moves_draws_to_the_energetic_module(table):
     draw = BlockDraw(BlockDrawPolicy.ADAPTIVE, table, cost, Domain.FLOAT)
     assert draw.weights is None  # starts in proportion to size
     task = _task(2000)
-    from baffle_edge.client import step_blocks
+    from baffle_edge.rows import step_blocks
     drawn, _ = step_blocks(task, 0, table)
     diffs = np.where(table.module[drawn] == 0, 1.0, 0.01)  # conv1 rows move the loss most
     report = ClientReport(round=1, client=3, losses=2.0 + diffs, base_losses=np.array([2.0]), num_samples=32)

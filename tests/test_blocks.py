@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
+from baffle_edge.runtimes.torch_runtime import TorchSession
+from conftest import exact_grad
 
-from baffle_edge.client import Batch, cross_entropy, run_task, step_gradient, step_losses, step_noise, split_step
+from baffle_edge.client import Batch, cross_entropy, run_task, step_losses
 from baffle_edge.estimator import cosine, stein_gradient
 from baffle_edge.models import ModelConfig, Norm, build_model
 from baffle_edge.params import flat_params, layout_of
 from baffle_edge.perturb import SHARED_CLIENT, BlockTable, NoiseKind, box_muller, words
 from baffle_edge.protocol import Domain, RoundTask, Scheme
-from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
-from baffle_edge.runtimes.torch_runtime import TorchSession
+from baffle_edge.rows import split_step, step_gradient, step_noise
 from baffle_edge.server import Server, make_strategy
-
-from conftest import exact_grad
 
 LENET = ModelConfig("lenet", 1, 8, 10)
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,41 @@ def test_noise_md_publishes_the_kits_long_vector_digests():
     text = (Path(__file__).resolve().parents[1] / "docs" / "noise.md").read_text()
     for v in noise_vectors()["long"]:
         assert v["sha256_f32le"] in text, (v["kind"], v["d"])
+
+
+DEVICE_ONLY = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "onnx", "sklearn", "matplotlib", "scipy"):
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+from baffle_edge.kit import check_kit
+results = check_kit(sys.argv[1])
+assert results and all(r.ok for r in results), [(r.name, r.max_relative) for r in results]
+print(len(results), sorted({m.split(".")[0] for m in sys.modules} & {"torch", "onnx", "sklearn", "matplotlib"}))
+"""
+
+
+def test_a_device_without_torch_or_onnx_replays_the_kit(kit):
+    """The device path (baffle_edge.device via check-kit) runs on numpy + onnxruntime alone and
+    reproduces every kit round: int8 bit for bit, fp32 within the kit's tolerance."""
+    out = subprocess.run([sys.executable, "-c", DEVICE_ONLY, str(kit[0])], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [str(len(kit[1]["rounds"])), "[]"]
+
+
+def test_check_kit_names_a_round_that_differs_and_a_broken_kit(kit, tmp_path):
+    from baffle_edge.cli import main
+    copy = tmp_path / "kit"
+    shutil.copytree(kit[0], copy)
+    index = json.loads((copy / "conformance.json").read_text())
+    target = next(r for r in index["rounds"] if r["format"] == "onnx-int8")
+    target["report"]["losses"][0] = float(np.nextafter(target["report"]["losses"][0], np.inf))  # one ulp
+    (copy / "conformance.json").write_text(json.dumps(index))
+    assert main(["check-kit", str(copy), "--round", target["name"]]) == 1
+    assert main(["check-kit", str(copy), "--round", "no-such-round"]) == 2
+    (copy / target["weights"]).unlink()
+    assert main(["check-kit", str(copy), "--round", target["name"]]) == 2
+    assert main(["check-kit", str(tmp_path / "nowhere")]) == 2

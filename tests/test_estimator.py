@@ -1,13 +1,20 @@
 import numpy as np
 import pytest
 import torch
-
-from baffle_edge.client import Batch, split_step, step_gradient
-from baffle_edge.estimator import clip_inf, cosine, expected_cosine, loss_differences, stein_gradient
-from baffle_edge.protocol import RoundTask
 from baffle_edge.runtimes.torch_runtime import TorchSession
-from baffle_edge.params import flat_params
 from conftest import exact_grad
+
+from baffle_edge.client import Batch
+from baffle_edge.estimator import (
+    clip_inf,
+    cosine,
+    expected_cosine,
+    loss_differences,
+    stein_gradient,
+)
+from baffle_edge.params import flat_params
+from baffle_edge.protocol import RoundTask
+from baffle_edge.rows import split_step, step_gradient
 
 
 def estimate(model, x, y, k, *, seed=0, scheme="forward", noise="gaussian", sigma=1e-4):
@@ -80,8 +87,8 @@ def test_clip_inf_matches_torch():
 
 def linear_int8_estimates(k, estimator, seeds):
     """int8-step estimates of a linear loss g.w over two tensors whose steps differ 4x (as in LeNet)."""
-    from baffle_edge.client import step_noise
     from baffle_edge.quant import QTensor, QuantTable
+    from baffle_edge.rows import step_noise
     table = QuantTable((QTensor("a", "a", 0, (20, 5), "int8", 0, (0.004,) * 20),
                         QTensor("b", "b", 100, (4, 50), "int8", 0, (0.001,) * 4)))
     rng = np.random.default_rng(1)
@@ -154,7 +161,7 @@ def test_leave_one_out_baseline_cancels_a_common_offset_and_is_unbiased():
     def estimate(baseline, offset):
         task = RoundTask(round=0, client=0, seed=1, k=30, sigma=1.0, noise="rademacher", domain="int8-step",
                          baseline=baseline)
-        from baffle_edge.client import step_noise
+        from baffle_edge.rows import step_noise
         noise = step_noise(task, 0, 100)
         losses = np.array([g @ table.dequantize(table.perturb(q, noise(j))) + offset for j in range(30)])
         return step_gradient(task, 0, losses, g @ table.dequantize(q), 100, table=table, weights=w)

@@ -116,9 +116,11 @@ def test_variants_run_and_learn_something(tmp_path, variant):
 
 def test_fedavg_server_replay_matches_the_client_trajectory():
     """The server rebuilds a FedAvg client's local weights from its scalars alone."""
-    from baffle_edge.client import run_task, step_gradient
-    from baffle_edge.models import build_model
     from baffle_edge.runtimes.torch_runtime import TorchSession
+
+    from baffle_edge.client import run_task
+    from baffle_edge.models import build_model
+    from baffle_edge.rows import step_gradient
 
     cfg = dataclasses.replace(SMALL, strategy="fedavg", local_steps=3)
     fed = Federation(cfg)

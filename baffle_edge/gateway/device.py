@@ -1,4 +1,4 @@
-"""A device over HTTP: fetch the task, run ``client.run_task`` on any registered runtime, post
+"""A device over HTTP: fetch the task, answer it (``baffle_edge.device``) on any registered runtime, post
 the losses. The Python counterpart of the TypeScript client (clients/js/src/gateway.ts).
 
     loop:
@@ -6,7 +6,7 @@ the losses. The Python counterpart of the TypeScript client (clients/js/src/gate
         GET  /v1/weights/{version}   float32, checked against the task's model_version (sha256)
         GET  /v1/bundle/{gen}/...    int8 runtimes: every file checked against its sha256
         data: own .npz (x, y), or GET /v1/data/{round} when the server is a --demo-data server
-        run_task(...) -> POST /v1/report (NPZ or JSON)
+        device.answer(...) -> POST /v1/report (NPZ or JSON)
 
 A server that is unreachable (restarting with --resume, say) is retried with backoff for
 ``patience`` seconds; 429 answers are retried after ``Retry-After``; 401/403 are fatal.
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..client import Batch, run_task
-from ..protocol import ClientReport, RoundTask
+from ..client import Batch
+from ..device import DeviceSettings, SessionCache, answer, model_artifact, open_session, task_batches
+from ..protocol import ClientReport, RoundTask, model_version
 
 
 class DeviceError(RuntimeError):
@@ -70,8 +71,7 @@ class Device:
                                  timeout=httpx.Timeout(30.0, read=dc.poll + 30.0))
         self._httpx = httpx
         self.config: dict | None = None
-        self.session = None
-        self.session_key = None
+        self.sessions = SessionCache()
         self.weights_cache: tuple[str, np.ndarray] | None = None
         self.cache_dir = Path(tempfile.mkdtemp(prefix="baffle-device-"))
         self.own = self._load_own(dc.data) if dc.data else None
@@ -117,7 +117,7 @@ class Device:
             return self.weights_cache[1]
         r = self._check(self.request("GET", w["url"]), "weights")
         arr = np.frombuffer(r.content, dtype="<f4").copy()
-        got = hashlib.sha256(arr.astype(np.float32).tobytes()).hexdigest()[:16]
+        got = model_version(arr)
         if arr.size != w["count"] or got != w["version"]:
             raise ValueError(f"weights: {arr.size} values hashing to {got}, the task names {w['count']} / {w['version']}")
         self.weights_cache = (w["version"], arr)
@@ -143,49 +143,32 @@ class Device:
         tmp.rename(folder)
         return folder
 
-    def batches(self, offer: dict, task: RoundTask) -> list[Batch]:
+    def settings(self) -> DeviceSettings:
+        """The run's device settings (``/v1/config``'s train config), with this device's runtime and threads."""
+        return DeviceSettings.from_json(self.config["train_config"], runtime=self.dc.runtime, threads=self.dc.threads)
+
+    def batches(self, offer: dict, task: RoundTask, settings: DeviceSettings) -> list[Batch]:
         if self.own is not None:
-            from ..data import batch_indices
-            x, y = self.own
-            cfg = self.config["train_config"]
-            idx = np.arange(len(y))
-            return [Batch(x[i], y[i]) for i in (
-                batch_indices(idx, task.round * task.local_steps + s, cfg["batch_size"], seed=cfg["seed"],
-                              client=task.client) for s in range(task.local_steps))]
+            return task_batches(*self.own, task, settings)
         if offer.get("data") is None:
             raise DeviceError("the server hands out no data (not a --demo-data server): pass --data FILE.npz")
         d = self._check(self.request("GET", offer["data"]), "data").json()
         return [Batch(np.frombuffer(base64.b64decode(b["x"]), dtype="<f4").reshape(b["shape"]).astype(np.float32),
                       np.asarray(b["y"], dtype=np.int64)) for b in d["batches"]]
 
-    def load_session(self, offer: dict, runtime: str):
-        from ..runtimes import REGISTRY, get_runtime
-        from ..runtimes.batching import BATCHED_RUNTIMES
-        info = REGISTRY[runtime]
-        key = (runtime, offer["bundle"]["generation"] if info.artifact == "bundle" else None)
-        if self.session is not None and self.session_key == key:
-            return self.session
-        cfg = self.config["train_config"]
-        options = {"provider": cfg.get("provider", "cpu")} if runtime.startswith("onnxruntime") else {}
-        if runtime in BATCHED_RUNTIMES:
-            options["perturbations_per_call"] = cfg.get("perturbations_per_call", "auto")
-        rt = get_runtime(runtime, **options)
-        if info.artifact == "bundle":
-            if offer["bundle"] is None:
-                raise DeviceError(f"runtime {runtime!r} needs a bundle, but the run's runtime "
-                                  f"{cfg['runtime']!r} does not export one; use --runtime {cfg['runtime']}")
-            if offer["bundle"]["format"] != info.format:
-                raise DeviceError(f"runtime {runtime!r} reads {info.format} bundles; the server exports "
-                                  f"{offer['bundle']['format']}")
-            artifact = self.bundle(offer)
-        else:
-            from ..models import Activation, ModelConfig, Norm, build_model
-            m = self.config["model"]
-            artifact = build_model(ModelConfig(m["name"], m["in_channels"], m["image_size"], m["num_classes"],
-                                               Activation(m["activation"]), Norm(m["norm"])), seed=cfg["seed"])
-        self.session = rt.load(artifact, threads=self.dc.threads) if self.dc.threads else rt.load(artifact)
-        self.session_key = key
-        return self.session
+    def load_session(self, offer: dict, settings: DeviceSettings):
+        info, run_runtime = settings.info, self.config["train_config"]["runtime"]
+        if info.artifact != "bundle":
+            key = (settings, None)
+            return self.sessions.get(key, lambda: open_session(settings, model_artifact(settings, self.config["model"])))
+        if offer["bundle"] is None:
+            raise DeviceError(f"runtime {settings.runtime!r} needs a bundle, but the run's runtime "
+                              f"{run_runtime!r} does not export one; use --runtime {run_runtime}")
+        if offer["bundle"]["format"] != info.format:
+            raise DeviceError(f"runtime {settings.runtime!r} reads {info.format} bundles; the server exports "
+                              f"{offer['bundle']['format']}")
+        key = (settings, offer["bundle"]["generation"])
+        return self.sessions.get(key, lambda: open_session(settings, self.bundle(offer)))
 
     @staticmethod
     def _load_own(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -199,20 +182,19 @@ class Device:
 
     # --- the loop ---
     def answer(self, offer: dict) -> ClientReport:
-        from ..runtimes import REGISTRY
         if self.config["model"] is None:  # fetched before the server had set its run up
             self.config = self._check(self.request("GET", "/v1/config"), "config").json()
         task = RoundTask.from_dict(offer["task"])
-        runtime = self.dc.runtime or self.config["train_config"]["runtime"]
-        if runtime not in REGISTRY:
-            raise DeviceError(f"unknown runtime {runtime!r}; known: {', '.join(sorted(REGISTRY))}")
-        if REGISTRY[runtime].domain != getattr(task.domain, "value", task.domain):
-            raise DeviceError(f"runtime {runtime!r} perturbs in the {REGISTRY[runtime].domain} domain, the task "
-                              f"in {getattr(task.domain, 'value', task.domain)}")
+        try:
+            settings = self.settings()
+        except ValueError as e:  # an unknown --runtime, or a config this version cannot read
+            raise DeviceError(str(e)) from None
+        if settings.info.domain != task.domain.value:
+            raise DeviceError(f"runtime {settings.runtime!r} perturbs in the {settings.info.domain} domain, the task "
+                              f"in {task.domain.value}")
         weights = self.weights(offer)
-        session = self.load_session(offer, runtime)
-        batches = self.batches(offer, task)
-        return run_task(task, session, batches, weights=weights, runtime=runtime)
+        session = self.load_session(offer, settings)
+        return answer(task, session, self.batches(offer, task, settings), weights=weights, runtime=settings.runtime)
 
     def post(self, report: ClientReport):
         if self.dc.upload == "npz":

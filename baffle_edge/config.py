@@ -1,0 +1,171 @@
+"""Run configuration, torch-free: what a run is (``TrainConfig``), how the server optimises
+(``OptimConfig``) and which model it trains (``ModelConfig``).
+
+Devices read the fields they need from here (``baffle_edge.device.DeviceSettings``) without importing
+the server; the server side (``simulate``, ``server``, ``models``) imports the same classes. Enum fields
+given as strings (CLI, JSON) are coerced once, in ``__post_init__`` (``coerce_enums``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from dataclasses import dataclass
+
+from .block_draw import BlockDrawPolicy
+from .perturb import NoiseKind
+from .protocol import Baseline, NoiseScope, Scheme, StepEstimator
+
+
+class Activation(str, enum.Enum):
+    HARDSWISH = "hardswish"  # reference default
+    RELU = "relu"
+
+
+class Norm(str, enum.Enum):
+    NONE = "none"  # reference choice for LeNet on MNIST ("NoNorm")
+    GROUP = "group"  # GroupNorm(affine=False), reference default otherwise
+
+
+MODEL_NAMES = ("lenet", "wrn-10-2", "mlp")
+
+
+def default_norm(model: str) -> "Norm":
+    """The reference's normalisation per model: GroupNorm for WideResNets, none ("NoNorm") otherwise."""
+    return Norm.GROUP if model.startswith("wrn") else Norm.NONE
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "lenet"  # one of MODEL_NAMES
+    in_channels: int = 1  # input image channels (digits/MNIST 1, CIFAR 3)
+    image_size: int = 8  # input height = width in pixels (digits 8, MNIST 28, CIFAR 32)
+    num_classes: int = 10
+    activation: Activation = Activation.HARDSWISH  # reference default
+    norm: Norm = Norm.NONE  # LeNet default "NoNorm" (reference MNIST recipe); WRN uses GROUP
+
+
+class OptimizerName(str, enum.Enum):
+    ADAM = "adam"  # reference default
+    SGD = "sgd"
+
+
+def coerce_enums(cfg) -> None:
+    """Set every enum-typed field of the frozen dataclass ``cfg`` that holds a string to its enum."""
+    for name, hint in typing.get_type_hints(type(cfg)).items():
+        v = getattr(cfg, name)
+        kind = next((k for k in typing.get_args(hint) or (hint,) if isinstance(k, type) and issubclass(k, enum.Enum)),
+                    None)
+        if kind is not None and isinstance(v, str) and not isinstance(v, enum.Enum):
+            object.__setattr__(cfg, name, kind(v))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: OptimizerName = OptimizerName.ADAM
+    lr: float = 1e-2  # reference MNIST recipe
+    betas: tuple[float, float] = (0.9, 0.99)  # reference Adam betas
+    momentum: float = 0.9  # SGD only (reference)
+    weight_decay: float = 5e-4  # reference
+    milestones: tuple[int, ...] = ()  # epochs at which lr *= gamma (reference MNIST: none within 20)
+    gamma: float = 0.2  # reference lr decay ratio
+    clip: float | None = 0.3  # inf-norm clipping of each client's gradient (reference); None = off
+    ema_decay: float | None = 0.995  # EMA of weights, updated per epoch (reference); None = off
+    local_lr: float = 1e-2  # FedAvg: clients' local SGD step size
+
+    def __post_init__(self):
+        coerce_enums(self)
+        if not self.lr > 0:
+            raise ValueError(f"lr (--lr) must be > 0, got {self.lr}")
+
+
+class Aggregate(str, enum.Enum):
+    MEAN = "mean"  # sample-weighted mean (reference FedSGD/FedAvg)
+    MEDIAN = "median"  # coordinate-wise median (Byzantine-robust, breakdown point 1/2)
+    TRIMMED_MEAN = "trimmed-mean"  # coordinate-wise mean after dropping the `trim` fraction at each end
+
+
+class Method(str, enum.Enum):
+    BAFFLE = "baffle"  # forward passes only, K loss scalars per client
+    BP = "bp"  # exact backprop gradients on the same schedule (the float baseline)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "lenet"  # lenet | wrn-10-2 | mlp
+    dataset: str = "digits"  # digits (embedded) | mnist | cifar10 (need data_dir)
+    data_dir: str | None = None
+    activation: Activation = Activation.HARDSWISH
+    norm: Norm | None = None  # None: model default (lenet/mlp none, wrn group)
+    clients: int = 10  # reference: 10 IID clients
+    partition: str = "iid"  # iid | dirichlet
+    alpha: float = 0.5  # Dirichlet concentration (partition=dirichlet)
+    batch_size: int = 32  # reference
+    method: Method = Method.BAFFLE
+    strategy: str = "fedsgd"  # fedsgd (reference default) | fedavg
+    local_steps: int = 5  # fedavg only: local steps per round (~ one local epoch on digits)
+    k: int = 100  # perturbations per client per step (reference MNIST recipe)
+    sigma: float = 1e-4  # reference
+    scheme: Scheme = Scheme.FORWARD
+    noise: NoiseKind | None = None  # None: the runtime's default (float: gaussian; int8-step: rademacher)
+    noise_scope: NoiseScope = NoiseScope.CLIENT
+    block_draw: BlockDrawPolicy = BlockDrawPolicy.SIZE  # block noise: how blocks are drawn (block_draw.py)
+    forward_budget: float | None = None  # block noise: K chosen so a client round costs this many full forwards
+    # (MACs: runtimes/torch_incremental.equal_compute_k, e.g. 101 = an isotropic K = 100 round); None: use k
+    int8_estimator: StepEstimator = StepEstimator.RMS  # int8-step runtimes: how steps decode (protocol.py)
+    baseline: Baseline | None = None  # None: the runtime's (float: base loss; int8-step: leave-one-out)
+    rounds: int = 150  # total rounds (an epoch = ceil(N_train / (clients * batch)) rounds)
+    optim: OptimConfig = OptimConfig()
+    seed: int = 0
+    eval_every: int = 5  # rounds between test evaluations (the last round is always evaluated)
+    checkpoint_every: int = 50  # rounds between checkpoints (and at the end)
+    runtime: str = "torch"  # client runtime by name (runtimes.REGISTRY)
+    provider: str = "cpu"  # onnxruntime execution provider (runtimes/onnxruntime_runtime.py PROVIDERS)
+    perturbations_per_call: int | str = "auto"  # P per runtime call; "auto": measured on the device (runtimes/batching.py)
+    target: str = "auto"  # bundle runtimes: CPU the int8 bundles are exported for (baffle_edge/targets.py); auto = here
+    refresh_every: int | None = None  # bundle runtimes: re-export (re-calibrate int8 scales) every N rounds;
+    # None = the format's default (REFRESH_DEFAULT: every round; ONNX exports in < 1 s, TFLite in ~5 s)
+    workers: int = 2  # threads simulating clients / decoding reports (results do not depend on it)
+    # faults (docs/faults.md)
+    quorum: float = 0.0  # fraction of clients whose valid reports a round needs, else it is skipped (0: >= 1)
+    round_timeout: float | None = None  # seconds a round waits for reports; None = wait for all
+    aggregate: Aggregate = Aggregate.MEAN  # mean | median | trimmed-mean over per-client estimates
+    trim: float = 0.1  # trimmed-mean: fraction dropped at each end
+    byzantine: float = 0.0  # simulation only: seeded fraction of clients that upload garbage losses
+
+    def to_json(self) -> dict:
+        def conv(v):
+            if isinstance(v, enum.Enum):
+                return v.value
+            if dataclasses.is_dataclass(v):
+                return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            if isinstance(v, tuple):
+                return [conv(x) for x in v]
+            return v
+        return conv(self)
+
+    def __post_init__(self):
+        """Choices given as strings (CLI, JSON) are held as their enums; values are checked here, once,
+        for every caller (CLI, JSON, Flower's run config, tests)."""
+        coerce_enums(self)
+        from .targets import CHOICES
+        if self.target not in CHOICES:
+            raise ValueError(f"unknown export target {self.target!r}; known: {', '.join(CHOICES)}")
+        for name in ("clients", "k", "batch_size", "rounds", "eval_every", "checkpoint_every", "workers", "local_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {getattr(self, name)}")
+        if not self.sigma > 0:
+            raise ValueError(f"sigma (--sigma) must be > 0, got {self.sigma}")
+        for name in ("quorum", "byzantine"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
+        if self.round_timeout is not None and not self.round_timeout > 0:
+            raise ValueError(f"round_timeout must be > 0 seconds (or None), got {self.round_timeout}")
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        """The inverse of ``to_json``: enums, tuples and the nested optimizer config restored."""
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if isinstance(d.get("optim"), dict):
+            d["optim"] = OptimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["optim"].items()})
+        return cls(**d)
