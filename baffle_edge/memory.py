@@ -247,7 +247,7 @@ def _inference_forward(runtime: str, cfg: MemoryConfig, model, x: np.ndarray, y:
     """``forward(x) -> logits`` of a plain inference through ``runtime`` at the model's weights."""
     from .params import flat_params
     if runtime.startswith("onnxruntime"):
-        from .export.bundle import read_bundle
+        from .bundle import read_bundle
         from .runtimes.onnxruntime_runtime import make_session
         from .runtimes import REGISTRY
         bundle = read_bundle(_artifact(runtime, cfg, model))

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from baffle_edge.runtimes.batching import check_p
+from baffle_edge.bundle import check_p
 
 INPUT = "input"
 PASS_THROUGH = {"Relu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Selu", "Elu", "LeakyRelu", "MaxPool",

@@ -2,11 +2,11 @@
 client reads so nothing has to be guessed) and a README for app developers.
 
 Written to a temporary sibling folder and renamed into place, so a failed export leaves nothing
-half-written. ``read_bundle`` verifies the sha256 of every file a runtime is about to load.
+half-written. Reading a bundle is the device side's job: ``baffle_edge.bundle.read_bundle`` (the
+reader both ends use) verifies the sha256 of every file a runtime is about to load.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from baffle_edge import __version__, targets
+from baffle_edge.bundle import SCHEMA_VERSION, check_p, sha256
 from baffle_edge.perturb import NOISE_SPEC_VERSION
 from baffle_edge.quant import QuantTable
 
-SCHEMA_VERSION = 1
 FORMATS = ("onnx", "onnx-int8", "ort", "tflite-int8")
 FORMAT_FILES = {
     "onnx": ("model.onnx", "model.train.onnx"),
@@ -52,7 +52,6 @@ class ExportConfig:
     perturbations_per_call: int = 1  # > 1: also write model[.int8].p{P}.train.onnx (export/batched.py, issue 9)
 
     def __post_init__(self):
-        from .batched import check_p
         check_p(self.perturbations_per_call)
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown or not self.formats:
@@ -64,14 +63,6 @@ class ExportConfig:
     @property
     def target_spec(self) -> "targets.TargetSpec":
         return targets.spec(self.target)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict:
@@ -101,7 +92,6 @@ def export_bundle(model, model_cfg, data, out: str | Path, cfg: ExportConfig = E
     normalisation) in the requested formats into the folder ``out``. Returns the metadata."""
     from baffle_edge.models import check_model
     from baffle_edge.params import layout_of
-    from . import onnx_export as ox
 
     out = Path(out)
     if out.exists() and not force:
@@ -118,58 +108,8 @@ def export_bundle(model, model_cfg, data, out: str | Path, cfg: ExportConfig = E
     target = cfg.target_spec
     try:
         meta = _base_meta(model_cfg, data, layout, cfg, source, target)
-        float_proto = ox.export_float(model, calib, tmp / "model.onnx")
-        if "onnx" in formats:
-            (tmp / "model.train.onnx").write_bytes(
-                ox.params_as_inputs(float_proto, [s.name for s in layout.specs]).SerializeToString())
-            meta["formats"]["onnx"] = {
-                "files": {"inference": "model.onnx", "train": "model.train.onnx"}, "domain": "float",
-                "perturbation": "each trainable parameter is a float32 graph input named like the parameter; "
-                                "feed w + float32(sigma) * eps (noise.md section 3)"}
-        if "onnx-int8" in formats:
-            import onnx
-            ox.quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx", calib, method=cfg.calibration_method,
-                             reduce_range=target.reduce_range)
-            int8 = onnx.load(str(tmp / "model.int8.onnx"))
-            table = ox.quant_table(int8, layout, reduce_range=target.reduce_range)
-            (tmp / "model.int8.train.onnx").write_bytes(ox.int8_train_variant(int8, table).SerializeToString())
-            meta["formats"]["onnx-int8"] = {
-                "files": {"inference": "model.int8.onnx", "train": "model.int8.train.onnx"}, "domain": "int8-step",
-                "perturbation": "each trainable tensor's integers are a graph input (table 'quantization', field "
-                                "'input'); feed q' per docs/quantized-perturbation.md",
-                "quantization": table.to_json(), "reduce_range": target.reduce_range}
-        from .blocks import add_block_graphs
-        for fmt in ("onnx", "onnx-int8"):  # block noise's incremental forward (docs/noise.md section 10)
-            if fmt in meta["formats"]:
-                entry = meta["formats"][fmt]
-                table = QuantTable.from_json(entry["quantization"]) if "quantization" in entry else None
-                why = add_block_graphs(tmp, entry, meta["parameters"], table)
-                if why is not None:
-                    entry["blocks_unsupported"] = why
-        if cfg.perturbations_per_call > 1:
-            _add_batched(tmp, meta, cfg.perturbations_per_call)
-        if "ort" in formats:
-            ort, config = ox.to_ort_format(tmp / "model.int8.onnx", tmp)
-            files = {"inference": ort.name}
-            if config is not None:
-                ops = tmp / "model.int8.required_operators.config"
-                config.replace(ops)
-                files["required_operators"] = ops.name
-            meta["formats"]["ort"] = {"files": files, "domain": "int8-step",
-                                      "note": "ORT Mobile format of model.int8.onnx; build a minimal ORT with "
-                                              "--include_ops_by_config model.int8.required_operators.config"}
-        if "tflite-int8" in formats:
-            from .tflite_export import export_tflite_int8
-            meta["formats"]["tflite-int8"] = export_tflite_int8(model, calib, tmp / "model.int8.tflite", layout)
-        if "onnx" not in formats:
-            (tmp / "model.onnx").unlink()
-        for name in SPEC_FILES:  # the normative texts travel with the bundle (hashed like the models)
-            (tmp / name).write_bytes(spec_text(name))
-        meta["files"] = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
-                         for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "baffle.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        from .readme import bundle_readme
-        (tmp / "README.md").write_text(bundle_readme(meta))
+        _write_models(tmp, meta, model, calib, layout, formats, cfg, target)
+        _seal(tmp, meta)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -177,6 +117,85 @@ def export_bundle(model, model_cfg, data, out: str | Path, cfg: ExportConfig = E
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**meta, "export_seconds": round(time.perf_counter() - started, 3)}  # timing kept out of the file
+
+
+def _write_models(folder: Path, meta: dict, model, calib: np.ndarray, layout, formats: list[str],
+                  cfg: ExportConfig, target: "targets.TargetSpec") -> None:
+    """Every model file of ``formats`` into ``folder``, each format's entry into ``meta["formats"]``."""
+    from . import onnx_export as ox
+    float_proto = ox.export_float(model, calib, folder / "model.onnx")
+    if "onnx" in formats:
+        (folder / "model.train.onnx").write_bytes(
+            ox.params_as_inputs(float_proto, [s.name for s in layout.specs]).SerializeToString())
+        meta["formats"]["onnx"] = {
+            "files": {"inference": "model.onnx", "train": "model.train.onnx"}, "domain": "float",
+            "perturbation": "each trainable parameter is a float32 graph input named like the parameter; "
+                            "feed w + float32(sigma) * eps (noise.md section 3)"}
+    if "onnx-int8" in formats:
+        meta["formats"]["onnx-int8"] = _int8_onnx(folder, calib, layout, cfg.calibration_method, target)
+    _add_blocks(folder, meta)
+    if cfg.perturbations_per_call > 1:
+        _add_batched(folder, meta, cfg.perturbations_per_call)
+    if "ort" in formats:
+        meta["formats"]["ort"] = _ort(folder)
+    if "tflite-int8" in formats:
+        from .tflite_export import export_tflite_int8
+        meta["formats"]["tflite-int8"] = export_tflite_int8(model, calib, folder / "model.int8.tflite", layout)
+    if "onnx" not in formats:
+        (folder / "model.onnx").unlink()
+
+
+def _int8_onnx(folder: Path, calib: np.ndarray, layout, method: str, target: "targets.TargetSpec") -> dict:
+    """``model.int8.onnx`` quantized from ``model.onnx``, its train variant; the format entry."""
+    import onnx
+
+    from . import onnx_export as ox
+    ox.quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", calib, method=method,
+                     reduce_range=target.reduce_range)
+    int8 = onnx.load(str(folder / "model.int8.onnx"))
+    table = ox.quant_table(int8, layout, reduce_range=target.reduce_range)
+    (folder / "model.int8.train.onnx").write_bytes(ox.int8_train_variant(int8, table).SerializeToString())
+    return {"files": {"inference": "model.int8.onnx", "train": "model.int8.train.onnx"}, "domain": "int8-step",
+            "perturbation": "each trainable tensor's integers are a graph input (table 'quantization', field "
+                            "'input'); feed q' per docs/quantized-perturbation.md",
+            "quantization": table.to_json(), "reduce_range": target.reduce_range}
+
+
+def _add_blocks(folder: Path, meta: dict) -> None:
+    """Block noise's incremental forward (docs/noise.md section 10) for every ONNX format."""
+    from .blocks import add_block_graphs
+    for fmt in ("onnx", "onnx-int8"):
+        if fmt in meta["formats"]:
+            entry = meta["formats"][fmt]
+            table = QuantTable.from_json(entry["quantization"]) if "quantization" in entry else None
+            why = add_block_graphs(folder, entry, meta["parameters"], table)
+            if why is not None:
+                entry["blocks_unsupported"] = why
+
+
+def _ort(folder: Path) -> dict:
+    """``model.int8.ort`` (and its operator config) converted from the int8 graph; the format entry."""
+    from . import onnx_export as ox
+    ort, config = ox.to_ort_format(folder / "model.int8.onnx", folder)
+    files = {"inference": ort.name}
+    if config is not None:
+        ops = folder / "model.int8.required_operators.config"
+        config.replace(ops)
+        files["required_operators"] = ops.name
+    return {"files": files, "domain": "int8-step",
+            "note": "ORT Mobile format of model.int8.onnx; build a minimal ORT with "
+                    "--include_ops_by_config model.int8.required_operators.config"}
+
+
+def _seal(folder: Path, meta: dict) -> None:
+    """The normative texts, every file's sha256, ``baffle.json`` and the README."""
+    for name in SPEC_FILES:  # the normative texts travel with the bundle (hashed like the models)
+        (folder / name).write_bytes(spec_text(name))
+    meta["files"] = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
+                     for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / "baffle.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    from .readme import bundle_readme
+    (folder / "README.md").write_text(bundle_readme(meta))
 
 
 def _add_batched(folder: Path, meta: dict, p: int) -> None:
@@ -222,50 +241,3 @@ def _base_meta(model_cfg, data, layout, cfg: ExportConfig, source: str, target: 
         "versions": _versions(),
         "formats": {},
     }
-
-
-@dataclass(frozen=True)
-class Bundle:
-    path: Path
-    meta: dict
-
-    def file(self, fmt: str, role: str = "train") -> Path:
-        if fmt not in self.meta["formats"]:
-            raise ValueError(f"bundle {self.path} has no {fmt!r} format (has: {', '.join(self.meta['formats'])}); "
-                             f"export it with --formats {fmt}")
-        files = self.meta["formats"][fmt]["files"]
-        name = files.get(role) or files["inference"]
-        path = self.path / name
-        want = self.meta["files"].get(name, {}).get("sha256")
-        if not path.exists():
-            raise FileNotFoundError(f"bundle {self.path} is missing {name}")
-        if want is None or sha256(path) != want:
-            raise ValueError(f"{path}: sha256 does not match baffle.json (corrupt or modified file)")
-        return path
-
-    def quant_table(self, fmt: str) -> QuantTable:
-        return QuantTable.from_json(self.meta["formats"][fmt]["quantization"])
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(int(v) for v in self.meta["input"]["shape"][1:])
-
-    def check_batch(self, x: np.ndarray) -> None:
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"input shape {tuple(x.shape)} does not match baffle.json's "
-                             f"(batch, {', '.join(map(str, self.input_shape))})")
-
-
-def read_bundle(path: str | Path) -> Bundle:
-    path = Path(path)
-    meta_path = path / "baffle.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{path} is not a bundle (no baffle.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{meta_path}: schema_version {meta.get('schema_version') if isinstance(meta, dict) else None!r}"
-                         f" is not supported (expected {SCHEMA_VERSION})")
-    return Bundle(path, meta)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from baffle_edge.bundle import dequantize_output, quantize_input
 from baffle_edge.quant import QTensor, QuantTable, bias_tensor, weight_tensor
 
 INFERENCE_FILE = "model.int8.tflite"
@@ -125,6 +126,24 @@ def _drop_output_qdq(gm) -> bool:
     gm.graph.erase_node(q)
     gm.recompile()
     return True
+
+
+def _convert(litert_torch, model, calibration: np.ndarray, layout,
+             float_logits: bool) -> tuple[bytes, int, bool, dict]:
+    """Steps 1-5 of the module doc: (flatbuffer with a resizable batch, RESHAPEs rewritten,
+    whether the logits' Q/DQ pair was dropped, the PT2E scales per parameter)."""
+    import torch
+    from litert_torch.quantize import quant_config
+
+    gm, quantizer = _quantize_pt2e(model, calibration)
+    pt2e = _pt2e_scales(gm, layout)
+    dropped = _drop_output_qdq(gm) if float_logits else False
+    sample = (torch.from_numpy(calibration[:CONVERT_BATCH]),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        edge = litert_torch.convert(gm, sample, quant_config=quant_config.QuantConfig(pt2e_quantizer=quantizer))
+    content, patched = _dynamic_batch(edge.model_content(), CONVERT_BATCH)
+    return content, patched, dropped, pt2e
 
 
 # ---------------------------------------------------------------------------- flatbuffer surgery
@@ -293,21 +312,6 @@ def _run(interp, inp: dict, out: dict, x: np.ndarray) -> np.ndarray:
     return dequantize_output(interp.get_tensor(out["index"]), out)
 
 
-def quantize_input(x: np.ndarray, inp: dict) -> np.ndarray:
-    """Float batch -> the model's input dtype (int8: ``clip(rint(x / scale) + zero_point)``)."""
-    if inp["dtype"] == "float32":
-        return np.ascontiguousarray(x, dtype=np.float32)
-    lo, hi = np.iinfo(inp["dtype"]).min, np.iinfo(inp["dtype"]).max
-    q = np.rint(np.asarray(x, dtype=np.float32) / np.float32(inp["scale"])) + inp["zero_point"]
-    return np.clip(q, lo, hi).astype(inp["dtype"])
-
-
-def dequantize_output(y: np.ndarray, out: dict) -> np.ndarray:
-    if out["dtype"] == "float32":
-        return np.asarray(y, dtype=np.float32)
-    return ((y.astype(np.float64) - out["zero_point"]) * out["scale"]).astype(np.float32)
-
-
 def _io(d: dict) -> dict:
     dtype = np.dtype(d["dtype"]).name
     scale, zp = d["quantization"]
@@ -322,27 +326,48 @@ def _ops(interp) -> list[str]:
     return [f"{o['op_name']}({dt(o['operand_types'])})->{dt(o['result_types'])}" for o in interp._get_ops_details()]
 
 
+def _check_quantize(interp, rows: list[dict], table: QuantTable, layout, weights: dict[str, np.ndarray]) -> dict:
+    """``QuantTable.quantize(float weights)`` must reproduce the exported integers (within one step)."""
+    flat = np.concatenate([weights[s.name].reshape(-1) for s in layout.specs]).astype(np.float32)
+    mine, theirs = table.quantize(flat), _tflite_integers(interp, rows, table)
+    diffs = {t.name: int(np.abs(a.astype(np.int64) - b.astype(np.int64)).max()) for t, a, b in zip(table.tensors, mine, theirs)}
+    mismatched = {t.name: int(np.count_nonzero(a != b)) for t, a, b in zip(table.tensors, mine, theirs)}
+    if max(diffs.values()) > 1:
+        raise ValueError(f"QuantTable.quantize does not reproduce the exported integers (max |diff| per tensor: {diffs})")
+    return {"max_abs_int_diff": diffs, "mismatches": mismatched}
+
+
+def _check_batch_independent(interp, inp: dict, out: dict, calibration: np.ndarray) -> None:
+    """Per-sample outputs must not depend on the batch size (checks the RESHAPE rewrite)."""
+    probe = calibration[:max(CHECK_BATCHES)]
+    ref = np.concatenate([_run(interp, inp, out, probe[i:i + 1]) for i in range(len(probe))])
+    for b in CHECK_BATCHES:
+        got = np.concatenate([_run(interp, inp, out, probe[i:i + b]) for i in range(0, len(probe), b)])
+        # int8 logits must be identical; float logits may differ by float summation order (GEMV vs GEMM)
+        if not np.allclose(got, ref, rtol=1e-5, atol=1e-5 if out["dtype"] == "float32" else 0.0):
+            raise ValueError(f"TFLite outputs at batch {b} differ from batch 1 (max {np.abs(got - ref).max():.3g}): "
+                             "the converted graph is not batch-independent")
+
+
+def _tensor_row(row: dict) -> dict:
+    """A parameter's row of the format entry's ``tensors``: where and how the runtime writes it."""
+    return {"param": row["param"], "index": row["index"], "tflite_name": row["tflite_name"],
+            "tflite_shape": row["tflite_shape"], "tflite_dtype": row["tflite_dtype"],
+            "permutation": row["permutation"],
+            "write": "q" if row["tflite_dtype"] != "float32" else "float32(q * scale)"}
+
+
 # ---------------------------------------------------------------------------- entry point
 
 def export_tflite_int8(model, calibration: np.ndarray, path: Path, layout, *, float_logits: bool = True) -> dict:
     """Write ``path`` (full-integer int8 .tflite) and return its ``baffle.json`` format entry."""
     litert_torch = _import_litert_torch()
-    import torch
-    from litert_torch.quantize import quant_config
-
     started = time.perf_counter()
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
     if calibration.ndim != 4 or len(calibration) < CONVERT_BATCH:
         raise ValueError(f"calibration: expected (N >= {CONVERT_BATCH}, C, H, W) floats, got {calibration.shape}")
     weights = {n: p.detach().cpu().numpy() for n, p in model.named_parameters()}
-    gm, quantizer = _quantize_pt2e(model, calibration)
-    pt2e = _pt2e_scales(gm, layout)
-    dropped = _drop_output_qdq(gm) if float_logits else False
-    sample = (torch.from_numpy(calibration[:CONVERT_BATCH]),)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        edge = litert_torch.convert(gm, sample, quant_config=quant_config.QuantConfig(pt2e_quantizer=quantizer))
-    content, patched = _dynamic_batch(edge.model_content(), CONVERT_BATCH)
+    content, patched, dropped, pt2e = _convert(litert_torch, model, calibration, layout, float_logits)
 
     # shared constant buffers would make one in-place write change two tensors
     users = _buffer_users(content)
@@ -355,41 +380,18 @@ def export_tflite_int8(model, calibration: np.ndarray, path: Path, layout, *, fl
             raise ValueError(f"parameter {row['param']!r}: TFLite tensor {row['index']} shares its buffer with "
                              f"tensor(s) {shared}; in-place perturbation would change both")
     table = _quant_table(interp, rows, layout, pt2e)
-
-    # QuantTable.quantize(float weights) must reproduce the exported integers
-    flat = np.concatenate([weights[s.name].reshape(-1) for s in layout.specs]).astype(np.float32)
-    mine, theirs = table.quantize(flat), _tflite_integers(interp, rows, table)
-    diffs = {t.name: int(np.abs(a.astype(np.int64) - b.astype(np.int64)).max()) for t, a, b in zip(table.tensors, mine, theirs)}
-    mismatched = {t.name: int(np.count_nonzero(a != b)) for t, a, b in zip(table.tensors, mine, theirs)}
-    if max(diffs.values()) > 1:
-        raise ValueError(f"QuantTable.quantize does not reproduce the exported integers (max |diff| per tensor: {diffs})")
-
+    quantize_check = _check_quantize(interp, rows, table, layout, weights)
     inp = _io(interp.get_input_details()[0])
     out = _io(interp.get_output_details()[0])
-    # per-sample outputs must not depend on the batch size (checks the RESHAPE rewrite)
-    probe = calibration[:max(CHECK_BATCHES)]
-    ref = np.concatenate([_run(interp, inp, out, probe[i:i + 1]) for i in range(len(probe))])
-    for b in CHECK_BATCHES:
-        got = np.concatenate([_run(interp, inp, out, probe[i:i + b]) for i in range(0, len(probe), b)])
-        # int8 logits must be identical; float logits may differ by float summation order (GEMV vs GEMM)
-        if not np.allclose(got, ref, rtol=1e-5, atol=1e-5 if out["dtype"] == "float32" else 0.0):
-            raise ValueError(f"TFLite outputs at batch {b} differ from batch 1 (max {np.abs(got - ref).max():.3g}): "
-                             "the converted graph is not batch-independent")
+    _check_batch_independent(interp, inp, out, calibration)
     ops = _ops(interp)
     Path(path).write_bytes(content)
-
-    tensors = []
-    for row, t in zip(rows, table.tensors):
-        tensors.append({"param": row["param"], "index": row["index"], "tflite_name": row["tflite_name"],
-                        "tflite_shape": row["tflite_shape"], "tflite_dtype": row["tflite_dtype"],
-                        "permutation": row["permutation"],
-                        "write": "q" if row["tflite_dtype"] != "float32" else "float32(q * scale)"})
     inp["layout"] = "NCHW"
     return {
         "files": {"inference": Path(path).name},
         "domain": "int8-step",
         "quantization": table.to_json(),
-        "tensors": tensors,
+        "tensors": [_tensor_row(row) for row in rows],
         "input": inp,
         "output": out,
         "float_logits": bool(dropped),
@@ -406,7 +408,7 @@ def export_tflite_int8(model, calibration: np.ndarray, path: Path, layout, *, fl
                                "per-channel symmetric) -> calibrate -> convert_pt2e -> litert_torch.convert",
                       "calibration_samples": int(len(calibration)), "observer": "histogram (activations), "
                       "per-channel min-max (weights)"},
-        "quantize_check": {"max_abs_int_diff": diffs, "mismatches": mismatched},
+        "quantize_check": quantize_check,
         "deterministic": "yes: two exports of the same model and calibration gave identical bytes "
                          "(tests/test_tflite.py::test_export_deterministic)",
         "export_seconds": round(time.perf_counter() - started, 3),

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
+from baffle_edge.bundle import check_p
 
 AUTO_KEY = "auto"
 BATCHED_RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8")
@@ -57,13 +57,6 @@ def resolve(p: int | str, runtime: str = "", model: str = "*") -> int | str:
         except ValueError:
             raise ValueError(f"perturbations per call must be an integer >= 1 or 'auto', got {p!r}") from None
     return check_p(p)
-
-
-def check_p(p) -> int:
-    """A valid perturbations-per-call count (int >= 1); anything else is a ValueError."""
-    if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or int(p) < 1:
-        raise ValueError(f"perturbations per call must be an integer >= 1, got {p!r}")
-    return int(p)
 
 
 def model_name(model) -> str:

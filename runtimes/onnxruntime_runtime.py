@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from baffle_edge.bundle import read_bundle
 from baffle_edge.client import BaseSession, FloatWeights, StepWeights
-from baffle_edge.export.bundle import read_bundle
 from baffle_edge.perturb import BlockTable
 from baffle_edge.protocol import Domain
 from baffle_edge.targets import check_bundle

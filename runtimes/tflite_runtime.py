@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from baffle_edge.bundle import dequantize_output, quantize_input, read_bundle
 from baffle_edge.client import BaseSession, StepWeights
-from baffle_edge.export.bundle import read_bundle
-from baffle_edge.export.tflite_export import dequantize_output, quantize_input
 from baffle_edge.targets import check_bundle
 
 FORMAT = "tflite-int8"

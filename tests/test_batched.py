@@ -112,7 +112,7 @@ def test_ort_batched_matches_sequential(bundles, runtime, model, scheme, p):
 
 
 def test_bundle_records_batched_graph(bundles):
-    from baffle_edge.export.bundle import read_bundle
+    from baffle_edge.bundle import read_bundle
     meta = read_bundle(bundles["lenet"]).meta
     for fmt, name in (("onnx", "model.p4.train.onnx"), ("onnx-int8", "model.int8.p4.train.onnx")):
         assert meta["formats"][fmt]["files"]["train_p4"] == name
@@ -155,7 +155,7 @@ def test_int8_batched_wrn_kernels_match_sequential(bundles):
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, "x", True, None])
 def test_bad_p_raises(bad):
-    from baffle_edge.export.batched import check_p
+    from baffle_edge.bundle import check_p
     from baffle_edge.export.bundle import ExportConfig
     from baffle_edge.runtimes.batching import resolve
     with pytest.raises(ValueError):

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from baffle_edge.export.blocks import block_graphs, chain_plan, module_inputs
-from baffle_edge.export.bundle import ExportConfig, export_bundle, sha256
+from baffle_edge.bundle import sha256
+from baffle_edge.export.bundle import ExportConfig, export_bundle
 from baffle_edge.runtimes import get_runtime
 from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
 

@@ -21,7 +21,7 @@ import pytest
 from baffle_edge import perturb
 from baffle_edge.conformance import noise_vectors, write_kit
 from baffle_edge.estimator import cosine
-from baffle_edge.export.bundle import read_bundle
+from baffle_edge.bundle import read_bundle
 from baffle_edge.models import ModelConfig, build_model
 from baffle_edge.protocol import ClientReport, RoundTask
 from baffle_edge.server import OptimConfig, Server, make_strategy

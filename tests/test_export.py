@@ -9,8 +9,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from baffle_edge.bundle import read_bundle, sha256
 from baffle_edge.cli import main
-from baffle_edge.export.bundle import ExportConfig, export_bundle, read_bundle, sha256
+from baffle_edge.export.bundle import ExportConfig, export_bundle
 from baffle_edge.models import ModelConfig
 from baffle_edge.params import layout_of
 from bundles import accuracy_of, trained_lenet

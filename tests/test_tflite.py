@@ -15,8 +15,9 @@ pytest.importorskip("litert_torch", reason="litert-torch not installed: pip inst
 
 from baffle_edge.client import Batch, step_noise  # noqa: E402
 from baffle_edge.estimator import cosine, expected_cosine, loss_differences, stein_gradient  # noqa: E402
-from baffle_edge.export.bundle import ExportConfig, calibration_set, export_bundle, read_bundle  # noqa: E402
-from baffle_edge.export.tflite_export import _schema, export_tflite_int8, quantize_input  # noqa: E402
+from baffle_edge.bundle import quantize_input, read_bundle  # noqa: E402
+from baffle_edge.export.bundle import ExportConfig, calibration_set, export_bundle  # noqa: E402
+from baffle_edge.export.tflite_export import _schema, export_tflite_int8  # noqa: E402
 from baffle_edge.models import ModelConfig, build_model  # noqa: E402
 from baffle_edge.params import flat_params, layout_of, set_flat_params  # noqa: E402
 from baffle_edge.protocol import Domain, RoundTask, Scheme  # noqa: E402
