@@ -238,6 +238,16 @@ class AutoP:
             self.use_p(p)
             return lambda: self.evaluate(x, [sets] * p)
 
+        def measure() -> Calibration:
+            return calibrate(run, candidates=CANDIDATES, min_time_s=MIN_TIME_S)
+
         key = cache_key(model=self._auto_key_model, runtime=self.name, threads=self._auto_threads, batch=len(x))
-        self.calibration = cached_calibration(key, lambda: calibrate(run, candidates=CANDIDATES, min_time_s=MIN_TIME_S))
-        self.use_p(self.calibration.p)
+        self.calibration = cached_calibration(key, measure)
+        try:
+            self.use_p(self.calibration.p)
+        except ImportError as e:  # cached where this P could be built (e.g. ORT's p{P} graph with onnx), not here
+            cached, self.calibration = self.calibration.p, measure()  # among the P usable here, not cached
+            self.calibration.key = key
+            self.calibration.stopped = "; ".join(filter(None, [f"cached P={cached} unusable here ({e})",
+                                                                self.calibration.stopped]))
+            self.use_p(self.calibration.p)

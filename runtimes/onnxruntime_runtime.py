@@ -1,7 +1,9 @@
 """ONNX Runtime backends: fp32 and int8 graphs whose trainable tensors are graph inputs.
 
 One InferenceSession serves all K perturbed forwards: only the fed arrays change. numpy +
-onnxruntime only (no torch): this is the code path an Android client mirrors with ORT Mobile.
+onnxruntime only (no torch, no onnx): this is the code path an Android client mirrors with ORT
+Mobile. export/'s graph tools (and ``onnx``) are imported only to build graphs a bundle lacks
+(``train_p{P}``, block segments); export never imports runtimes.
 
 Execution providers are chosen by short name (``cpu``, ``xnnpack``, ``nnapi``, ``qnn``,
 ``coreml``, ``cuda``, ``openvino``, ...); an unavailable one is a ValueError listing the available.
@@ -108,30 +110,41 @@ class OrtSession(AutoP, BaseSession):
         kept in ``block_forward_reason``). A listed block file that fails its sha256 is an error."""
         from .ort_incremental import OrtBlockForward
         entry = self.bundle.meta["formats"][self.fmt]
-        graphs = None
-        if "blocks" in entry:
-            plan = entry["blocks"]
-            try:
-                graphs = [self.bundle.file(self.fmt, "block_cache"),
+        found = self._block_files(entry) or self._cut_block_graphs(entry)
+        if found is not None:
+            plan, graphs = found
+            self.block_forward = OrtBlockForward(self, plan, graphs, self.blocks,
+                                                 lambda g: make_session(g, **self._options))
+
+    def _block_files(self, entry: dict) -> tuple[dict, list[Path]] | None:
+        """(plan, [cache, seg 0, ...]) of the bundle's verified block graphs; None if it has none."""
+        if "blocks" not in entry:
+            return None
+        plan = entry["blocks"]
+        try:
+            return plan, [self.bundle.file(self.fmt, "block_cache"),
                           *(self.bundle.file(self.fmt, f"block_seg{i}") for i in range(len(plan["modules"])))]
-            except FileNotFoundError:
-                graphs = None
-        if graphs is None:
-            try:
-                import onnx
-                from baffle_edge.export.blocks import block_graphs
-            except ImportError:
-                self.block_forward_reason = "the bundle has no block graphs and onnx is not installed to build them"
-                return
-            try:
-                proto = onnx.load(str(self.bundle.file(self.fmt, "train")))
-                chain, protos = block_graphs(proto, self.bundle.meta["parameters"], self.table)
-            except ValueError as e:
-                self.block_forward_reason = str(e)
-                return
-            plan, graphs = chain.to_json(), [g.SerializeToString() for g in protos.values()]
-        self.block_forward = OrtBlockForward(self, plan, graphs, self.blocks,
-                                             lambda g: make_session(g, **self._options))
+        except FileNotFoundError:
+            return None
+
+    def _cut_block_graphs(self, entry: dict) -> tuple[dict, list[bytes]] | None:
+        """(plan, serialized graphs) cut now from the train graph (export/blocks.py, needs ``onnx``);
+        None, with the reason in ``block_forward_reason``, when that is not possible."""
+        try:
+            import onnx
+            from baffle_edge.export.blocks import block_graphs
+        except ImportError as e:
+            self.block_forward_reason = entry.get("blocks_unsupported") or (
+                f"the bundle has no block graphs and building them needs onnx ({e}): pip install onnx, or export "
+                "the bundle with this version of baffle-edge (it writes them for chain models)")
+            return None
+        try:
+            proto = onnx.load(str(self.bundle.file(self.fmt, "train")))
+            chain, protos = block_graphs(proto, self.bundle.meta["parameters"], self.table)
+        except ValueError as e:
+            self.block_forward_reason = str(e)
+            return None
+        return chain.to_json(), [g.SerializeToString() for g in protos.values()]
 
     def use_p(self, p: int) -> None:
         """Evaluate ``p`` sets per call (the ``train_p{p}`` graph for p > 1)."""
@@ -218,9 +231,13 @@ def batched_graph_path(bundle, fmt: str, p: int) -> Path:
     if f"train_p{p}" in files:
         return bundle.file(fmt, f"train_p{p}")
     import tempfile
-
-    import onnx
-    from baffle_edge.export.batched import batch_graph
+    try:
+        import onnx
+        from baffle_edge.export.batched import batch_graph
+    except ImportError as e:
+        raise ImportError(f"bundle {bundle.path} has no {fmt!r} graph for {p} perturbations per call (train_p{p}) "
+                          f"and building it needs onnx ({e}): pip install onnx, or export the bundle with "
+                          f"ExportConfig(perturbations_per_call={p})") from None
     proto = batch_graph(onnx.load(str(bundle.file(fmt, "train"))), p)
     out = Path(tempfile.mkdtemp(prefix="baffle-p")) / f"{fmt}.p{p}.train.onnx"
     out.write_bytes(proto.SerializeToString())
