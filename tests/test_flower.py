@@ -18,7 +18,8 @@ flwr = pytest.importorskip("flwr", reason="flwr not installed (pip install 'baff
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
 
-from baffle_edge import flower_app, flower_deploy  # noqa: E402
+from baffle_edge.flower import appfolder, credentials, gather, nodedata, records, runconfig  # noqa: E402
+from baffle_edge.flower.client import client_query, client_train  # noqa: E402
 from baffle_edge.protocol import ClientReport  # noqa: E402
 
 
@@ -53,7 +54,7 @@ class LoopbackGrid:
                 continue
             ctx = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
                           run_config={})
-            handler = flower_app.client_query if m.metadata.message_type == "query" else flower_app.client_train
+            handler = client_query if m.metadata.message_type == "query" else client_train
             try:
                 reply = handler(m, ctx)
             except Exception as e:
@@ -70,28 +71,28 @@ class LoopbackGrid:
 
 def test_reply_round_trip_and_malformed_replies():
     r = ClientReport(round=1, client=2, losses=[1.0, 2.0], base_losses=[1.5], num_samples=32, model_version="ab")
-    content = flower_app.report_content(r)
+    content = records.report_content(r)
     assert set(content) == {"losses", "report"}  # loss scalars and a header: never a gradient
-    back = flower_app.parse_report_content(content)
+    back = records.parse_report_content(content)
     assert np.array_equal(back.losses, r.losses) and back.client == 2
     bad = RecordDict({"report": ConfigRecord({"header": "[1"})})
-    assert isinstance(flower_app.parse_report_content(bad), ValueError)
+    assert isinstance(records.parse_report_content(bad), ValueError)
     content["report"]["header"] = json.dumps({"round": 1})
-    assert isinstance(flower_app.parse_report_content(content), ValueError)
+    assert isinstance(records.parse_report_content(content), ValueError)
 
 
 def test_run_config_parsing():
-    cfg, fl = flower_app.config_from_run_config({"train-config": json.dumps({"clients": 4, "k": 7,
-                                                                             "optim": {"lr": 0.05}}),
-                                                 "out": "x", "min-nodes": 2, "client-data": "node"})
+    cfg, fl = runconfig.config_from_run_config({"train-config": json.dumps({"clients": 4, "k": 7,
+                                                                            "optim": {"lr": 0.05}}),
+                                                "out": "x", "min-nodes": 2, "client-data": "node"})
     assert (cfg.clients, cfg.k, cfg.optim.lr, fl.min_nodes, fl.out, fl.client_data) == (4, 7, 0.05, 2, "x", "node")
     assert cfg.aggregate.value == "mean" and dataclasses.replace(cfg) == cfg
     for bad, match in (('{"kk": 1}', "unknown fields"), ('{"scheme": "backward"}', "backward"),
                        ('{"optim": {"lrr": 1}}', "optim"), ("[1]", "JSON object"), ("{", "not valid JSON")):
         with pytest.raises(ValueError, match=match):
-            flower_app.config_from_run_config({"train-config": bad})
+            runconfig.config_from_run_config({"train-config": bad})
     with pytest.raises(ValueError, match="client-data"):
-        flower_app.config_from_run_config({"client-data": "cloud"})
+        runconfig.config_from_run_config({"client-data": "cloud"})
 
 
 def test_app_folder_is_a_flower_app_with_our_components_and_config(tmp_path):
@@ -99,10 +100,10 @@ def test_app_folder_is_a_flower_app_with_our_components_and_config(tmp_path):
     assert main(["flower", "app", str(tmp_path / "app"), "--clients", "3", "--runtime", "onnxruntime-int8",
                  "--k", "20", "--quorum", "0.6", "--out", "/srv/runs/x"]) == 0
     py = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
-    assert py["tool"]["flwr"]["app"]["components"] == {"serverapp": "baffle_edge.flower_app:server_app",
-                                                       "clientapp": "baffle_edge.flower_app:client_app"}
+    assert py["tool"]["flwr"]["app"]["components"] == {"serverapp": "baffle_edge.flower.app:server_app",
+                                                       "clientapp": "baffle_edge.flower.app:client_app"}
     run_config = py["tool"]["flwr"]["app"]["config"]
-    cfg, fl = flower_app.config_from_run_config(run_config)
+    cfg, fl = runconfig.config_from_run_config(run_config)
     assert (cfg.clients, cfg.k, cfg.runtime, cfg.quorum, cfg.round_timeout) == (3, 20, "onnxruntime-int8", 0.6, 300.0)
     assert (fl.client_data, fl.out, fl.min_nodes) == ("node", "/srv/runs/x", 3)
     assert json.loads(run_config["train-config"]) == {"clients": 3, "k": 20, "runtime": "onnxruntime-int8",
@@ -114,9 +115,9 @@ def test_app_folder_is_a_flower_app_with_our_components_and_config(tmp_path):
     # an existing app is not overwritten silently; bad settings fail at writing time
     assert main(["flower", "app", str(tmp_path / "app")]) == 2
     with pytest.raises(ValueError, match="unknown fields"):
-        flower_deploy.write_app(tmp_path / "b", train_config={"kk": 1})
+        appfolder.write_app(tmp_path / "b", train_config={"kk": 1})
     with pytest.raises(ValueError, match="client-data"):
-        flower_deploy.write_app(tmp_path / "b", client_data="cloud")
+        appfolder.write_app(tmp_path / "b", client_data="cloud")
 
 
 def test_node_data_files_reproduce_the_in_process_split(tmp_path, digits):
@@ -124,14 +125,14 @@ def test_node_data_files_reproduce_the_in_process_split(tmp_path, digits):
     parts = partition(digits.y_train, 3, seed=0)
     norm = {"scale": digits.scale, "mean": list(digits.mean), "std": list(digits.std)}
     for fmt in ("npz", "idx"):
-        paths = flower_deploy.write_shards(tmp_path / fmt, clients=3, seed=0, fmt=fmt)
+        paths = nodedata.write_shards(tmp_path / fmt, clients=3, seed=0, fmt=fmt)
         for c, p in enumerate(paths):
-            x_raw, y = flower_deploy.load_node_data(p)
+            x_raw, y = nodedata.load_node_data(p)
             assert x_raw.dtype == np.uint8 and x_raw.shape[1:] == (1, 8, 8)
-            x = flower_deploy.normalise(x_raw, norm, channels=1, size=8)
+            x = nodedata.normalise(x_raw, norm, channels=1, size=8)
             assert np.array_equal(x, digits.x_train[parts[c]]) and np.array_equal(y, digits.y_train[parts[c]])
     with pytest.raises(FileExistsError):
-        flower_deploy.write_shards(tmp_path / "npz", clients=3)
+        nodedata.write_shards(tmp_path / "npz", clients=3)
     # bad node data: clear errors, never unpickled
     np.savez(tmp_path / "nolabels.npz", x=np.zeros((2, 8, 8), np.uint8))
     np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}], dtype=object), y=np.array([0]))
@@ -140,18 +141,18 @@ def test_node_data_files_reproduce_the_in_process_split(tmp_path, digits):
     for name, match in (("nolabels", "expected arrays 'x' and 'y'"), ("objects", "not a readable"),
                         ("short", "matching x"), ("junk", "not a readable")):
         with pytest.raises(ValueError, match=match):
-            flower_deploy.load_node_data(tmp_path / f"{name}.npz")
+            nodedata.load_node_data(tmp_path / f"{name}.npz")
     with pytest.raises(FileNotFoundError):
-        flower_deploy.load_node_data(tmp_path / "missing.npz")
+        nodedata.load_node_data(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="model expects"):
-        flower_deploy.normalise(np.zeros((2, 1, 28, 28), np.uint8), norm, channels=1, size=8)
+        nodedata.normalise(np.zeros((2, 1, 28, 28), np.uint8), norm, channels=1, size=8)
 
 
 def test_certificates_and_node_keys_are_what_flower_reads(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-    files = flower_deploy.make_certificates(tmp_path / "certs", ["127.0.0.1", "superlink.example"])
+    files = credentials.make_certificates(tmp_path / "certs", ["127.0.0.1", "superlink.example"])
     ca = x509.load_pem_x509_certificate(files["ca.crt"].read_bytes())
     server = x509.load_pem_x509_certificate(files["server.pem"].read_bytes())
     server.verify_directly_issued_by(ca)  # raises if not signed by the CA
@@ -160,17 +161,17 @@ def test_certificates_and_node_keys_are_what_flower_reads(tmp_path):
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert (files["server.key"].stat().st_mode & 0o777) == 0o600
     with pytest.raises(FileExistsError):
-        flower_deploy.make_certificates(tmp_path / "certs", ["127.0.0.1"])
+        credentials.make_certificates(tmp_path / "certs", ["127.0.0.1"])
     with pytest.raises(ValueError, match="host"):
-        flower_deploy.make_certificates(tmp_path / "c2", ["bad host!"])
-    pairs = flower_deploy.make_node_keys(tmp_path / "keys", ["node-0", "node-1"])
+        credentials.make_certificates(tmp_path / "c2", ["bad host!"])
+    pairs = credentials.make_node_keys(tmp_path / "keys", ["node-0", "node-1"])
     from flwr.cli.supernode.register import try_load_public_key
     for priv, pub in pairs.values():
         key = load_ssh_private_key(priv.read_bytes(), None)  # what flower-supernode does
         assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
         assert try_load_public_key(pub)  # what `flwr supernode register` does
     with pytest.raises(ValueError, match="key name"):
-        flower_deploy.make_node_keys(tmp_path / "keys", ["../evil"])
+        credentials.make_node_keys(tmp_path / "keys", ["../evil"])
     # the same through the command line; bad input is an error message and exit code 2
     from baffle_edge.cli import main
     assert main(["flower", "certs", str(tmp_path / "c3"), "--hosts", "localhost,10.0.0.5"]) == 0
@@ -187,10 +188,10 @@ CFG = TrainConfig(clients=3, k=3, rounds=2, runtime="onnxruntime-int8", eval_eve
 def test_deployment_apps_on_node_data_reproduce_in_process_train(tmp_path):
     """ServerApp gather + ClientApp handlers, each node with its own file and partition id (given
     in another order than the node ids): same metrics as `baffle-edge train`, round for round."""
-    paths = flower_deploy.write_shards(tmp_path / "data", clients=3, seed=0)
+    paths = nodedata.write_shards(tmp_path / "data", clients=3, seed=0)
     grid = LoopbackGrid([{"data": str(paths[c]), "partition-id": c} for c in (2, 0, 1)])
-    fl = flower_app.FlowerConfig(out=str(tmp_path / "flower"), client_data="node")
-    got = train(CFG, tmp_path / "flower", progress=False, gather=flower_app.FlowerGather(grid, CFG, fl))
+    fl = runconfig.FlowerConfig(out=str(tmp_path / "flower"), client_data="node")
+    got = train(CFG, tmp_path / "flower", progress=False, gather=gather.FlowerGather(grid, CFG, fl))
     local = train(CFG, tmp_path / "local", progress=False)
     assert strip(got) == strip(local)
     assert [r["clients_accepted"] for r in got["rounds"]] == [3, 3]
@@ -200,7 +201,7 @@ def test_deployment_apps_on_node_data_reproduce_in_process_train(tmp_path):
 
 
 def test_deployment_nodes_without_data_or_with_bad_data_never_crash_the_server(tmp_path):
-    paths = flower_deploy.write_shards(tmp_path / "data", clients=3, seed=0)
+    paths = nodedata.write_shards(tmp_path / "data", clients=3, seed=0)
     np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 28, 28), np.uint8), y=np.zeros(4, np.int64))
     grid = LoopbackGrid([{"data": str(paths[0]), "partition-id": 0},
                          {},  # a SuperNode started without --node-config data=...: never assigned
@@ -208,9 +209,9 @@ def test_deployment_nodes_without_data_or_with_bad_data_never_crash_the_server(t
                          {"data": str(paths[2]), "partition-id": 2}],  # never answers: vanished
                         silent=[3])
     cfg = dataclasses.replace(CFG, runtime="torch", rounds=2, round_timeout=1.0)
-    fl = flower_app.FlowerConfig(out=str(tmp_path / "run"), client_data="node", query_timeout=1.0)
+    fl = runconfig.FlowerConfig(out=str(tmp_path / "run"), client_data="node", query_timeout=1.0)
     start = time.monotonic()
-    m = train(cfg, tmp_path / "run", progress=False, gather=flower_app.FlowerGather(grid, cfg, fl))
+    m = train(cfg, tmp_path / "run", progress=False, gather=gather.FlowerGather(grid, cfg, fl))
     assert time.monotonic() - start < 30  # the silent node costs at most its query timeout per round
     for row in m["rounds"]:
         assert row["clients_accepted"] == 1 and row["absent"] == [2] and not row["skipped"]
@@ -221,15 +222,49 @@ def test_deployment_nodes_without_data_or_with_bad_data_never_crash_the_server(t
 
 def test_client_refuses_weights_that_do_not_match_the_task(tmp_path):
     from baffle_edge.simulate import Federation
-    paths = flower_deploy.write_shards(tmp_path / "data", clients=3, seed=0)
+    paths = nodedata.write_shards(tmp_path / "data", clients=3, seed=0)
     cfg = dataclasses.replace(CFG, runtime="torch")
     fed = Federation(cfg)
     grid = LoopbackGrid([{"data": str(paths[0])}])
     task, weights = fed.task(0, 0), fed.server.flat().numpy()
-    msg = flower_app.task_message(task, weights + 1e-3, cfg, 1000, payload=flower_app.round_payload(fed),
-                                  client_data="node")
+    msg = records.task_message(task, weights + 1e-3, cfg, 1000, payload=records.round_payload(fed),
+                               client_data="node")
     reply = grid.send_and_receive([msg])[0]
     assert reply.has_error() and "model_version" in reply.error.reason
-    ok = grid.send_and_receive([flower_app.task_message(task, weights, cfg, 1000, payload=flower_app.round_payload(fed),
-                                                        client_data="node")])[0]
-    assert isinstance(flower_app.parse_reply(ok), ClientReport)
+    ok = grid.send_and_receive([records.task_message(task, weights, cfg, 1000, payload=records.round_payload(fed),
+                                                     client_data="node")])[0]
+    assert isinstance(records.parse_reply(ok), ClientReport)
+
+
+def test_the_flower_package_imports_one_way_and_loads_no_flwr_or_torch():
+    """Every import between the package's modules (function-local ones too) goes one way and names
+    no private (``_name``) name; importing the package itself loads neither flwr nor torch."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import baffle_edge.flower as pkg
+    folder = Path(pkg.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        graph[path.stem] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                graph[path.stem].add(node.module)
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports private {private} from .{node.module}"
+    assert "__init__" not in set().union(*graph.values())
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join(path + [module])}"
+        for m in graph.get(module, ()):
+            if m not in done:
+                visit(m, path + [module])
+        done.add(module)
+    for module in graph:
+        visit(module, [])
+    code = "import sys, baffle_edge.flower; print(sorted({m.split('.')[0] for m in sys.modules} & {'flwr', 'torch'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]

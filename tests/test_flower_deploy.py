@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="flwr not installed (pip install 'baffle-edge[flower]')")
 
-from baffle_edge.flower_deploy import LocalFederation, simulate, write_app, write_shards  # noqa: E402
+from baffle_edge.flower import LocalFederation, simulate, write_app, write_shards  # noqa: E402
 from baffle_edge.simulate import TrainConfig, train  # noqa: E402
 
 
