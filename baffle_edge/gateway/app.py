@@ -108,13 +108,31 @@ def check_npz(body: bytes) -> None:
 
 def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: int = 40, max_poll: float = 30.0,
                max_report_bytes: int | None = None, web_dir: str | Path | None = None) -> FastAPI:
-    cfg = board.cfg
-    limit = max_report_bytes or report_limit(cfg)
-    limiter = RateLimiter(rate, burst)
-    wake = {"event": None}
+    """The API of the module docstring over ``board``, for the devices ``tokens`` authenticates."""
+    limit = max_report_bytes or report_limit(board.cfg)
+    wake = {"event": None}  # set when the board changes: long polls wake (one Event per change)
+    app = FastAPI(title="baffle-edge device gateway", version=API_VERSION, lifespan=_lifespan(board, wake),
+                  description="Fetch a BAFFLE round task, evaluate K perturbed losses on the device, post them "
+                              "back. Loss scalars only travel up; see docs/gateway.md.")
+    _add_error_handlers(app)
+    authenticated = Annotated[Device, Depends(_authenticator(board, tokens, RateLimiter(rate, burst)))]
+    _add_task_routes(app, board, authenticated, wake=wake, max_poll=max_poll, limit=limit)
+    _add_download_routes(app, board, authenticated)
+    _add_report_routes(app, board, authenticated, limit=limit)
+    _add_front_page(app, web_dir)
+    return app
 
+
+def endpoint_of(request: Request) -> str:
+    """The route's path template (``/v1/weights/{version}``): the key of the board's request counts."""
+    route = request.scope.get("route")
+    return getattr(route, "path", request.url.path)
+
+
+def _lifespan(board: Board, wake: dict):
+    """While the app runs, every board change sets ``wake["event"]`` (from any thread) and replaces it."""
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):  # long polls wake when the board changes (from any thread)
+    async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
         wake["event"] = asyncio.Event()
 
@@ -126,12 +144,11 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
         board.listeners.append(listener)
         yield
         board.listeners.remove(listener)
+    return lifespan
 
-    app = FastAPI(title="baffle-edge device gateway", version=API_VERSION, lifespan=lifespan,
-                  description="Fetch a BAFFLE round task, evaluate K perturbed losses on the device, post them "
-                              "back. Loss scalars only travel up; see docs/gateway.md.")
-    bearer = HTTPBearer(auto_error=False, description="a device token from `baffle-edge tokens issue`")
 
+def _add_error_handlers(app: FastAPI) -> None:
+    """Refusals and malformed requests as ``{"error": kind, "reason": text}``."""
     @app.exception_handler(Rejection)
     async def _refused(request: Request, exc: Rejection) -> JSONResponse:
         return JSONResponse({"error": exc.kind, "reason": exc.reason}, status_code=exc.status, headers=exc.headers)
@@ -141,9 +158,11 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
         errors = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
         return JSONResponse({"error": "malformed", "reason": errors[:500]}, status_code=422)
 
-    def endpoint_of(request: Request) -> str:
-        route = request.scope.get("route")
-        return getattr(route, "path", request.url.path)
+
+def _authenticator(board: Board, tokens: TokenStore, limiter: RateLimiter):
+    """The dependency of every device endpoint: a known, unrevoked token within its rate and slot."""
+    cfg = board.cfg
+    bearer = HTTPBearer(auto_error=False, description="a device token from `baffle-edge tokens issue`")
 
     async def device_of(request: Request,
                         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Device:
@@ -155,15 +174,19 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
                                                headers={"WWW-Authenticate": "Bearer"}), endpoint)
         wait = limiter.allow(device.name)
         if wait:
-            raise board.record(device, Rejection(429, "rate-limited", f"more than {rate:g} requests/s from device "
-                                                 f"{device.name!r}", headers={"Retry-After": f"{wait:.1f}"}),
+            raise board.record(device, Rejection(429, "rate-limited", f"more than {limiter.rate:g} requests/s from "
+                                                 f"device {device.name!r}", headers={"Retry-After": f"{wait:.1f}"}),
                                endpoint)
         if device.client >= cfg.clients:
             raise board.record(device, Rejection(403, "no-slot", f"client {device.client} is not in this run "
                                                  f"(clients 0..{cfg.clients - 1})"), endpoint)
         return device
+    return device_of
 
-    Authenticated = Annotated[Device, Depends(device_of)]
+
+def _add_task_routes(app: FastAPI, board: Board, Authenticated, *, wake: dict, max_poll: float, limit: int) -> None:
+    """/v1/config and /v1/task (the long poll)."""
+    cfg = board.cfg
 
     @app.get("/v1/config", responses=PROBLEMS, summary="the run's public settings")
     async def config(device: Authenticated) -> dict:
@@ -196,8 +219,13 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
             except TimeoutError:
                 pass
 
-    @app.get("/v1/weights/{version}", responses={**PROBLEMS, 200: {"content": {"application/octet-stream": {}}}},
-             response_class=Response, summary="the round's float32 weights (ETag = model version)")
+
+def _add_download_routes(app: FastAPI, board: Board, Authenticated) -> None:
+    """/v1/weights, /v1/bundle (cached by ETag) and the demo /v1/data."""
+    binary = {**PROBLEMS, 200: {"content": {"application/octet-stream": {}}}}
+
+    @app.get("/v1/weights/{version}", responses=binary, response_class=Response,
+             summary="the round's float32 weights (ETag = model version)")
     async def weights(request: Request, version: Annotated[str, PathParam(max_length=64)],
                       device: Authenticated) -> Response:
         data = board.weights(version)
@@ -207,8 +235,8 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
             return Response(status_code=304, headers=headers)
         return Response(data, media_type="application/octet-stream", headers=headers)
 
-    @app.get("/v1/bundle/{generation}/{name}", responses={**PROBLEMS, 200: {"content": {"application/octet-stream": {}}}},
-             response_class=Response, summary="a file of the round's bundle (verify its sha256)")
+    @app.get("/v1/bundle/{generation}/{name}", responses=binary, response_class=Response,
+             summary="a file of the round's bundle (verify its sha256)")
     async def bundle(request: Request, generation: Annotated[int, PathParam(ge=0, le=2**31)],
                      name: Annotated[str, PathParam(max_length=128)], device: Authenticated) -> Response:
         data, digest = board.bundle_file(generation, name)
@@ -225,6 +253,9 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
             {"shape": list(b.x.shape), "x": base64.b64encode(np.ascontiguousarray(b.x, "<f4").tobytes()).decode(),
              "y": [int(v) for v in b.y]} for b in batches]}
 
+
+def _add_report_routes(app: FastAPI, board: Board, Authenticated, *, limit: int) -> None:
+    """POST /v1/report (JSON or NPZ, at most ``limit`` bytes) and the public /v1/status."""
     @app.post("/v1/report", status_code=202, responses=PROBLEMS, summary="post a ClientReport (JSON or NPZ)",
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": ReportJSON.model_json_schema()},
@@ -234,17 +265,8 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
         try:
             body = await read_body(request, limit)
             media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if media in JSON_TYPES:
-                parse = ClientReport.from_json
-            elif media in NPZ_TYPES:
-                def parse(b: bytes) -> ClientReport:
-                    check_npz(b)
-                    return ClientReport.from_npz(b)
-            else:
-                raise Rejection(415, "unsupported-media-type", f"Content-Type {media or '(none)'!r}: send "
-                                "application/json or application/x-npz")
             try:
-                parsed = parse(body)
+                parsed = parse_report(body, media)
             except ValueError as e:
                 raise Rejection(400, "malformed", str(e)[:500]) from None
             return board.submit(device, parsed)
@@ -256,6 +278,20 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
         board.requests[endpoint_of(request)] += 1
         return board.status()
 
+
+def parse_report(body: bytes, media: str) -> ClientReport:
+    """A report body of Content-Type ``media`` (JSON or NPZ); ValueError if malformed, 415 if neither."""
+    if media in JSON_TYPES:
+        return ClientReport.from_json(body)
+    if media in NPZ_TYPES:
+        check_npz(body)
+        return ClientReport.from_npz(body)
+    raise Rejection(415, "unsupported-media-type", f"Content-Type {media or '(none)'!r}: send "
+                    "application/json or application/x-npz")
+
+
+def _add_front_page(app: FastAPI, web_dir: str | Path | None) -> None:
+    """``/``: the browser client of ``web_dir`` (mounted at /web), else a redirect to the API docs."""
     if web_dir is not None:
         web = Path(web_dir)
         if not (web / "index.html").is_file():
@@ -269,8 +305,6 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
         @app.get("/", include_in_schema=False)
         async def root() -> RedirectResponse:
             return RedirectResponse("/docs")
-
-    return app
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -72,14 +72,14 @@ def cmd_device(a: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import _add_train_args
+    from ..cli import add_train_args
     p = subparsers.add_parser("serve", help="the reference server over HTTP for real devices (pip install "
                                             "'baffle-edge[serve]')",
                               description="Run the training schedule with remote devices as the clients: they "
                                           "fetch tasks and post loss scalars over HTTP(S). Same training options as "
                                           "`train`; see docs/gateway.md. Writes OUT/metrics.json, checkpoint.pt, "
                                           "gateway.json.")
-    _add_train_args(p)
+    add_train_args(p)
     p.set_defaults(round_timeout=120.0)
     g = p.add_argument_group("gateway")
     g.add_argument("--tokens", required=True, help="token file from `baffle-edge tokens issue`")
