@@ -148,7 +148,8 @@ def _convert(litert_torch, model, calibration: np.ndarray, layout,
 
 # ---------------------------------------------------------------------------- flatbuffer surgery
 
-def _schema():
+def tflite_schema():
+    """The TFLite flatbuffer schema module (object API) of the installed LiteRT."""
     try:
         from ai_edge_litert import schema_py_generated as s
     except ImportError:  # pragma: no cover - older wheels
@@ -159,7 +160,7 @@ def _schema():
 def _dynamic_batch(content: bytes, batch: int) -> tuple[bytes, int]:
     """Rewrite dim 0 of every constant RESHAPE shape equal to ``batch`` to -1 (in place in the
     flatbuffer, so nothing else moves). Returns the new bytes and how many shapes changed."""
-    s = _schema()
+    s = tflite_schema()
     buf = bytearray(content)
     model = s.Model.GetRootAs(buf, 0)
     codes = [max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode())
@@ -188,7 +189,7 @@ def _dynamic_batch(content: bytes, batch: int) -> tuple[bytes, int]:
 
 def _buffer_users(content: bytes) -> dict[int, list[int]]:
     """Constant buffer index -> the tensor indices of subgraph 0 stored in it."""
-    s = _schema()
+    s = tflite_schema()
     model = s.Model.GetRootAs(bytearray(content), 0)
     g = model.Subgraphs(0)
     users: dict[int, list[int]] = {}

@@ -163,12 +163,13 @@ class OrtSession(AutoP, BaseSession):
         """Load the verified train graph (the one hook an alternative executor overrides)."""
         self.session = make_session(path, **options)
 
-    def _feeds(self, weights) -> dict[str, np.ndarray]:
+    def graph_feeds(self, weights) -> dict[str, np.ndarray]:
+        """The train graph's parameter inputs for one weight set (also fed to the block graphs)."""
         raise NotImplementedError
 
     def forward(self, x: np.ndarray, weights) -> np.ndarray:
         """Logits of one weight set (a ``weight_set``)."""
-        return self.session.run([self.output_name], {self.input_name: x, **self._feeds(weights)})[0]
+        return self.session.run([self.output_name], {self.input_name: x, **self.graph_feeds(weights)})[0]
 
     def prepare(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -182,7 +183,7 @@ class OrtSession(AutoP, BaseSession):
         p = self.perturbations_per_call
         if self.batched is None or len(sets) <= p // 2:
             return [self.forward(x, w) for w in sets]
-        feeds = [self._feeds(w) for w in sets]
+        feeds = [self.graph_feeds(w) for w in sets]
         feeds += [feeds[0]] * (p - len(sets))
         stacked = {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}
         return list(self.batched.run([self.output_name], {self.input_name: x, **stacked})[0][:len(sets)])
@@ -203,7 +204,7 @@ class OrtFloatSession(FloatWeights, OrtSession):
         self.specs = [(p["name"], p["offset"], p["size"], tuple(p["shape"])) for p in self.bundle.meta["parameters"]]
         self.set_weights(np.zeros(self.dim, np.float32))
 
-    def _feeds(self, w):
+    def graph_feeds(self, w):
         return {n: w[o:o + s].reshape(shape) for n, o, s, shape in self.specs}
 
 
@@ -221,7 +222,7 @@ class OrtInt8Session(StepWeights, OrtSession):
         self.target = check_bundle(self.bundle.meta, self.name) if self.cpu_bound else None
         self.set_weights(np.zeros(self.dim, np.float32))
 
-    def _feeds(self, qs):
+    def graph_feeds(self, qs):
         return {t.input: q for t, q in zip(self.table.tensors, qs)}
 
 

@@ -48,7 +48,7 @@ class OrtBlockForward:
 
     def cache(self, x: np.ndarray) -> np.ndarray:
         """Run the unperturbed forward (the session's weights), keep B_1 .. B_{L-1}, return the logits."""
-        self.feeds = self.session._feeds(self.session.weight_set(0, None, None))
+        self.feeds = self.session.graph_feeds(self.session.weight_set(0, None, None))
         out = self.cache_session.run(None, {self.boundaries[0]: x, **self.feeds})
         self.b = [x, *out[1:]]
         self.z = out[0]

@@ -119,7 +119,7 @@ class TorchInt8Session(OrtInt8Session):
         self.interpreter = QdqInterpreter(onnx.load(str(path)))
 
     def forward(self, x, weights):
-        return self.interpreter.run({self.input_name: x, **self._feeds(weights)})
+        return self.interpreter.run({self.input_name: x, **self.graph_feeds(weights)})
 
 
 class TorchInt8Runtime:

@@ -17,7 +17,7 @@ from baffle_edge.client import Batch, step_noise  # noqa: E402
 from baffle_edge.estimator import cosine, expected_cosine, loss_differences, stein_gradient  # noqa: E402
 from baffle_edge.bundle import quantize_input, read_bundle  # noqa: E402
 from baffle_edge.export.bundle import ExportConfig, calibration_set, export_bundle  # noqa: E402
-from baffle_edge.export.tflite_export import _schema, export_tflite_int8  # noqa: E402
+from baffle_edge.export.tflite_export import export_tflite_int8, tflite_schema  # noqa: E402
 from baffle_edge.models import ModelConfig, build_model  # noqa: E402
 from baffle_edge.params import flat_params, layout_of, set_flat_params  # noqa: E402
 from baffle_edge.protocol import Domain, RoundTask, Scheme  # noqa: E402
@@ -110,7 +110,7 @@ def test_accuracy_close_to_float(session, trained, digits):
 def _patched_model(content: bytes, rows, qs) -> bytes:
     """The .tflite with the given integers written into its constant buffers (flatbuffer surgery,
     no interpreter involved)."""
-    s = _schema()
+    s = tflite_schema()
     buf = bytearray(content)
     g = s.Model.GetRootAs(buf, 0)
     for row, q in zip(rows, qs):

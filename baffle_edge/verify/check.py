@@ -12,9 +12,9 @@ import torch
 from ..estimator import expected_cosine
 from ..simulate import Federation, Method, TrainConfig
 from .config import BASELINE, FORMAT, REFERENCE, VerifyConfig, run_parts
-from .judge import _num, _pct, judge
-from .report import _label, plot_accuracy, plot_cosine, plot_sweep, write_report_md
-from .runs import _load_data, compare_batches, data_hash, run_one, runtime_status, sweep_runtime
+from .judge import format_num, format_pct, judge
+from .report import plot_accuracy, plot_cosine, plot_sweep, run_label, write_report_md
+from .runs import compare_batches, data_hash, load_data, run_one, runtime_status, sweep_runtime
 
 
 def verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool = False, argv: list[str] | None = None,
@@ -36,7 +36,7 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
     if vc.train.strategy != "fedsgd":
         raise ValueError("verify compares per-client gradients: it runs FedSGD only")
     start = time.perf_counter()
-    data = _load_data(vc)
+    data = load_data(vc)
     base = dataclasses.replace(vc.train, runtime=REFERENCE, method=Method.BAFFLE, baseline=None)  # the reference
 
     def run_config(name: str) -> TrainConfig:
@@ -122,8 +122,8 @@ def _run_all(names: list[str], run_config, data, unavailable: dict, snap_round: 
             raise RuntimeError(f"run {name!r} modified the shared dataset arrays; verification is void")
         runs[name] = run
         s = run["summary"]
-        log(f"verify: {_label(name)}: accuracy {_pct(s['final_accuracy'])}, mean cosine "
-            f"{_num(s['mean_cos_clients'])}, {s['rejected_reports']} rejected, {s['seconds']:.0f} s")
+        log(f"verify: {run_label(name)}: accuracy {format_pct(s['final_accuracy'])}, mean cosine "
+            f"{format_num(s['mean_cos_clients'])}, {s['rejected_reports']} rejected, {s['seconds']:.0f} s")
     return runs
 
 
@@ -143,7 +143,7 @@ def _sweep_all(judged: list[str], runs: dict, run_config, data, sw, snap_round: 
             log(f"verify: sweep {name}: error ({sweep['errors'][name]})")
             continue
         log(f"verify: sweep {name}: " + ", ".join(
-            f"K={r['k']}: {_num(r['cos_mean'])}" for r in sweep["runtimes"][name]["k"]))
+            f"K={r['k']}: {format_num(r['cos_mean'])}" for r in sweep["runtimes"][name]["k"]))
     return sweep
 
 

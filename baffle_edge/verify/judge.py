@@ -47,18 +47,20 @@ def judge(runs: dict[str, dict], batches: dict, th: Thresholds, theory: float, e
                                   "value": acc, "min": need_acc,
                                   "rule": f"final accuracy >= fp32 BAFFLE's - {th.acc_margin} points"}
             if not checks["accuracy"]["ok"]:
-                reasons.append(f"final accuracy {_pct(acc)} < {_pct(need_acc)} (fp32 BAFFLE {_pct(ref_acc)} "
-                               f"- {th.acc_margin} points)")
+                reasons.append(f"final accuracy {format_pct(acc)} < {format_pct(need_acc)} "
+                               f"(fp32 BAFFLE {format_pct(ref_acc)} - {th.acc_margin} points)")
         if not checks["cosine"]["ok"]:
-            reasons.append(f"mean cosine {_num(cos)} < {_num(need)} ({checks['cosine']['rule']})")
+            reasons.append(f"mean cosine {format_num(cos)} < {format_num(need)} ({checks['cosine']['rule']})")
         verdicts[name] = {"pass": all(c["ok"] for c in checks.values()), "status": "ok", "reasons": reasons,
                           "checks": checks}
     return verdicts
 
 
-def _pct(x) -> str:
+def format_pct(x) -> str:
+    """A fraction as a percentage for reports and logs (``n/a`` for None)."""
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-def _num(x, nd: int = 3) -> str:
+def format_num(x, nd: int = 3) -> str:
+    """A number with ``nd`` decimals for reports and logs (``n/a`` for None or non-finite)."""
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"

@@ -9,7 +9,7 @@ import numpy as np
 from ..estimator import expected_cosine
 from ..plots import save_figure
 from .config import BASELINE, REFERENCE
-from .judge import _num, _pct
+from .judge import format_num, format_pct
 
 
 def plot_accuracy(runs: dict[str, dict], path: Path, title: str) -> Path:
@@ -21,7 +21,7 @@ def plot_accuracy(runs: dict[str, dict], path: Path, title: str) -> Path:
             continue
         ev = [r for r in run["rounds"] if "test_accuracy" in r]
         ax.plot([r["round"] for r in ev], [100 * r["test_accuracy"] for r in ev], marker=".",
-                label=_label(name), lw=2.2 if name in (BASELINE, REFERENCE) else 1.4)
+                label=run_label(name), lw=2.2 if name in (BASELINE, REFERENCE) else 1.4)
     ax.set(xlabel="round", ylabel="test accuracy (%, EMA weights)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -43,7 +43,7 @@ def plot_cosine(runs: dict[str, dict], theory: float, path: Path) -> Path:
                 ax.plot(*zip(*pts), label=lab, alpha=0.85)
         ax.axhline(theory, color="k", ls="--", lw=1, label="sqrt(K/(K+d))")
         ax.axhline(0, color="grey", lw=0.6)
-        ax.set(xlabel="round", title=_label(name))
+        ax.set(xlabel="round", title=run_label(name))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("cosine to exact gradient")
     axes[0][0].legend(fontsize=8)
@@ -61,7 +61,7 @@ def plot_sweep(sweep: dict, dim: int, path: Path) -> Path:
             pts = [(r[key], r["cos_mean"], r["cos_std"]) for r in rows if r["cos_mean"] is not None]
             if pts:
                 x, y, e = zip(*pts)
-                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=_label(name))
+                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=run_label(name))
     if ks:
         grid = np.geomspace(min(ks), max(ks), 50)
         a1.plot(grid, [expected_cosine(int(k), dim) for k in grid], "k--", lw=1, label="sqrt(K/(K+d))")
@@ -78,7 +78,8 @@ def plot_sweep(sweep: dict, dim: int, path: Path) -> Path:
     return path
 
 
-def _label(name: str) -> str:
+def run_label(name: str) -> str:
+    """How reports, logs and figures name a run (the baseline and the reference in words)."""
     return {BASELINE: "backprop (float baseline)", REFERENCE: "fp32 BAFFLE (torch)"}.get(name, name)
 
 
@@ -108,9 +109,10 @@ def summary_table(report: dict) -> str:
             v = verdicts[name]
             verdict = ("PASS" if v["pass"] else "FAIL: " + "; ".join(_md(x) for x in v["reasons"]))
             verdict += " (reference)" if name == REFERENCE else ""
-        lines.append(f"| {_label(name)} | {pert} | {_pct(acc)} | {gap(ref_acc) if name != REFERENCE else '0 (reference)'} "
-                     f"| {gap(bp_acc) if name != BASELINE else '–'} | {_num(s['mean_cos_clients'])} "
-                     f"| {_num(s['mean_cos_aggregate'])} | {_num(s['mean_norm_ratio'], 2)} | {verdict} |")
+        lines.append(f"| {run_label(name)} | {pert} | {format_pct(acc)} "
+                     f"| {gap(ref_acc) if name != REFERENCE else '0 (reference)'} "
+                     f"| {gap(bp_acc) if name != BASELINE else '–'} | {format_num(s['mean_cos_clients'])} "
+                     f"| {format_num(s['mean_cos_aggregate'])} | {format_num(s['mean_norm_ratio'], 2)} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -131,11 +133,11 @@ def compute_table(report: dict) -> str:
         acc = s["final_accuracy"]
         gap = "–" if name == BASELINE or acc is None or bp_acc is None else f"{100 * (acc - bp_acc):+.2f}"
         up = s.get("bytes_up_per_report")
-        lines.append(f"| {_label(name)} | {eff.get('k', '–') if name != BASELINE else '–'} "
+        lines.append(f"| {run_label(name)} | {eff.get('k', '–') if name != BASELINE else '–'} "
                      f"| {s['forward_equivalents']:.1f} | {s['macs_per_round'] / 1e9:.3f} "
-                     f"| {_num(s['cos_per_forward'], 5)} | {_num(s['cos_per_gmac'], 3)} "
+                     f"| {format_num(s['cos_per_forward'], 5)} | {format_num(s['cos_per_gmac'], 3)} "
                      f"| {'–' if up is None else f'{up:,.0f}'} | "
-                     + " | ".join(_pct(s["accuracy_at"].get(m)) for m in marks) + f" | {gap} |")
+                     + " | ".join(format_pct(s["accuracy_at"].get(m)) for m in marks) + f" | {gap} |")
     return "\n".join(lines)
 
 
@@ -181,12 +183,12 @@ def write_report_md(report: dict, out: Path, figures: dict[str, str]) -> Path:
         if figures.get("sweep"):
             lines += [f"![cosine sweep]({figures['sweep']})", ""]
         names = list(sw["runtimes"])
-        lines += ["| K | sqrt(K/(K+d)) | " + " | ".join(_label(n) for n in names) + " |",
+        lines += ["| K | sqrt(K/(K+d)) | " + " | ".join(run_label(n) for n in names) + " |",
                   "|---|---|" + "---|" * len(names)]
         for i, k in enumerate(sw["ks"]):
             cells = [_pm(sw["runtimes"][n]["k"][i]) for n in names]
             lines.append(f"| {k} | {expected_cosine(k, report['parameters']):.3f} | " + " | ".join(cells) + " |")
-        lines += ["", "| sigma | " + " | ".join(_label(n) for n in names) + " |", "|---|" + "---|" * len(names)]
+        lines += ["", "| sigma | " + " | ".join(run_label(n) for n in names) + " |", "|---|" + "---|" * len(names)]
         for i, s in enumerate(sw["sigmas"]):
             lines.append(f"| {s:g} | " + " | ".join(_pm(sw["runtimes"][n]["sigma"][i]) for n in names) + " |")
         lines.append("")

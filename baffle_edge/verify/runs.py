@@ -98,7 +98,8 @@ def _mean(xs) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
-def _load_data(vc: VerifyConfig) -> Dataset:
+def load_data(vc: VerifyConfig) -> Dataset:
+    """The check's dataset: ``vc.train``'s, cut to seeded train / test subsets when they are set."""
     cfg = vc.train
     data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
     rng = np.random.default_rng([cfg.seed, 0x5EB5])
