@@ -44,6 +44,9 @@ class ModelConfig:
     activation: Activation = Activation.HARDSWISH  # reference default
     norm: Norm = Norm.NONE  # LeNet default "NoNorm" (reference MNIST recipe); WRN uses GROUP
 
+    def __post_init__(self):
+        coerce_enums(self)  # a config read from JSON names its activation and norm by value
+
 
 class OptimizerName(str, enum.Enum):
     ADAM = "adam"  # reference default

@@ -222,6 +222,7 @@ def summation_vectors(seed: int = 0) -> list[dict]:
 def _lenet(data, steps: int, seed: int):
     """A LeNet trained for a few Adam steps (informative gradients, int8 scales of a real model)."""
     import torch
+
     from .models import ModelConfig, build_model
     model = build_model(ModelConfig(), seed=seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .attackers import byzantine_clients, garbage_report  # noqa: F401 (simulation's attackers)
 from .block_draw import BlockDraw, BlockDrawPolicy
 from .client import Batch
 from .config import Method, TrainConfig
@@ -34,25 +35,8 @@ from .estimator import clip_inf
 from .models import ModelConfig, build_model, default_norm
 from .params import flat_grad, layout_of, set_flat_params
 from .perturb import NoiseKind
-from .protocol import (
-    DOMAIN_DEFAULTS,
-    Baseline,
-    ClientReport,
-    Domain,
-    RoundTask,
-    Scheme,
-    check_noise,
-    wire_bytes,
-)
-from .server import (
-    ClientUpdate,
-    ReplayGuard,
-    RoundLog,
-    Server,
-    accuracy,
-    make_strategy,
-    mean_loss,
-)
+from .protocol import DOMAIN_DEFAULTS, Baseline, ClientReport, Domain, RoundTask, Scheme, check_noise, wire_bytes
+from .server import ClientUpdate, ReplayGuard, RoundLog, Server, accuracy, make_strategy, mean_loss
 
 # rounds between bundle re-exports per format: int8 activation ranges and weight scales go stale as
 # the weights move (measured: int8 gradient cosine drops until the next refresh)
@@ -354,21 +338,6 @@ class Federation:
         acc_eval = accuracy(self.model, s.eval_weights(), d.x_test, d.y_test)
         return {"test_accuracy": acc_eval, "test_accuracy_raw": acc,
                 "test_loss": mean_loss(self.model, d.x_test, d.y_test)}
-
-
-def byzantine_clients(clients: int, fraction: float, *, seed: int) -> frozenset[int]:
-    """The seeded set of ``round(fraction * clients)`` clients that misbehave in a simulation."""
-    n = round(fraction * clients)
-    rng = np.random.default_rng([seed, 0xB7])
-    return frozenset(int(c) for c in rng.choice(clients, size=n, replace=False)) if n else frozenset()
-
-
-def garbage_report(report: ClientReport, *, seed: int) -> ClientReport:
-    """A Byzantine upload: well-formed and finite, but random large losses (uniform in [0, 1e3))
-    instead of the measured ones; seeded by (seed, round, client)."""
-    rng = np.random.default_rng([seed, report.round, report.client, 0xB7])
-    return dataclasses.replace(report, losses=rng.uniform(0, 1e3, report.losses.size),
-                               base_losses=rng.uniform(0, 1e3, report.base_losses.size))
 
 
 def _versions() -> dict:

@@ -1,5 +1,5 @@
 """The server side: rebuilding gradients from K loss scalars (streaming over k, one eps_k in memory
-at a time: ``Server.decode`` -> ``client.step_gradient``) for C clients, plus one optimizer step.
+at a time: ``Server.decode`` -> ``rows.step_gradient``) for C clients, plus one optimizer step.
 
 Reports are synthetic but exact: the loss is linear, L(w + sigma eps) = L0 + sigma eps . g, so the
 decoded gradient must point along g (cosine > 0 always, about sqrt(K / (K + d)) on average).

@@ -5,13 +5,7 @@ from baffle_edge.runtimes.torch_runtime import TorchSession
 from conftest import exact_grad
 
 from baffle_edge.client import Batch
-from baffle_edge.estimator import (
-    clip_inf,
-    cosine,
-    expected_cosine,
-    loss_differences,
-    stein_gradient,
-)
+from baffle_edge.estimator import clip_inf, cosine, expected_cosine, loss_differences, stein_gradient
 from baffle_edge.params import flat_params
 from baffle_edge.protocol import RoundTask
 from baffle_edge.rows import split_step, step_gradient

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from baffle_edge.server import Aggregate, ClientUpdate, ReplayGuard, make_strategy
-from baffle_edge.simulate import Federation, TrainConfig, byzantine_clients, garbage_report
+from baffle_edge.attackers import byzantine_clients, garbage_report
+from baffle_edge.simulate import Federation, TrainConfig
 
 SMALL = TrainConfig(clients=6, k=4, rounds=2, eval_every=2, checkpoint_every=2, workers=2)
 

@@ -70,7 +70,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_bad_reports_are_skipped_and_the_round_completes(tmp_path):
-    fed_cfg = dataclasses.replace(SMALL, clients=5, rounds=2)
+    fed_cfg = dataclasses.replace(SMALL, clients=5, rounds=1)  # one round: `honest` holds the initial weights
     honest = Federation(fed_cfg)
 
     def device(task, batches):
@@ -91,7 +91,17 @@ def test_bad_reports_are_skipped_and_the_round_completes(tmp_path):
     assert all(r["clients_accepted"] == 1 and r["applied"] for r in rows)
     rej = rows[0]["rejected"]
     assert "losses" in rej["0"] and "non-finite" in rej["1"] and "vanished" in rej["2"] and "round" in rej["3"]
-    assert m["final"]["rejected_reports"] == 8
+    assert m["final"]["rejected_reports"] == 4
+
+
+def test_a_report_at_other_weights_is_refused_by_the_device(tmp_path):
+    """device.answer checks the weights against the task's model_version: a simulated device handed
+    other weights (a stale model) refuses the task instead of reporting losses at the wrong point."""
+    fed = Federation(dataclasses.replace(SMALL, clients=1, rounds=1))
+    task = fed.task(0, 0)
+    stale = fed.server.flat().numpy() + np.float32(1e-3)
+    with pytest.raises(ValueError, match="model_version"):
+        fed.baffle_client(task, fed.batches(0, 0), weights=stale)
 
 
 def test_all_clients_bad_leaves_model_unchanged(tmp_path):

@@ -1,5 +1,6 @@
-"""The device side of the ClientApp: the ``train`` and ``query`` handlers, the settings a device
-reads from the task, its data (a node's own file or a dataset shard) and its runtime session.
+"""The device side of the ClientApp: the ``train`` and ``query`` handlers, a Flower adapter over
+``baffle_edge.device`` (settings from the task's train config, the session, the batch schedule and the
+answer), plus what only Flower has: a node's own data or a dataset shard, and bundles shipped in messages.
 
 The ClientApp runs in a fresh process per message in Flower 1.42 deployments, so this module
 imports no torch (that alone would add ~4 s per message); torch loads only for ``--runtime torch``.
@@ -18,6 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from ..attackers import byzantine_clients, garbage_report
+from ..config import TrainConfig
+from ..device import DeviceSettings, SessionCache, answer, model_artifact, open_session, task_batches
 from ..protocol import RoundTask
 from .nodedata import load_node_data, normalise
 from .records import report_content
@@ -28,37 +32,6 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class ClientSettings:
-    """The TrainConfig fields a device uses, read from the task's ``train-config`` JSON without
-    importing the server (torch)."""
-
-    runtime: str
-    provider: str
-    perturbations_per_call: int | str
-    seed: int
-    batch_size: int
-    # shard mode (simulation) only: which shard, as Federation splits the dataset
-    dataset: str
-    data_dir: str | None
-    clients: int
-    partition: str
-    alpha: float
-    byzantine: float
-
-    @classmethod
-    def from_json(cls, text: str) -> "ClientSettings":
-        try:
-            d = json.loads(text)
-            return cls(runtime=str(d["runtime"]), provider=str(d["provider"]),
-                       perturbations_per_call=d["perturbations_per_call"], seed=int(d["seed"]),
-                       batch_size=int(d["batch_size"]), dataset=str(d["dataset"]),
-                       data_dir=d["data_dir"], clients=int(d["clients"]), partition=str(d["partition"]),
-                       alpha=float(d["alpha"]), byzantine=float(d["byzantine"]))
-        except (TypeError, KeyError, ValueError) as e:
-            raise ValueError(f"task train-config: {type(e).__name__}: {e}") from None
-
-
-@dataclass(frozen=True)
 class DeviceData:
     """The samples one device trains on: normalised float32 inputs and int64 labels."""
 
@@ -66,28 +39,25 @@ class DeviceData:
     y: np.ndarray
     client: int | None  # the shard it is (shard mode), None for a node's own data
 
-    def batches(self, task: RoundTask, cfg: ClientSettings):
-        """The batches of ``task`` (one per local step), drawn as ``Federation.batches`` does."""
-        from ..client import Batch
-        from ..data import batch_indices
-        out = []
-        for step in range(task.local_steps):
-            idx = batch_indices(np.arange(len(self.y)), task.round * task.local_steps + step, cfg.batch_size,
-                                seed=cfg.seed, client=task.client)
-            out.append(Batch(self.x[idx], self.y[idx]))
-        return out
+
+def train_config(text: str) -> TrainConfig:
+    """The run's TrainConfig from the task's ``train-config`` JSON (torch-free: baffle_edge.config)."""
+    try:
+        return TrainConfig.from_json(json.loads(text))
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"task train-config: {type(e).__name__}: {e}") from None
 
 
 class Device:
-    """A SuperNode's side of a run: its data, its runtime session (per round bundle), caches that
-    live as long as the ClientApp process."""
+    """A SuperNode's side of a run: its data and its runtime session (per round bundle), cached as
+    long as the ClientApp process lives."""
 
     _lock = threading.Lock()
     _data: dict[tuple, DeviceData] = {}
-    _sessions: dict[tuple, object] = {}
+    sessions = SessionCache()
 
     @classmethod
-    def shard(cls, cfg: ClientSettings, client: int) -> DeviceData:
+    def shard(cls, cfg: TrainConfig, client: int) -> DeviceData:
         """Shard ``client`` of the configured dataset (simulation; same split as in-process)."""
         from ..data import load_dataset, partition
         key = ("shard", cfg.dataset, cfg.data_dir, cfg.seed, cfg.clients, cfg.partition, cfg.alpha, client)
@@ -121,35 +91,17 @@ class Device:
             return cls._data[key]
 
     @classmethod
-    def session(cls, cfg: ClientSettings, model: dict, bundle: dict, *, provider: str | None = None):
+    def session(cls, settings: DeviceSettings, model: dict, bundle: dict):
         """A runtime session for the round: the shipped bundle (verified), or a torch model."""
-        from baffle_edge.runtimes import REGISTRY, get_runtime
-        from baffle_edge.runtimes.batching import BATCHED_RUNTIMES
-        if cfg.runtime not in REGISTRY:
-            raise ValueError(f"unknown runtime {cfg.runtime!r}; known: {', '.join(sorted(REGISTRY))}")
-        info = REGISTRY[cfg.runtime]
         digest = hashlib.sha256(b"".join(bundle.get(n, b"") for n in sorted(bundle))).hexdigest()
-        key = (cfg.runtime, provider or cfg.provider, str(cfg.perturbations_per_call), model["model-config"], digest)
-        with cls._lock:
-            if key in cls._sessions:
-                return cls._sessions[key]
-            options = {"provider": provider or cfg.provider} if cfg.runtime.startswith("onnxruntime") else {}
-            if cfg.runtime in BATCHED_RUNTIMES:
-                options["perturbations_per_call"] = cfg.perturbations_per_call
-            rt = get_runtime(cfg.runtime, **options)
-            if info.artifact == "bundle":
-                if "baffle.json" not in bundle:
-                    raise ValueError(f"runtime {cfg.runtime!r} needs a bundle but the task carries none")
-                artifact = _unpack_bundle(bundle, digest)
-            else:
-                from ..models import Activation, ModelConfig, Norm, build_model
-                mc = json.loads(model["model-config"])
-                mc["activation"], mc["norm"] = Activation(mc["activation"]), Norm(mc["norm"])
-                artifact = build_model(ModelConfig(**mc), seed=cfg.seed)
-            session = rt.load(artifact)
-            cls._sessions.clear()  # one round's bundle at a time
-            cls._sessions[key] = session
-            return session
+
+        def make():
+            if settings.info.artifact != "bundle":
+                return open_session(settings, model_artifact(settings, json.loads(model["model-config"])))
+            if "baffle.json" not in bundle:
+                raise ValueError(f"runtime {settings.runtime!r} needs a bundle but the task carries none")
+            return open_session(settings, _unpack_bundle(bundle, digest))
+        return cls.sessions.get((settings, model["model-config"], digest), make)
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,100}")
@@ -179,20 +131,12 @@ def _unpack_bundle(files: dict, digest: str) -> Path:
     return d
 
 
-def weights_version(weights: np.ndarray) -> str:
-    """``server.model_version`` computed with numpy only (the device needs no torch)."""
-    return hashlib.sha256(np.ascontiguousarray(weights, dtype=np.float32).tobytes()).hexdigest()[:16]
-
-
 def client_train(msg: "Message", context: "Context") -> "Message":
     """The ClientApp's ``train`` handler: run the task, reply with the loss scalars only."""
-    from ..client import run_task
     rec = msg.content["task"]
     task = RoundTask.from_json(rec["task"])
-    cfg = ClientSettings.from_json(rec["train-config"])
-    weights = np.asarray(msg.content["weights"]["weights"].numpy(), dtype=np.float32).reshape(-1)
-    if weights_version(weights) != task.model_version:
-        raise ValueError(f"weights do not hash to the task's model_version {task.model_version!r}")
+    cfg = train_config(rec["train-config"])
+    weights = msg.content["weights"]["weights"].numpy()
     model = dict(msg.content["model"])
     bundle = dict(msg.content["bundle"]) if "bundle" in msg.content else {}
     node_config = dict(context.node_config)
@@ -204,12 +148,12 @@ def client_train(msg: "Message", context: "Context") -> "Message":
     else:
         raise ValueError(f"client-data must be one of {', '.join(CLIENT_DATA)}; got {mode!r}")
     provider = node_config.get("provider") if mode == "node" else None
-    session = Device.session(cfg, model, bundle, provider=str(provider) if provider else None)
-    report = run_task(task, session, data.batches(task, cfg), weights=weights, runtime=cfg.runtime)
-    if mode == "shard" and cfg.byzantine > 0:
-        from ..simulate import byzantine_clients, garbage_report
-        if task.client in byzantine_clients(cfg.clients, cfg.byzantine, seed=cfg.seed):
-            report = garbage_report(report, seed=cfg.seed)  # simulated attacker (TrainConfig.byzantine)
+    settings = DeviceSettings.from_config(cfg, provider=str(provider) if provider else None)
+    session = Device.session(settings, model, bundle)
+    report = answer(task, session, task_batches(data.x, data.y, task, settings), weights=weights,
+                    runtime=settings.runtime)
+    if mode == "shard" and task.client in byzantine_clients(cfg.clients, cfg.byzantine, seed=cfg.seed):
+        report = garbage_report(report, seed=cfg.seed)  # simulated attacker (TrainConfig.byzantine)
     return Message(report_content(report), reply_to=msg)
 
 

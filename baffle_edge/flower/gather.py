@@ -12,14 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..protocol import ClientReport, RoundTask
-from .records import (
-    RoundPayload,
-    parse_node_info,
-    parse_reply,
-    query_message,
-    round_payload,
-    task_message,
-)
+from .records import RoundPayload, parse_node_info, parse_reply, query_message, round_payload, task_message
 from .runconfig import FlowerConfig
 
 if TYPE_CHECKING:

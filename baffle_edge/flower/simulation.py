@@ -9,15 +9,7 @@ import tempfile
 from pathlib import Path
 
 from .appfolder import write_app
-from .processes import (
-    flower_env,
-    flwr_home,
-    follow,
-    free_port,
-    start_process,
-    superlink_command,
-    wait_healthy,
-)
+from .processes import flower_env, flwr_home, follow, free_port, start_process, superlink_command, wait_healthy
 
 
 def simulate(cfg, out: str | Path, *, resume: bool = False, cpus_per_client: int = 1,
