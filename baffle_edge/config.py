@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import typing
 from dataclasses import dataclass
 
@@ -172,3 +173,8 @@ class TrainConfig:
         if isinstance(d.get("optim"), dict):
             d["optim"] = OptimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["optim"].items()})
         return cls(**d)
+
+
+def rounds_per_epoch(cfg: TrainConfig, data) -> int:
+    """Rounds in one epoch: every client passes once over its share of ``data`` (a ``data.Dataset``)."""
+    return max(1, math.ceil(len(data.y_train) / (cfg.clients * cfg.batch_size)))

@@ -28,7 +28,7 @@ from . import __version__
 from .attackers import byzantine_clients, garbage_report  # noqa: F401 (simulation's attackers)
 from .block_draw import BlockDraw, BlockDrawPolicy
 from .client import Batch
-from .config import Method, TrainConfig
+from .config import Method, TrainConfig, rounds_per_epoch
 from .data import Dataset, load_dataset, partition
 from .device import DeviceSettings, SessionCache, answer, batch_schedule, open_session
 from .estimator import clip_inf
@@ -46,10 +46,6 @@ REFRESH_DEFAULT = {"onnx": 1, "onnx-int8": 1, "tflite-int8": 1}  # tflite every 
 def model_config(cfg: TrainConfig, data: Dataset) -> ModelConfig:
     return ModelConfig(cfg.model, data.in_channels, data.image_size, data.num_classes, cfg.activation,
                        cfg.norm if cfg.norm is not None else default_norm(cfg.model))
-
-
-def rounds_per_epoch(cfg: TrainConfig, data: Dataset) -> int:
-    return max(1, math.ceil(len(data.y_train) / (cfg.clients * cfg.batch_size)))
 
 
 @dataclass

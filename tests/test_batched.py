@@ -172,7 +172,8 @@ def test_bad_p_raises(bad):
 
 
 def test_auto_and_cli():
-    from baffle_edge.cli import build_parser, config_from_args
+    from baffle_edge.cli import build_parser
+    from baffle_edge.train_options import config_from_args
     from baffle_edge.runtimes.batching import resolve
     assert resolve("auto", "torch", "lenet") == "auto" and resolve("auto", "tflite-int8", "lenet") == 1
     assert resolve("7", "torch") == 7

@@ -55,7 +55,7 @@ def test_runtimes(monkeypatch):
     for i, (name, cls) in enumerate(entries.items()):
         setattr(mod, f"R{i}", _runtime(cls, name))
         monkeypatch.setitem(REGISTRY, name, dataclasses.replace(
-            REGISTRY["torch"], name=name, module=TEST_MODULE, factory=f"R{i}", summary="test only"))
+            REGISTRY["torch"], name=name, module=TEST_MODULE, factory=f"R{i}", summary="test only", batched=False))
     monkeypatch.setitem(REGISTRY, "ghost-int8", dataclasses.replace(
         REGISTRY["torch"], name="ghost-int8", requires=("baffle_edge_no_such_module",), extra="ghost"))
     monkeypatch.setitem(sys.modules, mod.__name__, mod)

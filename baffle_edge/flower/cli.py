@@ -15,7 +15,7 @@ from .simulation import simulate
 def _train_config_json(a) -> dict:
     """The TrainConfig the train options describe, as JSON with only the fields that differ from
     the defaults (so the app folder reads like the command that made it)."""
-    from ..cli import config_from_args
+    from ..train_options import config_from_args
     from ..simulate import TrainConfig
     full, default = config_from_args(a).to_json(), TrainConfig().to_json()
     out = {k: v for k, v in full.items() if k != "optim" and v != default[k]}
@@ -67,7 +67,7 @@ def _pace(final: dict, wall: float) -> str:
 
 
 def cmd_simulate(a) -> int:
-    from ..cli import config_from_args
+    from ..train_options import config_from_args
     cfg = config_from_args(a)
     out = Path(a.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-flower-{cfg.model}-{cfg.dataset}")
     start = time.perf_counter()
@@ -84,7 +84,7 @@ def cmd_simulate(a) -> int:
 def cmd_local(a) -> int:
     import shutil
 
-    from ..cli import config_from_args
+    from ..train_options import config_from_args
     cfg = config_from_args(a)
     out = Path(a.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-flower-local-{cfg.model}-{cfg.dataset}")
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="baffle-flower-local-"))
@@ -113,7 +113,7 @@ def add_parser(subparsers) -> None:
 
 
 def _add_app(sub) -> None:
-    from ..cli import add_train_args
+    from ..train_options import add_train_args
     s = sub.add_parser("app", help="write a ready Flower app folder (pyproject.toml with components and config)",
                        description="Write DIR/pyproject.toml: the BAFFLE ServerApp and ClientApp and the run "
                                    "config made from the train options below. Submit it with `flwr run DIR CONN`.")
@@ -172,7 +172,7 @@ def _add_shards(sub) -> None:
 
 
 def _add_local(sub) -> None:
-    from ..cli import add_train_args
+    from ..train_options import add_train_args
     s = sub.add_parser("local", help="the whole secured deployment on this machine: SuperLink + one SuperNode "
                                      "per client as processes",
                        description="Try the runbook (docs/flower.md) on one machine: node data files, a private CA, "
@@ -188,7 +188,7 @@ def _add_local(sub) -> None:
 
 
 def _add_simulate(sub) -> None:
-    from ..cli import add_train_args
+    from ..train_options import add_train_args
     s = sub.add_parser("simulate", help="Flower's simulation runtime with --clients virtual SuperNodes",
                        description="Train on Flower's simulation runtime (a loopback SuperLink in simulation mode, "
                                    "`flwr run`, Ray): one virtual SuperNode per client. Writes the same "

@@ -72,7 +72,7 @@ def cmd_device(a: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import add_train_args
+    from ..train_options import add_train_args
     p = subparsers.add_parser("serve", help="the reference server over HTTP for real devices (pip install "
                                             "'baffle-edge[serve]')",
                               description="Run the training schedule with remote devices as the clients: they "

@@ -155,7 +155,7 @@ def gateway_config_from_args(a) -> GatewayConfig:
 
 
 def cmd_serve(a) -> int:
-    from ..cli import config_from_args
+    from ..train_options import config_from_args
     require_serve()
     cfg = config_from_args(a)
     gw = gateway_config_from_args(a)

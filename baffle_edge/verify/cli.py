@@ -40,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("verify", help="check that each runtime's BAFFLE gradients converge like fp32 "
                               "BAFFLE and the backprop baseline", description=HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    from ..cli import _d, _values
+    from ..train_options import config_default as _d, enum_values as _values
     from ..data import DATASETS
     from ..models import MODEL_NAMES
     _T = TrainConfig()  # shared defaults are read from the training config, not restated
