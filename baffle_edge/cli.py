@@ -53,13 +53,14 @@ SERVER_INSTALL = "pip install torch==2.13.0 && pip install 'baffle-edge[server]'
 
 def _unavailable(sub, names: tuple[str, ...], error: ImportError) -> None:
     """Parsers for commands whose module cannot be imported here: running one explains why."""
-    why = f"needs {error.name or error} (not installed): {SERVER_INSTALL}"
+    why = f"needs {error.name or error}, which this install lacks: {SERVER_INSTALL}"
 
     def fail(a: argparse.Namespace) -> int:
         raise ImportError(f"`baffle-edge {a.command}` {why}")
     for name in names:
-        p = sub.add_parser(name, help=f"(unavailable in this install: {why})", add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p = sub.add_parser(name, help=f"(unavailable in this install: {why})", add_help=False,
+                           prefix_chars="\0")  # every argument (--help too) is taken as a plain word
+        p.add_argument("rest", nargs="*")
         p.set_defaults(func=fail)
 
 

@@ -198,13 +198,13 @@ def step_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) 
     if task.noise is NoiseKind.BLOCK and session.block_forward is not None:
         res = block_losses(session, batch, task, step)
     else:
-        res = _weight_set_losses(session, batch, task, step)
+        res = weight_set_losses(session, batch, task, step)
     if not np.all(np.isfinite(res)):
         raise ValueError(f"runtime {session.name!r} produced non-finite losses")
     return res
 
 
-def _weight_set_losses(session: Session, batch: Batch, task: RoundTask, step: int) -> np.ndarray:
+def weight_set_losses(session: Session, batch: Batch, task: RoundTask, step: int) -> np.ndarray:
     """``step_losses`` through ``session.evaluate``: every row's weight set, P per call."""
     x = session.prepare(batch.x)
     p = session.perturbations_per_call

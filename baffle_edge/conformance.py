@@ -219,7 +219,7 @@ def summation_vectors(seed: int = 0) -> list[dict]:
     return out
 
 
-def _lenet(data, steps: int, seed: int):
+def trained_lenet(data, steps: int, seed: int):
     """A LeNet trained for a few Adam steps (informative gradients, int8 scales of a real model)."""
     import torch
 
@@ -260,7 +260,7 @@ def write_kit(out: str | Path, *, force: bool = False, train_steps: int = 60, ba
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     data = load_digits(seed=0)
     say(f"conformance: training LeNet on digits for {train_steps} steps, exporting the bundle")
-    model = _lenet(data, train_steps, seed=0)
+    model = trained_lenet(data, train_steps, seed=0)
     (out / "rounds").mkdir(parents=True)
     export_bundle(model, ModelConfig(), data, out / "bundle", ExportConfig(formats=("onnx", "onnx-int8")),
                   source=f"conformance kit: LeNet, {train_steps} Adam steps on digits")

@@ -246,7 +246,8 @@ def export_for(cfg: MemoryConfig, fmt: str, out: str) -> None:
 def _inference_forward(runtime: str, cfg: MemoryConfig, model, x: np.ndarray, y: np.ndarray):
     """``forward(x) -> logits`` of a plain inference through ``runtime`` at the model's weights."""
     from .params import flat_params
-    if runtime.startswith("onnxruntime"):
+    from .runtimes import runtime_info
+    if runtime_info(runtime).engine == "onnxruntime":
         from .bundle import read_bundle
         from .runtimes.onnxruntime_runtime import make_session
         from .runtimes import REGISTRY

@@ -44,7 +44,7 @@ class LeNet(nn.Module):
         return self.fc(self.features(x))
 
 
-class _WideBlock(nn.Module):
+class WideBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, cfg: ModelConfig):
         super().__init__()
         self.pre = nn.Sequential(_norm(cfg.norm, cin), _act(cfg.activation))
@@ -73,7 +73,7 @@ class WideResNet(nn.Module):
         for stage in range(3):
             for i in range(n):
                 cin = widths[stage] if i == 0 else widths[stage + 1]
-                layers.append(_WideBlock(cin, widths[stage + 1], 1 if stage == 0 or i else 2, cfg))
+                layers.append(WideBlock(cin, widths[stage + 1], 1 if stage == 0 or i else 2, cfg))
         layers += [_norm(cfg.norm, widths[3]), _act(cfg.activation), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(widths[3], cfg.num_classes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _plt():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -22,7 +22,7 @@ def save_figure(fig, path) -> Path:
 
 def plot_curves(runs: dict[str, list[dict]], path: Path, *, title: str = "") -> Path:
     """Test accuracy and train loss vs round, one line per run (e.g. baffle and bp)."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, rows in runs.items():
         ev = [r for r in rows if "test_accuracy" in r]

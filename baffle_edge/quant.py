@@ -52,18 +52,18 @@ class QTensor:
     def size(self) -> int:
         return int(np.prod(self.shape))
 
-    def _bcast(self, v: np.ndarray) -> np.ndarray:
+    def broadcast(self, v: np.ndarray) -> np.ndarray:
         shape = [1] * len(self.shape)
         shape[self.axis] = -1
         return np.asarray(v, dtype=np.float64).reshape(shape)
 
     def quantize(self, w: np.ndarray) -> np.ndarray:
-        s = self._bcast(np.asarray(self.scale, dtype=np.float32))
+        s = self.broadcast(np.asarray(self.scale, dtype=np.float32))
         q = np.rint(np.asarray(w, dtype=np.float32).reshape(self.shape) / s)
         return np.clip(q, -self.qmax, self.qmax).astype(self.dtype)
 
     def step(self) -> np.ndarray:
-        return np.broadcast_to(self._bcast(self.scale) * self.multiplier, self.shape).reshape(-1)
+        return np.broadcast_to(self.broadcast(self.scale) * self.multiplier, self.shape).reshape(-1)
 
     def perturb(self, q: np.ndarray, eps: np.ndarray, sign: int = 1) -> np.ndarray:
         lo, hi = self.bounds
@@ -149,7 +149,7 @@ class QuantTable:
         return out
 
     def dequantize(self, qs: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate([(q.astype(np.float64) * t._bcast(t.scale)).reshape(-1)
+        return np.concatenate([(q.astype(np.float64) * t.broadcast(t.scale)).reshape(-1)
                                for t, q in zip(self.tensors, qs)])
 
     def to_json(self) -> list[dict]:

@@ -336,7 +336,7 @@ class Federation:
                 "test_loss": mean_loss(self.model, d.x_test, d.y_test)}
 
 
-def _versions() -> dict:
+def run_versions() -> dict:
     import onnx  # noqa: F401  (core dependency; version recorded for reproducibility)
     return {"baffle_edge": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
@@ -408,7 +408,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     if gather is not None and hasattr(gather, "bind"):
         gather.bind(fed)  # the transport may need the run's model and bundle (Flower ships them with each task)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {"config": cfg.to_json(), "versions": _versions(), "parameters": fed.server.dim,
+    metrics = {"config": cfg.to_json(), "versions": run_versions(), "parameters": fed.server.dim,
                "rounds_per_epoch": fed.rpe, "rounds": history}
     end = cfg.rounds if stop_after is None else min(cfg.rounds, start_round + stop_after)
     bar = _progress(range(start_round, end), progress, cfg)

@@ -68,7 +68,7 @@ def measuring(request) -> bool:
 
 
 # ----------------------------------------------------------------------------- machine info
-def _cpu_model() -> str:
+def cpu_model_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith(("model name", "hardware", "processor\t: arm")):
@@ -115,7 +115,7 @@ def runtime_environment() -> dict:
 def pytest_benchmark_update_machine_info(config, machine_info):
     import psutil
     from baffle_edge.targets import cpu_flags, isa_summary
-    machine_info["cpu_model"] = _cpu_model()
+    machine_info["cpu_model"] = cpu_model_name()
     isa = isa_summary()  # int8-relevant ISA: avx2 / avx512_vnni / avx_vnni / amx_int8 (x86), asimddp / i8mm (arm)
     machine_info["cpu_isa"] = isa["isa"]
     machine_info["cpu_target"] = isa["target"]  # what `baffle-edge export --target auto` picks here

@@ -37,7 +37,7 @@ TARGET = 4.0  # block cosine / isotropic cosine at equal MACs (issue 17)
 K_ISO = 100
 
 
-def _trained(image_size: int):
+def trained_case(image_size: int):
     """LeNet after 40 Adam steps on digits (upsampled for 28x28): gradients there are informative."""
     data = load_digits(seed=0)
     x = torch.from_numpy(data.x_train)
@@ -96,7 +96,7 @@ def test_block_vs_isotropic_at_equal_compute(benchmark, bench_threads, image_siz
 
 def _compare(benchmark, measuring, image_size, runtime, tmp_path, threads):
     seeds = 3 if measuring else 1
-    model, batch, exact = _trained(image_size)
+    model, batch, exact = trained_case(image_size)
     session = _session(runtime, model, image_size, tmp_path, threads)
     w = flat_params(model).numpy()
     rule = REGISTRY[runtime].block_forward

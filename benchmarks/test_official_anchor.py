@@ -45,7 +45,7 @@ from baffle_edge.perturb import BlockTable, NoiseKind
 from baffle_edge.protocol import RoundTask
 from baffle_edge.rows import split_step, step_gradient
 
-from .test_blocks import _trained
+from .test_blocks import trained_case
 
 ENV = "BAFFLE_OFFICIAL_DIR"  # path of a checkout of github.com/FengHZ/BAFFLE
 K = 100  # perturbations per client round, both sides (the reference MNIST recipe uses 100)
@@ -220,8 +220,8 @@ class clock:  # a context manager: ``with clock() as t: ...``, then t = [wall, C
 def machine() -> dict:
     from baffle_edge.targets import isa_summary
 
-    from .conftest import _cpu_model
-    return {"cpu_model": _cpu_model(), "cpu_isa": isa_summary()["isa"], "cores_logical": os.cpu_count()}
+    from .conftest import cpu_model_name
+    return {"cpu_model": cpu_model_name(), "cpu_isa": isa_summary()["isa"], "cores_logical": os.cpu_count()}
 
 
 def gradient_shares(model: nn.Module, exact: np.ndarray) -> dict[str, dict[str, float]]:
@@ -256,7 +256,7 @@ def test_official_anchor(benchmark, tmp_path, runtime):
 
 
 def _compare(benchmark, measuring: bool, runtime: str, root: Path, cls: type, workdir: Path):
-    ours, batch, exact = _trained(IMAGE)  # LeNet after 40 Adam steps on digits (bilinear to 28x28), exact gradient
+    ours, batch, exact = trained_case(IMAGE)  # LeNet after 40 Adam steps on digits (bilinear to 28x28), exact gradient
     w = flat_params(ours).numpy()
     theirs, values = official_model(cls, ours)
     our_task(runtime, 0)  # skips now, before exporting or timing, if the runtime takes no block noise

@@ -53,7 +53,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     from baffle_edge.data import DATASETS
-    from baffle_edge.models import MODEL_NAMES
+    from baffle_edge.config import MODEL_NAMES
     p = sub.add_parser("export", help="export a model to an int8 ONNX / ORT / TFLite bundle for devices",
                        description="Write a bundle folder (model files, baffle.json metadata, README.md) that a "
                                    "device client loads. Written atomically: a failed export leaves nothing.")

@@ -298,7 +298,7 @@ def _tflite_integers(interp, rows: list[dict], table: QuantTable) -> list[np.nda
         a = interp.get_tensor(row["index"])
         a = np.transpose(a, np.argsort(row["permutation"]))
         if a.dtype == np.float32:
-            a = np.rint(a.astype(np.float64) / t._bcast(t.scale)).astype(t.dtype)
+            a = np.rint(a.astype(np.float64) / t.broadcast(t.scale)).astype(t.dtype)
         out.append(a)
     return out
 

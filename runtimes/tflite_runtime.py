@@ -73,7 +73,7 @@ class TFLiteSession(StepWeights, BaseSession):
         self._batch = int(self.interp.get_input_details()[0]["shape"][0])
         self.q: list[np.ndarray] | None = None
         self._written = None  # the weight set the interpreter holds (writes of the same set are skipped)
-        self._scales = [t._bcast(t.scale).astype(np.float32) for t in self.table.tensors]
+        self._scales = [t.broadcast(t.scale).astype(np.float32) for t in self.table.tensors]
         self._check_writes_take_effect()
 
     # ------------------------------------------------------------------ weights

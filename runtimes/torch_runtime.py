@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baffle_edge.client import BaseSession, FloatWeights
-from baffle_edge.models import MLP, LeNet, WideResNet, _WideBlock
+from baffle_edge.models import MLP, LeNet, WideResNet, WideBlock
 from baffle_edge.params import flat_params, layout_of, trainable
 from baffle_edge.perturb import BlockTable
 
@@ -57,7 +57,7 @@ class BatchedForward:
         self._check(model)
 
     def _check(self, m: nn.Module) -> None:
-        if isinstance(m, (nn.Sequential, LeNet, WideResNet, MLP, _WideBlock)):
+        if isinstance(m, (nn.Sequential, LeNet, WideResNet, MLP, WideBlock)):
             for c in m.children():
                 self._check(c)
         elif isinstance(m, nn.GroupNorm):
@@ -87,7 +87,7 @@ class BatchedForward:
             return sub("fc", sub("features", x))
         if isinstance(m, MLP):
             return sub("net", x)
-        if isinstance(m, _WideBlock):
+        if isinstance(m, WideBlock):
             o = sub("pre", x)
             y = sub("conv2", sub("post", sub("conv1", o)))
             s = x if isinstance(m.shortcut, nn.Identity) else sub("shortcut", o)

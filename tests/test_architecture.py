@@ -192,3 +192,95 @@ def test_the_loss_loop_lives_in_client_only():
         text = p.read_text()
         for name in ("noise_stream", "step_noise", "cross_entropy", "Scheme.CENTRAL"):
             assert name not in text, f"{p.name} uses {name}: the loss loop belongs in baffle_edge/client.py"
+
+
+SOURCE_ROOTS = {"baffle_edge": CORE, "baffle_edge.export": PACKAGES["export"], "baffle_edge.runtimes": RUNTIMES}
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 80
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the installed package by dotted name (export/ and runtimes/ mapped in)."""
+    out = {}
+    for pkg, root in SOURCE_ROOTS.items():
+        for path in root.rglob("*.py"):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if pkg == "baffle_edge" and parts[0] in ("export", "runtimes"):
+                continue  # (an editable install may link them in)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([pkg, *parts])] = path
+    return out
+
+
+def _module_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package's modules ``name`` imports: at the top or inside functions, relative or absolute,
+    ``from pkg import module``, or named in a string (importlib, the CLI's command table)."""
+    def known(dotted: str) -> str | None:
+        while dotted and dotted not in modules:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+    here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.ImportFrom):
+            base = here
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            mod = (f"{base}.{node.module}" if node.module else base) if node.level else node.module or ""
+            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("baffle_edge."):
+            targets = [node.value.split()[0].split(":")[0]]
+        found.update(m for m in map(known, targets) if m is not None)
+    return found - {name}
+
+
+def test_modules_import_no_cycle():
+    """No file-level import cycle anywhere in the package, counting function-local imports and
+    importlib names (a cycle is how cli.py and its subcommands, or flower_app and flower_deploy, used
+    to hold each other)."""
+    modules = _modules()
+    graph = {name: _module_imports(name, path, modules) for name, path in modules.items()}
+    assert "baffle_edge.device" in graph and "baffle_edge.cli" in graph["baffle_edge.__main__"], sorted(graph)
+    _assert_acyclic(graph, "module")
+
+
+def test_no_module_or_function_is_too_long_to_hold_in_your_head():
+    long_modules, long_functions = [], []
+    for name, path in _modules().items():
+        source = path.read_text()
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            long_modules.append(f"{name}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{name}.{node.name}: {n} lines")
+    assert not long_modules, f"modules over {MAX_MODULE_LINES} lines: {long_modules}"
+    assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
+
+
+def test_modules_import_no_private_names_of_other_modules():
+    offenders = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                offenders += [f"{name}: from {node.module} import {a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not offenders, offenders
+
+
+DEVICE_CLI = blocking("torch", "onnx", "sklearn", "matplotlib") + """
+from baffle_edge.cli import main
+import baffle_edge.device, baffle_edge.gateway.device, baffle_edge.kit
+sys.exit(main(["verify", "--help"]))
+"""
+
+
+def test_the_cli_of_a_device_install_names_what_a_server_command_needs():
+    """Without torch (a device install) `baffle-edge` still starts; a server command says what to install."""
+    out = subprocess.run([sys.executable, "-c", DEVICE_CLI], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "pip install torch==2.13.0 && pip install 'baffle-edge[server]'" in out.stderr, (
+        out.returncode, out.stderr[-2000:])

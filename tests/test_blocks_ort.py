@@ -14,20 +14,14 @@ from baffle_edge.export.bundle import ExportConfig, export_bundle
 from baffle_edge.runtimes import get_runtime
 from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
 
-from baffle_edge.client import (
-    Batch,
-    _weight_set_losses,
-    block_losses,
-    run_task,
-    step_gradient,
-    step_noise,
-)
+from baffle_edge.client import Batch, weight_set_losses, block_losses, run_task
 from baffle_edge.estimator import stein_gradient
 from baffle_edge.models import ModelConfig, Norm, build_model
 from baffle_edge.params import flat_params, layout_of
 from baffle_edge.perturb import BlockTable, NoiseKind, rademacher_negative, words
 from baffle_edge.protocol import Domain, RoundTask, Scheme
 from baffle_edge.quant import FlatSteps, QuantTable, weight_tensor
+from baffle_edge.rows import step_gradient, step_noise
 from baffle_edge.server import Server, make_strategy
 
 LENET = ModelConfig("lenet", 1, 8, 10)
@@ -76,7 +70,7 @@ def test_incremental_rows_equal_full_forwards_bit_for_bit(bundle, lenet_batch, r
     assert s.block_forward is not None, s.block_forward_reason
     task, batch = _task(Domain(s.domain), 300, scheme), Batch(x, y)
     inc = block_losses(s, batch, task)
-    full = _weight_set_losses(s, batch, task, 0)  # dense eps: every row a full forward
+    full = weight_set_losses(s, batch, task, 0)  # dense eps: every row a full forward
     assert inc.shape == full.shape == (task.losses_per_step + (scheme == "forward"),)
     assert np.array_equal(inc, full)
     # all three kinds of block were drawn (conv1 rows also run conv2 in full)
@@ -89,7 +83,7 @@ def test_weighted_int8_rows_and_decoding(bundle, lenet_batch):
     model, x, y = lenet_batch
     s = _session(bundle, "onnxruntime-int8", model)
     task, batch = _task(Domain.INT8_STEP, 200, weights=(40, 1, 300)), Batch(x, y)
-    assert np.array_equal(block_losses(s, batch, task), _weight_set_losses(s, batch, task, 0))
+    assert np.array_equal(block_losses(s, batch, task), weight_set_losses(s, batch, task, 0))
     t = s.blocks.weighted((40, 1, 300))
     p = np.diff(t.draw_bounds) / t.draw_total
     np.testing.assert_allclose(t.step_weight, 1 / p / t.steps.astype(float) ** 2)

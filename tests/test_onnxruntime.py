@@ -6,17 +6,18 @@ import textwrap
 
 import numpy as np
 import pytest
-
-from baffle_edge.client import Batch, run_task, split_step, step_gradient
-from baffle_edge.estimator import cosine
 from baffle_edge.export.bundle import ExportConfig, export_bundle
-from baffle_edge.models import ModelConfig
-from baffle_edge.params import flat_params
-from baffle_edge.protocol import RoundTask
 from baffle_edge.runtimes import get_runtime
 from baffle_edge.runtimes.torch_runtime import TorchSession
 from bundles import trained_lenet
 from conftest import exact_grad
+
+from baffle_edge.client import Batch, run_task
+from baffle_edge.estimator import cosine
+from baffle_edge.models import ModelConfig
+from baffle_edge.params import flat_params
+from baffle_edge.protocol import RoundTask
+from baffle_edge.rows import split_step, step_gradient
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +76,9 @@ def test_int8_gradient_cosine_is_as_good_as_fp32(setup, digits):
     ort8.set_weights(w)
     table = ort8.table
     # truth: exact gradient of the float model at the dequantized weights
-    from baffle_edge.params import set_flat_params
     import torch
+
+    from baffle_edge.params import set_flat_params
     deq = trained_lenet(digits)
     set_flat_params(deq, torch.from_numpy(table.dequantize(ort8.q).astype(np.float32)))
     g8_true, g_true = exact_grad(deq, batch.x, batch.y), exact_grad(model, batch.x, batch.y)

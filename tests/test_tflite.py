@@ -13,18 +13,24 @@ import torch
 pytest.importorskip("ai_edge_litert", reason="LiteRT not installed: pip install 'baffle-edge[tflite]'")
 pytest.importorskip("litert_torch", reason="litert-torch not installed: pip install 'baffle-edge[tflite]'")
 
-from baffle_edge.client import Batch, step_noise  # noqa: E402
-from baffle_edge.estimator import cosine, expected_cosine, loss_differences, stein_gradient  # noqa: E402
 from baffle_edge.bundle import quantize_input, read_bundle  # noqa: E402
 from baffle_edge.export.bundle import ExportConfig, calibration_set, export_bundle  # noqa: E402
 from baffle_edge.export.tflite_export import export_tflite_int8, tflite_schema  # noqa: E402
+from baffle_edge.runtimes import REGISTRY, get_runtime  # noqa: E402
+from baffle_edge.runtimes.tflite_runtime import TFLiteSession  # noqa: E402
+from conftest import exact_grad  # noqa: E402
+
+from baffle_edge.client import Batch  # noqa: E402
+from baffle_edge.estimator import (  # noqa: E402
+    cosine,
+    expected_cosine,
+    loss_differences,
+    stein_gradient,
+)
 from baffle_edge.models import ModelConfig, build_model  # noqa: E402
 from baffle_edge.params import flat_params, layout_of, set_flat_params  # noqa: E402
 from baffle_edge.protocol import Domain, RoundTask, Scheme  # noqa: E402
-from baffle_edge.runtimes import REGISTRY, get_runtime  # noqa: E402
-from baffle_edge.runtimes.tflite_runtime import TFLiteSession  # noqa: E402
-
-from conftest import exact_grad  # noqa: E402
+from baffle_edge.rows import step_noise  # noqa: E402
 
 FMT = "tflite-int8"
 ACCURACY_TOLERANCE = 1.5  # percentage points, int8 TFLite vs float torch on the digits test split

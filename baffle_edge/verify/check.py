@@ -29,7 +29,7 @@ def verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool = False, arg
 
 
 def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list[str] | None, log) -> dict:
-    from ..simulate import _versions
+    from ..simulate import run_versions
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} is not empty; choose another --out")
@@ -81,7 +81,7 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
         "train_subset": vc.train_subset, "test_subset": vc.test_subset,
         "data_hash": data_fp, "train_samples": int(len(data.y_train)), "test_samples": int(len(data.y_test)),
         "parameters": dim, "theory_cosine": theory, "thresholds": dataclasses.asdict(vc.thresholds),
-        "versions": {**_versions(), **{f"runtime:{n}": r.get("versions", {}) for n, r in runs.items()
+        "versions": {**run_versions(), **{f"runtime:{n}": r.get("versions", {}) for n, r in runs.items()
                                        if r["status"] == "ok" and n != BASELINE}},
         "same_batches": batches, "sweep": sweep, "verdicts": verdicts, "passed": not failing,
         "failing": failing,

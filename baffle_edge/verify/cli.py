@@ -42,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     from ..train_options import config_default as _d, enum_values as _values
     from ..data import DATASETS
-    from ..models import MODEL_NAMES
+    from ..config import MODEL_NAMES
     _T = TrainConfig()  # shared defaults are read from the training config, not restated
     g = p.add_argument_group("what to check")
     g.add_argument("--runtimes", default=None,

@@ -13,8 +13,8 @@ from .judge import format_num, format_pct
 
 
 def plot_accuracy(runs: dict[str, dict], path: Path, title: str) -> Path:
-    from ..plots import _plt
-    plt = _plt()
+    from ..plots import pyplot
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, run in runs.items():
         if run["status"] != "ok":
@@ -30,8 +30,8 @@ def plot_accuracy(runs: dict[str, dict], path: Path, title: str) -> Path:
 
 
 def plot_cosine(runs: dict[str, dict], theory: float, path: Path) -> Path:
-    from ..plots import _plt
-    plt = _plt()
+    from ..plots import pyplot
+    plt = pyplot()
     names = [n for n, r in runs.items() if n != BASELINE and r["status"] == "ok"]
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.6 * max(1, len(names)), 3.8), squeeze=False,
                              sharey=True)
@@ -52,8 +52,8 @@ def plot_cosine(runs: dict[str, dict], theory: float, path: Path) -> Path:
 
 
 def plot_sweep(sweep: dict, dim: int, path: Path) -> Path:
-    from ..plots import _plt
-    plt = _plt()
+    from ..plots import pyplot
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     ks = sorted({row["k"] for res in sweep["runtimes"].values() for row in res["k"]})
     for name, res in sweep["runtimes"].items():
