@@ -35,7 +35,6 @@ from typing import Callable
 from baffle_edge.bundle import check_p
 
 AUTO_KEY = "auto"
-BATCHED_RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8")
 CANDIDATES = (1, 2, 5, 10, 25)  # P values tried, in order
 REPEATS = 3  # timed calls per candidate (after one warm-up call) ...
 MIN_TIME_S = 0.05  # ... and more, up to MAX_CALLS, until this much time was timed (sub-ms calls are noisy)
@@ -51,7 +50,8 @@ def resolve(p: int | str, runtime: str = "", model: str = "*") -> int | str:
     """An int >= 1, or ``"auto"`` for runtimes that batch (1 for the others: they ignore it)."""
     if isinstance(p, str):
         if p.strip().lower() == AUTO_KEY:
-            return AUTO_KEY if (runtime in BATCHED_RUNTIMES or not runtime) else 1
+            from . import REGISTRY  # (runtimes/__init__ imports no runtime module at the top)
+            return AUTO_KEY if (not runtime or (runtime in REGISTRY and REGISTRY[runtime].batched)) else 1
         try:
             p = int(p)
         except ValueError:
