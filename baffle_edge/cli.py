@@ -49,6 +49,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "baffle_edge.gateway.cli": ("serve", "tokens", "device"),
 }
 SERVER_INSTALL = "pip install torch==2.13.0 && pip install 'baffle-edge[server]'"
+SERVER_MODULES = ("torch", "onnx", "sklearn", "matplotlib", "tqdm", "psutil")  # what [server] installs
 
 
 def _unavailable(sub, names: tuple[str, ...], error: ImportError) -> None:
@@ -94,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.func(a)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"baffle-edge {a.command}: error: {e}", file=sys.stderr)
+        hint = (f" (the server side is an extra: {SERVER_INSTALL})"
+                if isinstance(e, ImportError) and e.name in SERVER_MODULES else "")
+        print(f"baffle-edge {a.command}: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"baffle-edge {a.command}: interrupted (resume with --resume)", file=sys.stderr)

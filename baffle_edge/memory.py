@@ -201,11 +201,10 @@ def _prepare(cfg: MemoryConfig):
 def _runtime_session(runtime: str, cfg: MemoryConfig, model, x: np.ndarray, y: np.ndarray):
     """A loaded session of a registered runtime and a RoundTask it can answer. Bundle runtimes
     get a bundle exported here (setup, not measured) into a temporary folder."""
+    from .device import DeviceSettings, open_session
     from .protocol import RoundTask
-    from .runtimes import get_runtime
-    rt = get_runtime(runtime)  # ValueError for unknown names, ImportError naming the extra
-    artifact = _artifact(runtime, cfg, model)
-    session = rt.load(artifact, threads=cfg.threads)
+    settings = DeviceSettings(runtime=runtime, perturbations_per_call=1, threads=cfg.threads)  # ValueError: unknown
+    session = open_session(settings, _artifact(runtime, cfg, model))  # ImportError naming the extra
     task = RoundTask.for_domain(session.domain, round=0, client=0, seed=cfg.seed, k=cfg.k, sigma=1e-4)
     return session, task
 

@@ -208,7 +208,7 @@ class Server:
         self.config = config
         self.params = trainable(model)
         self.dim = sum(p.numel() for p in self.params)
-        opt = OptimizerName(config.optimizer)
+        opt = config.optimizer
         if opt is OptimizerName.ADAM:
             self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=config.betas,
                                               weight_decay=config.weight_decay)
