@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from baffle_edge.conformance import trained_lenet
+from baffle_edge import conformance
 
 
 def trained_lenet(digits, steps: int = 150, seed: int = 0):
     """A LeNet after ``steps`` Adam steps on ``digits`` (the conformance kit builds its bundles from the same)."""
-    return trained_lenet(digits, steps, seed)
+    return conformance.trained_lenet(digits, steps, seed)
 
 
 def accuracy_of(logits_fn, x: np.ndarray, y: np.ndarray, batch: int = 64) -> float:
