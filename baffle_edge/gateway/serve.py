@@ -91,6 +91,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uvicorn_config(app, gw: GatewayConfig):
+    """uvicorn's settings for the gateway and the ``ConnectionGuard`` enforcing ``gw.limits()``: idle and
+    body timeouts and the idle cap replace uvicorn's ``limit_concurrency``, which counted idle sockets
+    (a flood of them made every device's request a 503)."""
+    protocol, guard = guarded_protocol(gw.limits())
+    return uvicorn.Config(app, ssl_certfile=gw.tls_cert, ssl_keyfile=gw.tls_key, log_level=gw.log_level,
+                          access_log=False, http=protocol, timeout_keep_alive=gw.idle_timeout,
+                          limit_concurrency=None), guard
+
+
 def serve(cfg: TrainConfig, gw: GatewayConfig, out: str | Path, *, resume: bool = False,
           progress: bool = True, announce=print) -> dict:
     """Run the training schedule with devices over HTTP; return the metrics (as ``train``)."""
@@ -110,10 +120,7 @@ def serve(cfg: TrainConfig, gw: GatewayConfig, out: str | Path, *, resume: bool 
     sock = bind(gw.host, gw.port)
     port = sock.getsockname()[1]
     scheme = "https" if gw.tls_cert else "http"
-    protocol, guard = guarded_protocol(gw.limits())  # idle/body timeouts, idle cap: not uvicorn's limit_concurrency
-    config = uvicorn.Config(app, ssl_certfile=gw.tls_cert, ssl_keyfile=gw.tls_key, log_level=gw.log_level,
-                            access_log=False, http=protocol, timeout_keep_alive=gw.idle_timeout,
-                            limit_concurrency=None)
+    config, guard = uvicorn_config(app, gw)
     server = uvicorn.Server(config)
     result: dict = {}
 
@@ -180,4 +187,4 @@ def cmd_serve(a) -> int:
     return 0
 
 
-__all__ = ["GatewayConfig", "cmd_serve", "serve"]
+__all__ = ["GatewayConfig", "cmd_serve", "serve", "uvicorn_config"]
