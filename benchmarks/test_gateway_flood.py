@@ -24,17 +24,20 @@ import socket
 import threading
 import time
 
-import numpy as np
-
-from baffle_edge.protocol import ClientReport, RoundTask
-
-from .test_gateway import TIMEOUT, httpx, issue_tokens, percentiles, start_server
+from .test_gateway import (
+    TIMEOUT,
+    answer_offer,
+    httpx,
+    issue_tokens,
+    percentiles,
+    start_server,
+)
 
 HONEST = ("task", "weights", "report")  # request kinds whose latency is compared (the long poll waits by design)
 
 
 def flood_size(measuring: bool) -> tuple[int, str]:
-    want = int(os.environ.get("BAFFLE_GATEWAY_FLOOD", 4000 if measuring else 200))
+    want = int(os.environ.get("BAFFLE_GATEWAY_FLOOD") or (4000 if measuring else 200))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the server process inherits it
@@ -123,16 +126,7 @@ async def retrying_device(base: str, token: str, lat: dict, patience: float = 12
             if offer["status"] != "task":
                 continue
             assert (await call("task", "GET", "/v1/task")).json()["status"] in ("task", "wait")
-            task = RoundTask.from_dict(offer["task"])
-            w = await call("weights", "GET", offer["weights"]["url"])
-            assert w.status_code == 200 and len(w.content) == 4 * offer["weights"]["count"]
-            rng = np.random.default_rng([task.round, task.client])
-            report = ClientReport(round=task.round, client=task.client,
-                                  losses=2.3 + 1e-3 * rng.standard_normal(task.local_steps * task.losses_per_step),
-                                  base_losses=np.full(task.local_steps, 2.3), num_samples=32,
-                                  model_version=task.model_version, runtime="synthetic")
-            r = await call("report", "POST", "/v1/report", content=report.to_npz(),
-                           headers={"Content-Type": "application/x-npz"})
+            r = await answer_offer(call, offer)
             assert r.status_code == 202 or (r.status_code == 409 and out["retries"]), r.text
             out["posted"] += 1
 

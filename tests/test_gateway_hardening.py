@@ -225,7 +225,7 @@ def closed_by_server(s: socket.socket, within: float) -> bool:
     s.settimeout(within)
     try:
         return s.recv(1) == b""
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return False
     except OSError:  # reset
         return True
