@@ -267,9 +267,10 @@ def _loss_array(v, name: str) -> np.ndarray:
                  f"expected a 1-D array of real numbers, got shape {v.shape} dtype {v.dtype}")
         return v.astype(np.float64)
     _require(isinstance(v, list), name, f"expected a list of numbers, got {type(v).__name__}")
-    bad = next((x for x in v if isinstance(x, bool) or not isinstance(x, (int, float))
-                or (isinstance(x, int) and abs(x) >= 2**1000)), None)
-    _require(bad is None, name, f"expected a flat list of numbers, found {str(bad)[:40]!r}")
+    for i, x in enumerate(v):  # every element checked before anything is converted (None, {} and 2**1100 too)
+        _require(isinstance(x, (int, float)) and not isinstance(x, bool), name,
+                 f"expected a flat list of numbers, found {str(x)[:40]!r} at index {i}")
+        _require(isinstance(x, float) or abs(x) < 2**1000, name, f"integer at index {i} is too large for a float")
     return np.asarray(v, dtype=np.float64).reshape(-1)
 
 
@@ -281,7 +282,7 @@ class ClientReport:
     client: int
     losses: np.ndarray  # float64, shape (local_steps * losses_per_step,)
     base_losses: np.ndarray  # float64, shape (local_steps,): L(w) per step (NaN-free; central: may be empty)
-    num_samples: int  # samples in the client's batch (the server weights clients by it)
+    num_samples: int  # samples in the client's batch: checked against what the server scheduled, never a weight
     model_version: str = ""
     runtime: str = ""  # which runtime produced the losses, e.g. "torch", "onnxruntime-int8"
     seconds: float = 0.0  # client wall time for the task

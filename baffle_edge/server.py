@@ -7,6 +7,8 @@ updates into the global model. Epoch boundaries step the LR schedule and the EMA
 
 Aggregation is the ``Strategy.aggregate`` hook: the weighted mean by default, or a Byzantine-robust
 coordinate-wise median / trimmed mean over the per-client estimates (``make_strategy(aggregate=)``).
+A client's weight is the server's (``SampleCount``: the samples it scheduled, or equal weights),
+never the ``num_samples`` a report claims; a report whose claim differs is refused.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from .rows import local_step, step_gradient
 @dataclass
 class ClientUpdate:
     client: int
-    weight: float  # aggregation weight (sample count)
+    weight: float  # aggregation weight: the server's SampleCount.weight, never a report's claim
     gradient: np.ndarray | None = None  # FedSGD
     weights: np.ndarray | None = None  # FedAvg: the client's final local weights
     loss: float | None = None  # the client's loss at the global weights on its first batch
@@ -44,6 +46,33 @@ class ClientUpdate:
 class RoundLog:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)  # client -> reason
+
+
+@dataclass(frozen=True)
+class SampleCount:
+    """What the server expects a report's ``num_samples`` to be, and the weight it gives the client.
+
+    ``exact``: the server knows the client's data (its shard of the server's dataset: simulation,
+    ``--demo-data``, Flower ``client-data = "shard"``) and scheduled ``expected`` samples, the only
+    accepted claim. Otherwise the device brings its own data and ``expected`` is the most a task can
+    use (batch size x local steps): any claim in [1, expected] is accepted and every such client
+    weighs the same. Either way the weight is the server's number, not the report's."""
+
+    expected: int
+    exact: bool = True
+
+    @property
+    def weight(self) -> float:
+        return float(self.expected)
+
+    def check(self, report: ClientReport) -> None:
+        """ValueError naming the claim and the bound unless ``report.num_samples`` is what the server expects."""
+        n = report.num_samples
+        if self.exact and n != self.expected:
+            raise ValueError(f"num_samples: the report claims {n} samples, the server scheduled {self.expected}")
+        if not self.exact and not 1 <= n <= self.expected:
+            raise ValueError(f"num_samples: the report claims {n} samples, a task uses at most {self.expected} "
+                             "(batch size x local steps)")
 
 
 class Strategy:
@@ -242,20 +271,26 @@ class Server:
         vec = self.strategy.local_update(task, self.flat().numpy() if w0 is None else w0, gradient_at)
         return ClientUpdate(task.client, weight, loss=loss, bytes_up=bytes_up, **{self.strategy.field: vec})
 
-    def decode(self, task: RoundTask, report: ClientReport | ClientUpdate | Exception) -> ClientUpdate | str:
+    def decode(self, task: RoundTask, report: ClientReport | ClientUpdate | Exception,
+               samples: SampleCount | None = None) -> ClientUpdate | str:
         """Validate and decode one client's answer: the update, or the reason it is rejected.
         Pure with respect to the server state, so clients can be decoded in parallel. A
-        ``ClientUpdate`` is an in-process device's exact update (the backprop baseline)."""
+        ``ClientUpdate`` is an in-process device's exact update (the backprop baseline).
+        ``samples``: the server's expectation of the client's sample count, and its weight
+        (None: equal weights, 1 each); the report's ``num_samples`` must match it."""
+        weight = 1.0 if samples is None else samples.weight
         if isinstance(report, Exception):
             return f"client failed: {type(report).__name__}: {report}"
         if isinstance(report, ClientUpdate):
-            update = report
+            update = dataclasses.replace(report, weight=weight)
         elif not isinstance(report, ClientReport):
             return f"not a ClientReport: {type(report).__name__}"
         else:
             try:
                 report.check_against(task)
-                update = self.update(task, report.num_samples, self._estimate(task, report),
+                if samples is not None:
+                    samples.check(report)
+                update = self.update(task, weight, self._estimate(task, report),
                                      loss=self._loss(task, report),
                                      bytes_up=wire_bytes(dataclasses.replace(report, seconds=0.0)))
             except ValueError as e:

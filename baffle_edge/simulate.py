@@ -36,7 +36,7 @@ from .models import ModelConfig, build_model, default_norm
 from .params import flat_grad, layout_of, set_flat_params
 from .perturb import NoiseKind
 from .protocol import DOMAIN_DEFAULTS, Baseline, ClientReport, Domain, RoundTask, Scheme, check_noise, wire_bytes
-from .server import ClientUpdate, ReplayGuard, RoundLog, Server, accuracy, make_strategy, mean_loss
+from .server import ClientUpdate, ReplayGuard, RoundLog, SampleCount, Server, accuracy, make_strategy, mean_loss
 
 # rounds between bundle re-exports per format: int8 activation ranges and weight scales go stale as
 # the weights move (measured: int8 gradient cosine drops until the next refresh)
@@ -165,6 +165,13 @@ class Federation:
                              client=client, batch_size=self.cfg.batch_size, seed=self.cfg.seed)
         return [Batch(self.data.x_train[i], self.data.y_train[i]) for i in idx]
 
+    def samples(self, task: RoundTask, *, exact: bool = True) -> SampleCount:
+        """The samples the server scheduled for ``task`` (its client's shard, as ``batches`` walks it), or
+        with ``exact=False`` (devices with their own data) the most a task can use: the client's weight."""
+        b = self.cfg.batch_size
+        per_step = min(b, len(self.parts[task.client])) if exact else b
+        return SampleCount(task.local_steps * per_step, exact=exact)
+
     def _budget_k(self) -> None:
         """K of a forward budget under the current block draw (its expected row cost on this runtime)."""
         self.k = self.block_draw.k_for_budget(self.cfg.forward_budget, central=self.cfg.scheme is Scheme.CENTRAL)
@@ -266,6 +273,8 @@ class Federation:
         weights to the devices) and returns ``(task, report or exception)`` pairs
         for the answers that arrived before the deadline (duplicates possible; absent clients are
         missing). The round is applied only if at least ``quorum * clients`` reports are valid.
+        Each client weighs what ``samples`` says (the server's count, never the report's); a gather
+        whose ``devices_own_data`` is true (devices bring their own data) gets equal weights.
 
         ``on_update(round_, client, weights, batches, update)`` (optional) sees every accepted
         client update before the server applies the round: the global float32 weights it was
@@ -281,7 +290,9 @@ class Federation:
             answered = self.gather_local(tasks, client_fn or self.device(weights), round_)
         else:
             answered = list(gather(tasks, weights))
-        decoded = self.pool.map(lambda pair: self.server.decode(*pair), answered)
+        exact = not getattr(gather, "devices_own_data", False)  # the transport says whose data the devices use
+        decoded = self.pool.map(lambda pair: self.server.decode(*pair, samples=self.samples(pair[0], exact=exact)),
+                                answered)
         log, updates, guard = RoundLog(), [], ReplayGuard()
         for (task, reply), out in zip(answered, decoded):
             update = self.server.accept(task, reply, log, decoded=out, guard=guard)

@@ -59,6 +59,21 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
+async def answer_offer(call, offer: dict):
+    """Fetch the offer's weights (checked for size) and post seeded synthetic losses of the task's
+    size as NPZ (num_samples: the task's batch, 32 x local steps); the POST's response."""
+    task = RoundTask.from_dict(offer["task"])
+    w = await call("weights", "GET", offer["weights"]["url"])
+    assert w.status_code == 200 and len(w.content) == 4 * offer["weights"]["count"]
+    rng = np.random.default_rng([task.round, task.client])
+    report = ClientReport(round=task.round, client=task.client,
+                          losses=2.3 + 1e-3 * rng.standard_normal(task.local_steps * task.losses_per_step),
+                          base_losses=np.full(task.local_steps, 2.3), num_samples=32 * task.local_steps,
+                          model_version=task.model_version, runtime="synthetic")
+    return await call("report", "POST", "/v1/report", content=report.to_npz(),
+                      headers={"Content-Type": "application/x-npz"})
+
+
 async def simulated_device(base: str, token: str, lat: dict, stop: asyncio.Event) -> int:
     """Answer every task with seeded synthetic losses until the server says done."""
     posted = 0
@@ -78,16 +93,7 @@ async def simulated_device(base: str, token: str, lat: dict, stop: asyncio.Event
                 continue
             again = (await call("task", "GET", "/v1/task")).json()  # the plain fetch, timed apart from the wait
             assert again["status"] == "task" and again["task"] == offer["task"]
-            task = RoundTask.from_dict(offer["task"])
-            w = await call("weights", "GET", offer["weights"]["url"])
-            assert w.status_code == 200 and len(w.content) == 4 * offer["weights"]["count"]
-            rng = np.random.default_rng([task.round, task.client])
-            report = ClientReport(round=task.round, client=task.client,
-                                  losses=2.3 + 1e-3 * rng.standard_normal(task.local_steps * task.losses_per_step),
-                                  base_losses=np.full(task.local_steps, 2.3), num_samples=32,
-                                  model_version=task.model_version, runtime="synthetic")
-            r = await call("report", "POST", "/v1/report", content=report.to_npz(),
-                           headers={"Content-Type": "application/x-npz"})
+            r = await answer_offer(call, offer)
             assert r.status_code == 202, r.text
             posted += 1
     return posted

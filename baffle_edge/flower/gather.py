@@ -45,6 +45,13 @@ class FlowerGather:
         """Called by ``simulate.train`` with the run's Federation (its model and bundle)."""
         self.fed = fed
 
+    @property
+    def devices_own_data(self) -> bool:
+        """``client-data = "node"``: nodes train on their own partitions, whose sizes the server does
+        not know, so ``Federation.step`` gives them equal weights (bounded num_samples claims);
+        ``"shard"``: the server's shards, whose scheduled sizes are the exact weights."""
+        return self.flower.client_data != "shard"
+
     def payload(self) -> RoundPayload | None:
         if self.fed is None:
             return None

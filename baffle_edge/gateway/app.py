@@ -8,8 +8,9 @@
     POST /v1/report                  a ClientReport as JSON or NPZ -> 202, or 4xx with a reason
     GET  /v1/status                  round, deadline, reports accepted / rejected (no secrets)
 
-Every device endpoint needs ``Authorization: Bearer <token>``. Refusals are JSON
-``{"error": kind, "reason": text}`` with a 4xx status and are recorded by the ``Board``.
+Every device endpoint needs ``Authorization: Bearer <token>``. Every refusal, whatever the handler
+(a ``Rejection``, a 422 parameter error, an unknown route), is JSON ``{"error": kind, "reason": text}``
+with a 4xx status and is recorded once by the ``Board`` (in the one exception handler).
 docs/gateway.md describes the API and its threat model.
 """
 # no "from __future__ import annotations": FastAPI reads the local Annotated aliases at runtime
@@ -31,6 +32,8 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..protocol import PROTOCOL_VERSION, ClientReport
 from .board import Board, Rejection
@@ -40,6 +43,10 @@ API_VERSION = "1"
 JSON_TYPES = ("application/json",)
 NPZ_TYPES = ("application/x-npz", "application/octet-stream")
 NPZ_MEMBERS = {"header.npy", "losses.npy", "base_losses.npy"}
+UNKNOWN_ROUTE = "(unknown route)"  # the request-count key of every path no route serves
+# what a device reads of the run's TrainConfig (device.DeviceSettings, gateway/device.py, clients/js gateway.ts)
+DEVICE_CONFIG_FIELDS = ("runtime", "provider", "perturbations_per_call", "seed", "batch_size", "rounds", "clients",
+                        "local_steps", "strategy", "method")
 
 
 class ReportJSON(BaseModel):
@@ -97,8 +104,8 @@ def check_npz(body: bytes) -> None:
     try:
         with zipfile.ZipFile(io.BytesIO(body)) as z:
             infos = z.infolist()
-    except (zipfile.BadZipFile, ValueError, EOFError) as e:
-        raise ValueError(f"report: not a valid NPZ file ({e})") from None
+    except Exception as e:  # noqa: BLE001 - any parse error of an upload (NotImplementedError: "version needed")
+        raise ValueError(f"report: not a valid NPZ file ({type(e).__name__}: {e})") from None
     names = {i.filename for i in infos}
     if len(infos) != len(names) or not names <= NPZ_MEMBERS:
         raise ValueError(f"report: NPZ members must be {sorted(NPZ_MEMBERS)}, got {sorted(names)[:5]}")
@@ -114,7 +121,7 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
     app = FastAPI(title="baffle-edge device gateway", version=API_VERSION, lifespan=_lifespan(board, wake),
                   description="Fetch a BAFFLE round task, evaluate K perturbed losses on the device, post them "
                               "back. Loss scalars only travel up; see docs/gateway.md.")
-    _add_error_handlers(app)
+    _add_error_handlers(app, board)
     authenticated = Annotated[Device, Depends(_authenticator(board, tokens, RateLimiter(rate, burst)))]
     _add_task_routes(app, board, authenticated, wake=wake, max_poll=max_poll, limit=limit)
     _add_download_routes(app, board, authenticated)
@@ -124,9 +131,10 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
 
 
 def endpoint_of(request: Request) -> str:
-    """The route's path template (``/v1/weights/{version}``): the key of the board's request counts."""
+    """The route's path template (``/v1/weights/{version}``): the key of the board's request counts
+    (``UNKNOWN_ROUTE`` for a path no route serves, so random paths do not grow the counts)."""
     route = request.scope.get("route")
-    return getattr(route, "path", request.url.path)
+    return getattr(route, "path", UNKNOWN_ROUTE)
 
 
 def _lifespan(board: Board, wake: dict):
@@ -147,16 +155,29 @@ def _lifespan(board: Board, wake: dict):
     return lifespan
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    """Refusals and malformed requests as ``{"error": kind, "reason": text}``."""
+def _add_error_handlers(app: FastAPI, board: Board) -> None:
+    """Every refusal as ``{"error": kind, "reason": text}``, recorded by the board (with the device,
+    when the request was authenticated): the one place refusals are answered and counted."""
+    def refuse(request: Request, rejection: Rejection) -> JSONResponse:
+        board.record(getattr(request.state, "device", None), rejection, endpoint_of(request))
+        return JSONResponse({"error": rejection.kind, "reason": rejection.reason}, status_code=rejection.status,
+                            headers=rejection.headers)
+
     @app.exception_handler(Rejection)
     async def _refused(request: Request, exc: Rejection) -> JSONResponse:
-        return JSONResponse({"error": exc.kind, "reason": exc.reason}, status_code=exc.status, headers=exc.headers)
+        return refuse(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
-        return JSONResponse({"error": "malformed", "reason": errors[:500]}, status_code=422)
+        return refuse(request, Rejection(422, "malformed", errors[:500]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        board.requests[endpoint_of(request)] += 1  # no handler ran to count it
+        kind = {404: "unknown-route", 405: "method-not-allowed"}.get(exc.status_code, f"http-{exc.status_code}")
+        reason = f"{request.method} {request.url.path[:100]!r}: {exc.detail}"
+        return refuse(request, Rejection(exc.status_code, kind, reason, headers=dict(exc.headers or {})))
 
 
 def _authenticator(board: Board, tokens: TokenStore, limiter: RateLimiter):
@@ -166,20 +187,18 @@ def _authenticator(board: Board, tokens: TokenStore, limiter: RateLimiter):
 
     async def device_of(request: Request,
                         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Device:
-        endpoint = endpoint_of(request)
-        board.requests[endpoint] += 1
+        board.requests[endpoint_of(request)] += 1
         device = tokens.authenticate(creds.credentials if creds else None)
         if device is None:
-            raise board.record(None, Rejection(401, "unauthenticated", "missing, unknown or revoked bearer token",
-                                               headers={"WWW-Authenticate": "Bearer"}), endpoint)
+            raise Rejection(401, "unauthenticated", "missing, unknown or revoked bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+        request.state.device = device  # the error handler records refusals under it
         wait = limiter.allow(device.name)
         if wait:
-            raise board.record(device, Rejection(429, "rate-limited", f"more than {limiter.rate:g} requests/s from "
-                                                 f"device {device.name!r}", headers={"Retry-After": f"{wait:.1f}"}),
-                               endpoint)
+            raise Rejection(429, "rate-limited", f"more than {limiter.rate:g} requests/s from device {device.name!r}",
+                            headers={"Retry-After": f"{wait:.1f}"})
         if device.client >= cfg.clients:
-            raise board.record(device, Rejection(403, "no-slot", f"client {device.client} is not in this run "
-                                                 f"(clients 0..{cfg.clients - 1})"), endpoint)
+            raise Rejection(403, "no-slot", f"client {device.client} is not in this run (clients 0..{cfg.clients - 1})")
         return device
     return device_of
 
@@ -192,7 +211,9 @@ def _add_task_routes(app: FastAPI, board: Board, Authenticated, *, wake: dict, m
     async def config(device: Authenticated) -> dict:
         fed = board.fed
         m = fed.model_cfg if fed is not None else None
-        return {"api_version": API_VERSION, "client": device.client, "train_config": cfg.to_json(),
+        run = cfg.to_json()
+        return {"api_version": API_VERSION, "client": device.client,
+                "train_config": {k: run[k] for k in DEVICE_CONFIG_FIELDS if k in run},
                 "model": None if m is None else {
                     "name": m.name, "in_channels": m.in_channels, "image_size": m.image_size,
                     "num_classes": m.num_classes, "activation": getattr(m.activation, "value", m.activation),
@@ -261,17 +282,13 @@ def _add_report_routes(app: FastAPI, board: Board, Authenticated, *, limit: int)
                   "application/json": {"schema": ReportJSON.model_json_schema()},
                   "application/x-npz": {"schema": {"type": "string", "format": "binary"}}}}})
     async def report(request: Request, device: Authenticated) -> dict:
-        endpoint = endpoint_of(request)
+        body = await read_body(request, limit)
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
-            body = await read_body(request, limit)
-            media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            try:
-                parsed = parse_report(body, media)
-            except ValueError as e:
-                raise Rejection(400, "malformed", str(e)[:500]) from None
-            return board.submit(device, parsed)
-        except Rejection as r:
-            raise board.record(device, r, endpoint)
+            parsed = parse_report(body, media)
+        except ValueError as e:
+            raise Rejection(400, "malformed", str(e)[:500]) from None
+        return board.submit(device, parsed)
 
     @app.get("/v1/status", summary="round, deadline, reports accepted and rejected (public)")
     async def status(request: Request) -> dict:
@@ -316,8 +333,11 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise Rejection(413, "too-large", f"report of {declared} bytes exceeds the limit of {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise Rejection(413, "too-large", f"report exceeds the limit of {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise Rejection(413, "too-large", f"report exceeds the limit of {limit} bytes")
+    except ClientDisconnect:  # an aborted upload (or one the body timeout cut): a refusal, not a traceback
+        raise Rejection(400, "aborted", f"the connection closed after {len(body)} bytes of the body") from None
     return bytes(body)

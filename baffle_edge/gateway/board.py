@@ -5,9 +5,9 @@ published, the call blocks until every task is answered or ``round_timeout`` pas
 returns ``(task, report)`` pairs in client order, so the reference server (quorum, robust
 aggregation, replay guard, checkpoints) decides what the round does. The HTTP handlers call
 ``offer``/``submit`` from the event loop; every refusal is a ``Rejection`` (HTTP status, kind,
-reason) that is logged here and, when it comes from a device with a task in the open round, also
-handed to the server as that client's failed report, so it lands in the round's ``rejected``
-entry of ``metrics.json`` like any rejected report.
+reason) that is counted and logged here and, when it refuses a report upload from a device with a
+task in the open round, also handed to the server as that client's failed report, so it lands in
+the round's ``rejected`` entry of ``metrics.json`` like any rejected report.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from ..server import ReplayGuard
 from .tokens import Device
 
 LOG_KEEP = 500  # rejections kept in full in gateway.json / metrics.json (all are counted)
+REPORT_ENDPOINT = "/v1/report"  # refusals here are refused reports; elsewhere refused requests
 
 
 class Rejection(Exception):
@@ -36,6 +37,7 @@ class Rejection(Exception):
     def __init__(self, status: int, kind: str, reason: str, *, headers: dict | None = None):
         super().__init__(f"HTTP {status} {kind}: {reason}")
         self.status, self.kind, self.reason, self.headers = status, kind, reason, headers or {}
+        self.recorded = False  # set by Board.record: every refusal is counted exactly once
 
 
 class GatewayRejected(Exception):
@@ -100,12 +102,19 @@ class Board:
         self.rejected_by_kind: collections.Counter = collections.Counter()
         self.rejection_log: collections.deque = collections.deque(maxlen=LOG_KEEP)
         self.accepted_total = 0
+        self.refused_reports = 0  # refused POST /v1/report requests (all refused requests: rejected_by_kind)
         self.devices_seen: set[str] = set()
 
     # ------------------------------------------------------------------ training thread side
     def bind(self, fed) -> None:
         """``simulate.train``'s ``setup`` hook: the Federation whose rounds this board serves."""
         self.fed = fed
+
+    @property
+    def devices_own_data(self) -> bool:
+        """Devices train on their own data unless the server hands them its batches (``--demo-data``):
+        then ``Federation.step`` weighs them equally and bounds their num_samples claims."""
+        return not self.demo_data
 
     def __call__(self, tasks: list[RoundTask], weights: np.ndarray) -> list[tuple]:
         if self.fed is None:
@@ -174,14 +183,20 @@ class Board:
 
     # ------------------------------------------------------------------ HTTP side
     def record(self, device: Device | None, rejection: Rejection, endpoint: str) -> Rejection:
-        """Log a refusal; if it comes from a device with a task in the open round, it also
-        becomes that client's rejected report in the round's metrics."""
+        """Log and count a refused request (once: a recorded ``Rejection`` is marked). A refused report
+        upload from a device with a task in the open round also becomes that client's rejected report
+        in the round's metrics; other refused requests (a 404 download, a 429 poll) are counted only."""
+        if rejection.recorded:
+            return rejection
+        rejection.recorded = True
         entry = {"time": round(time.time(), 3), "endpoint": endpoint, "status": rejection.status,
                  "kind": rejection.kind, "reason": rejection.reason,
                  "device": device.name if device else None, "client": device.client if device else None}
+        report = endpoint == REPORT_ENDPOINT
         with self.cond:
             st = self.current
-            if device is not None and st is not None and not st.closed and device.client in st.tasks:
+            self.refused_reports += report
+            if report and device is not None and st is not None and not st.closed and device.client in st.tasks:
                 entry["round"] = st.round + 1  # 1-based, as in metrics.json rows
                 st.rejections.setdefault(device.client, []).append(
                     f"gateway refused an upload from device {device.name!r}: HTTP {rejection.status} "
@@ -242,6 +257,7 @@ class Board:
                                 f"the round's model is {task.model_version!r}")
             try:
                 report.check_against(task)
+                self.fed.samples(task, exact=self.demo_data).check(report)
             except ValueError as e:
                 raise Rejection(422, "invalid", str(e)) from None
             reason = st.guard.admit(report)
@@ -289,12 +305,15 @@ class Board:
                     "deadline_in": None if st is None or st.deadline is None or st.closed
                     else round(max(0.0, st.deadline - time.monotonic()), 3),
                     "accepted_total": self.accepted_total, "rejected_total": sum(self.rejected_by_kind.values()),
+                    "rejected_reports": self.refused_reports,
                     "rejected_by_kind": dict(self.rejected_by_kind), "devices_seen": len(self.devices_seen)}
 
     def summary(self) -> dict:
         """The gateway's record of the run (``OUT/gateway.json``, metrics.json ``gateway``)."""
         with self.cond:
             return {"requests": dict(self.requests), "accepted_reports": self.accepted_total,
+                    "refused_reports": self.refused_reports,
+                    "refused_requests": sum(self.rejected_by_kind.values()),
                     "rejected_by_kind": dict(self.rejected_by_kind),
                     "rejections": list(self.rejection_log), "devices_seen": sorted(self.devices_seen)}
 

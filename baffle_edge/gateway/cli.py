@@ -98,6 +98,15 @@ def add_parser(subparsers) -> None:
     g.add_argument("--web", default=None, metavar="DIR", help="serve DIR/index.html at / (the browser client)")
     g.add_argument("--linger", type=float, default=5.0,
                    help="seconds to keep telling devices 'done' after the last round (default: 5)")
+    g.add_argument("--idle-timeout", type=float, default=10.0,
+                   help="close a connection that has not sent a complete request head this many seconds after "
+                        "opening or after its last response (default: 10)")
+    g.add_argument("--body-timeout", type=float, default=30.0,
+                   help="close a connection whose request body is not complete this many seconds after its head "
+                        "(default: 30; recorded as an 'aborted' refusal)")
+    g.add_argument("--max-idle-connections", type=int, default=1024,
+                   help="most connections waiting for a request head; beyond it the longest-waiting is closed, so "
+                        "idle sockets cannot lock devices out (default: 1024)")
     g.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="HTTP server log level (default: warning)")
     p.set_defaults(func=cmd_serve, command="serve")

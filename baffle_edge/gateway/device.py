@@ -8,13 +8,16 @@ the losses. The Python counterpart of the TypeScript client (clients/js/src/gate
         data: own .npz (x, y), or GET /v1/data/{round} when the server is a --demo-data server
         device.answer(...) -> POST /v1/report (NPZ or JSON)
 
-A server that is unreachable (restarting with --resume, say) is retried with backoff for
-``patience`` seconds; 429 answers are retried after ``Retry-After``; 401/403 are fatal.
+A server that is unreachable (restarting with --resume, say) or busy (503 while the gateway sheds a
+connection flood, any 5xx) is retried for ``patience`` seconds with capped exponential backoff and
+jitter (``backoff``; a 503's ``Retry-After`` is honoured, up to the cap), so devices that retry
+together do not return together; 429 answers are retried after ``Retry-After``; 401/403 are fatal.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
+import random
 import shutil
 import tempfile
 import time
@@ -27,6 +30,20 @@ import numpy as np
 from ..client import Batch
 from ..device import DeviceSettings, SessionCache, answer, model_artifact, open_session, task_batches
 from ..protocol import ClientReport, RoundTask, model_version
+
+
+BACKOFF_BASE = 0.2  # s: the first retry's delay
+BACKOFF_CAP = 5.0  # s: the longest delay between two retries
+
+
+def backoff(attempt: int, rng: random.Random, *, retry_after: float | None = None) -> float:
+    """Seconds to wait before retry ``attempt`` (0-based): exponential from BACKOFF_BASE, capped at
+    BACKOFF_CAP, with "equal jitter" (uniform in [d/2, d]); a server's ``Retry-After`` raises the
+    floor (never past the cap)."""
+    d = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(attempt, 30))
+    if retry_after is not None:
+        d = min(BACKOFF_CAP, max(d, retry_after))
+    return rng.uniform(d / 2, d)
 
 
 class DeviceError(RuntimeError):
@@ -75,6 +92,7 @@ class Device:
         self.weights_cache: tuple[str, np.ndarray] | None = None
         self.cache_dir = Path(tempfile.mkdtemp(prefix="baffle-device-"))
         self.own = self._load_own(dc.data) if dc.data else None
+        self.rng = random.Random()  # backoff jitter: devices that retry together do not return together
 
     def close(self) -> None:
         self.http.close()
@@ -84,24 +102,27 @@ class Device:
     def request(self, method: str, url: str, **kw):
         """One request, retried while the server is unreachable, restarting (5xx) or rate-limiting."""
         give_up = time.monotonic() + self.dc.patience
-        delay = 0.2
+        attempt = 0
         while True:
+            retry_after = None
             try:
                 r = self.http.request(method, url, **kw)
             except self._httpx.TransportError as e:
                 reason = f"{type(e).__name__}: {e}"
             else:
                 if r.status_code == 429:
-                    time.sleep(min(10.0, float(r.headers.get("retry-after", "1") or 1)))
+                    time.sleep(min(10.0, _seconds(r.headers.get("retry-after"), 1.0)))
                     continue
                 if r.status_code < 500:
                     return r
-                reason = f"HTTP {r.status_code}"
-            if time.monotonic() > give_up:
+                reason, retry_after = f"HTTP {r.status_code}", _seconds(r.headers.get("retry-after"), None)
+            remaining = give_up - time.monotonic()
+            if remaining <= 0:
                 raise DeviceError(f"server {self.dc.server} unreachable for {self.dc.patience:.0f} s ({reason})")
-            self.log(f"server unreachable ({reason}); retrying in {delay:.1f} s")
+            delay = min(remaining, backoff(attempt, self.rng, retry_after=retry_after))
+            self.log(f"server unreachable or busy ({reason}); retry {attempt + 1} in {delay:.1f} s")
             time.sleep(delay)
-            delay = min(2.0, delay * 2)
+            attempt += 1
 
     def _check(self, r, what: str):
         if r.status_code in (401, 403):
@@ -230,6 +251,15 @@ class Device:
                 summary.refused.append(f"round {report.round + 1}: HTTP {r.status_code} {_reason(r)}")
                 self.log(f"round {report.round + 1}: report refused: HTTP {r.status_code} {_reason(r)}")
         return summary
+
+
+def _seconds(header: str | None, default: float | None) -> float | None:
+    """A ``Retry-After`` header in seconds (an HTTP date or garbage: ``default``)."""
+    try:
+        v = float(header)
+    except (TypeError, ValueError):
+        return default
+    return v if 0 <= v < 3600 else default
 
 
 def _reason(r) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..simulate import Method, TrainConfig, train
 from .board import Board, GatewayStopped
+from .connections import ConnectionLimits, guarded_protocol
 from .tokens import TokenStore
 
 try:
@@ -51,6 +52,9 @@ class GatewayConfig:
     demo_data: bool = False  # hand each device its batches from the server's dataset (demo only)
     web_dir: str | None = None  # serve this folder's index.html at / (the browser client)
     linger: float = 5.0  # seconds the server keeps answering "done" after the last round
+    idle_timeout: float = 10.0  # s a connection may wait before sending a complete request head (connections.py)
+    body_timeout: float = 30.0  # s a request body may take after its head
+    max_idle_connections: int = 1024  # connections waiting for a request head; beyond: the longest-waiting closed
     log_level: str = "warning"  # uvicorn's log level
 
     def __post_init__(self):
@@ -66,6 +70,11 @@ class GatewayConfig:
                              f"{self.max_poll}, {self.linger}")
         if self.max_report_bytes is not None and self.max_report_bytes < 1024:
             raise ValueError(f"max_report_bytes must be >= 1024, got {self.max_report_bytes}")
+        self.limits()  # ValueError naming a bad timeout or cap
+
+    def limits(self) -> ConnectionLimits:
+        return ConnectionLimits(idle_timeout=self.idle_timeout, body_timeout=self.body_timeout,
+                                max_idle=self.max_idle_connections)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -77,9 +86,19 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.listen(2048)
+    sock.listen(4096)
     sock.set_inheritable(True)
     return sock
+
+
+def uvicorn_config(app, gw: GatewayConfig):
+    """uvicorn's settings for the gateway and the ``ConnectionGuard`` enforcing ``gw.limits()``: idle and
+    body timeouts and the idle cap replace uvicorn's ``limit_concurrency``, which counted idle sockets
+    (a flood of them made every device's request a 503)."""
+    protocol, guard = guarded_protocol(gw.limits())
+    return uvicorn.Config(app, ssl_certfile=gw.tls_cert, ssl_keyfile=gw.tls_key, log_level=gw.log_level,
+                          access_log=False, http=protocol, timeout_keep_alive=gw.idle_timeout,
+                          limit_concurrency=None), guard
 
 
 def serve(cfg: TrainConfig, gw: GatewayConfig, out: str | Path, *, resume: bool = False,
@@ -101,9 +120,7 @@ def serve(cfg: TrainConfig, gw: GatewayConfig, out: str | Path, *, resume: bool 
     sock = bind(gw.host, gw.port)
     port = sock.getsockname()[1]
     scheme = "https" if gw.tls_cert else "http"
-    config = uvicorn.Config(app, ssl_certfile=gw.tls_cert, ssl_keyfile=gw.tls_key, log_level=gw.log_level,
-                            access_log=False, timeout_keep_alive=max(5, int(gw.max_poll) + 5),
-                            limit_concurrency=4096)
+    config, guard = uvicorn_config(app, gw)
     server = uvicorn.Server(config)
     result: dict = {}
 
@@ -139,7 +156,7 @@ def serve(cfg: TrainConfig, gw: GatewayConfig, out: str | Path, *, resume: bool 
     if "metrics" not in result:
         raise KeyboardInterrupt("the server stopped before training finished")
     metrics = result["metrics"]
-    metrics["gateway"] = board.summary()
+    metrics["gateway"] = {**board.summary(), "connections_closed": dict(guard.closed)}
     board.write_log()
     path = out / "metrics.json"
     tmp = out / ".metrics.json.tmp"
@@ -151,7 +168,9 @@ def serve(cfg: TrainConfig, gw: GatewayConfig, out: str | Path, *, resume: bool 
 def gateway_config_from_args(a) -> GatewayConfig:
     return GatewayConfig(tokens=a.tokens, host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key,
                          rate=a.rate_limit, burst=a.burst, max_poll=a.max_poll, max_report_bytes=a.max_report_bytes,
-                         demo_data=a.demo_data, web_dir=a.web, linger=a.linger, log_level=a.log_level)
+                         demo_data=a.demo_data, web_dir=a.web, linger=a.linger, log_level=a.log_level,
+                         idle_timeout=a.idle_timeout, body_timeout=a.body_timeout,
+                         max_idle_connections=a.max_idle_connections)
 
 
 def cmd_serve(a) -> int:
@@ -163,9 +182,9 @@ def cmd_serve(a) -> int:
     m = serve(cfg, gw, out, resume=a.resume, progress=not a.no_progress)
     f, g = m["final"], m["gateway"]
     print(f"serve: test accuracy {100 * (f['test_accuracy'] or 0):.2f}% after {f['rounds_done']} rounds; "
-          f"{g['accepted_reports']} reports accepted, {f['rejected_reports']} rejected in rounds, "
-          f"{sum(g['rejected_by_kind'].values())} requests refused, {f['absent_reports']} absent -> {out}")
+          f"{g['accepted_reports']} reports accepted, {g['refused_reports']} refused ({f['rejected_reports']} "
+          f"rejected in rounds), {g['refused_requests']} requests refused in all, {f['absent_reports']} absent -> {out}")
     return 0
 
 
-__all__ = ["GatewayConfig", "cmd_serve", "serve"]
+__all__ = ["GatewayConfig", "cmd_serve", "serve", "uvicorn_config"]

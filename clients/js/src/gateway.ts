@@ -10,8 +10,10 @@
  *         batches: options.data(task), or GET /v1/data/{round} from a --demo-data server
  *         runTask(...) -> POST /v1/report   (JSON)
  *
- * An unreachable server (restarting with --resume) is retried with backoff for `patience`
- * seconds; 429 waits for Retry-After; 401/403 end the loop with a GatewayError.
+ * An unreachable or busy server (restarting with --resume; 503 or any 5xx) is retried for
+ * `patience` seconds with capped exponential backoff and jitter (`backoff`, as the Python device:
+ * a 503's Retry-After is honoured up to the cap); 429 waits for Retry-After; 401/403 end the loop
+ * with a GatewayError.
  *
  * Node: `node dist/src/gateway.js --server URL --token FILE [--threads N] [--max-tasks N]`.
  */
@@ -21,6 +23,17 @@ import { modelVersion, RoundSession, runTask, type Batch, type OrtModule } from 
 import { parseJson, stringifyJson, type Json } from "./json.js";
 import { reportToJson, type ClientReport } from "./protocol.js";
 import { sha256Hex } from "./sha256.js";
+
+export const BACKOFF_BASE = 0.2; // s: the first retry's delay
+export const BACKOFF_CAP = 5; // s: the longest delay between two retries
+
+/** Seconds before retry `attempt` (0-based): exponential from BACKOFF_BASE, capped at BACKOFF_CAP,
+ * uniform in [d/2, d] (devices that retry together do not return together); Retry-After raises the floor. */
+export function backoff(attempt: number, retryAfter: number | null = null, random: () => number = Math.random): number {
+  let d = Math.min(BACKOFF_CAP, BACKOFF_BASE * 2 ** Math.min(attempt, 30));
+  if (retryAfter !== null && Number.isFinite(retryAfter) && retryAfter >= 0) d = Math.min(BACKOFF_CAP, Math.max(d, retryAfter));
+  return d / 2 + random() * (d / 2);
+}
 
 export class GatewayError extends Error {
   constructor(message: string) {
@@ -123,9 +136,9 @@ export class GatewayDevice {
   /** One request, retried while the server is unreachable, restarting (5xx) or rate-limiting. */
   async request(path: string, init: RequestInit = {}): Promise<Response> {
     const giveUp = Date.now() + 1000 * (this.options.patience ?? 120);
-    let delay = 0.2;
-    for (;;) {
+    for (let attempt = 0; ; attempt++) {
       let why: string;
+      let retryAfter: number | null = null;
       try {
         const r = await this.fetch(this.url(path), {
           ...init, headers: { ...(init.headers as Record<string, string> | undefined), Authorization: `Bearer ${this.options.token}` },
@@ -137,14 +150,17 @@ export class GatewayDevice {
         }
         if (r.status < 500) return r;
         why = `HTTP ${r.status}`;
+        const ra = r.headers.get("retry-after");
+        retryAfter = ra === null || ra === "" ? null : Number(ra);
         await r.arrayBuffer();
       } catch (e) {
         why = String((e as Error).cause ?? (e as Error).message ?? e);
       }
-      if (Date.now() > giveUp) throw new GatewayError(`server ${this.options.server} unreachable (${why})`);
+      const remaining = (giveUp - Date.now()) / 1000;
+      if (remaining <= 0) throw new GatewayError(`server ${this.options.server} unreachable (${why})`);
+      const delay = Math.min(remaining, backoff(attempt, retryAfter));
       this.options.onEvent?.({ type: "retry", reason: why, delay });
       await sleep(delay);
-      delay = Math.min(2, delay * 2);
     }
   }
 

@@ -92,3 +92,23 @@ test("exp/log reproduce the kit's fdlibm vectors bit for bit (edge cases, thresh
     assert.ok(same(log(xi), v.log[i]), `log(${xi}) = ${f64hex(log(xi))}, kit ${v.log[i]}`);
   });
 });
+
+test("the gateway device backs off 503s exponentially with jitter, capped, and keeps retrying", async () => {
+  const { backoff, BACKOFF_CAP, GatewayDevice } = await import("../src/gateway.js");
+  const lo = [0, 1, 2, 3, 10, 40].map((a) => backoff(a, null, () => 0));
+  const hi = [0, 1, 2, 3, 10, 40].map((a) => backoff(a, null, () => 1));
+  assert.deepEqual(hi, [0.2, 0.4, 0.8, 1.6, BACKOFF_CAP, BACKOFF_CAP]);
+  assert.deepEqual(lo, hi.map((d) => d / 2)); // jitter: uniform in [d/2, d]
+  assert.equal(backoff(0, 3, () => 1), 3); // Retry-After raises the floor ...
+  assert.equal(backoff(0, 600, () => 1), BACKOFF_CAP); // ... never past the cap
+  let calls = 0;
+  const retries: number[] = [];
+  const fetch = (async () => (++calls <= 3 ? new Response("busy", { status: 503 }) : new Response("{}", { status: 200 }))) as typeof globalThis.fetch;
+  const dev = new GatewayDevice({ server: "http://127.0.0.1:1", token: "t", ort: {} as never, fetch, patience: 60,
+                                  onEvent: (e) => { if (e.type === "retry") retries.push(e.delay); } });
+  const r = await dev.request("/v1/status");
+  assert.equal(r.status, 200);
+  assert.equal(calls, 4);
+  assert.equal(retries.length, 3);
+  retries.forEach((d, i) => assert.ok(d >= 0.1 * 2 ** i && d <= 0.2 * 2 ** i, `retry ${i}: ${d}`));
+});
