@@ -382,7 +382,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
           stop_after: int | None = None, client_fn: Callable | None = None,
-          gather: Callable | None = None) -> dict:
+          gather: Callable | None = None, on_round: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) a federated training run and write its folder. Returns the metrics dict.
 
     ``stop_after`` ends the process-level loop after that many rounds of this call (tests use it to
@@ -390,7 +390,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     ``gather(tasks, weights)`` the whole collection of reports (``Federation.step``; Flower and the HTTP
     gateway use it). A gather with a ``bind(federation)`` method is handed the run's Federation once,
     before the first round (Flower ships the round's bundle with each task; the gateway serves its
-    bundle files and demo data)."""
+    bundle files and demo data). ``on_round(row)`` sees every finished round's metrics row, evaluation
+    included (on ``resume`` first the restored rows): the gateway's live status uses it."""
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
     history: list[dict] = []
@@ -400,9 +401,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
         state = load_checkpoint(ckpt)
         saved = TrainConfig.from_json(json.loads(state["config"]))
-        if dataclasses.replace(saved, rounds=cfg.rounds) != cfg:
+        free = ("rounds", "eval_every")  # neither changes the trajectory (evaluation draws no randomness)
+        if dataclasses.replace(saved, **{n: getattr(cfg, n) for n in free}) != cfg:
             diff = [f.name for f in dataclasses.fields(cfg) if getattr(saved, f.name) != getattr(cfg, f.name)
-                    and f.name != "rounds"]
+                    and f.name not in free]
             raise ValueError(f"--resume: the run in {out} used different settings ({', '.join(diff)})")
         fed = Federation(cfg)
         fed.server.load_state_dict(state["server"])
@@ -423,11 +425,15 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
                "rounds_per_epoch": fed.rpe, "rounds": history}
     end = cfg.rounds if stop_after is None else min(cfg.rounds, start_round + stop_after)
     bar = _progress(range(start_round, end), progress, cfg)
+    for row in history if on_round is not None else ():
+        on_round(row)
     for r in bar:
         row = fed.step(r, client_fn=client_fn, gather=gather).to_json()
         if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
             row.update(fed.evaluate())
         history.append(row)
+        if on_round is not None:
+            on_round(row)
         if hasattr(bar, "set_postfix"):
             last = next((h for h in reversed(history) if "test_accuracy" in h), {})
             bar.set_postfix(loss=f"{row['train_loss'] or float('nan'):.3f}",

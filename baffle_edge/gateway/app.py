@@ -6,7 +6,8 @@
     GET  /v1/bundle/{gen}/{file}     a bundle file (int8 runtimes); ETag and X-Sha256 = its sha256
     GET  /v1/data/{round}            demo only (--demo-data): the device's batches for the round
     POST /v1/report                  a ClientReport as JSON or NPZ -> 202, or 4xx with a reason
-    GET  /v1/status                  round, deadline, reports accepted / rejected (no secrets)
+    GET  /v1/status?since=R          public: round progress, slots, absent devices' causes, finished rounds
+    GET  /run                        public: the live page of the run (page.py), drawn from /v1/status
 
 Every device endpoint needs ``Authorization: Bearer <token>``. Every refusal, whatever the handler
 (a ``Rejection``, a 422 parameter error, an unknown route), is JSON ``{"error": kind, "reason": text}``
@@ -28,15 +29,15 @@ import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..protocol import PROTOCOL_VERSION, ClientReport
 from .board import Board, Rejection
+from .page import add_pages
 from .tokens import Device, TokenStore
 
 API_VERSION = "1"
@@ -126,7 +127,7 @@ def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: i
     _add_task_routes(app, board, authenticated, wake=wake, max_poll=max_poll, limit=limit)
     _add_download_routes(app, board, authenticated)
     _add_report_routes(app, board, authenticated, limit=limit)
-    _add_front_page(app, web_dir)
+    add_pages(app, board, web_dir, count=lambda request: board.requests.update([endpoint_of(request)]))
     return app
 
 
@@ -276,7 +277,7 @@ def _add_download_routes(app: FastAPI, board: Board, Authenticated) -> None:
 
 
 def _add_report_routes(app: FastAPI, board: Board, Authenticated, *, limit: int) -> None:
-    """POST /v1/report (JSON or NPZ, at most ``limit`` bytes) and the public /v1/status."""
+    """POST /v1/report (JSON or NPZ, at most ``limit`` bytes)."""
     @app.post("/v1/report", status_code=202, responses=PROBLEMS, summary="post a ClientReport (JSON or NPZ)",
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": ReportJSON.model_json_schema()},
@@ -290,11 +291,6 @@ def _add_report_routes(app: FastAPI, board: Board, Authenticated, *, limit: int)
             raise Rejection(400, "malformed", str(e)[:500]) from None
         return board.submit(device, parsed)
 
-    @app.get("/v1/status", summary="round, deadline, reports accepted and rejected (public)")
-    async def status(request: Request) -> dict:
-        board.requests[endpoint_of(request)] += 1
-        return board.status()
-
 
 def parse_report(body: bytes, media: str) -> ClientReport:
     """A report body of Content-Type ``media`` (JSON or NPZ); ValueError if malformed, 415 if neither."""
@@ -305,23 +301,6 @@ def parse_report(body: bytes, media: str) -> ClientReport:
         return ClientReport.from_npz(body)
     raise Rejection(415, "unsupported-media-type", f"Content-Type {media or '(none)'!r}: send "
                     "application/json or application/x-npz")
-
-
-def _add_front_page(app: FastAPI, web_dir: str | Path | None) -> None:
-    """``/``: the browser client of ``web_dir`` (mounted at /web), else a redirect to the API docs."""
-    if web_dir is not None:
-        web = Path(web_dir)
-        if not (web / "index.html").is_file():
-            raise FileNotFoundError(f"--web {web}: no index.html there")
-        app.mount("/web", StaticFiles(directory=web), name="web")
-
-        @app.get("/", include_in_schema=False)
-        async def index() -> FileResponse:
-            return FileResponse(web / "index.html")
-    else:
-        @app.get("/", include_in_schema=False)
-        async def root() -> RedirectResponse:
-            return RedirectResponse("/docs")
 
 
 async def read_body(request: Request, limit: int) -> bytes:

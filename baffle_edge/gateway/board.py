@@ -15,6 +15,7 @@ import collections
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import numpy as np
 from ..protocol import ClientReport, RoundTask
 from ..server import ReplayGuard
 from .tokens import Device
+from .watch import RoundWatch, RunFacts
 
 LOG_KEEP = 500  # rejections kept in full in gateway.json / metrics.json (all are counted)
 REPORT_ENDPOINT = "/v1/report"  # refusals here are refused reports; elsewhere refused requests
@@ -87,7 +89,8 @@ class RoundState:
 
 
 class Board:
-    def __init__(self, cfg, *, out_dir: str | Path | None = None, demo_data: bool = False):
+    def __init__(self, cfg, *, out_dir: str | Path | None = None, demo_data: bool = False,
+                 log: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.demo_data = demo_data
@@ -104,11 +107,20 @@ class Board:
         self.accepted_total = 0
         self.refused_reports = 0  # refused POST /v1/report requests (all refused requests: rejected_by_kind)
         self.devices_seen: set[str] = set()
+        self.watch = RoundWatch(RunFacts(demo_data, cfg.runtime, None), log=log or _log_stderr)
 
     # ------------------------------------------------------------------ training thread side
     def bind(self, fed) -> None:
         """``simulate.train``'s ``setup`` hook: the Federation whose rounds this board serves."""
         self.fed = fed
+        fmt = None if fed.bundle_dir is None else fed.runtime_info.format
+        self.watch.facts = RunFacts(self.demo_data, self.cfg.runtime, fmt)
+
+    def round_done(self, row: dict) -> None:
+        """``simulate.train``'s ``on_round`` hook: a finished round's metrics row (for /v1/status)."""
+        with self.cond:
+            self.watch.finished(row)
+        self._pulse()
 
     @property
     def devices_own_data(self) -> bool:
@@ -128,13 +140,15 @@ class Board:
                            deadline=time.monotonic() + timeout if timeout else None)
         with self.cond:
             self.current = state
+            self.watch.open(round_, state.tasks)
         self._pulse()
         with self.cond:
             while len(state.reports) < len(state.tasks) and self.stopping is None:
                 remaining = None if state.deadline is None else state.deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                self.cond.wait(remaining if remaining is None else min(remaining, 1.0))
+                self.watch.check(timeout=timeout)  # absent devices' likely causes, while the round is open
+                self.cond.wait(1.0 if remaining is None else min(remaining, 1.0))
             state.closed = True
             stopping = self.stopping
         self._pulse()
@@ -203,6 +217,8 @@ class Board:
                     f"{rejection.kind}: {rejection.reason}")
             self.rejected_by_kind[rejection.kind] += 1
             self.rejection_log.append(entry)
+            if st is not None and not st.closed:
+                self.watch.refused(device.client if device else None, rejection.kind, endpoint)
         return rejection
 
     def offer(self, device: Device) -> dict:
@@ -216,6 +232,7 @@ class Board:
                 return {"status": "wait", "retry_after": 1.0,
                         "round": None if st is None else st.round}
             task = st.tasks[device.client]
+            self.watch.fetched(device.client)
             deadline_in = None if st.deadline is None else max(0.0, st.deadline - time.monotonic())
             bundle = st.bundle
         return {
@@ -264,6 +281,7 @@ class Board:
             if reason is not None:
                 raise Rejection(409, "replay" if reason.startswith("replay") else "duplicate", reason)
             st.reports[device.client] = report
+            self.watch.reported(device.client)
             self.accepted_total += 1
             self.cond.notify_all()
             return {"accepted": True, "round": st.round, "client": device.client,
@@ -295,7 +313,9 @@ class Board:
             raise Rejection(409, "stale", f"round {round_ + 1} is not open for client {device.client}")
         return self.fed.batches(device.client, round_)
 
-    def status(self) -> dict:
+    def status(self, *, since: int = 0, limit: int = 1000) -> dict:
+        """The public state of the run (``/v1/status``): ``history`` holds the finished rounds after round
+        ``since`` (at most ``limit``), so a page polls only what is new."""
         with self.cond:
             st = self.current
             state = ("done" if self.finished else "waiting" if st is None else "closed" if st.closed else "open")
@@ -306,7 +326,11 @@ class Board:
                     else round(max(0.0, st.deadline - time.monotonic()), 3),
                     "accepted_total": self.accepted_total, "rejected_total": sum(self.rejected_by_kind.values()),
                     "rejected_reports": self.refused_reports,
-                    "rejected_by_kind": dict(self.rejected_by_kind), "devices_seen": len(self.devices_seen)}
+                    "rejected_by_kind": dict(self.rejected_by_kind), "devices_seen": len(self.devices_seen),
+                    "round_seconds": None if st is None or st.closed else self.watch.round_seconds(),
+                    "round_timeout": self.cfg.round_timeout, "eval_every": self.cfg.eval_every,
+                    "slots": self.watch.slots(), "notices": [n.to_json() for n in self.watch.notices],
+                    "history": self.watch.history_since(since, limit)}
 
     def summary(self) -> dict:
         """The gateway's record of the run (``OUT/gateway.json``, metrics.json ``gateway``)."""
@@ -324,3 +348,7 @@ class Board:
         tmp = self.out_dir / ".gateway.json.tmp"
         tmp.write_text(json.dumps(self.summary(), indent=1))
         os.replace(tmp, self.out_dir / "gateway.json")
+
+
+def _log_stderr(line: str) -> None:
+    print(f"baffle-edge serve: {line}", file=sys.stderr, flush=True)

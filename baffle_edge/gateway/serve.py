@@ -126,7 +126,8 @@ def serve(cfg: TrainConfig, gw: GatewayConfig, out: str | Path, *, resume: bool 
 
     def training() -> None:
         try:
-            result["metrics"] = train(cfg, out, resume=resume, progress=progress, gather=board)
+            result["metrics"] = train(cfg, out, resume=resume, progress=progress, gather=board,
+                                      on_round=board.round_done)
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread after uvicorn stops
             result["error"] = e
         finally:
