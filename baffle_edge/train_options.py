@@ -15,6 +15,7 @@ from .protocol import Baseline, NoiseScope, Scheme, StepEstimator
 from .targets import CHOICES
 
 _T, _O = TrainConfig(), OptimConfig()  # every default and choice below is read from the configs
+SHORT_RUN = 20  # rounds: a run this short is evaluated every round by default (--eval-every)
 
 
 def config_default(v):
@@ -119,7 +120,9 @@ def _run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--compare-bp", action="store_true",
                    help="also train the backprop baseline on the same schedule (OUT/bp) and plot both")
-    g.add_argument("--eval-every", type=int, default=_d(_T.eval_every), help="rounds between test evaluations (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help=f"rounds between test evaluations (default: 1 for runs of up to {SHORT_RUN} rounds, so a "
+                        f"short run draws a curve, else {_T.eval_every}; the last round is always evaluated)")
     g.add_argument("--checkpoint-every", type=int, default=_d(_T.checkpoint_every), help="rounds between checkpoints (default: %(default)s)")
     g.add_argument("--workers", type=int, default=_d(_T.workers), help="threads simulating clients (default: %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -154,9 +157,9 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     ppc = AUTO_KEY if str(ppc).strip().lower() == AUTO_KEY else resolve(ppc, a.runtime)  # ValueError if bad
     same = ("model", "dataset", "data_dir", "activation", "norm", "clients", "partition", "alpha", "batch_size",
             "method", "strategy", "local_steps", "k", "sigma", "scheme", "noise", "noise_scope", "block_draw", "forward_budget", "int8_estimator",
-            "baseline", "seed", "eval_every", "checkpoint_every", "runtime", "provider", "target", "refresh_every", "workers",
+            "baseline", "seed", "checkpoint_every", "runtime", "provider", "target", "refresh_every", "workers",
             "quorum", "round_timeout", "aggregate", "trim", "byzantine")  # option = TrainConfig field (enums from strings)
-    cfg = TrainConfig(**{n: getattr(a, n) for n in same}, perturbations_per_call=ppc,
+    cfg = TrainConfig(**{n: getattr(a, n) for n in same}, perturbations_per_call=ppc, eval_every=a.eval_every or 1,
                       optim=OptimConfig(optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
                                         milestones=milestones, clip=a.clip or None, ema_decay=a.ema_decay or None,
                                         local_lr=a.local_lr))
@@ -166,4 +169,5 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     if a.epochs is not None:
         data = load_dataset(a.dataset, a.data_dir, seed=a.seed)
         rounds = max(1, round(a.epochs * rounds_per_epoch(cfg, data)))
-    return dataclasses.replace(cfg, rounds=rounds)  # TrainConfig checks rounds >= 1
+    eval_every = a.eval_every if a.eval_every is not None else 1 if rounds <= SHORT_RUN else TrainConfig.eval_every
+    return dataclasses.replace(cfg, rounds=rounds, eval_every=eval_every)  # TrainConfig checks rounds >= 1

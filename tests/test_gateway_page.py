@@ -131,3 +131,19 @@ def test_serve_refuses_a_web_folder_whose_modules_are_not_built(tmp_path, capsys
     (web / "index.html").unlink()
     with pytest.raises(FileNotFoundError, match="no index.html"):
         check_web_dir(web)
+
+
+def test_short_runs_are_evaluated_every_round_and_resume_may_change_it(tmp_path):
+    from baffle_edge.cli import build_parser
+    from baffle_edge.simulate import TrainConfig, train
+    from baffle_edge.train_options import config_from_args
+    parse = lambda *argv: config_from_args(build_parser().parse_args(["train", *argv])).eval_every
+    assert (parse(), parse("--rounds", "10"), parse("--rounds", "20"), parse("--rounds", "21")) == (5, 1, 1, 5)
+    assert parse("--rounds", "10", "--eval-every", "3") == 3
+    cfg = TrainConfig(clients=2, k=4, rounds=2, eval_every=1, checkpoint_every=1, workers=1)
+    seen = []
+    train(cfg, tmp_path, progress=False, on_round=seen.append)
+    assert [("test_accuracy" in r) for r in seen] == [True, True]
+    more = []  # resumed with more rounds: the default evaluation interval changes, the trajectory does not
+    train(dataclasses.replace(cfg, rounds=3, eval_every=5), tmp_path, resume=True, progress=False, on_round=more.append)
+    assert [r["round"] for r in more] == [1, 2, 3] and more[:2] == seen

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -106,6 +106,10 @@ def add_pages(app: FastAPI, board: Board, web_dir: str | Path | None, *, count: 
     @app.get("/run.js", include_in_schema=False)
     async def run_script() -> FileResponse:
         return FileResponse(STATIC / "run.js", media_type="text/javascript", headers=PAGE_HEADERS)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:  # every browser tab asks: not a refusal worth counting
+        return Response(status_code=204)
 
     if web_dir is not None:
         web = Path(web_dir)

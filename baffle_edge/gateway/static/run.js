@@ -21,7 +21,8 @@ function kib(bytes) {
 }
 
 function seconds(s) {
-  return s >= 90 ? `${Math.floor(s / 60)} min ${Math.round(s % 60)} s` : `${s.toFixed(0)} s`;
+  const r = Math.round(s);
+  return r >= 90 ? `${Math.floor(r / 60)} min ${r % 60} s` : `${r} s`;
 }
 
 /** A line chart of `series` ([{name, color, points: [[x, y]]}]) over rounds 1..rounds. */

@@ -55,6 +55,7 @@ let kit: Kit;
 async function serve(url: string): Promise<[number, string, Uint8Array | string]> {
   const path = decodeURIComponent(new URL(url, "http://x").pathname);
   if (path === "/" || path === "/index.html") return [200, "text/html", PAGE];
+  if (path === "/device") return [200, "text/html", new Uint8Array(await readFile(join(PACKAGE_DIR, "web", "index.html")))];
   const roots: [string, string][] = [["/ort/", join(PACKAGE_DIR, "node_modules", "onnxruntime-web", "dist")],
     ["/pkg/", join(PACKAGE_DIR, "dist", "src")], ["/kit/", kitDir()]];
   for (const [prefix, root] of roots) {
@@ -117,5 +118,21 @@ test("headless chromium runs an int8 round on onnxruntime-web (WASM); losses equ
     console.log(`# browser int8 round (K=${String(round.task.k)}, WASM, 1 thread): median ${result.ms[2].toFixed(1)} ms of 5 ` +
       `(min ${result.ms[0].toFixed(1)}); ` +
       `Node ${(node.seconds * 1e3).toFixed(1)} ms; max relative loss difference ${worst.toExponential(2)}`);
+    await page.close();
+  });
+
+test("the device page says on the page when its modules were never built (node web/build.mjs)",
+  { skip: haveBrowser ? false : `${CHROMIUM} not found (apt-get install -y chromium)`, timeout: 60_000 }, async () => {
+    const page = await browser!.newPage();
+    await page.goto(`${base}/device#token=bfl_x`);  // this server has no /web/dist/ (nor /run.js): as if unbuilt
+    const box = page.locator("#error");
+    await box.waitFor({ state: "visible", timeout: 30_000 });
+    const text = (await box.textContent()) ?? "";
+    assert.match(text, /modules did not load \(\/web\/dist\/ort\/ort\.wasm\.min\.mjs, \/web\/dist\/pkg\/gateway\.js\)/);
+    assert.match(text, /built by: cd clients\/js && npm run build && node web\/build\.mjs/);
+    assert.equal(await page.locator("#status").textContent(), "not started: the client's modules are missing");
+    assert.equal(await page.locator("#run").isHidden(), true, "no run view without the server's /run.js");
+    const color = await box.evaluate((e) => getComputedStyle(e).backgroundColor);
+    assert.equal(color, "rgb(253, 232, 232)", "the error box is the red one");
     await page.close();
   });

@@ -5,7 +5,8 @@
  *   docs/device-clients.md; bytes_up differs by the runtime name the report carries);
  * - headless Debian chromium tabs (playwright-core) open the page the server serves
  *   (`--web clients/js/web`), run the int8 bundle on onnxruntime-web and complete every round;
- *   the test accuracy rises.
+ *   the test accuracy rises; the operator's live page (/run) and each tab's progress and run view
+ *   update during the run (element text; screenshots in $BAFFLE_SCREENSHOTS or the run's folder).
  * Needs the Python package with its [serve] extra (PYTHON, default: python). Every process is
  * killed at the end; every wait is bounded.
  */
@@ -15,7 +16,7 @@ import { existsSync, mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
-import { chromium } from "playwright-core";
+import { chromium, type Page } from "playwright-core";
 import { PACKAGE_DIR } from "./helpers.js";
 
 const PYTHON = process.env.PYTHON ?? "python";
@@ -67,6 +68,32 @@ function serve(dir: string, args: string[]): Promise<[ChildProcess, number]> {
 
 interface Row { round: number; train_loss: number | null; clients_accepted: number; rejected: object; absent: number[];
   skipped: boolean; applied: boolean; bytes_up: number; bytes_down: number; test_accuracy?: number; test_loss?: number }
+
+interface Seen { progress: string[]; accuracy: string[]; devices: string; tab: string; tabProgress: number }
+
+/** Poll the live page's text (and one device tab's) until the server exits; screenshot both once
+ * the accuracy has been drawn twice. */
+async function watchPage(run: Page, server: ChildProcess, tab: Page, shots: string): Promise<Seen> {
+  const seen: Seen = { progress: [], accuracy: [], devices: "", tab: "", tabProgress: 0 };
+  const text = async (p: Page, sel: string) => (await p.locator(sel).textContent({ timeout: 5_000 }))?.trim() ?? "";
+  let shot = false;
+  const until = Date.now() + 480_000;
+  while (server.exitCode === null && Date.now() < until) {
+    seen.progress.push(await text(run, "#run-progress"));
+    seen.accuracy.push(await text(run, "#run-accuracy"));
+    seen.devices = await text(run, "#run-devices");
+    if (!shot && new Set(seen.accuracy.filter((t) => t.startsWith("test accuracy "))).size >= 2) {
+      seen.tab = await text(tab, "#run-progress");
+      seen.tabProgress = Number(await tab.locator("#progress").getAttribute("value"));
+      await run.screenshot({ path: join(shots, "run-page.png"), fullPage: true });
+      await tab.screenshot({ path: join(shots, "device-tab.png"), fullPage: true });
+      console.log(`# screenshots: ${join(shots, "run-page.png")}, ${join(shots, "device-tab.png")}`);
+      shot = true;
+    }
+    await new Promise((ok) => setTimeout(ok, 300));
+  }
+  return seen;
+}
 
 function rows(dir: string): Row[] {
   return (JSON.parse(readFileSync(join(dir, "metrics.json"), "utf8")) as { rounds: Row[] }).rounds;
@@ -130,7 +157,18 @@ test("headless chromium tabs join a serve run with the int8 bundle; accuracy ris
         await page.goto(`http://127.0.0.1:${port}/#token=${token}`);
         return page;
       }));
+      const run = await browser.newPage({ viewport: { width: 900, height: 900 } });
+      await run.goto(`http://127.0.0.1:${port}/run`);
+      const seen = await watchPage(run, server, pages[0], process.env.BAFFLE_SCREENSHOTS ?? dir);
       assert.equal(await exited(server, 480, "serve"), 0);
+      const rounds = new Set(seen.progress.map((t) => /^round (\d+) of 9/.exec(t)?.[1]).filter((r) => r !== undefined));
+      assert.ok(rounds.size >= 2, `the live page's progress did not move: ${[...new Set(seen.progress)].join(" | ")}`);
+      assert.ok(seen.progress.includes("done: 9 of 9 rounds"), `no "done" on the live page: ${seen.progress.slice(-3).join(" | ")}`);
+      const accuracies = new Set(seen.accuracy.filter((t) => /^test accuracy \d+\.\d% after round \d+ /.test(t)));
+      assert.ok(accuracies.size >= 2, `the live page's accuracy did not update: ${[...new Set(seen.accuracy)].join(" | ")}`);
+      assert.match(seen.devices, /devices seen 3 of 3 slots/);
+      assert.match(seen.tab, /^round \d+ of 9/, "the device tab's run view");
+      assert.ok(seen.tabProgress > 0, "the device tab's progress bar");
       const states = await Promise.all(pages.map(async (p) => {
         await p.waitForFunction("window.__gateway && window.__gateway.done", undefined, { timeout: 60_000 });
         return await p.evaluate("window.__gateway") as { error: string | null; roundSeconds: number[]; summary: { accepted: number } };
