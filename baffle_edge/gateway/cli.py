@@ -88,7 +88,8 @@ def add_parser(subparsers) -> None:
     add_train_args(p)
     p.set_defaults(round_timeout=120.0)
     g = p.add_argument_group("gateway")
-    g.add_argument("--tokens", required=True, help="token file from `baffle-edge tokens issue`")
+    g.add_argument("--tokens", required=True, help="the token file `baffle-edge tokens issue --tokens FILE` wrote "
+                                                 "(hashes only; not a device's .token file)")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 = all)")
     g.add_argument("--port", type=int, default=8080, help="TCP port, 0 = any free one (default: 8080)")
     g.add_argument("--tls-cert", default=None, help="PEM certificate: serve HTTPS (with --tls-key)")
@@ -142,7 +143,8 @@ def add_parser(subparsers) -> None:
                               description="Fetch tasks from a `baffle-edge serve` server, evaluate the perturbed "
                                           "losses with `client.run_task` on a registered runtime and post them.")
     d.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8080")
-    d.add_argument("--token", required=True, help="file holding this device's token")
+    d.add_argument("--token", required=True, help="this device's token file (DIR/client-N.token from `baffle-edge tokens "
+                                                "issue --out-dir DIR`; not the server's tokens.json)")
     d.add_argument("--runtime", default=None, help="runtime (default: the run's); see `baffle-edge runtimes`")
     d.add_argument("--data", default=None, help=".npz with x (N,C,H,W) float32 and y (N,) (default: the server's "
                                                  "demo data, if it hands it out)")
