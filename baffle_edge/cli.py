@@ -83,12 +83,12 @@ class Parser(argparse.ArgumentParser):
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """``--debug`` on ``parser`` and on every sub-command parser below it (so it may follow the command)."""
-    for action in parser._actions:  # noqa: SLF001 - argparse offers no public walk of its sub-parsers
+    for action in parser._actions:  # argparse offers no public walk of its sub-parsers
         if not isinstance(action.choices, dict):
             continue
         for child in action.choices.values():
             if isinstance(child, argparse.ArgumentParser) and "-" in child.prefix_chars:
-                if "--debug" not in child._option_string_actions:  # noqa: SLF001
+                if "--debug" not in child._option_string_actions:
                     child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
                 add_debug_flag(child)
 

@@ -47,7 +47,7 @@ class Stub:
         seen = self.seen = []
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def do_GET(self):  # http.server calls it by this name
                 seen.append(self.headers.get("Authorization"))
                 data = json.dumps(body).encode()
                 self.send_response(status)
@@ -184,9 +184,9 @@ def test_a_runtime_typo_is_refused_before_the_server_listens(issued, capsys):
     code, lines = run(["serve", "--tokens", str(issued / "tokens.json"), "--runtime", "onnxruntime_int8",
                        "--port", "0", "--out", str(issued / "run")], capsys)
     assert code == 2 and "listening" not in run.out
-    assert lines == ["baffle-edge serve: error: unknown runtime 'onnxruntime_int8' (did you mean onnxruntime-int8?); "
-                     "known: onnxruntime, onnxruntime-int8, tflite-int8, torch, torch-int8 (`baffle-edge runtimes` "
-                     "lists them)"]
+    want = ("baffle-edge serve: error: unknown runtime 'onnxruntime_int8' (did you mean onnxruntime-int8?); "
+            "known: onnxruntime, onnxruntime-int8, tflite-int8, torch, torch-int8 (`baffle-edge runtimes` lists them)")
+    assert lines == [want]
 
 
 def test_a_request_the_client_cannot_send_is_not_an_unreachable_server(stub):
