@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .errors import CommandError, did_you_mean
 
 DEFAULTS_NOTE = "defaults follow the BAFFLE reference setup (arXiv 2301.12195) unless noted"
 
@@ -65,10 +66,41 @@ def _unavailable(sub, names: tuple[str, ...], error: ImportError) -> None:
         p.set_defaults(func=fail)
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and, by inheritance, every sub-command's parser) that refuses an unknown
+    argument itself: the error shows the sub-command's usage, not the top level's, and suggests the
+    closest option (``--demo-date``: did you mean --demo-data?)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras:
+            known = [o for a in self._actions for o in a.option_strings]
+            word = extras[0].split("=", 1)[0]
+            hint = did_you_mean(word, known) if word.startswith("-") else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return ns, extras
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on ``parser`` and on every sub-command parser below it (so it may follow the command)."""
+    for action in parser._actions:  # argparse offers no public walk of its sub-parsers
+        if not isinstance(action.choices, dict):
+            continue
+        for child in action.choices.values():
+            if isinstance(child, argparse.ArgumentParser) and "-" in child.prefix_chars:
+                if "--debug" not in child._option_string_actions:
+                    child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+                add_debug_flag(child)
+
+
+DEBUG_HELP = "show the traceback of an error (default: one `error:` line)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="baffle-edge", description=(
+    p = Parser(prog="baffle-edge", description=(
         "Backpropagation-free federated learning (BAFFLE) on edge inference runtimes. " + DEFAULTS_NOTE + "."))
     p.add_argument("--version", action="version", version=f"baffle-edge {__version__}")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     t = sub.add_parser("train", help="federated training in one process (BAFFLE or the backprop baseline)",
                        description="Train a model with C simulated clients. Writes OUT/metrics.json, "
@@ -83,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
             _unavailable(sub, names, e)
             continue
         module.add_parser(sub)
+    add_debug_flag(p)
     return p
 
 
@@ -94,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return a.func(a)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, CommandError) as e:
+        if a.debug:
+            raise
         hint = (f" (the server side is an extra: {SERVER_INSTALL})"
                 if isinstance(e, ImportError) and e.name in SERVER_MODULES else "")
         print(f"baffle-edge {a.command}: error: {e}{hint}", file=sys.stderr)

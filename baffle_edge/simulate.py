@@ -88,10 +88,8 @@ class Federation:
 
     # --- the client runtime: a torch model, or a bundle exported (and refreshed) by the server ---
     def _setup_runtime(self) -> None:
-        from baffle_edge.runtimes import REGISTRY
-        if self.cfg.runtime not in REGISTRY:
-            raise ValueError(f"unknown runtime {self.cfg.runtime!r}; known: {', '.join(sorted(REGISTRY))}")
-        self.runtime_info = REGISTRY[self.cfg.runtime]
+        from baffle_edge.runtimes import runtime_info
+        self.runtime_info = runtime_info(self.cfg.runtime)  # ValueError naming the close name, if any
         self.device_settings = DeviceSettings.from_config(self.cfg)
         self.domain = Domain(self.runtime_info.domain)
         defaults = DOMAIN_DEFAULTS[self.domain]

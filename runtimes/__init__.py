@@ -74,7 +74,9 @@ REGISTRY: dict[str, RuntimeInfo] = {
 def runtime_info(name: str) -> RuntimeInfo:
     """The registry entry of runtime ``name``; an unknown name is a ValueError listing the known ones."""
     if name not in REGISTRY:
-        raise ValueError(f"unknown runtime {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        from baffle_edge.errors import did_you_mean
+        raise ValueError(f"unknown runtime {name!r}{did_you_mean(name, REGISTRY)}; known: {', '.join(sorted(REGISTRY))} "
+                         "(`baffle-edge runtimes` lists them)")
     return REGISTRY[name]
 
 

@@ -15,9 +15,14 @@ def cmd_tokens_issue(a: argparse.Namespace) -> int:
     from .tokens import issue
     if (a.client is None) == (a.clients is None):
         raise ValueError("give --client C (one device) or --clients N (devices for clients 0..N-1)")
+    if a.out is not None and a.out_dir is not None:
+        raise ValueError("give --out FILE or --out-dir DIR, not both")
     if a.clients is not None:
         if a.out_dir is None:
-            raise ValueError("--clients N writes N token files: give --out-dir DIR")
+            raise ValueError("--clients N writes N token files: give --out-dir DIR" +
+                             (" (--out FILE is for one --client C)" if a.out else ""))
+        if a.name is not None:
+            raise ValueError("--name names one device: use it with --client C (--clients N names them client-<c>)")
         out = Path(a.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for c in range(a.clients):
@@ -27,9 +32,10 @@ def cmd_tokens_issue(a: argparse.Namespace) -> int:
               f"hashes in {a.tokens}")
         return 0
     name, token = issue(a.tokens, a.client, name=a.name, replace=a.replace)
-    if a.out:
-        _write_secret(Path(a.out), token)
-        print(f"issued a token for device {name!r} (client {a.client}) -> {a.out}")
+    out = Path(a.out) if a.out else Path(a.out_dir) / f"{name}.token" if a.out_dir else None
+    if out is not None:
+        _write_secret(out, token)
+        print(f"issued a token for device {name!r} (client {a.client}) -> {out}")
     else:
         print(token)  # shown once: only its hash is stored
     return 0
@@ -82,7 +88,8 @@ def add_parser(subparsers) -> None:
     add_train_args(p)
     p.set_defaults(round_timeout=120.0)
     g = p.add_argument_group("gateway")
-    g.add_argument("--tokens", required=True, help="token file from `baffle-edge tokens issue`")
+    g.add_argument("--tokens", required=True, help="the token file `baffle-edge tokens issue --tokens FILE` wrote "
+                                                 "(hashes only; not a device's .token file)")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 = all)")
     g.add_argument("--port", type=int, default=8080, help="TCP port, 0 = any free one (default: 8080)")
     g.add_argument("--tls-cert", default=None, help="PEM certificate: serve HTTPS (with --tls-key)")
@@ -121,7 +128,7 @@ def add_parser(subparsers) -> None:
     i.add_argument("--clients", type=int, default=None, help="issue tokens for clients 0..N-1 (with --out-dir)")
     i.add_argument("--name", default=None, help="device name (default: client-<c>)")
     i.add_argument("--out", default=None, help="write the token to this file (mode 0600) instead of printing it")
-    i.add_argument("--out-dir", default=None, help="--clients: write DIR/client-<c>.token")
+    i.add_argument("--out-dir", default=None, help="write DIR/<name>.token (client-<c>.token by default) instead of printing")
     i.add_argument("--replace", action="store_true", help="revoke the slot's live token and issue a new one")
     i.set_defaults(func=cmd_tokens_issue, command="tokens issue")
     r = sub.add_parser("revoke", help="revoke devices by name (takes effect on a running server)")
@@ -136,7 +143,8 @@ def add_parser(subparsers) -> None:
                               description="Fetch tasks from a `baffle-edge serve` server, evaluate the perturbed "
                                           "losses with `client.run_task` on a registered runtime and post them.")
     d.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8080")
-    d.add_argument("--token", required=True, help="file holding this device's token")
+    d.add_argument("--token", required=True, help="this device's token file (DIR/client-N.token from `baffle-edge tokens "
+                                                "issue --out-dir DIR`; not the server's tokens.json)")
     d.add_argument("--runtime", default=None, help="runtime (default: the run's); see `baffle-edge runtimes`")
     d.add_argument("--data", default=None, help=".npz with x (N,C,H,W) float32 and y (N,) (default: the server's "
                                                  "demo data, if it hands it out)")

@@ -29,7 +29,9 @@ import numpy as np
 
 from ..client import Batch
 from ..device import DeviceSettings, SessionCache, answer, model_artifact, open_session, task_batches
+from ..errors import CommandError
 from ..protocol import ClientReport, RoundTask, model_version
+from .tokens import parse_device_token
 
 
 BACKOFF_BASE = 0.2  # s: the first retry's delay
@@ -46,7 +48,11 @@ def backoff(attempt: int, rng: random.Random, *, retry_after: float | None = Non
     return rng.uniform(d / 2, d)
 
 
-class DeviceError(RuntimeError):
+NO_DATA = ("the server hands out no data (not a --demo-data server): pass --data FILE.npz (arrays x (N, C, H, W) "
+           "float32 and y (N,)), or start the server with --demo-data")
+
+
+class DeviceError(CommandError, RuntimeError):
     """The server refused this device for good (bad token, wrong slot) or stayed unreachable."""
 
 
@@ -107,7 +113,13 @@ class Device:
             retry_after = None
             try:
                 r = self.http.request(method, url, **kw)
+            except (self._httpx.LocalProtocolError, self._httpx.UnsupportedProtocol) as e:
+                raise DeviceError(f"cannot send {method} {url} to {self.dc.server} ({type(e).__name__}: "
+                                  f"{str(e)[:120]}): a client-side mistake, not the server; check --server and --token")
             except self._httpx.TransportError as e:
+                if "CERTIFICATE_VERIFY_FAILED" in str(e):
+                    raise DeviceError(f"{self.dc.server}: the server's TLS certificate is not trusted ({e}); pass "
+                                      "--cafile CERT.pem (the certificate the server was started with, or its CA)")
                 reason = f"{type(e).__name__}: {e}"
             else:
                 if r.status_code == 429:
@@ -126,7 +138,7 @@ class Device:
 
     def _check(self, r, what: str):
         if r.status_code in (401, 403):
-            raise DeviceError(f"{what}: HTTP {r.status_code}: {_reason(r)}")
+            raise DeviceError(f"{what}: HTTP {r.status_code} {_reason(r)}: {_refusal_hint(r)}")
         if r.status_code >= 400:
             raise ValueError(f"{what}: HTTP {r.status_code}: {_reason(r)}")
         return r
@@ -172,7 +184,7 @@ class Device:
         if self.own is not None:
             return task_batches(*self.own, task, settings)
         if offer.get("data") is None:
-            raise DeviceError("the server hands out no data (not a --demo-data server): pass --data FILE.npz")
+            raise DeviceError(NO_DATA)
         d = self._check(self.request("GET", offer["data"]), "data").json()
         return [Batch(np.frombuffer(base64.b64decode(b["x"]), dtype="<f4").reshape(b["shape"]).astype(np.float32),
                       np.asarray(b["y"], dtype=np.int64)) for b in d["batches"]]
@@ -227,6 +239,8 @@ class Device:
     def run(self) -> DeviceSummary:
         summary = DeviceSummary()
         self.config = self._check(self.request("GET", "/v1/config"), "config").json()
+        if self.own is None and self.config.get("demo_data") is False:
+            raise DeviceError(NO_DATA)
         self.log(f"device for client {self.config['client']} on {self.dc.server}")
         while self.dc.max_tasks is None or summary.answered < self.dc.max_tasks:
             offer = self._check(self.request("GET", "/v1/task", params={"wait": self.dc.poll}), "task").json()
@@ -251,6 +265,21 @@ class Device:
                 summary.refused.append(f"round {report.round + 1}: HTTP {r.status_code} {_reason(r)}")
                 self.log(f"round {report.round + 1}: report refused: HTTP {r.status_code} {_reason(r)}")
         return summary
+
+
+def _refusal_hint(r) -> str:
+    """What to do about a 401 / 403 (docs/gateway.md, "Refusals")."""
+    if r.status_code == 401:
+        return ("this server does not know the token (unknown or revoked): pass the device-tokens/client-N.token that "
+                "`baffle-edge tokens issue` wrote next to the server's --tokens file, or issue a new one with "
+                "`baffle-edge tokens issue --tokens tokens.json --client N --replace --out FILE`")
+    try:
+        kind = r.json().get("error")
+    except Exception:  # noqa: BLE001 - a proxy's error page
+        kind = None
+    if kind == "no-slot":
+        return "the token's client slot is not part of this run: use a token for a client below the server's --clients"
+    return "this token may answer only its own client slot's task: use the token issued for that slot"
 
 
 def _seconds(header: str | None, default: float | None) -> float | None:
@@ -279,10 +308,12 @@ def run_device(dc: DeviceConfig, *, log: Callable[[str], None] = lambda s: None)
 
 
 def read_token(path: str) -> str:
+    """The device token in file ``path``, checked (tokens.parse_device_token) before any request."""
     try:
-        token = Path(path).read_text().strip()
+        text = Path(path).read_text(errors="replace")
     except FileNotFoundError:
-        raise FileNotFoundError(f"token file {path} does not exist (`baffle-edge tokens issue ... --out FILE`)") from None
-    if not token:
-        raise ValueError(f"token file {path} is empty")
-    return token
+        raise FileNotFoundError(f"token file {Path(path).resolve()} does not exist: pass the file `baffle-edge tokens "
+                                "issue --out-dir DIR` wrote (DIR/client-N.token) or `--out FILE`") from None
+    except IsADirectoryError:
+        raise ValueError(f"--token {path} is a folder: pass one of its client-N.token files") from None
+    return parse_device_token(text, path)

@@ -54,11 +54,18 @@ class TokenStore:
     @staticmethod
     def read(path: Path) -> dict:
         try:
-            data = json.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             raise FileNotFoundError(f"token file {path} does not exist; create it with "
                                     f"`baffle-edge tokens issue --tokens {path} --client 0`") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise ValueError(f"token file {path}: not valid JSON ({e})") from None
+        if text.strip().startswith(TOKEN_PREFIX):
+            raise ValueError(f"{path} is a device token, not the server's token file: --tokens needs the tokens.json "
+                             "that `baffle-edge tokens issue --tokens tokens.json ...` wrote (it holds only hashes)")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
             raise ValueError(f"token file {path}: not valid JSON ({e})") from None
         if not isinstance(data, dict) or data.get("version") != FILE_VERSION or not isinstance(data.get("devices"), dict):
             raise ValueError(f"token file {path}: expected {{'version': {FILE_VERSION}, 'devices': {{...}}}}")
@@ -109,6 +116,35 @@ class TokenStore:
     def devices(self) -> list[Device]:
         with self._lock:
             return sorted(self._by_hash.values(), key=lambda d: (d.client, d.name))
+
+
+SERVER_FILE_HINT = "use a device token file (device-tokens/client-N.token from `baffle-edge tokens issue --clients N " \
+                   "--out-dir device-tokens`)"
+
+
+def parse_device_token(text: str, source: str) -> str:
+    """The bearer token in the text of a device token file, refused (ValueError naming the file and
+    what to pass) before any request if it cannot be one: the server's token file, an empty file,
+    characters an HTTP header cannot carry, or not a ``bfl_`` token."""
+    token = text.strip()
+    if not token:
+        raise ValueError(f"token file {source} is empty; {SERVER_FILE_HINT}")
+    if token.startswith("{"):
+        try:
+            is_store = isinstance(json.loads(token).get("devices"), dict)
+        except (json.JSONDecodeError, AttributeError):
+            is_store = False
+        if is_store:
+            raise ValueError(f"{source} is the server's tokens.json (token hashes), not a device token: "
+                             f"{SERVER_FILE_HINT}")
+    bad = next((c for c in token if not (0x21 <= ord(c) <= 0x7E)), None)
+    if bad is not None:
+        raise ValueError(f"token file {source} holds {bad!r}, which an HTTP header cannot carry: a device token is "
+                         f"one line of letters, digits, '-' and '_'; {SERVER_FILE_HINT}")
+    if not token.startswith(TOKEN_PREFIX) or len(token) > MAX_TOKEN_CHARS:
+        raise ValueError(f"token file {source} does not hold a baffle-edge device token (one line starting "
+                         f"{TOKEN_PREFIX!r}, at most {MAX_TOKEN_CHARS} characters); {SERVER_FILE_HINT}")
+    return token
 
 
 def issue(path: str | Path, client: int, *, name: str | None = None, replace: bool = False) -> tuple[str, str]:

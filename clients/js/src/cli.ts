@@ -3,6 +3,7 @@
  * `baffle-client conformance KIT [--out DIR] [--threads N]`: run every round of a conformance kit
  * (`baffle-edge conformance --out KIT`) with this client on onnxruntime-node, write each report to
  * DIR/NAME.json and compare its losses with the Python client's. Exit code 1 if any differs.
+ * `baffle-client device --server URL --token FILE ...`: a device of a `baffle-edge serve` run (device_cli.ts).
  */
 import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
@@ -10,11 +11,13 @@ import { kitSessions, readKit, runKitRound } from "./kit.js";
 import { reportToJson } from "./protocol.js";
 
 function usage(): never {
-  console.error("usage: baffle-client conformance KIT_DIR [--out DIR] [--threads N]");
+  console.error("usage: baffle-client conformance KIT_DIR [--out DIR] [--threads N]\n" +
+                "       baffle-client device --server URL --token FILE [--data FILE.npz] ... (device_cli.ts)");
   process.exit(2);
 }
 
 async function main(argv: string[]): Promise<number> {
+  if (argv[0] === "device") return new Promise(() => (import("./device_cli.js").then((m) => m.runMain(argv.slice(1)))));
   if (argv[0] !== "conformance" || !argv[1]) usage();
   const opt = (name: string) => { const i = argv.indexOf(name); return i > 0 ? argv[i + 1] : undefined; };
   const out = opt("--out"), threads = Number(opt("--threads") ?? 1);

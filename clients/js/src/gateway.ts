@@ -15,7 +15,8 @@
  * a 503's Retry-After is honoured up to the cap); 429 waits for Retry-After; 401/403 end the loop
  * with a GatewayError.
  *
- * Node: `node dist/src/gateway.js --server URL --token FILE [--threads N] [--max-tasks N]`.
+ * Node: `node dist/src/gateway.js --server URL --token FILE [--data FILE.npz] [--threads N] [--max-tasks N]`
+ * (device_cli.ts).
  */
 import type { InferenceSession } from "onnxruntime-common";
 import { loadBundle, type Bundle, type TrainFormat } from "./bundle.js";
@@ -34,6 +35,11 @@ export function backoff(attempt: number, retryAfter: number | null = null, rando
   if (retryAfter !== null && Number.isFinite(retryAfter) && retryAfter >= 0) d = Math.min(BACKOFF_CAP, Math.max(d, retryAfter));
   return d / 2 + random() * (d / 2);
 }
+
+/** The device has no data and the server hands out none. */
+export const NO_DATA = "the server hands out no data (not a --demo-data server): give the device its own data " +
+  "(the Node command: --data FILE.npz with x (N, C, H, W) float32 and y (N,); runDevice: options.data), " +
+  "or start the server with --demo-data";
 
 export class GatewayError extends Error {
   constructor(message: string) {
@@ -56,7 +62,7 @@ export interface TaskOffer {
 }
 
 export type GatewayEvent =
-  | { type: "config"; client: number; rounds: number }
+  | { type: "config"; client: number; rounds: number; batchSize: number }
   | { type: "task"; round: number; rounds: number }
   | { type: "accepted"; round: number; seconds: number; report: ClientReport }
   | { type: "refused"; round: number; status: number; reason: string }
@@ -120,6 +126,19 @@ async function reason(r: Response): Promise<string> {
   }
 }
 
+/** A 401 / 403's reason and what to do about it (docs/gateway.md, "Refusals"). */
+async function refusal(r: Response): Promise<string> {
+  const why = await reason(r);
+  if (r.status === 401) {
+    return `${why}: this server does not know the token (unknown or revoked): pass the device-tokens/client-N.token ` +
+      "that `baffle-edge tokens issue` wrote next to the server's --tokens file, or issue a new one with " +
+      "`baffle-edge tokens issue --tokens tokens.json --client N --replace --out FILE`";
+  }
+  return why.startsWith("no-slot")
+    ? `${why}: the token's client slot is not part of this run: use a token for a client below the server's --clients`
+    : `${why}: this token may answer only its own client slot's task: use the token issued for that slot`;
+}
+
 export class GatewayDevice {
   private readonly fetch: typeof fetch;
   private weightsCache: [string, Float32Array] | null = null;
@@ -154,6 +173,10 @@ export class GatewayDevice {
         retryAfter = ra === null || ra === "" ? null : Number(ra);
         await r.arrayBuffer();
       } catch (e) {
+        if (e instanceof TypeError && !e.cause && /header/i.test(e.message)) {  // never sent: not the server's fault
+          throw new GatewayError(`cannot send a request to ${this.options.server} (${e.message.slice(0, 120)}): a ` +
+                                 "client-side mistake, not the server; check the server URL and the token");
+        }
         why = String((e as Error).cause ?? (e as Error).message ?? e);
       }
       const remaining = (giveUp - Date.now()) / 1000;
@@ -166,7 +189,7 @@ export class GatewayDevice {
 
   private async get(path: string, what: string): Promise<Uint8Array> {
     const r = await this.request(path);
-    if (r.status === 401 || r.status === 403) throw new GatewayError(`${what}: HTTP ${r.status} ${await reason(r)}`);
+    if (r.status === 401 || r.status === 403) throw new GatewayError(`${what}: HTTP ${r.status} ${await refusal(r)}`);
     if (!r.ok) throw new Error(`${what}: HTTP ${r.status} ${await reason(r)}`);
     return new Uint8Array(await r.arrayBuffer());
   }
@@ -205,7 +228,7 @@ export class GatewayDevice {
 
   async batches(offer: TaskOffer): Promise<Batch[]> {
     if (this.options.data) return this.options.data(offer.task, offer);
-    if (!offer.data) throw new GatewayError("the server hands out no data (not a --demo-data server): pass options.data");
+    if (!offer.data) throw new GatewayError(NO_DATA);
     const d = JSON.parse(new TextDecoder().decode(await this.get(offer.data, "data"))) as
       { batches: { shape: number[]; x: string; y: number[] }[] };
     return d.batches.map((b) => ({ x: f32(base64ToBytes(b.x)), y: Int32Array.from(b.y) }));
@@ -215,8 +238,10 @@ export class GatewayDevice {
   async run(): Promise<DeviceSummary> {
     const ev = this.options.onEvent ?? (() => {});
     const summary: DeviceSummary = { accepted: 0, refused: [], roundSeconds: [] };
-    const config = await this.getJson("/v1/config", "config") as { client: number; train_config: { rounds: number } };
-    ev({ type: "config", client: config.client, rounds: config.train_config.rounds });
+    const config = await this.getJson("/v1/config", "config") as
+      { client: number; demo_data?: boolean; train_config: { rounds: number; batch_size: number } };
+    if (!this.options.data && config.demo_data === false) throw new GatewayError(NO_DATA);
+    ev({ type: "config", client: config.client, rounds: config.train_config.rounds, batchSize: config.train_config.batch_size });
     const poll = this.options.poll ?? 25;
     while (this.options.maxTasks === undefined || summary.accepted < this.options.maxTasks) {
       const offer = await this.getJson(`/v1/task?wait=${poll}`, "task") as unknown as TaskOffer | { status: "wait" | "done" };
@@ -244,8 +269,8 @@ export class GatewayDevice {
         summary.roundSeconds.push(seconds);
         ev({ type: "accepted", round: offer.round, seconds, report });
       } else {
+        if (r.status === 401 || r.status === 403) throw new GatewayError(`report: HTTP ${r.status} ${await refusal(r)}`);
         const why = await reason(r);
-        if (r.status === 401 || r.status === 403) throw new GatewayError(`report: HTTP ${r.status} ${why}`);
         summary.refused.push(`round ${offer.round + 1}: HTTP ${r.status} ${why}`);
         ev({ type: "refused", round: offer.round, status: r.status, reason: why });
       }
@@ -260,38 +285,6 @@ export function runDevice(options: DeviceOptions): Promise<DeviceSummary> {
   return new GatewayDevice(options).run();
 }
 
-/** Node entry point: `node dist/src/gateway.js --server URL --token FILE [--threads N] [--max-tasks N] [--quiet]`. */
-async function main(argv: string[]): Promise<number> {
-  const opt = (name: string) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : undefined; };
-  const server = opt("--server"), tokenFile = opt("--token");
-  if (!server || !tokenFile) {
-    console.error("usage: node dist/src/gateway.js --server URL --token FILE [--threads N] [--max-tasks N] [--patience S] [--quiet]");
-    return 2;
-  }
-  const { readFile } = await import("node:fs/promises");
-  const token = (await readFile(tokenFile, "utf8")).trim();
-  const ort = await import("onnxruntime-node");
-  const threads = Number(opt("--threads") ?? 1);
-  const quiet = argv.includes("--quiet");
-  const summary = await runDevice({
-    server, token, ort: ort as unknown as OrtModule, sessionOptions: { intraOpNumThreads: threads, interOpNumThreads: 1 },
-    maxTasks: opt("--max-tasks") ? Number(opt("--max-tasks")) : undefined,
-    patience: opt("--patience") ? Number(opt("--patience")) : undefined,
-    onEvent: (e) => {
-      if (quiet) return;
-      if (e.type === "accepted") console.error(`device: round ${e.round + 1}: report accepted (${(e.seconds * 1e3).toFixed(0)} ms)`);
-      else if (e.type === "refused") console.error(`device: round ${e.round + 1}: refused: ${e.reason}`);
-      else if (e.type === "retry") console.error(`device: server unreachable (${e.reason}); retrying in ${e.delay.toFixed(1)} s`);
-      else if (e.type === "config") console.error(`device: client ${e.client}, ${e.rounds} rounds`);
-    },
-  });
-  console.log(JSON.stringify(summary));
-  return 0;
-}
-
 const isMain = typeof process !== "undefined" && Array.isArray(process.argv) && process.argv[1] !== undefined &&
   import.meta.url === (await import("node:url")).pathToFileURL(process.argv[1]).href;
-if (isMain) {
-  main(process.argv.slice(2)).then((c) => process.exit(c),
-    (e) => { console.error(`baffle-client device: error: ${(e as Error).message}`); process.exit(e instanceof GatewayError ? 2 : 1); });
-}
+if (isMain) void import("./device_cli.js").then((m) => m.runMain(process.argv.slice(2)));  // the Node command: device_cli.ts
