@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import dataclasses
 import sys
 import time
@@ -79,6 +80,13 @@ class Parser(argparse.ArgumentParser):
             hint = did_you_mean(word, known) if word.startswith("-") else ""
             self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return ns, extras
+
+    def error(self, message: str):
+        """argparse's error, with a suggestion for a mistyped choice (``baffle-edge serv``: did you mean serve?)."""
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            message += did_you_mean(m.group(1), re.findall(r"'([^']*)'", m.group(2)))
+        super().error(message)
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

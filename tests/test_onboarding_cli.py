@@ -165,6 +165,13 @@ def test_an_unknown_option_shows_the_subcommands_usage_and_the_close_name(capsys
     assert lines[-1].endswith("unrecognized arguments: --clinet 3 (did you mean --client?)")
 
 
+def test_a_mistyped_command_gets_the_close_name(capsys):
+    code, lines = run(["serv"], capsys)
+    assert code == 2 and "invalid choice: 'serv'" in lines[-1] and lines[-1].endswith("(did you mean serve?)")
+    code, lines = run(["tokens", "isue"], capsys)
+    assert code == 2 and lines[-1].endswith("(did you mean issue?)")
+
+
 def test_tokens_issue_honours_or_refuses_every_output_option(tmp_path, capsys):
     store = str(tmp_path / "tokens.json")
     code, _ = run(["tokens", "issue", "--tokens", store, "--client", "3", "--out-dir", str(tmp_path / "d")], capsys)
