@@ -23,9 +23,7 @@ how to check a new client).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
-import inspect
 import json
 import shutil
 import sys
