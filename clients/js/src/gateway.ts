@@ -41,6 +41,10 @@ export const NO_DATA = "the server hands out no data (not a --demo-data server):
   "(the Node command: --data FILE.npz with x (N, C, H, W) float32 and y (N,); runDevice: options.data), " +
   "or start the server with --demo-data";
 
+/** Node's TLS verification failures (undici's error cause codes): a client-side trust problem, not an unreachable server. */
+const TLS_UNTRUSTED = new Set(["SELF_SIGNED_CERT_IN_CHAIN", "DEPTH_ZERO_SELF_SIGNED_CERT", "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
+  "UNABLE_TO_GET_ISSUER_CERT_LOCALLY", "CERT_HAS_EXPIRED", "CERT_NOT_YET_VALID", "ERR_TLS_CERT_ALTNAME_INVALID"]);
+
 export class GatewayError extends Error {
   constructor(message: string) {
     super(message);
@@ -176,6 +180,12 @@ export class GatewayDevice {
         if (e instanceof TypeError && !e.cause && /header/i.test(e.message)) {  // never sent: not the server's fault
           throw new GatewayError(`cannot send a request to ${this.options.server} (${e.message.slice(0, 120)}): a ` +
                                  "client-side mistake, not the server; check the server URL and the token");
+        }
+        const code = String(((e as Error).cause as { code?: string } | undefined)?.code ?? "");
+        if (TLS_UNTRUSTED.has(code)) {  // the server answered, with a certificate this device does not trust
+          throw new GatewayError(`the server's TLS certificate is not trusted (${code}): in Node start the device ` +
+                                 "with NODE_EXTRA_CA_CERTS=cert.pem (the server's certificate or its CA); in a " +
+                                 "browser open the server's URL once and trust it");
         }
         why = String((e as Error).cause ?? (e as Error).message ?? e);
       }

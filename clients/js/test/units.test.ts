@@ -112,3 +112,16 @@ test("the gateway device backs off 503s exponentially with jitter, capped, and k
   assert.equal(retries.length, 3);
   retries.forEach((d, i) => assert.ok(d >= 0.1 * 2 ** i && d <= 0.2 * 2 ** i, `retry ${i}: ${d}`));
 });
+
+test("an untrusted TLS certificate is one error naming NODE_EXTRA_CA_CERTS, not retried as an unreachable server", async () => {
+  const { GatewayDevice, GatewayError } = await import("../src/gateway.js");
+  let calls = 0;
+  const fetch = (async () => {
+    calls++;
+    throw new TypeError("fetch failed", { cause: Object.assign(new Error("self-signed certificate"), { code: "DEPTH_ZERO_SELF_SIGNED_CERT" }) });
+  }) as typeof globalThis.fetch;
+  const dev = new GatewayDevice({ server: "https://127.0.0.1:1", token: "t", ort: {} as never, fetch, patience: 60 });
+  await assert.rejects(dev.request("/v1/status"), (e: unknown) =>
+    e instanceof GatewayError && /not trusted \(DEPTH_ZERO_SELF_SIGNED_CERT\)/.test(e.message) && /NODE_EXTRA_CA_CERTS/.test(e.message));
+  assert.equal(calls, 1);
+});
