@@ -3,6 +3,7 @@ the absent devices' likely causes (logged once per cause per round, while the ro
 live page, and `serve --web DIR` refusing a page whose modules were never built."""
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from test_gateway import CFG, Live
 
 from baffle_edge.cli import main as cli
 from baffle_edge.gateway import tokens as tk
-from baffle_edge.gateway.page import check_web_dir
+from baffle_edge.gateway.page import check_web_dir, stale_web_build
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,6 +129,14 @@ def test_serve_refuses_a_web_folder_whose_modules_are_not_built(tmp_path, capsys
         (web / rel).parent.mkdir(parents=True, exist_ok=True)
         (web / rel).write_text("")
     check_web_dir(web)  # built: accepted
+    (tmp_path / "src").mkdir()
+    source = tmp_path / "src" / "gateway.ts"
+    source.write_text("")
+    built_at = (web / "dist/pkg/gateway.js").stat().st_mtime
+    os.utime(source, (built_at - 10, built_at - 10))
+    assert stale_web_build(web) is None  # sources older than the build
+    os.utime(source, (built_at + 10, built_at + 10))
+    assert "gateway.ts changed after the page's modules were built; rebuild with: cd" in stale_web_build(web)
     (web / "index.html").unlink()
     with pytest.raises(FileNotFoundError, match="no index.html"):
         check_web_dir(web)

@@ -1,11 +1,13 @@
 """The public pages of a served run: ``GET /v1/status`` (its response model is the OpenAPI schema's
 ``Status``), the live page ``/run`` (``static/run.html`` + ``static/run.js``, drawn from
 /v1/status, no third-party code), and ``/``: the browser client of ``--web DIR`` or a redirect to
-/run. ``check_web_dir`` refuses a ``--web`` folder whose page needs modules that were never built.
+/run. ``check_web_dir`` refuses a ``--web`` folder whose page needs modules that were never built;
+``stale_web_build`` warns when they are older than the client's sources.
 """
 # no "from __future__ import annotations": FastAPI reads the models' annotations at runtime
 
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,6 +92,21 @@ def check_web_dir(web: Path) -> None:
                             f"({len(missing)} file(s) missing); {how}")
 
 
+def stale_web_build(web: Path) -> str | None:
+    """Why the page's built modules look older than the client's sources (``web/../src/*.ts``,
+    ``web/build.mjs``), or None: a page built before the last edit would run yesterday's client."""
+    built = [web / rel for _, rel in BUILT.findall((web / "index.html").read_text(errors="replace"))]
+    sources = [*sorted((web.parent / "src").glob("*.ts")), web / "build.mjs"]
+    sources = [p for p in sources if p.is_file()]
+    if not built or not sources:
+        return None
+    newest = max(sources, key=lambda p: p.stat().st_mtime)
+    if newest.stat().st_mtime <= min(p.stat().st_mtime for p in built):
+        return None
+    return (f"--web {web}: {newest.name} changed after the page's modules were built; rebuild with: "
+            f"cd {web.parent} && npm run build && node {web.name}/build.mjs")
+
+
 def add_pages(app: FastAPI, board: Board, web_dir: str | Path | None, *, count: Callable[[Request], None]) -> None:
     """/v1/status, /run, /run.js and / (see the module docstring); ``count`` counts a status request."""
     @app.get("/v1/status", response_model=Status, summary="the run's progress, slots, absent devices' likely "
@@ -114,6 +131,9 @@ def add_pages(app: FastAPI, board: Board, web_dir: str | Path | None, *, count: 
     if web_dir is not None:
         web = Path(web_dir)
         check_web_dir(web)
+        stale = stale_web_build(web)
+        if stale is not None:
+            print(f"baffle-edge serve: warning: {stale}", file=sys.stderr, flush=True)
         app.mount("/web", StaticFiles(directory=web), name="web")
 
         @app.get("/", include_in_schema=False)
