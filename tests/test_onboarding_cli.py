@@ -194,6 +194,10 @@ def test_a_runtime_typo_is_refused_before_the_server_listens(issued, capsys):
     want = ("baffle-edge serve: error: unknown runtime 'onnxruntime_int8' (did you mean onnxruntime-int8?); "
             "known: onnxruntime, onnxruntime-int8, tflite-int8, torch, torch-int8 (`baffle-edge runtimes` lists them)")
     assert lines == [want]
+    code, lines = run(["serve", "--tokens", str(issued / "tokens.json"), "--runtime", "onnxruntime-int8",
+                       "--noise", "gaussian", "--port", "0", "--out", str(issued / "run2")], capsys)
+    assert code == 2 and "listening" not in run.out  # clashing options too, before anything listens
+    assert len(lines) == 1 and "use --noise rademacher" in lines[0], lines
 
 
 def test_a_request_the_client_cannot_send_is_not_an_unreachable_server(stub):

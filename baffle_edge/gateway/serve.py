@@ -107,8 +107,8 @@ def serve(cfg: TrainConfig, gw: GatewayConfig, out: str | Path, *, resume: bool 
     require_serve()
     if cfg.method is not Method.BAFFLE:
         raise ValueError("serve runs BAFFLE rounds (devices upload loss scalars); --method bp is in-process only")
-    from baffle_edge.runtimes import runtime_info
-    runtime_info(cfg.runtime)  # a typo is refused before the server listens (ValueError naming the close name)
+    from baffle_edge.simulate import run_choices
+    run_choices(cfg)  # a typo'd runtime or clashing options are refused before the server listens
     out = Path(out)
     if not resume and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} is not empty; pass --resume to continue it or choose another --out")
