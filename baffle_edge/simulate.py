@@ -26,63 +26,17 @@ from torch import nn
 
 from . import __version__
 from .attackers import byzantine_clients, garbage_report  # noqa: F401 (simulation's attackers)
-from .block_draw import BlockDraw, BlockDrawPolicy
+from .block_draw import BlockDraw
 from .client import Batch
-from .config import Method, TrainConfig, rounds_per_epoch
+from .config import Method, TrainConfig, rounds_per_epoch, run_choices
 from .data import Dataset, load_dataset, partition
 from .device import DeviceSettings, SessionCache, answer, batch_schedule, open_session
 from .estimator import clip_inf
 from .models import ModelConfig, build_model, default_norm
 from .params import flat_grad, layout_of, set_flat_params
 from .perturb import NoiseKind
-from .protocol import DOMAIN_DEFAULTS, Baseline, ClientReport, Domain, RoundTask, Scheme, check_noise, wire_bytes
-from .runtimes import RuntimeInfo, runtime_info
+from .protocol import ClientReport, Domain, RoundTask, Scheme, wire_bytes
 from .server import ClientUpdate, ReplayGuard, RoundLog, SampleCount, Server, accuracy, make_strategy, mean_loss
-
-# rounds between bundle re-exports per format: int8 activation ranges and weight scales go stale as
-# the weights move (measured: int8 gradient cosine drops until the next refresh)
-REFRESH_DEFAULT = {"onnx": 1, "onnx-int8": 1, "tflite-int8": 1}  # tflite every 10: 73% vs 88% (verify)
-
-
-@dataclass(frozen=True)
-class RunChoices:
-    """What a run's settings resolve to: the runtime's registry entry, its perturbation domain, the noise
-    and baseline (the domain's defaults where the config leaves them open), the bundle refresh period."""
-
-    runtime: RuntimeInfo
-    domain: Domain
-    noise: NoiseKind
-    baseline: Baseline
-    refresh_every: int
-
-
-def run_choices(cfg: TrainConfig) -> RunChoices:
-    """Resolve and check the choices of ``cfg`` that depend on each other (runtime, noise, block draw,
-    forward budget, baseline, refresh): a ValueError saying what to change, raised before anything is
-    built or listened on (``Federation`` and ``serve`` both call it)."""
-    info = runtime_info(cfg.runtime)  # ValueError naming the close name, if any
-    domain = Domain(info.domain)
-    defaults = DOMAIN_DEFAULTS[domain]
-    noise = cfg.noise if cfg.noise is not None else defaults.noise
-    try:
-        check_noise(domain, noise)
-    except ValueError as e:
-        raise ValueError(f"runtime {cfg.runtime!r}: {e} (use --noise rademacher, the default for int8 runtimes)") from None
-    if noise is not NoiseKind.BLOCK and cfg.block_draw is not BlockDrawPolicy.SIZE:
-        raise ValueError("block_draw (--block-draw) chooses how block noise draws its blocks: use --noise block")
-    if cfg.forward_budget is not None:
-        if noise is not NoiseKind.BLOCK:
-            raise ValueError("forward_budget (--forward-budget) sets K for block noise only (--noise block)")
-        if not cfg.forward_budget >= 2:
-            raise ValueError(f"forward_budget must be >= 2 full forwards, got {cfg.forward_budget}")
-    baseline = cfg.baseline if cfg.baseline is not None else defaults.baseline
-    if baseline is Baseline.LOO and cfg.k < 2 and cfg.method is Method.BAFFLE:
-        raise ValueError("the leave-one-out baseline (the default for int8 runtimes) needs --k >= 2; "
-                         "use --baseline base for k = 1")
-    refresh_every = cfg.refresh_every if cfg.refresh_every is not None else REFRESH_DEFAULT.get(info.format, 10)
-    if refresh_every < 1:
-        raise ValueError(f"refresh_every must be >= 1 round, got {refresh_every}")
-    return RunChoices(info, domain, noise, baseline, refresh_every)
 
 
 def model_config(cfg: TrainConfig, data: Dataset) -> ModelConfig:

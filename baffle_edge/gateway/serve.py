@@ -107,7 +107,7 @@ def serve(cfg: TrainConfig, gw: GatewayConfig, out: str | Path, *, resume: bool 
     require_serve()
     if cfg.method is not Method.BAFFLE:
         raise ValueError("serve runs BAFFLE rounds (devices upload loss scalars); --method bp is in-process only")
-    from baffle_edge.simulate import run_choices
+    from baffle_edge.config import run_choices
     run_choices(cfg)  # a typo'd runtime or clashing options are refused before the server listens
     out = Path(out)
     if not resume and out.exists() and any(out.iterdir()):
