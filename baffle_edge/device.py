@@ -105,8 +105,8 @@ class SessionCache:
     def get(self, key: Any, make: Callable[[], Session]) -> Session:
         with self._lock:
             if self._session is None or self._key != key:
-                self._session, self._key = None, None
-                self._session, self._key = make(), key
+                self._session, self._key = None, None  # the old round's session goes first (memory; and a
+                self._session, self._key = make(), key  # failed make() leaves no stale session behind)
             return self._session
 
 
@@ -144,8 +144,3 @@ def answer(task: RoundTask, session: Session, batches: list[Batch], *, weights: 
     if domain != task.domain.value:
         raise ValueError(f"runtime {runtime!r} perturbs in the {domain} domain, the task in {task.domain.value}")
     return run_task(task, session, batches, weights=check_weights(task, weights), runtime=label or runtime)
-
-
-def bundle_key(folder: Path | None) -> str | None:
-    """A bundle folder's identity for ``SessionCache`` keys: its path (bundles are never rewritten in place)."""
-    return None if folder is None else str(Path(folder).resolve())
