@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
