@@ -98,7 +98,7 @@ class Method(str, enum.Enum):
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "lenet"  # lenet | wrn-10-2 | mlp
-    dataset: str = "digits"  # digits (embedded) | mnist | cifar10 (need data_dir)
+    dataset: str = "digits"  # digits (embedded) | fashion-mnist (Debian path default) | mnist | cifar10 (data_dir)
     data_dir: str | None = None
     activation: Activation = Activation.HARDSWISH
     norm: Norm | None = None  # None: model default (lenet/mlp none, wrn group)
