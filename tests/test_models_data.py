@@ -14,7 +14,8 @@ from baffle_edge.params import layout_of
 
 
 @pytest.mark.parametrize("name,c,s,params", [("lenet", 1, 8, 26_730), ("lenet", 1, 28, 26_730),
-                                              ("wrn-10-2", 3, 32, 302_778), ("mlp", 1, 8, 2_410)])
+                                              ("wrn-10-2", 3, 32, 302_778), ("mlp", 1, 8, 2_410),
+                                              ("mobilenet", 1, 28, 116_938), ("mobilenet", 3, 32, 117_514)])
 def test_models_shapes_and_sizes(name, c, s, params):
     m = build_model(ModelConfig(name, c, s, 10, norm="group" if name.startswith("wrn") else "none"))
     assert m(torch.zeros(2, c, s, s)).shape == (2, 10)
