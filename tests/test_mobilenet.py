@@ -95,3 +95,21 @@ def test_every_runtime_runs_it(mobile):
         assert report.losses.shape == (30,) and np.all(np.isfinite(report.losses)) and np.ptp(report.losses) > 0
         losses[runtime] = report.losses
     np.testing.assert_allclose(losses["onnxruntime"], losses["torch"], rtol=1e-5)
+
+
+def test_block_costs_follow_the_chain():
+    """The forward budget buys rows at their chain cost (a row of module i: 1/C_i of it + every later
+    module in full) on runtimes that cut segments; torch runs MobileNet rows as full forwards, and
+    GroupNorm (no chain) makes every row a full forward."""
+    from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
+    model = build_model(MOBILE)
+    table = BlockTable.from_layout(layout_of(model))
+    full, per = block_macs(model, 8, rule="chain")
+    assert full == 195_200
+    assert set(per[table.module == 9].tolist()) == {256}  # a head row: one logit of 256 inputs
+    assert set(per[table.module == 8].tolist()) == {256 + 2560}  # a last pointwise channel (1x1 map) + the head
+    assert per[table.module == 0].max() < full and per[table.module == 0].min() > 0.9 * full
+    assert equal_compute_k(model, 8, 101, rule="chain") == 545
+    assert equal_compute_k(model, 8, 101, rule="delta") == equal_compute_k(model, 8, 101, rule="full") == 100
+    grouped = build_model(ModelConfig("mobilenet", 1, 8, 10, norm="group"))
+    assert equal_compute_k(grouped, 8, 101, rule="chain") == 100
