@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "arm64-root"
 PROBE = ROOT / "tests" / "arm64_probe.py"
 CPUS = {"cortex-a53": (False, False), "neoverse-n1": (True, False), "max": (True, True)}  # asimddp, i8mm
+LITERT_RELATIVE = 2e-5  # LiteRT aarch64 vs x86 int8 losses (measured 7.2e-6; see the test)
 TIMEOUT = 600  # seconds one emulated command may take (the slowest here: ~2 min on 2 loaded cores)
 
 
@@ -69,8 +70,10 @@ def test_kit_replays_bit_identically_on_ort_aarch64(root, kit, cpu):
     assert all("max rel 0 " in ln for ln in r.stdout.splitlines() if "onnxruntime-int8" in ln)  # int8: bit for bit
     assert "cpuinfo_initialize failed" not in r.stderr and "Error in cpuinfo" not in r.stderr, r.stderr[-2000:]
     # the kit's bundle is this x86 host's target: an arm64 client warns (and still matches)
-    if index["bundle"].get("target", {}).get("name", "arm64") != "arm64" or "x86" in r.stderr:
-        assert "TargetMismatchWarning" in r.stderr and "runs on a 'arm64' CPU" in r.stderr
+    from baffle_edge.targets import Target, bundle_target
+    made_for = bundle_target(json.loads((path / "bundle" / "baffle.json").read_text()))
+    assert made_for is not Target.ARM64  # the kit's bundle is written for this x86 host
+    assert "TargetMismatchWarning" in r.stderr and f"exported for target '{made_for.value}' runs on a 'arm64'" in r.stderr
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +112,12 @@ def test_litert_aarch64_losses_equal_x86_bit_for_bit(root, tflite_case, cpu):
     got = json.loads(r.stdout.splitlines()[-1])
     assert got["cpu"]["target"] == "arm64" and (got["cpu"]["asimddp"], got["cpu"]["i8mm"]) == CPUS[cpu]
     assert not got["torch_loaded"]
-    assert len(got["losses"]) == 13 and got["losses"] == host["losses"]  # float64 hex: bit for bit
+    ours, x86 = (np.array([float.fromhex(v) for v in r["losses"]]) for r in (got, host))
+    assert ours.size == x86.size == 13
+    # not bit for bit: LiteRT's ARM int8 CONV_2D rounds a few requantized outputs one step apart from x86's
+    # (19 of 32,768 here) and the float head (DEQUANTIZE + FULLY_CONNECTED) rounds differently (~1e-7):
+    # measured 7.2e-6 relative on every ARM path (docs/arm64.md); ORT's int8 is bit-identical (test above)
+    assert np.max(np.abs(ours - x86) / np.abs(x86)) <= LITERT_RELATIVE
     assert not [w for w in got["warnings"] if "TargetMismatch" in w], got["warnings"]  # an arm64 bundle on arm64
     assert [w for w in host["warnings"] if "TargetMismatch" in w]  # ... and on this x86 host it warns
 
