@@ -109,6 +109,8 @@ def _machine(data: dict) -> str:
     m = data.get("machine_info") or {}
     env = m.get("baffle_edge") or {}
     rows = [["CPU", m.get("cpu_model") or m.get("cpu", {}).get("brand_raw", "?")],
+            ["int8 ISA / target", f"{', '.join(m.get('cpu_isa') or []) or '-'} / {m.get('cpu_target', '?')}"
+             + (f" (arm64 kernel path: {m['kernel_path']})" if m.get("kernel_path") else "")],
             ["cores (logical / physical)", f"{m.get('cores_logical', '?')} / {m.get('cores_physical', '?')}"],
             ["python", m.get("python_version", "?")],
             ["torch / threads", f"{env.get('torch', '?')} / {env.get('torch_threads', '?')}"],
@@ -116,7 +118,9 @@ def _machine(data: dict) -> str:
             ["ai-edge-litert", env.get("ai_edge_litert")],
             ["runtimes", "; ".join(f"{k}: {v}" for k, v in (env.get("runtimes") or {}).items())],
             ["full set (--bench-full)", m.get("bench_full")], ["date", data.get("datetime", "?")]]
-    return "## Machine\n\n" + _table(["", ""], rows)
+    warn = (f"**Emulated CPU ({m['emulated']}): every time below is an emulation time, not the speed of a "
+            "device with this CPU.** Read them for function and relative order only.\n\n" if m.get("emulated") else "")
+    return "## Machine\n\n" + warn + _table(["", ""], rows)
 
 
 def _forward(data: dict, out: Path, files: list[Path]) -> tuple[str, dict]:

@@ -129,6 +129,26 @@ def isa_summary(flags: frozenset[str] | None = None) -> dict:
     return {"machine": platform.machine(), "target": target, "isa": [f for f in keep if f in flags]}
 
 
+EMULATION_MARK = Path("/etc/baffle-edge-emulated")  # scripts/arm64-root writes it into its qemu-user root
+
+
+def emulated(mark: Path = EMULATION_MARK, cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """Why this CPU is an emulation (so its times are not device speed), or None: the arm64 root's mark,
+    or an arm64 process that sees an x86 /proc/cpuinfo (qemu-user without a CPU view)."""
+    if mark.is_file():
+        return mark.read_text(errors="replace").strip() or "emulated"
+    if platform.machine().lower() in ("arm64", "aarch64") and "vendor_id" in _read(cpuinfo):
+        return "qemu-user: an arm64 process on an x86 host (/proc/cpuinfo is the host's)"
+    return None
+
+
+def _read(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def bundle_target(meta: dict) -> Target | None:
     """The target a bundle was exported for; bundles from before targets existed: x86-avx2 when
     their int8 weights are 7-bit (the old default), else unknown (``None``)."""

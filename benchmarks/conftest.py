@@ -114,8 +114,10 @@ def runtime_environment() -> dict:
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     import psutil
-    from baffle_edge.targets import cpu_flags, isa_summary
+    from baffle_edge.targets import cpu_flags, emulated, isa_summary
     machine_info["cpu_model"] = cpu_model_name()
+    machine_info["kernel_path"] = os.environ.get("BAFFLE_ARM64_KERNELS")  # arm64-root --cpu: neon / dotprod / i8mm
+    machine_info["emulated"] = emulated()  # e.g. scripts/arm64-root's qemu-user: times are not device speed
     isa = isa_summary()  # int8-relevant ISA: avx2 / avx512_vnni / avx_vnni / amx_int8 (x86), asimddp / i8mm (arm)
     machine_info["cpu_isa"] = isa["isa"]
     machine_info["cpu_target"] = isa["target"]  # what `baffle-edge export --target auto` picks here
