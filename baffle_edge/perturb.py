@@ -178,6 +178,39 @@ def noise(
     return rademacher_bits(words(seed, round_, client, k, -(-d // 32)), d)
 
 
+def noise_rows(seed: int, round_: int, client: int, ks, d: int, kind: NoiseKind | str = NoiseKind.GAUSSIAN,
+               *, signs: bool = False) -> np.ndarray:
+    """eps_k for several k at once, one row each: ``noise(seed, round_, client, k, d, kind)`` for every
+    k of ``ks`` (``signs``: ``negative_signs`` instead, a bool mask), bit-identical to the one-k
+    functions. The Philox counters of all rows go through one vectorised pass (``_philox_blocks`` with
+    an array k word), which removes the per-k Python overhead of small models."""
+    kind = NoiseKind(kind)
+    ks = np.asarray(ks, dtype=np.int64).reshape(-1)
+    if d < 0:
+        raise ValueError(f"d must be >= 0, got {d}")
+    if kind is NoiseKind.BLOCK:
+        raise ValueError("block noise is drawn on the model's block partition: use BlockTable.draw")
+    if signs and kind is not NoiseKind.RADEMACHER:
+        raise ValueError(f"sign masks need Rademacher noise, got {kind.value!r}")
+    seed = _check_word("seed", seed, 64)
+    client, round_ = _check_word("client", client), _check_word("round", round_)
+    if ks.size and (ks.min() < 0 or ks.max() >= 2**32):
+        raise ValueError(f"k must be in [0, 2**32), got {ks.min()}..{ks.max()}")
+    gauss = kind is NoiseKind.GAUSSIAN
+    if gauss and d > GAUSSIAN_CHUNK:  # large vectors: per-k Python overhead is negligible, keep noise()'s chunks
+        return np.stack([noise(seed, round_, client, int(k), d, kind) for k in ks]) if ks.size else np.empty((0, d), np.float32)
+    n_words = d + (d & 1) if gauss else -(-d // 32)
+    nb = -(-n_words // 4)
+    ctr = np.tile(np.arange(nb, dtype=np.uint64), ks.size)
+    w = _philox_blocks(ctr, np.repeat(ks.astype(np.uint64), nb), client, round_, seed & 0xFFFFFFFF, seed >> 32)
+    w = w.reshape(ks.size, nb * 4)[:, :n_words]
+    if gauss:  # n_words is even: Box-Muller pairs never straddle two rows
+        return box_muller(np.ascontiguousarray(w).reshape(-1)).reshape(ks.size, n_words)[:, :d]
+    bits = np.unpackbits(np.ascontiguousarray(w).astype("<u4").view(np.uint8).reshape(ks.size, -1), axis=1,
+                         bitorder="little")[:, :d].view(bool)
+    return bits if signs else np.where(bits, np.float32(-1.0), np.float32(1.0))
+
+
 class BlockTable:
     """The partition of the flat parameter vector into perturbation blocks (docs/noise.md section 8).
 
