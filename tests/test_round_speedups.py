@@ -1,0 +1,106 @@
+"""The client round's fast paths (issue 28) give exactly the losses of the plain per-row path:
+noise for several rows per Philox pass (perturb.noise_rows, rows.ChunkedNoise), StepSelector's
+cached views, no prefetch thread for chunked noise. A changed loss, noise value or row order fails
+here: every check recomputes the losses the straightforward way (one ``perturb.noise`` /
+``negative_signs`` call per k, ``QuantTable.perturb``, one ``evaluate`` per row)."""
+import numpy as np
+import pytest
+from bundles import trained_lenet
+
+from baffle_edge import perturb
+from baffle_edge.client import Batch, cross_entropies, run_task
+from baffle_edge.models import ModelConfig
+from baffle_edge.params import flat_params
+from baffle_edge.protocol import RoundTask
+from baffle_edge.rows import ChunkedNoise, step_noise
+
+
+@pytest.mark.parametrize("d", [0, 1, 31, 32, 33, 1000, 26730, perturb.GAUSSIAN_CHUNK + 3])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_noise_rows_are_the_one_k_streams(d, kind):
+    ks = [0, 1, 7, 2**32 - 1]
+    rows = perturb.noise_rows(11, 3, 5, ks, d, kind)
+    assert rows.shape == (len(ks), d) and rows.dtype == np.float32
+    for row, k in zip(rows, ks):
+        assert row.tobytes() == perturb.noise(11, 3, 5, k, d, kind).tobytes()  # bit for bit, signed zeros too
+    if kind == "rademacher":
+        masks = perturb.noise_rows(11, 3, 5, ks, d, kind, signs=True)
+        for mask, k in zip(masks, ks):
+            np.testing.assert_array_equal(mask, perturb.negative_signs(11, 3, 5, k, d))
+
+
+@pytest.mark.parametrize("bad, match", [(dict(ks=[-1]), "k must be"), (dict(ks=[2**32]), "k must be"),
+                                        (dict(d=-1), "d must be"), (dict(kind="block"), "block noise"),
+                                        (dict(kind="gaussian", signs=True), "sign masks"),
+                                        (dict(seed=-1), "seed")])
+def test_noise_rows_bad_input(bad, match):
+    args = dict(seed=1, round_=0, client=0, ks=[0], d=10, kind="rademacher") | bad
+    signs = args.pop("signs", False)
+    with pytest.raises(ValueError, match=match):
+        perturb.noise_rows(**args, signs=signs)
+
+
+@pytest.mark.parametrize("noise, signs, dim", [("rademacher", True, 26730), ("rademacher", False, 5000),
+                                               ("gaussian", False, 500), ("gaussian", False, 26730)])
+def test_chunked_noise_hands_out_every_k_in_any_order(noise, signs, dim):
+    task = RoundTask(round=4, client=2, seed=9, k=45, sigma=1e-4, noise=noise,
+                     domain="int8-step" if signs else "float")
+    got = step_noise(task, 1, dim, signs=signs)
+    assert isinstance(got, ChunkedNoise)
+    if noise == "rademacher" or dim <= 1000:
+        assert got.rows > 1  # this case does take the chunked path
+    order = list(range(task.k)) + [44, 0, 31, 32, 3]
+    for k in order:
+        ref = (perturb.negative_signs if signs else lambda *a: perturb.noise(*a, noise))(9, 4, 2, 45 + k, dim)
+        np.testing.assert_array_equal(got(k), ref)
+    with pytest.raises(ValueError, match="outside"):
+        got(task.k)
+
+
+def _plain_losses(session, batch, task):
+    """step_losses the straightforward way: one noise call, one weight set, one forward per row."""
+    sets = [session.weight_set(0, None, task)]
+    for k in range(task.k):
+        if task.domain.value == "int8-step":
+            eps = perturb.negative_signs(task.seed, task.round, task.noise_client, k, session.dim)
+            sets.append(session.table.perturb(session.q, np.where(eps, -1.0, 1.0).astype(np.float32), 1))
+        else:
+            eps = perturb.noise(task.seed, task.round, task.noise_client, k, session.dim, task.noise)
+            sets.append(session.w0 + np.float32(task.sigma) * eps)
+    x = session.prepare(batch.x)
+    z = np.stack([np.array(session.evaluate(x, [s])[0]) for s in sets])
+    session.restore()
+    return cross_entropies(z, batch.y)
+
+
+@pytest.fixture(scope="module")
+def lenet(digits):
+    return trained_lenet(digits, steps=30), Batch(digits.x_test[:32], digits.y_test[:32])
+
+
+@pytest.mark.parametrize("p", [1, 4])
+def test_torch_round_losses_unchanged(lenet, p):
+    from baffle_edge.runtimes.torch_runtime import TorchSession
+    model, batch = lenet
+    session = TorchSession(model, perturbations_per_call=p)
+    task = RoundTask(round=0, client=0, seed=3, k=37, sigma=1e-4)
+    report = run_task(task, session, [batch], weights=flat_params(model).numpy())
+    ref = _plain_losses(session, batch, task)
+    np.testing.assert_allclose(np.concatenate([report.base_losses, report.losses]), ref, rtol=0, atol=1e-6)
+    assert np.ptp(report.losses) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p", [1, 5])
+def test_ort_int8_round_losses_bit_identical(lenet, digits, tmp_path, p):
+    from baffle_edge.export.bundle import ExportConfig, export_bundle
+    from baffle_edge.runtimes import get_runtime
+    model, batch = lenet
+    export_bundle(model, ModelConfig(), digits, tmp_path / "b", ExportConfig(formats=("onnx-int8",)))
+    session = get_runtime("onnxruntime-int8", perturbations_per_call=p).load(tmp_path / "b", threads=1)
+    w = flat_params(model).numpy()
+    task = RoundTask(round=1, client=2, seed=3, k=70, sigma=1e-4, noise="rademacher", domain="int8-step")
+    report = run_task(task, session, [batch], weights=w)
+    session.set_weights(w)
+    ref = _plain_losses(session, batch, task)
+    assert np.concatenate([report.base_losses, report.losses]).tobytes() == ref.tobytes()
