@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import sys
 
 import numpy as np
 
@@ -128,11 +129,48 @@ def box_muller(w: np.ndarray) -> np.ndarray:
     s = w >> np.uint32(8)
     u1 = (s[0::2] + 1.0) * 2.0**-24  # (0, 1]: log never sees 0
     theta = s[1::2] * (2.0 * np.pi * 2.0**-24)  # == 2*pi*u2 exactly (power-of-two scaling)
-    r = np.sqrt(-2.0 * np.log(u1))
     z = np.empty(w.shape[0], dtype=np.float32)
-    z[0::2] = r * np.cos(theta)
-    z[1::2] = r * np.sin(theta)
+    fast = _vector_libm(u1, theta)
+    if fast is None:
+        r = np.sqrt(-2.0 * np.log(u1))
+        z[0::2] = r * np.cos(theta)
+        z[1::2] = r * np.sin(theta)
+        return z
+    r, cos, sin = fast
+    for out, approx, exact in ((z[0::2], cos, np.cos), (z[1::2], sin, np.sin)):
+        v = r * approx
+        out[...] = v
+        redo = _near_float32_boundary(v)  # where a few-ulp difference of the double could change the float32
+        if redo.any():
+            out[redo] = np.sqrt(-2.0 * np.log(u1[redo])) * exact(theta[redo])
     return z
+
+
+# float64 ln/cos/sin of a vectorised libm (torch's SLEEF kernels, <= 1 ulp) differ from numpy's (the
+# reference, <= 1 ulp) by <= 2 ulp: the products r * cos differ by < 2**-49 relative, and round to
+# the same float32 unless they lie within that of a float32 rounding boundary (~1 value in 2**22):
+# those are recomputed with numpy. So the fast path is bit-identical to the reference by construction.
+_TRIG_MARGIN = 2.0**-46  # relative distance to a float32 rounding boundary that counts as ambiguous (8x the bound)
+
+
+def _vector_libm(u1: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(r, cos, sin) = (sqrt(-2 ln u1), cos theta, sin theta) in float64 from torch's vectorised kernels
+    when torch is already imported in this process (a server, the torch runtime); None otherwise
+    (this never imports torch: numpy's libm calls are the device path). ~3x faster than numpy's
+    scalar libm loops here (docs/benchmarks.md)."""
+    torch = sys.modules.get("torch")
+    if torch is None or theta.size < 64 or not hasattr(torch, "from_numpy"):
+        return None
+    t, u = torch.from_numpy(np.ascontiguousarray(theta)), torch.from_numpy(np.ascontiguousarray(u1))
+    return torch.sqrt(torch.log(u).mul_(-2.0)).numpy(), torch.cos(t).numpy(), torch.sin(t).numpy()
+
+
+def _near_float32_boundary(v: np.ndarray) -> np.ndarray:
+    """Where the float64 ``v`` lies within ``_TRIG_MARGIN`` (relative) of a float32 rounding boundary:
+    ``v * (1 - m)`` and ``v * (1 + m)`` round to different float32 values (rounding is monotonic).
+    Zeros need no check: the sign of r * cos is exact."""
+    lo = (v * (1.0 - _TRIG_MARGIN)).astype(np.float32)
+    return lo != (v * (1.0 + _TRIG_MARGIN)).astype(np.float32)
 
 
 GAUSSIAN_CHUNK = 1 << 16  # values per Philox + Box-Muller batch (a multiple of 4: chunks start on blocks)

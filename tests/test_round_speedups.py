@@ -104,3 +104,23 @@ def test_ort_int8_round_losses_bit_identical(lenet, digits, tmp_path, p):
     session.set_weights(w)
     ref = _plain_losses(session, batch, task)
     assert np.concatenate([report.base_losses, report.losses]).tobytes() == ref.tobytes()
+
+
+def test_vectorised_box_muller_is_the_numpy_reference(monkeypatch):
+    """With torch imported, box_muller takes torch's ln/cos/sin and recomputes with numpy's libm the
+    values near a float32 rounding boundary: bit for bit numpy's values (the r = -0.0 pair included)."""
+    pytest.importorskip("torch")
+    edge = np.array([0xFFFFFFFF, 0x12345678, 0xFFFFFF00, 0, 0xFFFFFFFF, 0x40000000, 0, 0xFFFFFFFF] * 16, np.uint32)
+    streams = [perturb.words(3, 1, 2, k, 1 << 15) for k in range(40)] + [edge]
+    fast = [perturb.box_muller(w) for w in streams]
+    assert perturb._vector_libm(np.ones(64), np.ones(64)) is not None  # the fast path did run
+    monkeypatch.setattr(perturb, "_vector_libm", lambda u1, theta: None)
+    for w, got in zip(streams, fast):
+        assert got.tobytes() == perturb.box_muller(w).tobytes()
+
+
+def test_float32_boundary_detection():
+    one_ulp = np.float64(np.spacing(np.float32(1.0)))
+    midpoint = 1.0 + one_ulp / 2  # exactly between two float32 values
+    v = np.array([midpoint, midpoint * (1 + 2.0**-50), 1.0 + one_ulp / 4, 1.0, -midpoint, 0.0, -0.0])
+    np.testing.assert_array_equal(perturb._near_float32_boundary(v), [True, True, False, False, True, False, False])
