@@ -22,7 +22,7 @@ BATCH = 32  # reference client batch
 TARGET_RATIO = K_RATIO  # defined once, with the other targets, in baffle_edge/bench_report.py
 QUICK = {("lenet-8", 10, "forward"), ("lenet-8", 10, "central"), ("lenet-8", 100, "forward")}  # the default set; everything else needs --bench-full
 CASES = [pytest.param(m, k, s, id=f"{m}-K{k}-{s}", marks=[] if (m, k, s) in QUICK else [FULL])
-         for m in ("lenet-8", "wrn-10-2") for k in (10, 100, 500) for s in ("forward", "central")]
+         for m in ("lenet-8", "lenet-28", "wrn-10-2") for k in (10, 100, 500) for s in ("forward", "central")]
 
 
 @pytest.mark.parametrize("case_id,k,scheme", CASES)
