@@ -124,3 +124,25 @@ def test_float32_boundary_detection():
     midpoint = 1.0 + one_ulp / 2  # exactly between two float32 values
     v = np.array([midpoint, midpoint * (1 + 2.0**-50), 1.0 + one_ulp / 4, 1.0, -midpoint, 0.0, -0.0])
     np.testing.assert_array_equal(perturb._near_float32_boundary(v), [True, True, False, False, True, False, False])
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_step_selector_is_quant_table_perturb(reduce_range):
+    """StepSelector's arithmetic int8 select equals QuantTable.perturb bit for bit, with saturated
+    weights (at +-127, or the 7-bit +-64) and int32 biases, for both signs."""
+    from baffle_edge.quant import QuantTable, StepSelector, bias_tensor, weight_tensor
+    w1 = weight_tensor("a.weight", "a", 0, (8, 3, 3, 3), 0, tuple([0.01] * 8), reduce_range=reduce_range)
+    b1 = bias_tensor("a.bias", "ab", 216, (8,), tuple([0.001] * 8), w1)
+    w2 = weight_tensor("b.weight", "b", 224, (5, 40000), 0, tuple([0.02] * 5), reduce_range=reduce_range)
+    table = QuantTable((w1, b1, w2))
+    rng = np.random.default_rng(1)
+    qs = table.quantize(rng.standard_normal(table.dim).astype(np.float32) * 2.0)  # many at the bounds
+    assert any((np.abs(q) == (64 if reduce_range else 127)).any() for q in qs[::2])
+    select = StepSelector(table, qs)
+    for k in range(6):
+        negative = perturb.negative_signs(4, 0, 0, k, table.dim)
+        for sign in (1, -1):
+            want = table.perturb(qs, np.where(negative, -1.0, 1.0).astype(np.float32), sign)
+            for got, ref in zip(select(negative, sign), want):
+                assert got.dtype == ref.dtype and got.shape == ref.shape
+                np.testing.assert_array_equal(got, ref)
