@@ -117,8 +117,13 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
             raise ValueError("an int8-step report needs the bundle's quantization table to be decoded")
         from .quant import FlatSteps
         flat = FlatSteps(table, table.quantize(weights))  # eps_eff in steps, weighted (1 / p_b) / m_b^2
-        eff = [flat.effective(blocks.index[blocks.bounds[b]:blocks.bounds[b + 1]], v, central=task.central)
-               * blocks.step_weight[b] for b, v in zip(drawn, values)]
+        # all K blocks in one vectorised pass (elementwise: the same values as block by block)
+        idx = np.concatenate([blocks.index[blocks.bounds[b]:blocks.bounds[b + 1]] for b in drawn]) if len(drawn) \
+            else np.empty(0, np.int64)
+        sizes = blocks.sizes[drawn]
+        every = flat.effective(idx, np.concatenate(values) if len(values) else np.empty(0, np.int64),
+                               central=task.central) * np.repeat(blocks.step_weight[drawn], sizes)
+        eff = np.split(every, np.cumsum(sizes)[:-1]) if len(drawn) else []
         return clip_inf(drawn_gradient(diffs, table.divisor(task.estimator), drawn, eff, blocks), task.clip)
     noise = step_noise(task, step, dim)
     if task.domain is Domain.FLOAT:

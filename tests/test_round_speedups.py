@@ -146,3 +146,31 @@ def test_step_selector_is_quant_table_perturb(reduce_range):
             for got, ref in zip(select(negative, sign), want):
                 assert got.dtype == ref.dtype and got.shape == ref.shape
                 np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("central", [False, True])
+def test_int8_block_decode_vectorised_is_block_by_block(central):
+    """The server's int8 block decode (rows.step_gradient) in one vectorised pass gives the
+    block-by-block result exactly."""
+    from baffle_edge.quant import FlatSteps, QuantTable, bias_tensor, weight_tensor
+    from baffle_edge.rows import drawn_gradient, step_blocks, step_gradient
+    from baffle_edge.estimator import clip_inf, loss_differences
+    w1 = weight_tensor("a.weight", "a", 0, (8, 3, 3, 3), 0, tuple([0.01] * 8))
+    b1 = bias_tensor("a.bias", "ab", 216, (8,), tuple([0.001] * 8), w1)
+    w2 = weight_tensor("b.weight", "b", 224, (5, 300), 0, tuple([0.02] * 5))
+    table = QuantTable((w1, b1, w2))
+    blocks = perturb.BlockTable([(t.name, t.shape, t.offset) for t in table.tensors])
+    task = RoundTask(round=2, client=1, seed=5, k=40, sigma=1e-4, noise="block", domain="int8-step",
+                     scheme="central" if central else "forward")
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal(table.dim) * 1.5).astype(np.float32)
+    losses = rng.standard_normal(task.losses_per_step)
+    base = None if central else 0.3
+    got = step_gradient(task, 0, losses, base, table.dim, table=table, weights=w, blocks=blocks)
+    drawn, values = step_blocks(task, 0, blocks)
+    flat = FlatSteps(table, table.quantize(w))
+    eff = [flat.effective(blocks.index[blocks.bounds[b]:blocks.bounds[b + 1]], v, central=central)
+           * blocks.step_weight[b] for b, v in zip(drawn, values)]
+    want = clip_inf(drawn_gradient(loss_differences(losses, base, task.scheme), table.divisor(task.estimator),
+                                   drawn, eff, blocks), task.clip)
+    assert got.tobytes() == want.tobytes() and np.abs(got).max() > 0
