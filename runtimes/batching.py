@@ -48,6 +48,8 @@ MAX_CALLS = 50
 TOLERANCE = 0.10  # a P within 10% of the best time per perturbation counts as as fast
 MEMORY_CAP = 1.5  # resident memory at most 1.5x the RSS after the P = 1 call
 BUDGET_S = 10.0  # calibration stops trying larger P after this much time
+RECHECK_ROUNDS = 3  # an auto session that chose P > 1 re-checks it paired against P = 1 at its first steps ...
+DRIFT = 0.30  # ... and whenever a step's time per row moves more than 30% (docs/batched-k.md)
 CACHE_ENV = "BAFFLE_EDGE_CACHE_DIR"
 CACHE_VERSION = 2  # 2: P chosen by paired speedups over P = 1 (version-1 entries are measured again)
 
@@ -94,13 +96,14 @@ class Calibration:
     cached: bool = False  # read from the cache file instead of measured now
     speedup: dict[int, float] = field(default_factory=dict)  # P > 1: median of (P=1 time x P / P-call time), paired calls
     speedup_low: dict[int, float] = field(default_factory=dict)  # the lower quartile of those pair ratios
+    rechecks: list[dict] = field(default_factory=list)  # this session's re-checks of P > 1 (not cached)
 
     def to_json(self) -> dict:
         return {"p": self.p, "seconds_per_set": {str(k): v for k, v in self.seconds_per_set.items()},
                 "rss_bytes": {str(k): v for k, v in self.rss_bytes.items()}, "cap_bytes": self.cap_bytes,
                 "over_cap": self.over_cap, "stopped": self.stopped, "seconds": self.seconds, "key": self.key,
                 "cached": self.cached, "speedup": {str(k): v for k, v in self.speedup.items()},
-                "speedup_low": {str(k): v for k, v in self.speedup_low.items()}}
+                "speedup_low": {str(k): v for k, v in self.speedup_low.items()}, "rechecks": self.rechecks}
 
     @classmethod
     def from_json(cls, d: dict) -> "Calibration":
@@ -263,11 +266,38 @@ class AutoP:
 
     calibration: Calibration | None = None
     _auto_pending = False
+    _auto_watch: "RoundWatch | None" = None  # auto sessions that chose P > 1: the re-check schedule
 
     def _init_p(self, p: int | str) -> None:
         p = resolve(p, self.name)
         self._auto_pending = p == AUTO_KEY
         self.use_p(1 if p == AUTO_KEY else p)
+
+    def losses(self, batch, task, step: int = 0):
+        """The step's losses (``BaseSession.losses``), timed per row for the auto-P re-check."""
+        t0 = time.perf_counter()
+        out = super().losses(batch, task, step)
+        if self._auto_watch is not None and len(out):
+            self._auto_watch.observe((time.perf_counter() - t0) / len(out))
+        return out
+
+    def _recheck(self, x) -> None:
+        """Time the chosen P against P = 1 again, paired (``_time_paired``) on this batch; fall back to
+        P = 1 for good when the gain is no longer outside the noise (``choose``)."""
+        watch, p = self._auto_watch, self.perturbations_per_call
+        watch.pending = False
+        sets = self.weight_set(0, None, None)
+        check = Calibration(p)
+        _time_paired(check, p, lambda: self.evaluate(x, [sets] * p),
+                     lambda: self.evaluate_sequential(x, [sets]), timer=time.perf_counter, repeats=REPEATS,
+                     min_time_s=MIN_TIME_S)
+        watch.checks.append({"speedup": check.speedup[p], "speedup_low": check.speedup_low[p]})
+        if choose(check) == 1:
+            self.use_p(1)
+            self._auto_watch = None
+            self.calibration.stopped = "; ".join(filter(None, [self.calibration.stopped, f"re-check at round "
+                                                               f"{watch.rounds}: P={p} no faster than P=1, now P=1"]))
+        self.calibration.rechecks = watch.checks
 
     def use_p(self, p: int) -> None:
         raise NotImplementedError
@@ -278,6 +308,8 @@ class AutoP:
 
     def _calibrate_once(self, x) -> None:
         if not self._auto_pending:
+            if self._auto_watch is not None and self._auto_watch.pending:
+                self._recheck(x)
             return
         self._auto_pending = False
         sets = self.weight_set(0, None, None)
@@ -300,3 +332,24 @@ class AutoP:
             self.calibration.stopped = "; ".join(filter(None, [f"cached P={cached} unusable here ({e})",
                                                                 self.calibration.stopped]))
             self.use_p(self.calibration.p)
+        if self.perturbations_per_call > 1:
+            self._auto_watch = RoundWatch(pending=self.calibration.cached)  # a cached choice: re-check at once
+
+
+class RoundWatch:
+    """When an auto session re-checks its P > 1 against P = 1: at the start of each of the first
+    ``RECHECK_ROUNDS`` steps, and whenever a step's time per row drifts more than ``DRIFT`` from the
+    first one's (the machine's load moved)."""
+
+    def __init__(self, *, pending: bool = False):
+        self.rounds, self.reference, self.pending = 0, None, pending
+        self.checks: list[dict] = []
+
+    def observe(self, seconds_per_row: float) -> None:
+        self.rounds += 1
+        if self.reference is None:
+            self.reference = seconds_per_row
+        drift = abs(seconds_per_row / self.reference - 1) > DRIFT if self.reference > 0 else False
+        if self.rounds < RECHECK_ROUNDS or drift:
+            self.pending = True
+            self.reference = seconds_per_row if drift else self.reference

@@ -57,3 +57,69 @@ def test_json_round_trip_keeps_the_speedups():
     back = Calibration.from_json(cal.to_json())
     assert (back.p, back.speedup, back.speedup_low) == (5, {5: 2.0}, {5: 1.8})
     assert Calibration.from_json({"p": 2}).speedup == {}  # entries written before the pairs: still read
+
+
+class FakeSession:
+    """An AutoP session on a fake clock: a P-set call costs ``cost[p]`` seconds (changeable)."""
+
+    def __init__(self, monkeypatch, cost):
+        from baffle_edge.runtimes import batching
+        self.cost, self.now = cost, 0.0
+        monkeypatch.setattr(batching.time, "perf_counter", lambda: self.now)
+
+        class S(batching.AutoP):
+            name = "fake"
+            perturbations_per_call = 1
+
+            def use_p(s, p):
+                s.perturbations_per_call = p
+
+            def weight_set(s, sign, eps, task):
+                return "w0"
+
+            def evaluate(s, x, sets):
+                self.now += self.cost[s.perturbations_per_call] * (len(sets) / s.perturbations_per_call)
+                return [0.0] * len(sets)
+
+            def evaluate_sequential(s, x, sets):
+                self.now += self.cost[1] * len(sets)
+                return [0.0] * len(sets)
+        self.session = S()
+
+
+def test_recheck_falls_back_when_the_load_moves(monkeypatch):
+    from baffle_edge.runtimes.batching import RECHECK_ROUNDS, RoundWatch
+    fake = FakeSession(monkeypatch, {1: 1e-3, 5: 2e-3})  # P = 5: 2.5x per set
+    s = fake.session
+    s.use_p(5)
+    s.calibration = Calibration(5, speedup={5: 2.5}, speedup_low={5: 2.4})
+    s._auto_watch = RoundWatch()
+    s._calibrate_once("x")  # no re-check pending before the first step ran
+    assert s.perturbations_per_call == 5 and not s._auto_watch.checks
+    s._auto_watch.observe(1e-3)
+    assert s._auto_watch.pending  # the first steps re-check
+    s._calibrate_once("x")
+    assert s.perturbations_per_call == 5 and s._auto_watch.checks[-1]["speedup"] == pytest.approx(2.5)
+    for _ in range(RECHECK_ROUNDS):
+        s._auto_watch.observe(1e-3)
+        if s._auto_watch.pending:
+            s._calibrate_once("x")
+    assert not s._auto_watch.pending  # steady time per row: no more re-checks
+    fake.cost[5] = 6e-3  # the batched call got slower (load): P = 5 now loses to P = 1
+    s._auto_watch.observe(2e-3)  # a step's time per row drifted by 100%
+    assert s._auto_watch.pending
+    s._calibrate_once("x")
+    assert s.perturbations_per_call == 1 and s._auto_watch is None
+    assert "re-check" in s.calibration.stopped and s.calibration.rechecks[-1]["speedup"] < 1
+
+
+def test_recheck_keeps_p_when_the_drift_is_everyones(monkeypatch):
+    from baffle_edge.runtimes.batching import RoundWatch
+    fake = FakeSession(monkeypatch, {1: 1e-3, 5: 2e-3})
+    s = fake.session
+    s.use_p(5)
+    s.calibration = Calibration(5, speedup={5: 2.5}, speedup_low={5: 2.4}, cached=True)
+    s._auto_watch = RoundWatch(pending=True)  # a cached choice re-checks at the first step
+    fake.cost.update({1: 3e-3, 5: 6e-3})  # everything 3x slower: the gain holds
+    s._calibrate_once("x")
+    assert s.perturbations_per_call == 5 and s.calibration.rechecks
