@@ -163,9 +163,10 @@ def noise_stream(task: RoundTask, step: int, dim: int, *, prefetch: bool = True,
     """eps_0 .. eps_{K-1} of one step, in order (as ``step_noise``). With ``prefetch`` the next eps
     is generated in a helper thread while the caller runs the forward pass (numpy releases the GIL
     in the Philox and Box-Muller array ops), so noise generation overlaps inference on a multi-core
-    device."""
+    device. Noise generated several rows per pass (``rows.ChunkedNoise``: Rademacher on small
+    models) costs a few percent of a forward per row and is not worth a thread hand-off."""
     noise = step_noise(task, step, dim, signs=signs, blocks=blocks)
-    if not prefetch or task.k == 1:
+    if not prefetch or task.k == 1 or getattr(noise, "rows", 1) > 1:  # chunked noise is cheap: no helper thread
         yield from (noise(k) for k in range(task.k))
         return
     with ThreadPoolExecutor(1, thread_name_prefix="noise") as pool:

@@ -20,6 +20,7 @@ regenerates eps, recomputes q from the same weights and bundle, and estimates
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +51,7 @@ class QTensor:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)  # (np.prod costs ~20 us a call: this is on the per-row path)
 
     def broadcast(self, v: np.ndarray) -> np.ndarray:
         shape = [1] * len(self.shape)
@@ -170,12 +171,24 @@ class StepSelector:
         ones = np.ones(table.dim, dtype=np.float32)
         self.tensors = table.tensors
         self.up, self.down = table.perturb(qs, ones, 1), table.perturb(qs, ones, -1)
+        self._views = [(slice(t.offset, t.offset + t.size), t.shape) for t in table.tensors]  # sizes computed once
+        # int8 tensors select by arithmetic, up + negative * (down - up) in int8 (exact: |down - up| <= 2m
+        # fits int8), ~15x faster than np.where on a 25k-value int8 tensor here; others use np.where
+        self._gap = [(d - u).astype(np.int8) if u.dtype == np.int8 and np.abs(d.astype(np.int16) - u).max(initial=0) <= 127
+                     else None for u, d in zip(self.up, self.down)]
 
     def __call__(self, negative: np.ndarray, sign: int = 1) -> list[np.ndarray]:
         """The perturbed integers for eps = where(negative, -1, +1), moved by ``sign`` * eps."""
         plus, minus = (self.up, self.down) if sign > 0 else (self.down, self.up)
-        return [np.where(negative[t.offset:t.offset + t.size].reshape(t.shape), m, p)
-                for t, p, m in zip(self.tensors, plus, minus)]
+        out = []
+        for (sl, shape), p, m, gap in zip(self._views, plus, minus, self._gap):
+            mask = negative[sl].reshape(shape)
+            if gap is None:
+                out.append(np.where(mask, m, p))
+            else:  # plus + mask * (minus - plus); the gap's sign follows the direction
+                step = mask.view(np.int8) * gap
+                out.append(np.add(p, step if sign > 0 else np.negative(step, out=step), out=step))
+        return out
 
 
 class FlatSteps:

@@ -179,10 +179,13 @@ class OrtSession(AutoP, BaseSession):
         self._calibrate_once(x)
         return x
 
+    def evaluate_sequential(self, x: np.ndarray, sets) -> list[np.ndarray]:
+        return [self.forward(x, w) for w in sets]
+
     def evaluate(self, x: np.ndarray, sets) -> list[np.ndarray]:
         p = self.perturbations_per_call
         if self.batched is None or len(sets) <= p // 2:
-            return [self.forward(x, w) for w in sets]
+            return self.evaluate_sequential(x, sets)
         feeds = [self.graph_feeds(w) for w in sets]
         feeds += [feeds[0]] * (p - len(sets))
         stacked = {name: np.stack([f[name] for f in feeds]) for name in feeds[0]}

@@ -181,14 +181,18 @@ class TorchSession(AutoP, FloatWeights, BaseSession):
         return x
 
     def evaluate(self, x: torch.Tensor, sets) -> list[np.ndarray]:
+        if self.forward is None:
+            return self.evaluate_sequential(x, sets)
         with torch.no_grad():
-            if self.forward is not None:
-                return list(self.forward(x, torch.from_numpy(np.stack(sets))).numpy())
-            out = []
+            return list(self.forward(x, torch.from_numpy(np.stack(sets))).numpy())
+
+    def evaluate_sequential(self, x: torch.Tensor, sets) -> list[np.ndarray]:
+        out = []
+        with torch.no_grad():
             for w in sets:
                 self._load(w)
                 out.append(self.model(x).numpy())
-            return out
+        return out
 
 
 class TorchRuntime:
