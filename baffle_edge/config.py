@@ -29,7 +29,7 @@ class Norm(str, enum.Enum):
     GROUP = "group"  # GroupNorm(affine=False), reference default otherwise
 
 
-MODEL_NAMES = ("lenet", "wrn-10-2", "mlp")
+MODEL_NAMES = ("lenet", "wrn-10-2", "mlp", "mobilenet")
 
 
 def default_norm(model: str) -> "Norm":
@@ -97,8 +97,8 @@ class Method(str, enum.Enum):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "lenet"  # lenet | wrn-10-2 | mlp
-    dataset: str = "digits"  # digits (embedded) | mnist | cifar10 (need data_dir)
+    model: str = "lenet"  # lenet | wrn-10-2 | mlp | mobilenet (config.MODEL_NAMES)
+    dataset: str = "digits"  # digits (embedded) | fashion-mnist (Debian path default) | mnist | cifar10 (data_dir)
     data_dir: str | None = None
     activation: Activation = Activation.HARDSWISH
     norm: Norm | None = None  # None: model default (lenet/mlp none, wrn group)

@@ -1,7 +1,9 @@
 """Datasets and federated partitions.
 
-``digits`` (scikit-learn's 8x8 handwritten digits) is embedded and needs no download;
-MNIST (IDX files) and CIFAR-10 (binary or python batches) load from a local ``data_dir``.
+``digits`` (scikit-learn's 8x8 handwritten digits) is embedded and needs no download.
+``fashion-mnist`` (Zalando's 60,000 + 10,000 28x28 product images, IDX files) loads from Debian's
+``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``) unless ``data_dir`` says
+otherwise; MNIST (IDX files) and CIFAR-10 (binary or python batches) load from a local ``data_dir``.
 Every random choice (test split, partition, per-client batch order) flows from an explicit
 seed, and the batch a client uses in a round is a pure function of (seed, client, round), so
 runs, resumed runs and verification runs all see the same batches.
@@ -16,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-DATASETS = ("digits", "mnist", "cifar10")
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
+# where a dataset lives when --data-dir is not given, and what installs it there
+DEFAULT_DIRS = {"fashion-mnist": ("/usr/share/datasets/fashion-mnist", "apt-get install dataset-fashion-mnist")}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 @dataclass(frozen=True)
@@ -87,13 +92,24 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=body).reshape(dims)
 
 
-def load_mnist(data_dir: Path) -> Dataset:
+def _idx_split(d: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx(d / f"{prefix}-images-idx3-ubyte"), read_idx(d / f"{prefix}-labels-idx1-ubyte")
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{d}: {prefix} images {images.shape} and labels {labels.shape} do not pair up "
+                         "(expected (N, H, W) images and N labels)")
+    if labels.size and labels.max() > 9:
+        raise ValueError(f"{d}: {prefix} labels reach {int(labels.max())}; MNIST-format labels are 0-9")
+    return images[:, None], labels
+
+
+def load_mnist(data_dir: Path, name: str = "mnist") -> Dataset:
+    """MNIST-format IDX files (``train-*`` and ``t10k-*``, plain or ``.gz``): MNIST or Fashion-MNIST."""
     d = Path(data_dir)
-    xtr = read_idx(d / "train-images-idx3-ubyte")[:, None]
-    ytr = read_idx(d / "train-labels-idx1-ubyte")
-    xte = read_idx(d / "t10k-images-idx3-ubyte")[:, None]
-    yte = read_idx(d / "t10k-labels-idx1-ubyte")
-    return _normalise("mnist", xtr, ytr, xte, yte, 255.0)
+    missing = [f for f in IDX_FILES if not (d / f).exists() and not (d / f"{f}.gz").exists()]
+    if missing:
+        raise FileNotFoundError(f"{name}: {d} lacks {', '.join(missing)} (IDX files, plain or .gz)")
+    (xtr, ytr), (xte, yte) = _idx_split(d, "train"), _idx_split(d, "t10k")
+    return _normalise(name, xtr, ytr, xte, yte, 255.0)
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -139,16 +155,30 @@ def load_cifar10(data_dir: Path) -> Dataset:
                             "or cifar-10-batches-py/data_batch_1)")
 
 
+def data_dir_for(name: str, data_dir: str | Path | None) -> Path:
+    """The folder dataset ``name`` loads from: ``data_dir``, or the dataset's default location (a clear
+    error naming what installs it when that is absent)."""
+    if data_dir is None:
+        if name not in DEFAULT_DIRS:
+            raise ValueError(f"dataset {name!r} needs --data-dir pointing at its local files (no download)")
+        where, install = DEFAULT_DIRS[name]
+        if not Path(where).is_dir():
+            raise FileNotFoundError(f"dataset {name!r} is not installed at {where}: install it with `{install}` "
+                                    "(Debian), or pass --data-dir with its IDX files")
+        return Path(where)
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"--data-dir {data_dir} does not exist or is not a folder")
+    return Path(data_dir)
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, *, seed: int = 0) -> Dataset:
     if name == "digits":
         return load_digits(seed)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    if data_dir is None:
-        raise ValueError(f"dataset {name!r} needs --data-dir pointing at its local files (no download)")
-    if not Path(data_dir).is_dir():
-        raise FileNotFoundError(f"--data-dir {data_dir} does not exist or is not a folder")
-    return load_mnist(Path(data_dir)) if name == "mnist" else load_cifar10(Path(data_dir))
+        from .errors import did_you_mean
+        raise ValueError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known: {', '.join(DATASETS)}")
+    d = data_dir_for(name, data_dir)
+    return load_cifar10(d) if name == "cifar10" else load_mnist(d, name)
 
 
 def partition(labels: np.ndarray, clients: int, *, scheme: str = "iid", alpha: float = 0.5,

@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .config import MODEL_NAMES
+
 MODES = ("inference", "bp-sgd", "bp-adam", "baffle")
 _KB = 1024
 
@@ -54,7 +56,7 @@ _KB = 1024
 @dataclass(frozen=True)
 class MemoryConfig:
     mode: str = "baffle"  # one of MODES, or "baffle-<registered runtime>"
-    model: str = "lenet"  # lenet | wrn-10-2 | mlp
+    model: str = "lenet"  # one of config.MODEL_NAMES
     in_channels: int = 1  # 1 (digits, MNIST) or 3 (CIFAR)
     image_size: int = 28  # 8 (digits), 28 (MNIST), 32 (CIFAR)
     batch: int = 32  # reference client batch
@@ -310,7 +312,7 @@ def build_arg_parser(p: argparse.ArgumentParser | None = None) -> argparse.Argum
     p = p or argparse.ArgumentParser(prog="python -m baffle_edge.memory", description=__doc__.split("\n\n")[0])
     d = MemoryConfig()
     p.add_argument("--mode", default=d.mode, help=f"{', '.join(MODES)} or baffle-<runtime> (default: {d.mode})")
-    p.add_argument("--model", default=d.model, choices=("lenet", "wrn-10-2", "mlp"), help=f"(default: {d.model})")
+    p.add_argument("--model", default=d.model, choices=MODEL_NAMES, help=f"(default: {d.model})")
     p.add_argument("--in-channels", type=int, default=None, help="input channels (default: 3 for wrn-10-2, else 1)")
     p.add_argument("--image-size", type=int, default=None, help="input size (default: 32 for wrn-10-2, else 28)")
     p.add_argument("--batch", type=int, default=d.batch, help=f"batch size (default: {d.batch})")

@@ -1,4 +1,4 @@
-"""Models of the BAFFLE reference setup: LeNet, WideResNet-10-2 and a small MLP.
+"""Models of the BAFFLE reference setup (LeNet, WideResNet-10-2, a small MLP) and a mobile-class one.
 
 All of them avoid BatchNorm (running statistics do not fit a forward-only scheme): use
 GroupNorm (``affine=False`` as in the reference, so it adds no trainable parameters) or no
@@ -96,6 +96,35 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class MobileNet(nn.Module):
+    """A MobileNet-v1-style net of depthwise-separable blocks (Howard et al. 2017) for 8x8 to 32x32 inputs.
+
+    stem conv3x3 -> act -> [depthwise conv3x3 (stride s) -> act -> pointwise conv1x1 -> act] x 4 ->
+    global avg pool -> linear. Channels 32 -> 64 -> 128 -> 256 -> 256, strides 2, 2, 2, 1: 116,938
+    parameters for one input channel. Without normalisation (the default) it is a *chain* of modules
+    whose outputs pass through channel-wise ops only, so block noise evaluates a row from cached
+    activations (export/blocks.py): a depthwise channel's delta stays in its channel until the next
+    pointwise conv mixes it. ``norm=group`` adds GroupNorm after every conv (rows then run as full forwards).
+    """
+
+    STAGES = ((64, 2), (128, 2), (256, 2), (256, 1))  # (pointwise output channels, depthwise stride)
+
+    def __init__(self, cfg: ModelConfig, stem: int = 32):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(cfg.in_channels, stem, 3, padding=1), _norm(cfg.norm, stem),
+                                   _act(cfg.activation)]
+        c = stem
+        for cout, stride in self.STAGES:
+            layers += [nn.Conv2d(c, c, 3, stride, 1, groups=c), _norm(cfg.norm, c), _act(cfg.activation),
+                       nn.Conv2d(c, cout, 1), _norm(cfg.norm, cout), _act(cfg.activation)]
+            c = cout
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(c, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
 def check_model(model: nn.Module) -> nn.Module:
     """Refuse modules whose running statistics cannot be handled by forward-only training."""
     for name, module in model.named_modules():
@@ -109,7 +138,7 @@ def check_model(model: nn.Module) -> nn.Module:
 
 def build_model(cfg: ModelConfig, *, seed: int = 0) -> nn.Module:
     """Build the model named by ``cfg.name`` with weights initialised from ``seed``."""
-    makers = {"lenet": LeNet, "wrn-10-2": WideResNet, "mlp": MLP}
+    makers = {"lenet": LeNet, "wrn-10-2": WideResNet, "mlp": MLP, "mobilenet": MobileNet}
     if cfg.name not in makers:
         raise ValueError(f"unknown model {cfg.name!r}; known: {', '.join(MODEL_NAMES)}")
     cfg = ModelConfig(cfg.name, cfg.in_channels, cfg.image_size, cfg.num_classes,

@@ -37,8 +37,10 @@ def _model_and_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--norm", default=None, choices=_values(Norm),
                    help="normalisation (default: none for lenet/mlp, group for wrn-10-2; BatchNorm is refused)")
     g.add_argument("--dataset", default=_d(_T.dataset), choices=DATASETS,
-                   help="digits is embedded (scikit-learn); mnist/cifar10 read local files (default: %(default)s)")
-    g.add_argument("--data-dir", default=_d(_T.data_dir), help="folder with MNIST IDX files or CIFAR-10 batches")
+                   help="digits is embedded (scikit-learn); fashion-mnist reads Debian's dataset-fashion-mnist "
+                   "(/usr/share/datasets/fashion-mnist); mnist/cifar10 read --data-dir (default: %(default)s)")
+    g.add_argument("--data-dir", default=_d(_T.data_dir),
+                   help="folder with MNIST-format IDX files (mnist, fashion-mnist) or CIFAR-10 batches")
 
 def _federation(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("federation")

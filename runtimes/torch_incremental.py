@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baffle_edge.models import LeNet
+from baffle_edge.models import MLP, LeNet, MobileNet
 from baffle_edge.params import layout_of
 from baffle_edge.perturb import BlockTable
 
@@ -40,6 +40,15 @@ def _lenet_layers(model: nn.Module):
     if not (isinstance(f[1], nn.Identity) and isinstance(f[5], nn.Identity)):
         return None  # GroupNorm couples the channels of a group: not a channel-local change
     return f[0], f[2], f[3], f[4], f[6], f[7], model.fc
+
+
+CHAIN_MODELS = (LeNet, MobileNet, MLP)  # Sequential chains of Conv/Linear modules joined by channel-wise ops
+
+
+def _is_chain(model: nn.Module) -> bool:
+    """Whether ``model`` is a chain of modules as export/blocks.chain_plan cuts it (no normalisation:
+    GroupNorm couples a group's channels); the bundle's plan is what a runtime actually uses."""
+    return isinstance(model, CHAIN_MODELS) and not any(isinstance(m, nn.GroupNorm) for m in model.modules())
 
 
 def supports(model: nn.Module) -> bool:
@@ -155,21 +164,21 @@ def block_macs(model: nn.Module, image_size: int, in_channels: int = 1, *, rule:
     macs = {m: _conv_macs(m, shapes[m]) if isinstance(m, nn.Conv2d) else m.in_features * m.out_features
             for m in shapes}
     full = sum(macs.values())
-    layers = _lenet_layers(model)
-    if layers is None or rule == "full":
-        return full, np.full(len(blocks.sizes), full, dtype=np.int64)
-    conv1, _, _, conv2, _, _, fc = layers
-    head = fc.in_features * fc.out_features
     names = {m: n for n, m in model.named_modules()}
-    if rule == "delta":
+    layers = _lenet_layers(model)
+    if rule == "delta" and layers is not None:
+        conv1, _, _, conv2, _, _, fc = layers
+        head = fc.in_features * fc.out_features
         per_module = {names[conv1]: _conv_macs(conv1, shapes[conv1], 1) + _conv_macs(conv2, shapes[conv2],
                                                                                     in_channels=1) + head,
                       names[conv2]: _conv_macs(conv2, shapes[conv2], 1) + head,
                       names[fc]: fc.in_features}
-    else:  # chain: 1/C_i of module i, then the rest of the chain
-        chain = [conv1, conv2, fc]
+    elif rule == "chain" and _is_chain(model):  # 1/C_i of module i, then the rest of the chain
+        chain = list(shapes)  # the Conv/Linear modules in execution order (dict order of the hooks)
         per_module = {names[m]: macs[m] // (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
                       + sum(macs[after] for after in chain[i + 1:]) for i, m in enumerate(chain)}
+    else:
+        return full, np.full(len(blocks.sizes), full, dtype=np.int64)
     return full, np.array([per_module[blocks.modules[m]] for m in blocks.module], dtype=np.int64)
 
 

@@ -8,15 +8,15 @@ With ``P = 1`` every set is copied into the model's parameters and the model run
 ``[P, dim]`` and evaluated in one call by ``BatchedForward``, a functional forward that keeps the P
 copies side by side in the channel axis (``[B, P*C, H, W]``):
 
-* ``Conv2d``: weights ``[P*O, I, kh, kw]``, ``groups = P * groups`` (on the shared image input:
-  ``groups`` unchanged, P*O output channels - the input batch is never repeated);
+* ``Conv2d``: weights ``[P*O, I, kh, kw]``, ``groups = P * groups`` (depthwise convs too; on the shared
+  image input: ``groups`` unchanged, P*O output channels - the input batch is never repeated);
 * ``Linear``: ``einsum('bpf,pof->bpo')`` (a batched matmul) + bias;
 * ``GroupNorm(G, affine=False)``: ``group_norm(x, P*G)`` (each group lies inside one copy, so the
   statistics are the per-copy ones);
 * activations, pooling, ``Flatten``, identity: unchanged (element- or channel-wise).
 
 Models are walked module by module (``Sequential``) with a forward rule for each container of
-``baffle_edge.models`` (LeNet, WideResNet + its blocks, MLP); an unknown module raises ValueError.
+``baffle_edge.models`` (LeNet, WideResNet + its blocks, MobileNet, MLP); an unknown module raises ValueError.
 ``torch.func.vmap`` over ``functional_call`` was measured against this and is slower (docs/batched-k.md).
 No ONNX dependency: this module imports torch and numpy only.
 """
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baffle_edge.client import BaseSession, FloatWeights
-from baffle_edge.models import MLP, LeNet, WideResNet, WideBlock
+from baffle_edge.models import MLP, LeNet, MobileNet, WideResNet, WideBlock
 from baffle_edge.params import flat_params, layout_of, trainable
 from baffle_edge.perturb import BlockTable
 
@@ -57,7 +57,7 @@ class BatchedForward:
         self._check(model)
 
     def _check(self, m: nn.Module) -> None:
-        if isinstance(m, (nn.Sequential, LeNet, WideResNet, MLP, WideBlock)):
+        if isinstance(m, (nn.Sequential, LeNet, WideResNet, MobileNet, MLP, WideBlock)):
             for c in m.children():
                 self._check(c)
         elif isinstance(m, nn.GroupNorm):
@@ -65,7 +65,7 @@ class BatchedForward:
                 raise ValueError("batched torch forward: GroupNorm with affine=True is not supported")
         elif not isinstance(m, (nn.Conv2d, nn.Linear, nn.Flatten) + _ELEMENTWISE):
             raise ValueError(f"batched torch forward: module {type(m).__name__} is not supported "
-                             "(runtimes/torch_batched.py)")
+                             "(runtimes/torch_runtime.py)")
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         p = weights.shape[0]
@@ -83,7 +83,7 @@ class BatchedForward:
             for i, c in enumerate(m):
                 x = self._run(c, f"{pre}{i}", x)
             return x
-        if isinstance(m, (LeNet, WideResNet)):
+        if isinstance(m, (LeNet, WideResNet, MobileNet)):
             return sub("fc", sub("features", x))
         if isinstance(m, MLP):
             return sub("net", x)

@@ -20,6 +20,7 @@ CONFIGS = {
     "lenet": ModelConfig("lenet", 1, 8, 10),
     "mlp": ModelConfig("mlp", 1, 8, 10),
     "wrn-10-2": ModelConfig("wrn-10-2", 3, 8, 10, norm=Norm.GROUP),
+    "mobilenet": ModelConfig("mobilenet", 1, 8, 10),  # depthwise convs: groups = P * C on stacked copies
 }
 
 
@@ -79,10 +80,10 @@ def test_torch_vmap_agrees_with_grouped_forward():
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
-    """LeNet 8x8 and WRN-10-2 8x8 bundles (float + int8); LeNet's also carries the p4 graphs."""
+    """LeNet, WRN-10-2 and MobileNet 8x8 bundles (float + int8); LeNet's and MobileNet's carry the p4 graphs."""
     from baffle_edge.export.bundle import ExportConfig, export_bundle
     out = {}
-    for name, p in (("lenet", 4), ("wrn-10-2", 1)):
+    for name, p in (("lenet", 4), ("wrn-10-2", 1), ("mobilenet", 4)):
         cfg = CONFIGS[name]
         x = _batch(cfg, 64, seed=5).x
         data = Dataset("synthetic", x, np.zeros(64, np.int64), x[:8], np.zeros(8, np.int64), 10,
@@ -95,7 +96,7 @@ def bundles(tmp_path_factory):
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "onnxruntime-int8"])
-@pytest.mark.parametrize("model", ["lenet", "wrn-10-2"])
+@pytest.mark.parametrize("model", ["lenet", "wrn-10-2", "mobilenet"])
 @pytest.mark.parametrize("scheme,p", [("forward", 3), ("forward", 6), ("central", 4)])  # remainders: padded / seq
 def test_ort_batched_matches_sequential(bundles, runtime, model, scheme, p):
     cfg = CONFIGS[model]

@@ -1,4 +1,5 @@
 import gzip
+import os
 import pickle
 import struct
 
@@ -6,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from baffle_edge import data as data_module
 from baffle_edge.data import batch_indices, load_dataset, partition, read_idx
 from baffle_edge.models import ModelConfig, build_model, check_model
 from baffle_edge.params import layout_of
 
 
 @pytest.mark.parametrize("name,c,s,params", [("lenet", 1, 8, 26_730), ("lenet", 1, 28, 26_730),
-                                              ("wrn-10-2", 3, 32, 302_778), ("mlp", 1, 8, 2_410)])
+                                              ("wrn-10-2", 3, 32, 302_778), ("mlp", 1, 8, 2_410),
+                                              ("mobilenet", 1, 28, 116_938), ("mobilenet", 3, 32, 117_514)])
 def test_models_shapes_and_sizes(name, c, s, params):
     m = build_model(ModelConfig(name, c, s, 10, norm="group" if name.startswith("wrn") else "none"))
     assert m(torch.zeros(2, c, s, s)).shape == (2, 10)
@@ -39,6 +42,8 @@ def test_unknown_model_and_dataset():
         build_model(ModelConfig(name="resnet50"))
     with pytest.raises(ValueError, match="known"):
         load_dataset("imagenet")
+    with pytest.raises(ValueError, match="did you mean fashion-mnist"):
+        load_dataset("fashion_mnist")
     with pytest.raises(ValueError, match="--data-dir"):
         load_dataset("mnist")
     with pytest.raises(FileNotFoundError):
@@ -92,6 +97,48 @@ def test_mnist_idx_loader(tmp_path):
     with pytest.raises(ValueError, match="magic"):
         (tmp_path / "x").write_bytes(b"\x01\x02\x03\x04")
         read_idx(tmp_path / "x")
+
+
+def _idx_folder(folder, *, train=20, test=5, labels_to=10, test_labels=None):
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", train), ("t10k", test)):
+        _idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        n_labels = test_labels if prefix == "t10k" and test_labels is not None else n
+        _idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, labels_to, n_labels))
+
+
+def test_fashion_mnist_reads_its_default_folder_and_names_the_package_when_absent(tmp_path, monkeypatch):
+    monkeypatch.setitem(data_module.DEFAULT_DIRS, "fashion-mnist",
+                        (str(tmp_path / "absent"), "apt-get install dataset-fashion-mnist"))
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist")
+    _idx_folder(tmp_path)
+    monkeypatch.setitem(data_module.DEFAULT_DIRS, "fashion-mnist", (str(tmp_path), "apt-get install x"))
+    d = load_dataset("fashion-mnist")
+    assert d.name == "fashion-mnist" and d.x_train.shape == (20, 1, 28, 28) and d.y_test.shape == (5,)
+    assert np.allclose(d.x_train.mean(), 0, atol=1e-5)  # normalised with its own statistics
+
+
+def test_idx_folders_that_do_not_pair_up_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        load_dataset("fashion-mnist", tmp_path)  # an empty folder names the missing files
+    _idx_folder(tmp_path, test_labels=4)
+    with pytest.raises(ValueError, match="do not pair up"):
+        load_dataset("fashion-mnist", tmp_path)
+    _idx_folder(tmp_path, labels_to=12)
+    with pytest.raises(ValueError, match="labels are 0-9"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_the_real_fashion_mnist():
+    where = data_module.DEFAULT_DIRS["fashion-mnist"][0]
+    if not os.path.isdir(where):
+        if os.environ.get("CI"):
+            pytest.fail(f"CI installs dataset-fashion-mnist (.ci/run); {where} is missing")
+        pytest.skip(f"{where} missing: apt-get install dataset-fashion-mnist")
+    d = load_dataset("fashion-mnist")
+    assert d.x_train.shape == (60000, 1, 28, 28) and d.x_test.shape == (10000, 1, 28, 28)
+    assert np.bincount(d.y_train).tolist() == [6000] * 10 and np.bincount(d.y_test).tolist() == [1000] * 10
 
 
 def test_cifar_binary_and_python_batches(tmp_path):

@@ -59,7 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"({FULL['clients']} clients, K={FULL['k']}, {FULL['rounds']} rounds = 20 epochs "
                         "of digits, sweep K 10/50/100/500 and sigma 1e-6..1e-1 over 3 seeds)")
     g.add_argument("--model", default=None, choices=MODEL_NAMES,
-                   help="default: lenet (wrn-10-2 with --data-dir)")
+                   help="default: lenet (wrn-10-2 on CIFAR-10)")
     g.add_argument("--dataset", default=None, choices=DATASETS, help="default: digits (cifar10 with --data-dir)")
     g.add_argument("--data-dir", default=None,
                    help="local dataset files; switches the default to WRN-10-2 on a CIFAR-10 subset")
@@ -122,7 +122,7 @@ def config_from_args(a: argparse.Namespace) -> VerifyConfig:
     pick = lambda v, key: preset[key] if v is None else v  # noqa: E731
     cifar = a.data_dir is not None and a.dataset in (None, "cifar10")
     dataset = a.dataset or ("cifar10" if a.data_dir else "digits")
-    model = a.model or ("wrn-10-2" if a.data_dir else "lenet")
+    model = a.model or ("wrn-10-2" if cifar else "lenet")
     for name in ("rounds", "k", "clients", "eval_every", "sweep_seeds", "sweep_clients", "train_subset",
                  "test_subset"):
         v = getattr(a, name)
