@@ -142,11 +142,19 @@ def test_an_arm64_device_trains_a_bundle_exported_on_x86_through_serve(root, tmp
     pytest.importorskip("fastapi", reason="pip install 'baffle-edge[serve]'")
     from baffle_edge.cli import main as cli
     from baffle_edge.gateway import tokens as tk
-    run = ["--clients", "2", "--k", "4", "--rounds", "2", "--eval-every", "1", "--no-progress",
+    run = ["--clients", "1", "--k", "4", "--rounds", "2", "--eval-every", "1", "--no-progress",
            "--runtime", "onnxruntime-int8", "--target", "arm64"]
-    assert cli(["train", *run, "--out", str(tmp_path / "ref")]) == 0  # the same run, all on x86
+    # the same run on x86 through the torch-int8 oracle (exact integer arithmetic on any CPU) and, on an x86
+    # CPU that accumulates int8 in int32 (VNNI), through ONNX Runtime itself; on AVX2 without VNNI ORT's
+    # int16 pair sums saturate on an arm64 bundle's full-range weights (TargetMismatchWarning says so)
+    run_oracle = [*run[:-4], "--runtime", "torch-int8", "--target", "arm64"]
+    assert cli(["train", *run_oracle, "--out", str(tmp_path / "oracle")]) == 0
+    from baffle_edge.targets import Target, detect
+    exact_here = detect() is not Target.X86_AVX2
+    if exact_here:
+        assert cli(["train", *run, "--out", str(tmp_path / "ref")]) == 0
     (tmp_path / "toks").mkdir()
-    for c in range(2):
+    for c in range(1):  # one emulated device: two on 2 shared cores took 6 min
         (tmp_path / "toks" / f"client-{c}.token").write_text(tk.issue(tmp_path / "tokens.json", c)[1])
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
     server = subprocess.Popen([sys.executable, "-m", "baffle_edge", "serve", "--tokens", "tokens.json", "--port",
@@ -160,7 +168,7 @@ def test_an_arm64_device_trains_a_bundle_exported_on_x86_through_serve(root, tmp
         devices = [subprocess.Popen([sys.executable, str(SCRIPT), "run", "python3", "-m", "baffle_edge", "device",
                                      "--server", url, "--token", str(tmp_path / "toks" / f"client-{c}.token")],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-                   for c in range(2)]
+                   for c in range(1)]
         assert server.wait(TIMEOUT) == 0, (tmp_path / "serve.log").read_text()[-3000:]
         outs = [d.communicate(timeout=120)[0] for d in devices]
         assert all(d.returncode == 0 for d in devices), outs
@@ -171,10 +179,17 @@ def test_an_arm64_device_trains_a_bundle_exported_on_x86_through_serve(root, tmp
                 p.wait()
         log.close()
     assert not any("TargetMismatchWarning" in o for o in outs), outs  # an arm64 bundle on an arm64 device
-    got, ref = (json.loads((tmp_path / f / "metrics.json").read_text())["rounds"] for f in ("run", "ref"))
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in got]
-    assert [r["clients_accepted"] for r in got] == [2, 2]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in ref]  # int8: same metrics as x86
+    def rounds(folder: str) -> list[dict]:
+        return json.loads((tmp_path / folder / "metrics.json").read_text())["rounds"]
+    got, oracle = rounds("run"), rounds("oracle")
+    assert [r["clients_accepted"] for r in got] == [1, 1] and not any(r["rejected"] for r in got)
+    for ours, want in zip(got, oracle, strict=True):  # the oracle's float losses round 1e-10 apart from int8 kernels'
+        assert ours["test_accuracy"] == want["test_accuracy"] and ours["applied"] and want["applied"]
+        assert abs(ours["train_loss"] - want["train_loss"]) <= 1e-9 * want["train_loss"], (ours, want)
+        assert abs(ours["test_loss"] - want["test_loss"]) <= 1e-6 * want["test_loss"], (ours, want)
+    if exact_here:  # int8 ORT on x86 with int32 sums: the same metrics, bit for bit
+        assert [{k: v for k, v in r.items() if k != "seconds"} for r in got] == \
+            [{k: v for k, v in r.items() if k != "seconds"} for r in rounds("ref")]
 
 
 def test_bench_report_says_emulated_times_are_not_device_speed(tmp_path):
