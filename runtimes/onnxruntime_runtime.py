@@ -10,6 +10,7 @@ Execution providers are chosen by short name (``cpu``, ``xnnpack``, ``nnapi``, `
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from baffle_edge.protocol import Domain
 from baffle_edge.targets import check_bundle
 
 from .batching import AutoP, resolve
+from .plugin_eps import PLUGINS, add_plugin
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider", "nnapi": "NnapiExecutionProvider",
@@ -31,16 +33,22 @@ PROVIDERS = {
 
 
 def available_providers() -> list[str]:
+    """Built-in providers of this onnxruntime build, then the plugin EPs (runtimes/plugin_eps.py) whose package
+    is importable."""
     import onnxruntime as ort
     names = {v: k for k, v in PROVIDERS.items()}
-    return [names.get(p, p) for p in ort.get_available_providers()]
+    plugins = [k for k, p in PLUGINS.items() if importlib.util.find_spec(p.package) is not None]
+    return [names.get(p, p) for p in ort.get_available_providers()] + plugins
 
 
-def make_session(path: Path | bytes, *, provider: str = "cpu", threads: int | None = None, profile: bool = False):
+def make_session(path: Path | bytes, *, provider: str = "cpu", threads: int | None = None, profile: bool = False,
+                 batch: int | None = None):
+    """An InferenceSession on ``provider`` (a PROVIDERS or plugin_eps.PLUGINS name; CPU takes what it
+    refuses). ``batch`` fixes the symbolic batch dimension (required by a static-batch plugin EP)."""
     import onnxruntime as ort
-    if provider not in PROVIDERS:
-        raise ValueError(f"unknown execution provider {provider!r}; known names: {', '.join(PROVIDERS)}")
-    if PROVIDERS[provider] not in ort.get_available_providers():
+    if provider not in PROVIDERS and provider not in PLUGINS:
+        raise ValueError(f"unknown execution provider {provider!r}; known names: {', '.join([*PROVIDERS, *PLUGINS])}")
+    if provider not in PLUGINS and PROVIDERS[provider] not in ort.get_available_providers():
         raise ValueError(f"execution provider {provider!r} is not available in this onnxruntime build "
                          f"({ort.__version__}); available here: {', '.join(available_providers())}")
     so = ort.SessionOptions()
@@ -57,6 +65,14 @@ def make_session(path: Path | bytes, *, provider: str = "cpu", threads: int | No
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if provider in PLUGINS:
+        add_plugin(so, provider, batch)
+        try:
+            return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so)
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            hint = PLUGINS[provider].build_hint
+            raise ValueError(f"execution provider {provider!r} could not build this graph{' (' + hint + ')' if hint else ''}: "
+                             f"{e}") from None
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=providers)
 
@@ -78,7 +94,11 @@ class OrtSession(AutoP, BaseSession):
         self.bundle = read_bundle(bundle_dir)
         self.name = f"onnxruntime{'-int8' if self.domain is Domain.INT8_STEP else ''}"
         self._options = dict(provider=provider, threads=threads, profile=profile)
-        self._open(self.bundle.file(self.fmt, "train"), **self._options)
+        self.placement = None  # plugin EPs: plugin_eps.Placement of the train graph, checked at the first batch
+        if provider in PLUGINS:  # built at the first batch: a static batch, the placement and the write-check
+            self.session, perturbations_per_call = None, 1
+        else:
+            self._open(self.bundle.file(self.fmt, "train"), **self._options)
         m = self.bundle.meta["model"]
         self._auto_key_model = f"{m['name']}[{m['parameters']}]{m['image_size']}x{m['image_size']}"
         self._auto_threads = threads or os.cpu_count() or 1
@@ -159,6 +179,22 @@ class OrtSession(AutoP, BaseSession):
             self._batched_p = p
         self.perturbations_per_call = p
 
+    def _open_plugin(self, x: np.ndarray) -> None:
+        """(Re)build the train graph's session on a plugin EP for batches of len(x): a profiled run
+        gives the node placement (kept in ``self.placement``), then the write-check; a session whose
+        output ignores a weight write is refused (plugin_eps.write_check)."""
+        from .plugin_eps import placement, write_check
+        self.session, self.block_forward = None, None
+        self._options["batch"] = len(x)
+        path = self.bundle.file(self.fmt, "train")
+        probe = make_session(path, **{**self._options, "profile": True})
+        weights = self.graph_feeds(self.weight_set(0, None, None))
+        write_check(probe, {self.input_name: x, **weights}, next(iter(weights)), self.output_name)
+        self.placement = placement(probe.end_profiling(), self._options["provider"])
+        del probe
+        self._open(path, **self._options)
+        self._block_ready = False
+
     def _open(self, path: Path, **options) -> None:
         """Load the verified train graph (the one hook an alternative executor overrides)."""
         self.session = make_session(path, **options)
@@ -176,6 +212,8 @@ class OrtSession(AutoP, BaseSession):
         self.bundle.check_batch(x)
         if not np.all(np.isfinite(x)):
             raise ValueError("input batch contains non-finite values")
+        if self._options["provider"] in PLUGINS and self._options.get("batch") != len(x):
+            self._open_plugin(x)
         self._calibrate_once(x)
         return x
 

@@ -1,0 +1,103 @@
+"""Plugin execution providers (runtimes/plugin_eps.py): the QNN HTP backend (simulated on x86) and
+OpenVINO through ONNX Runtime's plugin EP API; placement read from the profile, the write-check,
+and the errors a user meets. Skipped where the extra is not installed."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from baffle_edge.runtimes.onnxruntime_runtime import available_providers, make_session
+from baffle_edge.runtimes.plugin_eps import PLUGINS, placement, plugin_module, write_check
+
+
+def qdq_matmul(per_tensor: bool = True) -> bytes:
+    """X[batch,4] -> QDQ -> MatMul(DQ(W int8 input, per-tensor scale)) -> QDQ -> Y."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
+             numpy_helper.from_array(np.array(0, np.uint8), "xz"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "ws"),
+             numpy_helper.from_array(np.array(0, np.int8), "wz"),
+             numpy_helper.from_array(np.array(0.2, np.float32), "ys"),
+             numpy_helper.from_array(np.array(128, np.uint8), "yz")]
+    nodes = [helper.make_node("QuantizeLinear", ["X", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["W", "ws", "wz"], ["wd"]),
+             helper.make_node("MatMul", ["xd", "wd"], ["m"], name="head"),
+             helper.make_node("QuantizeLinear", ["m", "ys", "yz"], ["mq"]),
+             helper.make_node("DequantizeLinear", ["mq", "ys", "yz"], ["Y"])]
+    g = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 4]),
+                                         helper.make_tensor_value_info("W", TensorProto.INT8, [4, 3])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 3])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
+
+
+def feeds():
+    rng = np.random.default_rng(0)
+    return {"X": rng.random((2, 4), dtype=np.float32) * 5, "W": rng.integers(-20, 20, (4, 3)).astype(np.int8)}
+
+
+@pytest.fixture
+def qnn():
+    pytest.importorskip("onnxruntime_qnn", reason="pip install 'baffle-edge[qnn]'")
+
+
+def test_unknown_provider_lists_plugins():
+    with pytest.raises(ValueError, match="qnn-htp"):
+        make_session(b"", provider="hexagon")
+
+
+def test_static_batch_required(qnn):
+    with pytest.raises(ValueError, match="static batch"):
+        make_session(qdq_matmul(), provider="qnn-htp")
+
+
+def test_qnn_htp_runs_weight_input_and_reports_placement(qnn):
+    s = make_session(qdq_matmul(), provider="qnn-htp", batch=2, profile=True)
+    f = feeds()
+    write_check(s, f, "W", "Y")  # a changed int8 weight changes the HTP output
+    p = placement(s.end_profiling(), "qnn-htp")
+    # the HTP runs the quantized core (one fused QNN node); only the float-boundary Q/DQ stay on CPU
+    assert p.on_device == 1 and {p.nodes[n][0] for n in p.fallback()} <= {"QuantizeLinear", "DequantizeLinear"}, \
+        p.to_json()
+    assert "qnn-htp" in available_providers()
+    cpu = make_session(qdq_matmul(), provider="cpu").run(["Y"], f)[0]
+    htp = make_session(qdq_matmul(), provider="qnn-htp", batch=2).run(["Y"], f)[0]
+    assert np.max(np.abs(htp - cpu)) <= 0.2 + 1e-6  # within one output quantization step (scale 0.2)
+
+
+def test_write_check_refuses_stale_weights():
+    class Stale:  # an EP that packed its weights: the output never moves
+        def run(self, names, f):
+            return [np.ones((2, 3), np.float32)]
+    with pytest.raises(ValueError, match="write-check failed.*'W'"):
+        write_check(Stale(), feeds(), "W", "Y")
+
+
+def test_missing_package_names_the_extra(monkeypatch):
+    import importlib
+    real = importlib.import_module
+
+    def blocked(name, *a):
+        if name == PLUGINS["openvino"].package:
+            raise ImportError("blocked")
+        return real(name, *a)
+    monkeypatch.setattr(importlib, "import_module", blocked)
+    with pytest.raises(ImportError, match=r"baffle-edge\[openvino\]"):
+        plugin_module("openvino")
+
+
+@pytest.mark.slow
+def test_int8_bundle_on_htp_fails_with_the_cause(qnn, tmp_path):
+    """The current int8 train graph (per-channel conv weights as inputs) is refused by the HTP: the
+    error says why, at the first batch, instead of running silently on CPU."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+    out = tmp_path / "b"
+    subprocess.run([sys.executable, "-m", "baffle_edge", "export", "--model", "lenet", "--out", str(out)],
+                   check=True, capture_output=True)
+    from baffle_edge.runtimes import get_runtime
+    s = get_runtime("onnxruntime-int8", provider="qnn-htp").load(out)
+    with pytest.raises(ValueError, match="per-channel int8 conv weights"):
+        s.prepare(np.zeros((4, 1, 8, 8), np.float32))
