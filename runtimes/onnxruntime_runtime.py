@@ -257,7 +257,8 @@ class OrtInt8Session(StepWeights, OrtSession):
     def __init__(self, bundle_dir, **kw):
         super().__init__(bundle_dir, **kw)
         self.table = self.bundle.quant_table(self.fmt)
-        self.target = check_bundle(self.bundle.meta, self.name) if self.cpu_bound else None
+        on_cpu = self.cpu_bound and self._options["provider"] not in PLUGINS  # a plugin EP runs its own kernels
+        self.target = check_bundle(self.bundle.meta, self.name) if on_cpu else None
         self.set_weights(np.zeros(self.dim, np.float32))
 
     def graph_feeds(self, qs):

@@ -109,12 +109,14 @@ def placement(trace_path: str | Path, provider: str) -> Placement:
 
 def write_check(session, feeds: dict[str, np.ndarray], weight: str, output: str) -> None:
     """Refuse ``session`` when changing weight input ``weight`` leaves ``output`` unchanged (stale
-    weights: the EP packed them once). The changed copy moves every element by one step."""
+    weights: the EP packed them once). The changed copy moves every element far (an int8 one by >= 63
+    steps, across zero): a one-step move can vanish in the output quantization (all-zero weights
+    did, on the QNN HTP simulator), which would refuse a sound session."""
     base = session.run([output], feeds)[0]
     w = feeds[weight]
     if np.issubdtype(w.dtype, np.integer):
         info = np.iinfo(w.dtype)
-        changed = np.where(w < info.max, w + 1, w - 1).astype(w.dtype)
+        changed = np.where(w >= 0, info.min // 2, info.max // 2).astype(w.dtype)  # >= 63 steps for int8
     else:
         changed = (w + np.float32(0.5) * (np.abs(w).max() + 1)).astype(w.dtype)
     after = session.run([output], {**feeds, weight: changed})[0]
