@@ -33,12 +33,15 @@ PROVIDERS = {
 
 
 def available_providers() -> list[str]:
-    """Built-in providers of this onnxruntime build, then the plugin EPs (runtimes/plugin_eps.py) whose package
-    is importable."""
+    """Built-in providers of this onnxruntime build (plugin EPs: ``plugin_providers``)."""
     import onnxruntime as ort
     names = {v: k for k, v in PROVIDERS.items()}
-    plugins = [k for k, p in PLUGINS.items() if importlib.util.find_spec(p.package) is not None]
-    return [names.get(p, p) for p in ort.get_available_providers()] + plugins
+    return [names.get(p, p) for p in ort.get_available_providers()]
+
+
+def plugin_providers() -> list[str]:
+    """Plugin EPs (runtimes/plugin_eps.py) whose package is installed; whether they find a device shows at load."""
+    return [k for k, p in PLUGINS.items() if importlib.util.find_spec(p.package) is not None]
 
 
 def make_session(path: Path | bytes, *, provider: str = "cpu", threads: int | None = None, profile: bool = False,
@@ -50,7 +53,7 @@ def make_session(path: Path | bytes, *, provider: str = "cpu", threads: int | No
         raise ValueError(f"unknown execution provider {provider!r}; known names: {', '.join([*PROVIDERS, *PLUGINS])}")
     if provider not in PLUGINS and PROVIDERS[provider] not in ort.get_available_providers():
         raise ValueError(f"execution provider {provider!r} is not available in this onnxruntime build "
-                         f"({ort.__version__}); available here: {', '.join(available_providers())}")
+                         f"({ort.__version__}); available here: {', '.join(available_providers() + plugin_providers())}")
     so = ort.SessionOptions()
     so.log_severity_level = 3
     # No memory pattern: with it ORT plans one block for all activations at the second run of a

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from baffle_edge.runtimes.onnxruntime_runtime import available_providers, make_session
+from baffle_edge.runtimes.onnxruntime_runtime import make_session, plugin_providers
 from baffle_edge.runtimes.plugin_eps import PLUGINS, placement, plugin_module, write_check
 
 
@@ -60,7 +60,7 @@ def test_qnn_htp_runs_weight_input_and_reports_placement(qnn):
     # the HTP runs the quantized core (one fused QNN node); only the float-boundary Q/DQ stay on CPU
     assert p.on_device == 1 and {p.nodes[n][0] for n in p.fallback()} <= {"QuantizeLinear", "DequantizeLinear"}, \
         p.to_json()
-    assert "qnn-htp" in available_providers()
+    assert "qnn-htp" in plugin_providers()
     cpu = make_session(qdq_matmul(), provider="cpu").run(["Y"], f)[0]
     htp = make_session(qdq_matmul(), provider="qnn-htp", batch=2).run(["Y"], f)[0]
     assert np.max(np.abs(htp - cpu)) <= 0.2 + 1e-6  # within one output quantization step (scale 0.2)
