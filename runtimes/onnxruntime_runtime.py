@@ -193,7 +193,9 @@ class OrtSession(AutoP, BaseSession):
         probe = make_session(path, **{**self._options, "profile": True})
         weights = self.graph_feeds(self.weight_set(0, None, None))
         write_check(probe, {self.input_name: x, **weights}, next(iter(weights)), self.output_name)
-        self.placement = placement(probe.end_profiling(), self._options["provider"])
+        trace = Path(probe.end_profiling())
+        self.placement = placement(trace, self._options["provider"])
+        trace.unlink(missing_ok=True)
         del probe
         self._open(path, **self._options)
         self._block_ready = False
