@@ -31,6 +31,7 @@ class Target(str, enum.Enum):
     ARM64 = "arm64"
     X86_VNNI = "x86-vnni"
     X86_AVX2 = "x86-avx2"
+    QNN_HTP = "qnn-htp"  # Qualcomm Hexagon NPU through ONNX Runtime's QNN EP (docs/npu.md)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class TargetSpec:
     reduce_range: bool  # int8 weights in [-64, 64] (7 bits) instead of [-127, 127]
     accumulation: str  # how the int8 kernels add products (why the range is what it is)
     isa_flags: tuple[str, ...]  # /proc/cpuinfo flags (any of them) that identify the target on x86
+    per_channel: bool = True  # one weight scale per output channel (False: one per tensor)
 
     @property
     def weight_range(self) -> tuple[int, int]:
@@ -50,6 +52,9 @@ SPECS: dict[Target, TargetSpec] = {
     Target.X86_VNNI: TargetSpec(Target.X86_VNNI, False, "VNNI vpdpbusd into int32 (no saturation)",
                                 ("avx512_vnni", "avx_vnni", "amx_int8")),
     Target.X86_AVX2: TargetSpec(Target.X86_AVX2, True, "AVX2 vpmaddubsw into saturating int16 pairs", ("avx2",)),
+    # the HTP refuses per-channel int8 conv weights fed as graph inputs (ORT 1.32, QNN 2.51): per-tensor
+    Target.QNN_HTP: TargetSpec(Target.QNN_HTP, False, "Hexagon HTP int8 (per-tensor weights as inputs)", (),
+                               per_channel=False),
 }
 CHOICES = (AUTO, *(t.value for t in Target))
 

@@ -93,7 +93,8 @@ def _runtime(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("client runtime")
     g.add_argument("--runtime", default=_d(_T.runtime), help="client runtime (default: %(default)s); see `baffle-edge runtimes`")
     g.add_argument("--provider", default=_d(_T.provider),
-                   help="onnxruntime execution provider: cpu, xnnpack, nnapi, qnn, coreml, ... (default: %(default)s)")
+                   help="onnxruntime execution provider: cpu, xnnpack, nnapi, qnn, coreml, ...; NPU plugin EPs "
+                   "qnn-htp (with --target qnn-htp), openvino: docs/npu.md (default: %(default)s)")
     g.add_argument("--target", default=_d(_T.target), choices=CHOICES,
                    help="bundle runtimes: CPU the server exports the int8 bundles for (arm64, x86-vnni, x86-avx2; "
                         "decides the int8 weight range, see `baffle-edge export -h`) (default: %(default)s = this machine)")

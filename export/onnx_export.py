@@ -69,7 +69,7 @@ class _Reader:
 
 
 def quantize_int8(float_path: Path, int8_path: Path, calibration: np.ndarray, *, method: str = "minmax",
-                  reduce_range: bool = True) -> None:
+                  reduce_range: bool = True, per_channel: bool = True) -> None:
     """Static QDQ quantization with onnxruntime: per-channel symmetric int8 weights, uint8
     (asymmetric) activations calibrated on ``calibration``; the final logits are left in float
     (finer losses).
@@ -94,7 +94,7 @@ def quantize_int8(float_path: Path, int8_path: Path, calibration: np.ndarray, *,
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(np.ascontiguousarray(calibration, np.float32))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantize_static(str(float_path), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(float_path), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, reduce_range=reduce_range,
                         calibrate_method=methods[method],
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})

@@ -19,8 +19,9 @@ def describe() -> list[dict]:
                 f"'baffle-edge[{info.extra}]'" if info.extra else " ".join(info.requires))
         else:
             if info.engine == "onnxruntime":
-                from .onnxruntime_runtime import available_providers
-                row["detail"] = "providers: " + ", ".join(available_providers())
+                from .onnxruntime_runtime import available_providers, plugin_providers
+                row["detail"] = "providers: " + ", ".join(available_providers()) + (
+                    "; plugin EPs: " + ", ".join(plugin_providers()) if plugin_providers() else "")
             elif info.engine == "litert":
                 row["detail"] = "delegates: builtin (in-place weight writes); xnnpack for plain inference only"
             elif name == "torch":

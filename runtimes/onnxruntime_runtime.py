@@ -10,6 +10,7 @@ Execution providers are chosen by short name (``cpu``, ``xnnpack``, ``nnapi``, `
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from baffle_edge.protocol import Domain
 from baffle_edge.targets import check_bundle
 
 from .batching import AutoP, resolve
+from .plugin_eps import PLUGINS, add_plugin
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider", "nnapi": "NnapiExecutionProvider",
@@ -31,18 +33,27 @@ PROVIDERS = {
 
 
 def available_providers() -> list[str]:
+    """Built-in providers of this onnxruntime build (plugin EPs: ``plugin_providers``)."""
     import onnxruntime as ort
     names = {v: k for k, v in PROVIDERS.items()}
     return [names.get(p, p) for p in ort.get_available_providers()]
 
 
-def make_session(path: Path | bytes, *, provider: str = "cpu", threads: int | None = None, profile: bool = False):
+def plugin_providers() -> list[str]:
+    """Plugin EPs (runtimes/plugin_eps.py) whose package is installed; whether they find a device shows at load."""
+    return [k for k, p in PLUGINS.items() if importlib.util.find_spec(p.package) is not None]
+
+
+def make_session(path: Path | bytes, *, provider: str = "cpu", threads: int | None = None, profile: bool = False,
+                 batch: int | None = None):
+    """An InferenceSession on ``provider`` (a PROVIDERS or plugin_eps.PLUGINS name; CPU takes what it
+    refuses). ``batch`` fixes the symbolic batch dimension (required by a static-batch plugin EP)."""
     import onnxruntime as ort
-    if provider not in PROVIDERS:
-        raise ValueError(f"unknown execution provider {provider!r}; known names: {', '.join(PROVIDERS)}")
-    if PROVIDERS[provider] not in ort.get_available_providers():
+    if provider not in PROVIDERS and provider not in PLUGINS:
+        raise ValueError(f"unknown execution provider {provider!r}; known names: {', '.join([*PROVIDERS, *PLUGINS])}")
+    if provider not in PLUGINS and PROVIDERS[provider] not in ort.get_available_providers():
         raise ValueError(f"execution provider {provider!r} is not available in this onnxruntime build "
-                         f"({ort.__version__}); available here: {', '.join(available_providers())}")
+                         f"({ort.__version__}); available here: {', '.join(available_providers() + plugin_providers())}")
     so = ort.SessionOptions()
     so.log_severity_level = 3
     # No memory pattern: with it ORT plans one block for all activations at the second run of a
@@ -57,6 +68,14 @@ def make_session(path: Path | bytes, *, provider: str = "cpu", threads: int | No
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if provider in PLUGINS:
+        add_plugin(so, provider, batch)
+        try:
+            return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so)
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            hint = PLUGINS[provider].build_hint
+            raise ValueError(f"execution provider {provider!r} could not build this graph{' (' + hint + ')' if hint else ''}: "
+                             f"{e}") from None
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=providers)
 
@@ -78,7 +97,11 @@ class OrtSession(AutoP, BaseSession):
         self.bundle = read_bundle(bundle_dir)
         self.name = f"onnxruntime{'-int8' if self.domain is Domain.INT8_STEP else ''}"
         self._options = dict(provider=provider, threads=threads, profile=profile)
-        self._open(self.bundle.file(self.fmt, "train"), **self._options)
+        self.placement = None  # plugin EPs: plugin_eps.Placement of the train graph, checked at the first batch
+        if provider in PLUGINS:  # built at the first batch: a static batch, the placement and the write-check
+            self.session, perturbations_per_call = None, 1
+        else:
+            self._open(self.bundle.file(self.fmt, "train"), **self._options)
         m = self.bundle.meta["model"]
         self._auto_key_model = f"{m['name']}[{m['parameters']}]{m['image_size']}x{m['image_size']}"
         self._auto_threads = threads or os.cpu_count() or 1
@@ -159,6 +182,24 @@ class OrtSession(AutoP, BaseSession):
             self._batched_p = p
         self.perturbations_per_call = p
 
+    def _open_plugin(self, x: np.ndarray) -> None:
+        """(Re)build the train graph's session on a plugin EP for batches of len(x): a profiled run
+        gives the node placement (kept in ``self.placement``), then the write-check; a session whose
+        output ignores a weight write is refused (plugin_eps.write_check)."""
+        from .plugin_eps import placement, write_check
+        self.session, self.block_forward = None, None
+        self._options["batch"] = len(x)
+        path = self.bundle.file(self.fmt, "train")
+        probe = make_session(path, **{**self._options, "profile": True})
+        weights = self.graph_feeds(self.weight_set(0, None, None))
+        write_check(probe, {self.input_name: x, **weights}, next(iter(weights)), self.output_name)
+        trace = Path(probe.end_profiling())
+        self.placement = placement(trace, self._options["provider"])
+        trace.unlink(missing_ok=True)
+        del probe
+        self._open(path, **self._options)
+        self._block_ready = False
+
     def _open(self, path: Path, **options) -> None:
         """Load the verified train graph (the one hook an alternative executor overrides)."""
         self.session = make_session(path, **options)
@@ -176,6 +217,8 @@ class OrtSession(AutoP, BaseSession):
         self.bundle.check_batch(x)
         if not np.all(np.isfinite(x)):
             raise ValueError("input batch contains non-finite values")
+        if self._options["provider"] in PLUGINS and self._options.get("batch") != len(x):
+            self._open_plugin(x)
         self._calibrate_once(x)
         return x
 
@@ -222,7 +265,8 @@ class OrtInt8Session(StepWeights, OrtSession):
     def __init__(self, bundle_dir, **kw):
         super().__init__(bundle_dir, **kw)
         self.table = self.bundle.quant_table(self.fmt)
-        self.target = check_bundle(self.bundle.meta, self.name) if self.cpu_bound else None
+        on_cpu = self.cpu_bound and self._options["provider"] not in PLUGINS  # a plugin EP runs its own kernels
+        self.target = check_bundle(self.bundle.meta, self.name) if on_cpu else None
         self.set_weights(np.zeros(self.dim, np.float32))
 
     def graph_feeds(self, qs):
