@@ -11,17 +11,22 @@ def digits():
     return load_digits(seed=0)
 
 
-@pytest.fixture(scope="session")
-def lenet_batch(digits):
-    """A trained-for-a-few-steps LeNet and one batch of 32: gradients there are informative."""
-    model = build_model(ModelConfig("lenet", 1, 8, 10), seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = torch.from_numpy(digits.x_train), torch.from_numpy(digits.y_train)
-    for i in range(20):
+def adam_steps(model, data, steps: int, lr: float):
+    """``model`` after ``steps`` Adam steps on consecutive batches of 32 of ``data``'s training set."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    for i in range(steps):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x[i * 32:(i + 1) * 32]), y[i * 32:(i + 1) * 32]).backward()
         opt.step()
     model.zero_grad(set_to_none=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def lenet_batch(digits):
+    """A trained-for-a-few-steps LeNet and one batch of 32: gradients there are informative."""
+    model = adam_steps(build_model(ModelConfig("lenet", 1, 8, 10), seed=0), digits, 20, 1e-2)
     return model, digits.x_train[700:732], digits.y_train[700:732]
 
 

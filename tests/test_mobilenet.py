@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from baffle_edge.client import Batch, block_losses, run_task, weight_set_losses
 from baffle_edge.export.bundle import ExportConfig, export_bundle
@@ -17,6 +16,8 @@ from baffle_edge.perturb import BlockTable, NoiseKind
 from baffle_edge.protocol import Domain, RoundTask, Scheme
 from baffle_edge.runtimes import get_runtime
 
+from conftest import adam_steps
+
 MOBILE = ModelConfig("mobilenet", 1, 8, 10)
 DEPTHWISE = (1, 3, 5, 7)  # module indices of the depthwise convs (stem 0, then dw / pw pairs, head 9)
 
@@ -24,13 +25,7 @@ DEPTHWISE = (1, 3, 5, 7)  # module indices of the depthwise convs (stem 0, then 
 @pytest.fixture(scope="module")
 def mobile(digits, tmp_path_factory):
     """A MobileNet moved by a few backprop steps (informative gradients), its bundle and one batch."""
-    model = build_model(MOBILE, seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = torch.from_numpy(digits.x_train), torch.from_numpy(digits.y_train)
-    for i in range(10):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x[i * 32:(i + 1) * 32]), y[i * 32:(i + 1) * 32]).backward()
-        opt.step()
+    model = adam_steps(build_model(MOBILE, seed=0), digits, 10, 3e-3)
     out = tmp_path_factory.mktemp("mobile") / "b"
     export_bundle(model.eval(), MOBILE, digits, out, ExportConfig(formats=("onnx", "onnx-int8", "tflite-int8")))
     return model, out, Batch(digits.x_test[:32], digits.y_test[:32])
