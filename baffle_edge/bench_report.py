@@ -105,12 +105,22 @@ def _bars(path: Path, groups: list[str], series: dict[str, list[float | None]], 
 
 
 # ----------------------------------------------------------------------------------- sections
+def _kernels(m: dict) -> str:
+    """The arm64 int8 kernel paths the run's process saw (MLAS for ONNX Runtime, XNNPACK for LiteRT)."""
+    paths = m.get("kernel_paths") or ({"mlas": m["kernel_path"]} if m.get("kernel_path") else None)
+    if not paths:
+        return ""
+    named = ", ".join(f"{'MLAS' if k == 'mlas' else 'XNNPACK'} {v}" for k, v in paths.items())
+    cpu = f"; qemu CPU model {m['arm64_cpu_model']}" if m.get("arm64_cpu_model") else ""
+    return f" (arm64 int8 kernels: {named}{cpu})"
+
+
 def _machine(data: dict) -> str:
     m = data.get("machine_info") or {}
     env = m.get("baffle_edge") or {}
     rows = [["CPU", m.get("cpu_model") or m.get("cpu", {}).get("brand_raw", "?")],
             ["int8 ISA / target", f"{', '.join(m.get('cpu_isa') or []) or '-'} / {m.get('cpu_target', '?')}"
-             + (f" (arm64 kernel path: {m['kernel_path']})" if m.get("kernel_path") else "")],
+             + _kernels(m)],
             ["cores (logical / physical)", f"{m.get('cores_logical', '?')} / {m.get('cores_physical', '?')}"],
             ["python", m.get("python_version", "?")],
             ["torch / threads", f"{env.get('torch', '?')} / {env.get('torch_threads', '?')}"],

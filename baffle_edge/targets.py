@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import platform
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,27 @@ def isa_summary(flags: frozenset[str] | None = None) -> dict:
     except ValueError:
         target = None
     return {"machine": platform.machine(), "target": target, "isa": [f for f in keep if f in flags]}
+
+
+def arm_kernel_paths(hwcaps: tuple[int, int] | None = None) -> dict[str, str] | None:
+    """The int8 GEMM kernel paths ONNX Runtime's MLAS and XNNPACK (LiteRT) pick on this arm64 CPU, from the
+    HWCAP bits the process sees (what both libraries' cpuinfo reads): ``i8mm`` (smmla/ummla, ARMv8.6),
+    ``dotprod`` (sdot/udot, ARMv8.2), else ``neon`` (smull/sadalp, ARMv8.0); ``None`` off arm64 Linux.
+    Both ladders are the same: MLAS takes its Smmla dispatch with i8mm, its Sdot one with dotprod; XNNPACK its
+    ``neoni8mm`` / ``neondot`` / ``neon-mlal`` qs8 microkernels."""
+    if hwcaps is None:
+        if platform.machine().lower() not in ("arm64", "aarch64") or not sys.platform.startswith("linux"):
+            return None
+        try:
+            import ctypes
+            getauxval = ctypes.CDLL(None).getauxval
+            getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+            hwcaps = (getauxval(16), getauxval(26))  # AT_HWCAP, AT_HWCAP2
+        except (OSError, AttributeError):
+            return None
+    hwcap, hwcap2 = hwcaps
+    path = "i8mm" if hwcap2 >> 13 & 1 else "dotprod" if hwcap >> 20 & 1 else "neon"  # HWCAP2_I8MM, HWCAP_ASIMDDP
+    return {"mlas": path, "xnnpack": path}
 
 
 EMULATION_MARK = Path("/etc/baffle-edge-emulated")  # scripts/arm64-root writes it into its qemu-user root

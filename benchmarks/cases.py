@@ -1,7 +1,7 @@
 """What the suites measure: model cases, runtimes, batches. Pure data, no pytest fixtures.
 
 Inputs are seeded random tensors of each dataset's shape: the suites need no data files, so
-they run on a device with only the package installed.
+they run on a device with only the package installed (and torch, or a ``--bench-bundles`` folder: store.py).
 """
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import numpy as np
 import pytest
 
 from baffle_edge.client import Batch
-from baffle_edge.models import ModelConfig, Norm, build_model
+from baffle_edge.config import ModelConfig, Norm
 from baffle_edge.runtimes import REGISTRY
+
+from . import store
 
 # Runtimes that are planned but may not be registered yet: they are still listed, so that the
 # report shows them as skipped with a reason instead of silently leaving them out.
 PLANNED_RUNTIMES = ("onnxruntime", "onnxruntime-int8", "tflite-int8")
 
 FULL = pytest.mark.bench_full  # slow configurations: run with --bench-full
+DEVICE = pytest.mark.device  # the device subset (--bench-device; scripts/arm64-root bench): one model per suite
 SIGMA = 1e-4  # reference perturbation scale
 SEED = 0
 
@@ -41,12 +44,19 @@ class ModelCase:
         return f"{self.in_channels}x{self.image_size}x{self.image_size}"
 
     def build(self):
-        """A fresh torch model with the case's fixed initial weights."""
+        """A fresh torch model with the case's fixed initial weights (torch only: see ``weights``)."""
+        if not store.have_torch():
+            pytest.skip(store.current.missing(f"the torch model of {self.id}"))
+        from baffle_edge.models import build_model
         return build_model(self.config, seed=SEED)
+
+    def weights(self) -> np.ndarray:
+        """The initial weights as one flat float32 vector: from torch, or the ``--bench-bundles`` folder."""
+        return store.current.weights(self)
 
     @cached_property
     def dim(self) -> int:
-        return sum(p.numel() for p in self.build().parameters() if p.requires_grad)
+        return int(self.weights().size)
 
     def batch(self, size: int, *, seed: int = SEED) -> Batch:
         rng = np.random.default_rng([seed, size, self.image_size])

@@ -19,6 +19,7 @@ import pytest
 from baffle_edge.client import Batch, cross_entropies, cross_entropy
 from baffle_edge.runtimes import REGISTRY, get_runtime
 
+from . import store
 from .cases import MODELS, SIGMA, ModelCase, runtime_names
 
 
@@ -30,10 +31,19 @@ def pytest_addoption(parser):
                      "memory of WRN-10-2); the default is a quick set for CI and a first look")
     g.addoption("--bench-threads", type=int, default=None,
                 help="intra-op threads for every runtime (default: each library's default)")
+    g.addoption("--bench-bundles", metavar="DIR", default=None,
+                help="keep the exported bundles, initial weights and torch reference losses in DIR (written "
+                     "where torch is installed, read where it is not: a device without torch measures the "
+                     "same bundles; see benchmarks/store.py and scripts/arm64-root bench)")
+    g.addoption("--bench-device", action="store_true", default=False,
+                help="only the device subset (marker `device`): one model per suite, the runtimes a device "
+                     "runs; what scripts/arm64-root bench measures")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "bench_full: slow benchmark configuration, runs with --bench-full")
+    # the markers bench_full and device are declared in setup.cfg (tests/ import the cases too)
+    bundles = config.getoption("--bench-bundles", default=None)
+    store.use(Path(bundles).resolve() if bundles else None)
     # setup.cfg's addopts hold --benchmark-disable (plain test runs execute each benchmark once);
     # asking for --benchmark-only means "measure": enable, instead of pytest-benchmark's error.
     # (pytest-benchmark's own pytest_configure runs after this one: it is trylast.)
@@ -42,12 +52,22 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--bench-device", default=False):
+        keep = [i for i in items if "device" in i.keywords or not _in_benchmarks(i)]
+        dropped = [i for i in items if i not in keep]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = keep
     if config.getoption("--bench-full", default=False):
         return
     skip = pytest.mark.skip(reason="slow configuration: run with --bench-full")
     for item in items:
         if "bench_full" in item.keywords:
             item.add_marker(skip)
+
+
+def _in_benchmarks(item) -> bool:
+    return Path(str(item.fspath)).resolve().parent == Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="session")
@@ -81,11 +101,13 @@ def cpu_model_name() -> str:
 def runtime_environment() -> dict:
     """Library versions, execution providers / delegates and which runtimes load here."""
     import numpy
-    import torch
 
     import baffle_edge
-    env: dict = {"baffle_edge": baffle_edge.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-                 "torch_threads": torch.get_num_threads()}
+    env: dict = {"baffle_edge": baffle_edge.__version__, "numpy": numpy.__version__, "torch": None,
+                 "torch_threads": None}
+    if store.have_torch():  # a device install has none: its suites read --bench-bundles
+        import torch
+        env.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
     try:
         import onnxruntime as ort
         env["onnxruntime"] = ort.__version__
@@ -114,9 +136,15 @@ def runtime_environment() -> dict:
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     import psutil
-    from baffle_edge.targets import cpu_flags, emulated, isa_summary
+    from baffle_edge.targets import arm_kernel_paths, cpu_flags, emulated, isa_summary
     machine_info["cpu_model"] = cpu_model_name()
-    machine_info["kernel_path"] = os.environ.get("BAFFLE_ARM64_KERNELS")  # arm64-root --cpu: neon / dotprod / i8mm
+    # arm64: the int8 GEMM kernels MLAS (ONNX Runtime) and XNNPACK (LiteRT) pick from the HWCAP bits this
+    # process sees: neon / dotprod / i8mm (scripts/arm64-root --cpu chooses them under qemu)
+    paths = arm_kernel_paths()
+    machine_info["kernel_path"] = paths["mlas"] if paths else None
+    machine_info["kernel_paths"] = paths
+    machine_info["arm64_cpu_model"] = os.environ.get("BAFFLE_ARM64_CPU")  # the qemu CPU model, under arm64-root
+    machine_info["bench_bundles"] = str(store.current.root) if store.current.root else None
     machine_info["emulated"] = emulated()  # e.g. scripts/arm64-root's qemu-user: times are not device speed
     isa = isa_summary()  # int8-relevant ISA: avx2 / avx512_vnni / avx_vnni / amx_int8 (x86), asimddp / i8mm (arm)
     machine_info["cpu_isa"] = isa["isa"]
@@ -152,30 +180,37 @@ def build_artifact(runtime: str, case: ModelCase, workdir: Path):
     ``artifact == "torch-model"`` runtimes, an exported bundle folder for ``"bundle"`` ones.
     The ONE place where exported bundles are made; export failures skip, naming the cause."""
     info = REGISTRY[runtime]
-    model = case.build()
     if getattr(info, "artifact", "torch-model") == "torch-model":
-        return model
+        return case.build()
     # ---- PLUG-IN: bundle-based runtimes (onnxruntime, onnxruntime-int8, tflite-int8, ...) -------
     # A runtime whose RuntimeInfo says artifact="bundle", format=F is fed a bundle exported with
     # formats=(F,) (export/bundle.py). A new bundle runtime needs nothing here; a new kind of
     # artifact needs one more branch.
+    # With --bench-bundles DIR the bundle is kept there, and read back where torch is missing (store.py).
     fmt = getattr(info, "format", None)
+    out = store.current.bundle(runtime, case, fmt, workdir)
+    if (out / "baffle.json").exists():
+        return out
+    if not store.have_torch():
+        pytest.skip(store.current.missing(f"the {fmt} bundle of {case.id} for {runtime}"))
     try:
         from baffle_edge.export.bundle import ExportConfig, export_bundle
     except ImportError as e:
         pytest.skip(f"runtime {runtime!r} loads an exported bundle but the exporter is not importable ({e}); "
                     "install the package with its export extras or wire it in benchmarks/conftest.py:build_artifact")
-    out = workdir / f"{case.id}-{fmt}"
-    if not (out / "baffle.json").exists():
-        try:
-            export_bundle(model, case.config, synthetic_dataset(case), out, ExportConfig(formats=(fmt,)), force=True,
-                          source="benchmarks")
-        except ImportError as e:  # e.g. litert-torch for tflite-int8
-            pytest.skip(f"runtime {runtime!r}: exporting format {fmt!r} needs a missing package ({e}); "
-                        "pip install 'baffle-edge[tflite]' for TFLite")
-        except Exception as e:  # noqa: BLE001 - an export that cannot be built here is a skip, not a failure
-            pytest.skip(f"runtime {runtime!r}: cannot export format {fmt!r} for {case.id} here "
-                        f"({type(e).__name__}: {e})")
+    model = case.build()
+    try:
+        export_bundle(model, case.config, synthetic_dataset(case), out, ExportConfig(formats=(fmt,)), force=True,
+                      source="benchmarks")
+    except ImportError as e:  # e.g. litert-torch for tflite-int8
+        pytest.skip(f"runtime {runtime!r}: exporting format {fmt!r} needs a missing package ({e}); "
+                    "pip install 'baffle-edge[tflite]' for TFLite")
+    except Exception as e:  # noqa: BLE001 - an export that cannot be built here is a skip, not a failure
+        pytest.skip(f"runtime {runtime!r}: cannot export format {fmt!r} for {case.id} here "
+                    f"({type(e).__name__}: {e})")
+    if store.current.root and fmt in ("onnx", "onnx-int8"):  # kept for a device, which has no onnx to build them
+        from baffle_edge.export.bundle import add_batched
+        add_batched(out, store.BATCHED_PS)
     return out
 
 
@@ -197,8 +232,7 @@ def load_session(runtime: str, case: ModelCase, *, provider: str, workdir: Path,
         session = rt.load(artifact, threads=threads)
     except ValueError as e:  # e.g. an execution provider this build lacks
         pytest.skip(f"runtime {runtime!r} ({provider}) cannot load here: {e}")
-    from baffle_edge.params import flat_params
-    session.set_weights(flat_params(case.build()).numpy())  # bundle sessions start without weights
+    session.set_weights(case.weights())  # bundle sessions start without weights
     return session
 
 
@@ -259,11 +293,14 @@ def forward_losses_fn(session, batch: Batch) -> Callable[[int], np.ndarray]:
 
 
 def reference_loss(case: ModelCase, batch: Batch) -> float:
-    """The torch fp32 reference: loss of the case's initial weights on ``batch`` (float64 CE)."""
-    import torch
-    with torch.no_grad():
-        logits = case.build()(torch.from_numpy(batch.x)).double()
-        return float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch.y)))
+    """The torch fp32 reference: loss of the case's initial weights on ``batch`` (float64 CE); kept in and
+    read from the ``--bench-bundles`` folder (store.py)."""
+    def compute() -> float:
+        import torch
+        with torch.no_grad():
+            logits = case.build()(torch.from_numpy(batch.x)).double()
+            return float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch.y)))
+    return store.current.reference_loss(case, batch, compute)
 
 
 def loss_tolerance(runtime: str) -> float:

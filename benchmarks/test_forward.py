@@ -8,10 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from .cases import FULL, MODELS, dtype_of, runtime_params
+from .cases import DEVICE, FULL, MODELS, dtype_of, runtime_params
 from .conftest import forward_loss_fn, loss_tolerance, reference_loss
 
-CASES = [pytest.param(m, b, id=f"{m}-b{b}", marks=[FULL] if (m == "wrn-10-2" and b == 128) else [])
+CASES = [pytest.param(m, b, id=f"{m}-b{b}", marks=[FULL] if (m == "wrn-10-2" and b == 128) else
+                      [DEVICE] if (m, b) == ("lenet-8", 32) else [])
          for m in ("lenet-8", "lenet-28", "wrn-10-2", "mlp") for b in (1, 32, 128)]
 
 

@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 
 from baffle_edge.client import run_task
-from baffle_edge.params import flat_params
 from baffle_edge.bench_report import K_RATIO
 from baffle_edge.protocol import Scheme
 
-from .cases import FULL, MODELS, dtype_of, runtime_names
+from .cases import DEVICE, FULL, MODELS, dtype_of, runtime_names
 from .conftest import forward_loss_fn, forward_losses_fn, task_for
 
 BATCH = 32  # reference client batch
 TARGET_RATIO = K_RATIO  # defined once, with the other targets, in baffle_edge/bench_report.py
 QUICK = {("lenet-8", 10, "forward"), ("lenet-8", 10, "central"), ("lenet-8", 100, "forward")}  # the default set; everything else needs --bench-full
-CASES = [pytest.param(m, k, s, id=f"{m}-K{k}-{s}", marks=[] if (m, k, s) in QUICK else [FULL])
+DEVICE_CASE = ("lenet-8", 10, "forward")  # the device subset (--bench-device)
+CASES = [pytest.param(m, k, s, id=f"{m}-K{k}-{s}", marks=([] if (m, k, s) in QUICK else [FULL])
+                      + ([DEVICE] if (m, k, s) == DEVICE_CASE else []))
          for m in ("lenet-8", "lenet-28", "wrn-10-2") for k in (10, 100, 500) for s in ("forward", "central")]
 
 
@@ -31,7 +32,7 @@ def test_client_round(benchmark, sessions, measuring, runtime, case_id, k, schem
     case = MODELS[case_id]
     session = sessions.get(runtime, case)
     batch = case.batch(BATCH)
-    weights = flat_params(case.build()).numpy()
+    weights = case.weights()
     task = task_for(runtime, k=k, scheme=scheme)
     forwards_n = k + 1 if Scheme(scheme) is Scheme.FORWARD else 2 * k
     rounds = 1 if (k >= 500 or case_id.startswith("wrn")) else 5

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import pytest
 
-from .cases import MODELS
+from .cases import DEVICE, MODELS
 from .conftest import build_artifact
 
 BATCH = 32
@@ -124,7 +124,8 @@ class Paths:
         return self._out(self._make(bytes(c), self.R.AUTO))
 
 
-@pytest.mark.parametrize("case_id", ["lenet-28", pytest.param("wrn-10-2", marks=pytest.mark.bench_full)])
+@pytest.mark.parametrize("case_id", [pytest.param("lenet-28", marks=DEVICE),
+                                     pytest.param("wrn-10-2", marks=pytest.mark.bench_full)])
 def test_tflite_kernel_paths(benchmark, sessions, bench_threads, measuring, case_id):
     case = MODELS[case_id]
     bundle = build_artifact("tflite-int8", case, sessions.workdir / "tflite-int8")  # the suites' shared export

@@ -199,6 +199,19 @@ def _seal(folder: Path, meta: dict) -> None:
     (folder / "README.md").write_text(bundle_readme(meta))
 
 
+def add_batched(folder: str | Path, ps) -> None:
+    """Add the ``train_p{P}`` graphs for every P in ``ps`` to an exported bundle and seal it again: a device
+    without ``onnx`` cannot build them (benchmarks/store.py keeps bundles for such devices)."""
+    folder = Path(folder)
+    meta = json.loads((folder / "baffle.json").read_text())
+    for p in ps:
+        check_p(p)
+        if p > 1:
+            _add_batched(folder, meta, p)
+    (folder / "README.md").unlink(missing_ok=True)  # _seal hashes the models and specs, then writes it anew
+    _seal(folder, meta)
+
+
 def _add_batched(folder: Path, meta: dict, p: int) -> None:
     """Write the P-perturbations-per-call variant of every ONNX train graph (export/batched.py)."""
     import onnx
