@@ -176,6 +176,49 @@ def _k_estimation(data: dict) -> tuple[str, list[dict]]:
          f"<= {K_RATIO}"], rows)), found
 
 
+def _x(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}x"
+
+
+def _batched(data: dict) -> str:
+    """Batched-K rounds (P sets per runtime call) and auto-P, each next to P = 1 of the same run."""
+    text, rows = [], []
+    for b in _stage(data, "batched_k"):
+        e = b["extra_info"]
+        rows.append([e.get("runtime"), e.get("case"), e.get("K"), e.get("perturbations_per_call"),
+                     _s(e.get("round_s")), _s(e.get("sequential_round_s")), _x(e.get("speedup_vs_sequential")),
+                     _x(e.get("speedup_vs_torch_fp32_sequential"))])
+    if rows:
+        rows.sort(key=lambda r: (str(r[0]), r[3] or 0))
+        text.append("## Batched K: P perturbations per runtime call vs P = 1 (losses asserted equal)\n\n" + _table(
+            ["runtime", "model", "K", "P", "round s", "P = 1 round s", "vs P = 1", "vs torch fp32 P = 1"], rows))
+    auto = []
+    for b in _stage(data, "auto_p"):
+        e = b["extra_info"]
+        auto.append([e.get("runtime"), e.get("case"), e.get("threads"), e.get("auto_p"), _s(e.get("auto_round_s")),
+                     _s(e.get("p1_round_s")), _x(e.get("speedup_auto_vs_p1"))])
+    if auto:
+        auto.sort(key=lambda r: (str(r[0]), str(r[1]), r[2] or 0))
+        text.append("### auto-P (measured on this CPU) vs P = 1\n\n" + _table(
+            ["runtime", "model", "threads", "auto P", "auto round s", "P = 1 round s", "auto vs P = 1"], auto))
+    return "\n\n".join(text)
+
+
+def _tflite_paths(data: dict) -> str:
+    """LiteRT's kernel paths on one perturbed forward: built-in (what tflite-int8 runs) vs XNNPACK."""
+    rows = []
+    for b in _stage(data, "tflite_paths"):
+        e = b["extra_info"]
+        for name, sec in (e.get("seconds_per_set") or {}).items():
+            diff = (e.get("max_logit_diff_vs_builtin") or {}).get(name)
+            rows.append([e.get("case"), name, _ms(sec), _x((e.get("speedup_vs_builtin") or {}).get(name)),
+                         "—" if diff is None else ("exact" if diff == 0 else f"{diff:.3g}")])
+    if not rows:
+        return ""
+    return ("## LiteRT kernel paths: one perturbed int8 forward (builtin = the tflite-int8 runtime's path)\n\n"
+            + _table(["model", "path", "ms per set", "vs builtin", "max logit diff vs builtin"], rows))
+
+
 def _server(data: dict) -> str:
     rows = []
     for b in _stage(data, "server"):
@@ -311,7 +354,8 @@ def build_report(results: str | Path | dict, out: str | Path) -> Report:
     targets = _targets(fwd, kest, mem)
     sections = ["# baffle-edge benchmarks", _machine(data),
                 "## Targets\n\n" + _table(["target", "result"], [[k, v] for k, v in targets.items()]),
-                fwd_text, k_text, _server(data), mem_text, _bytes(data, out, files)]
+                fwd_text, k_text, _batched(data), _tflite_paths(data), _server(data), mem_text,
+                _bytes(data, out, files)]
     if not any(b.get("extra_info", {}).get("stage") for b in data["benchmarks"]):
         sections.append("_No baffle-edge benchmark entries (extra_info.stage) in this file._")
     md = "\n\n".join(s for s in sections if s) + "\n"

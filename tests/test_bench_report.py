@@ -100,3 +100,24 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a JSON file"):
         bad.write_text("{")
         build_report(bad, tmp_path / "y")
+
+
+def test_batched_auto_p_and_litert_paths_sections(tmp_path):
+    data = synthetic()
+    data["machine_info"].update(kernel_paths={"mlas": "dotprod", "xnnpack": "dotprod"}, arm64_cpu_model="neoverse-n1")
+    data["benchmarks"] += [
+        bench("batched_k", 0.5, case="lenet-28", runtime="onnxruntime-int8", K=24, perturbations_per_call=5,
+              round_s=0.5, sequential_round_s=1.0, speedup_vs_sequential=2.0, speedup_vs_torch_fp32_sequential=None),
+        bench("auto_p", 0.3, case="lenet-8", runtime="onnxruntime-int8", threads=1, auto_p=10, auto_round_s=0.3,
+              p1_round_s=0.6, speedup_auto_vs_p1=2.0),
+        bench("tflite_paths", 0.01, case="lenet-28", runtime="tflite-int8",
+              seconds_per_set={"builtin": 0.002, "xnnpack-inputs": 0.001},
+              speedup_vs_builtin={"builtin": 1.0, "xnnpack-inputs": 2.0},
+              max_logit_diff_vs_builtin={"builtin": 0.0, "xnnpack-inputs": 0.0123}),
+    ]
+    md = build_report(data, tmp_path).markdown
+    row(md, "onnxruntime-int8", "lenet-28", 24, 5, "0.500", "1.000", "2.00x", "—")
+    row(md, "onnxruntime-int8", "lenet-8", 1, 10, "0.300", "0.600", "2.00x")
+    row(md, "lenet-28", "builtin", "2.000", "1.00x", "exact")
+    row(md, "lenet-28", "xnnpack-inputs", "1.000", "2.00x", "0.0123")
+    assert "arm64 int8 kernels: MLAS dotprod, XNNPACK dotprod; qemu CPU model neoverse-n1" in md
