@@ -213,3 +213,29 @@ def test_emulation_is_detected_from_the_mark_or_an_x86_cpuinfo(tmp_path, monkeyp
     assert "qemu-user" in targets.emulated(tmp_path / "none", cpuinfo)
     cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\nCPU part\t: 0xd0c\n")
     assert targets.emulated(tmp_path / "none", cpuinfo) is None
+
+
+BENCH_SUBSET = "forward_latency or tflite_kernel_paths or bytes"  # CI's bound; `bench` alone runs the whole device subset
+
+
+def test_the_benchmark_suites_run_in_the_root_without_torch_and_say_so(root, tmp_path):
+    """`scripts/arm64-root bench`: the host exports the device subset's bundles (--bench-bundles), the root
+    measures them with pytest-benchmark (no torch there), bench-report renders it as emulation times."""
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, str(SCRIPT), "bench", "--cpu", "neoverse-n1", "--out", str(out), "--",
+                        "-k", BENCH_SUBSET], capture_output=True, text=True, timeout=2 * TIMEOUT, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    data = json.loads((out / "arm64-neoverse-n1.json").read_text())
+    m = data["machine_info"]
+    assert m["machine"] == "aarch64" and m["cpu_target"] == "arm64" and m["emulated"]
+    assert m["kernel_paths"] == {"mlas": "dotprod", "xnnpack": "dotprod"} and m["arm64_cpu_model"] == "neoverse-n1"
+    assert m["baffle_edge"]["torch"] is None and m["baffle_edge"]["onnxruntime"]  # the device install
+    ran = {(b["extra_info"].get("runtime"), b["extra_info"].get("stage")) for b in data["benchmarks"]}
+    assert {("onnxruntime", "forward"), ("onnxruntime-int8", "forward"), ("tflite-int8", "forward"),
+            ("tflite-int8", "tflite_paths"), (None, "bytes")} <= ran, ran
+    paths = next(b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("stage") == "tflite_paths")
+    assert paths["exact"]["builtin"]  # the runtime's path; XNNPACK's ARM kernels ran beside it (their diff recorded)
+    assert {"xnnpack-inputs", "xnnpack-rebuild"} <= set(paths["max_logit_diff_vs_builtin"])
+    md = (out / "report" / "benchmarks.md").read_text()
+    assert "emulation time, not the speed of a device" in md
+    assert "arm64 int8 kernels: MLAS dotprod, XNNPACK dotprod; qemu CPU model neoverse-n1" in md
