@@ -125,6 +125,8 @@ TABLES = [
      [("scale", (), 0), ("layer.weight", (3, 2), 1), ("layer.bias", (3,), 7)]),
     ("tensors of one module that are not adjacent: grouped at the module's first tensor, in parameter order",
      [("a.weight", (2, 3), 0), ("b.weight", (4,), 6), ("a.bias", (2,), 10)]),
+    ("m_b at a tie: sqrt(25 / 4) = 2.5 gives floor(2.5 + 0.5) = 3 (half-to-even would give 2)",
+     [("t.weight", (4, 4), 0), ("u.weight", (1, 9), 16)]),
 ]
 
 

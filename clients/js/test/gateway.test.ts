@@ -150,15 +150,14 @@ test("Node devices with block noise (fp32, size draws, central) reproduce `baffl
   { skip: haveServe ? false : `${PYTHON} lacks baffle_edge[serve]`, timeout: 300_000 },
   () => nodeDevicesReproduceTrain("onnxruntime", ["--noise", "block", "--k", "200", "--scheme", "central"]));
 
-test("headless chromium tabs join a serve run with the int8 bundle; accuracy rises",
-  { skip: !haveServe ? `${PYTHON} lacks baffle_edge[serve]` : !haveBrowser ? `${CHROMIUM} not found` : false, timeout: 600_000 },
-  async () => {
+/** Chromium tabs train a serve run (int8 bundle, WASM); with `reproduce` its metrics must equal `baffle-edge train`'s. */
+async function tabsTrain(label: string, noise: string[], reproduce: boolean): Promise<void> {
     const stage = spawnSync(process.execPath, [join(PACKAGE_DIR, "web", "build.mjs")], { encoding: "utf8" });
     assert.equal(stage.status, 0, stage.stderr);
     const dir = mkdtempSync(join(tmpdir(), "baffle-gw-web-"));
     const clients = 3;
     tokens(dir, clients);
-    const [server, port] = await serve(dir, [...RUN, "--runtime", "onnxruntime-int8", "--clients", String(clients), "--k", "20", "--rounds", "9",
+    const [server, port] = await serve(dir, [...RUN, "--runtime", "onnxruntime-int8", "--clients", String(clients), ...noise, "--rounds", "9",
                                              "--eval-every", "3", "--web", join(PACKAGE_DIR, "web")]);
     const browser = await chromium.launch({
       executablePath: CHROMIUM,
@@ -195,10 +194,25 @@ test("headless chromium tabs join a serve run with the int8 bundle; accuracy ris
       assert.ok(acc[acc.length - 1] > acc[0], `test accuracy did not rise: ${acc.join(", ")}`);
       const seconds = states.flatMap((s) => s.roundSeconds).sort((a, b) => a - b);
       const median = seconds[seconds.length >> 1];
-      console.log(`# browser tabs (int8 LeNet, K=20, WASM 1 thread, ${clients} tabs): test accuracy ` +
+      console.log(`# browser tabs (int8 LeNet, ${label}, WASM 1 thread, ${clients} tabs): test accuracy ` +
         `${acc.map((a) => (100 * a).toFixed(1)).join(" -> ")} %; task -> report accepted: median ` +
         `${(1e3 * median).toFixed(0)} ms, max ${(1e3 * seconds[seconds.length - 1]).toFixed(0)} ms`);
+      if (reproduce) {  // WASM int8 kernels give this machine's logits and the loss is specified: train's metrics exactly
+        python(["train", ...RUN, "--runtime", "onnxruntime-int8", "--clients", String(clients), ...noise, "--rounds", "9",
+                "--eval-every", "3", "--out", "ref"], dir);
+        const want = rows(join(dir, "ref"));
+        assert.deepEqual(got.map((r) => [r.round, r.train_loss, r.test_accuracy]), want.map((r) => [r.round, r.train_loss, r.test_accuracy]),
+          "browser tabs vs baffle-edge train");
+      }
     } finally {
       await browser.close();
     }
-  });
+}
+
+test("headless chromium tabs join a serve run with the int8 bundle; accuracy rises",
+  { skip: !haveServe ? `${PYTHON} lacks baffle_edge[serve]` : !haveBrowser ? `${CHROMIUM} not found` : false, timeout: 600_000 },
+  () => tabsTrain("K=20", ["--k", "20"], false));
+
+test("headless chromium tabs train with block noise (int8, size draws) through serve: train's metrics, accuracy rises",
+  { skip: !haveServe ? `${PYTHON} lacks baffle_edge[serve]` : !haveBrowser ? `${CHROMIUM} not found` : false, timeout: 600_000 },
+  () => tabsTrain("block noise K=600", ["--noise", "block", "--k", "600"], true));
