@@ -14,8 +14,14 @@ boundary. Seeds are JSON integers up to 2**64 - 1: a port must parse them as uns
 Loss vectors (docs/noise.md section 7): fdlibm ``exp``/``log`` of edge-case arguments and
 cross-entropies of small logits arrays, as float64 bit patterns.
 
+Block-noise vectors (docs/noise.md sections 8-11): draws by size and by ``block_weights`` (one set
+with a total weight W > 2**32), int8 steps and decoder weights, block tables of edge-case parameter
+lists (``tables``) and the int8 freeze rule on hand-made integers (``freeze``).
+
 Rounds: the same (task, weights, batches, bundle) run by the Python ONNX Runtime client
-(``runtimes/onnxruntime_runtime.py``, one intra-op thread); its ``ClientReport`` is stored. A port
+(``runtimes/onnxruntime_runtime.py``, one intra-op thread); its ``ClientReport`` is stored. The block
+rounds (fp32 and int8; size, uniform and W > 2**32 draws; FedAvg; central) run through the bundle's
+segment graphs. A port
 must reproduce the int8 losses exactly (float64 bit for bit) and the fp32 ones within 1e-6
 relative, exactly where its float kernels round like this machine's (docs/device-clients.md says
 how to check a new client).

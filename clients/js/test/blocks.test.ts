@@ -164,3 +164,18 @@ test("a block task this client cannot run is a clear error, never a wrong loss",
   assert.equal(report.losses.length, 12);
   assert.ok(k > 12);
 });
+
+test("the block-noise modules (and everything index.ts exports) import no Node API: React Native and the browser run them", async () => {
+  const { readFile } = await import("node:fs/promises");
+  const { PACKAGE_DIR } = await import("./helpers.js");
+  const seen = new Set<string>(), todo = ["index.js"];
+  while (todo.length) {
+    const f = todo.pop()!;
+    if (seen.has(f)) continue;
+    seen.add(f);
+    const text = await readFile(`${PACKAGE_DIR}/dist/src/${f}`, "utf8");
+    assert.doesNotMatch(text, /from "node:|require\(|import\("node:/, `${f} imports a Node API`);
+    for (const m of text.matchAll(/from "\.\/([\w.]+\.js)"/g)) todo.push(m[1]);
+  }
+  for (const f of ["blocks.js", "segments.js", "block_round.js", "client.js"]) assert.ok(seen.has(f), f);
+});
