@@ -155,6 +155,15 @@ test("a block task this client cannot run is a clear error, never a wrong loss",
   const broken = new Bundle(meta, files);
   const bad = new RoundSession(rs.session, ort.Tensor as never, broken, "onnx-int8", (m) => ort.InferenceSession.create(m));
   await assert.rejects(runTask(task({}), weights, batches, bad), /bundle block plan lists modules \["features.0","fc","nope"\]/);
+  // a bundle without segment graphs (not a chain): the rows run as full forwards, with the same losses
+  const plain = JSON.parse(JSON.stringify(kit.bundle.meta, (_k, x) => (typeof x === "bigint" ? Number(x) : x)));
+  delete plain.formats["onnx-int8"].blocks;
+  plain.formats["onnx-int8"].blocks_unsupported = "module 'features.4': ops ['GroupNormalization'] between its input and the next module's";
+  const chainless = new RoundSession(rs.session, ort.Tensor as never, new Bundle(plain, files), "onnx-int8", (m) => ort.InferenceSession.create(m));
+  const small = task({ k: 24 });
+  const [viaSegments, viaDense] = [await runTask(small, weights, batches, rs), await runTask(small, weights, batches, chainless)];
+  assert.deepEqual(viaDense.losses.map(f64hex), viaSegments.losses.map(f64hex));
+  assert.match(chainless.blockRowsReason ?? "", /GroupNormalization/);
   // a session without a way to open the segment graphs says so (or runs dense when told)
   const noFactory = new RoundSession(rs.session, ort.Tensor as never, kit.bundle, "onnx-int8");
   await assert.rejects(runTask(task({}), weights, batches, noFactory), /needs a session factory/);
