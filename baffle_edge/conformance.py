@@ -14,8 +14,14 @@ boundary. Seeds are JSON integers up to 2**64 - 1: a port must parse them as uns
 Loss vectors (docs/noise.md section 7): fdlibm ``exp``/``log`` of edge-case arguments and
 cross-entropies of small logits arrays, as float64 bit patterns.
 
+Block-noise vectors (docs/noise.md sections 8-11): draws by size and by ``block_weights`` (one set
+with a total weight W > 2**32), int8 steps and decoder weights, block tables of edge-case parameter
+lists (``tables``) and the int8 freeze rule on hand-made integers (``freeze``).
+
 Rounds: the same (task, weights, batches, bundle) run by the Python ONNX Runtime client
-(``runtimes/onnxruntime_runtime.py``, one intra-op thread); its ``ClientReport`` is stored. A port
+(``runtimes/onnxruntime_runtime.py``, one intra-op thread); its ``ClientReport`` is stored. The block
+rounds (fp32 and int8; size, uniform and W > 2**32 draws; FedAvg; central) run through the bundle's
+segment graphs. A port
 must reproduce the int8 losses exactly (float64 bit for bit) and the fp32 ones within 1e-6
 relative, exactly where its float kernels round like this machine's (docs/device-clients.md says
 how to check a new client).
@@ -100,17 +106,82 @@ def block_vectors() -> dict:
                       "steps": int(table.steps[b]), "step_weight": float(table.step_weight[b]),
                       "signs": _signs(v)})
     weighted = []  # docs/noise.md section 11: block_weights per module
-    for weights in ((1, 1, 1), (3, 1, 1000)):
+    for weights in WEIGHTED:
         t = table.weighted(weights)
-        for what, seed, rnd, client, k in BLOCK[:5]:
+        for what, seed, rnd, client, k in BLOCK[:5] + (BLOCK[5:] if t.draw_total > 2**32 else []):
             (b,), (v,) = t.draw(seed, rnd, client, [k])
             (_, ), (st,) = t.draw_steps(seed, rnd, client, [k])
+            w = perturb.words(seed, rnd, client, k, 2)
             weighted.append({"block_weights": list(weights), "what": what, "seed": seed, "round": rnd,
-                             "client": client, "k": k, "block": int(b), "scale": _bits(t.scale[b:b + 1])[0],
-                             "values_head": _bits(v[:4]), "sha256_f32le": _sha(v), "steps": int(t.steps[b]),
-                             "step_weight": float(t.step_weight[b]), "signs": _signs(st)})
+                             "client": client, "k": k, "total_weight": t.draw_total,
+                             "r": ((int(w[1]) << 32) | int(w[0])) % t.draw_total, "block": int(b),
+                             "scale": _bits(t.scale[b:b + 1])[0], "values_head": _bits(v[:4]), "sha256_f32le": _sha(v),
+                             "steps": int(t.steps[b]), "step_weight": float(t.step_weight[b]), "signs": _signs(st)})
     return {"parameters": [{"name": n, "shape": list(s), "offset": o} for n, s, o in LENET_PARAMS],
-            "modules": table.to_json(), "draws": rows, "int8_step_draws": steps, "weighted_draws": weighted}
+            "modules": table.to_json(), "draws": rows, "int8_step_draws": steps, "weighted_draws": weighted,
+            "tables": table_vectors(), "freeze": freeze_vectors()}
+
+
+# weighted draws: uniform, skewed, and a total draw weight W > 2**32 (r must be reduced in 64-bit arithmetic)
+WEIGHTED = ((1, 1, 1), (3, 1, 1000), (2**32 - 1, 1, 2**31 + 7))
+
+# block-table edge cases (docs/noise.md section 8): (what, parameters (name, shape, offset))
+TABLES = [
+    ("a name without a dot is its own module; a 0-d tensor is one row",
+     [("scale", (), 0), ("layer.weight", (3, 2), 1), ("layer.bias", (3,), 7)]),
+    ("tensors of one module that are not adjacent: grouped at the module's first tensor, in parameter order",
+     [("a.weight", (2, 3), 0), ("b.weight", (4,), 6), ("a.bias", (2,), 10)]),
+    ("m_b at a tie: sqrt(25 / 4) = 2.5 gives floor(2.5 + 0.5) = 3 (half-to-even would give 2)",
+     [("t.weight", (4, 4), 0), ("u.weight", (1, 9), 16)]),
+]
+
+
+def table_vectors() -> list[dict]:
+    """Block tables of edge-case parameter lists: every block's flat indices, m_b and scale."""
+    out = []
+    for what, params in TABLES:
+        t = perturb.BlockTable(params)
+        out.append({"what": what, "parameters": [{"name": n, "shape": list(s), "offset": o} for n, s, o in params],
+                    "modules": list(t.modules), "blocks": [
+                        {"module": t.modules[t.module[b]], "row": int(t.row[b]),
+                         "index": [int(i) for i in t.index[t.bounds[b]:t.bounds[b + 1]]], "steps": int(t.steps[b]),
+                         "scale": _bits(t.scale[b:b + 1])[0]} for b in range(len(t.sizes))]})
+    out.append({"what": "tensors of one module disagreeing on their first dimension: refused",
+                "parameters": [{"name": "m.weight", "shape": [3, 2], "offset": 0},
+                               {"name": "m.bias", "shape": [2], "offset": 6}], "error": "disagree"})
+    return out
+
+
+def freeze_vectors() -> list[dict]:
+    """The int8 freeze rule (docs/noise.md section 10, quant.FlatSteps) on hand-made integers: per
+    coordinate its tensor's dtype, [lo, hi], multiplier, q and the drawn steps m_b * u (signed), the
+    moved integers q'(+1), q'(-1), which coordinates are frozen, and eps_eff (forward and central)."""
+    from .quant import FlatSteps, QTensor, QuantTable
+    cases = [  # (what, QTensor fields, q, steps)
+        ("8-bit weights, bounds [-127, 127]: frozen where q +- m_b leaves them (either direction)",
+         dict(name="w", dtype="int8", lo=-127, hi=127), [127, 120, 119, -119, -120, -127, 0, 100],
+         [8, 8, -8, 8, -8, 8, -32, -32]),
+        ("7-bit weights (x86-avx2), bounds [-64, 64]", dict(name="w", dtype="int8", qmax=64, lo=-64, hi=64),
+         [64, 56, 57, -56, -57, 0], [8, 8, -8, -8, 8, 20]),
+        ("int32 biases: delta = multiplier * m_b * u (multiplier 37, not m_b); q + |delta| beyond 2^31 - 1 "
+         "must be computed without int32 overflow", dict(name="b", dtype="int32", multiplier=37, qmax=2**31 - 1),
+         [2**31 - 1 - 296, 2**31 - 1 - 295, -(2**31) + 296, -(2**31) + 295, 1000, -5],
+         [-8, 8, 8, -8, 20, -20]),
+    ]
+    out = []
+    for what, fields, q, steps in cases:
+        f = dict(input=fields["name"], offset=0, shape=(len(q),), axis=0, scale=(1.0,) * len(q)) | fields
+        t = QTensor(**f)
+        flat = FlatSteps(QuantTable((t,)), [np.asarray(q, dtype=t.dtype)])
+        idx, st = np.arange(len(q)), np.asarray(steps, np.int64)
+        plus, minus = flat.moved(idx, st, 1), flat.moved(idx, st, -1)
+        lo, hi = t.bounds
+        out.append({"what": what, "dtype": t.dtype, "lo": lo, "hi": hi, "multiplier": t.multiplier, "q": q,
+                    "steps": steps, "moved_plus": [int(v) for v in plus], "moved_minus": [int(v) for v in minus],
+                    "frozen": [bool(v) for v in plus == np.asarray(q)],
+                    "eps_eff_forward": [float(v) for v in flat.effective(idx, st)],
+                    "eps_eff_central": [float(v) for v in flat.effective(idx, st, central=True)]})
+    return out
 
 
 def _hex(words_: np.ndarray) -> list[str]:
@@ -201,6 +272,17 @@ ROUNDS = [
     ("int8-fedavg", "onnx-int8", dict(k=10, baseline="leave-one-out", local_steps=3),
      dict(local_lr=0.05, clip=0.3)),
     ("int8-fedavg-noclip", "onnx-int8", dict(k=6, local_steps=2), dict(local_lr=0.02, clip=None)),
+    # block noise (docs/noise.md sections 8-11): rows through the bundle's segment graphs
+    ("fp32-block", "onnx", dict(k=300, sigma=1e-3, noise="block"), {}),
+    ("fp32-block-uniform-central", "onnx", dict(k=60, sigma=1e-3, noise="block", scheme="central",
+                                                block_weights=(1, 1, 1)), {}),
+    ("fp32-block-fedavg", "onnx", dict(k=40, sigma=1e-3, noise="block", local_steps=2), dict(local_lr=0.05, clip=0.3)),
+    ("int8-block", "onnx-int8", dict(k=400, noise="block", baseline="leave-one-out"), {}),
+    ("int8-block-weighted-w64", "onnx-int8", dict(k=200, noise="block", block_weights=(2**32 - 1, 3, 2**31 + 7),
+                                                           seed=2**64 - 1), {}),
+    ("int8-block-central-fedavg", "onnx-int8", dict(k=60, noise="block", scheme="central", local_steps=2,
+                                                    estimator="per-step", noise_scope="shared"),
+     dict(local_lr=0.05, clip=0.3)),
 ]
 INT8_TASK = dict(noise="rademacher", domain="int8-step", sigma=1.0)
 

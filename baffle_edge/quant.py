@@ -90,11 +90,12 @@ class QTensor:
 def weight_tensor(name: str, input: str, offset: int, shape: tuple[int, ...], axis: int,
                   scale: tuple[float, ...], *, reduce_range: bool = False) -> QTensor:
     """An int8 weight tensor (symmetric, zero point 0): rounded into [-127, 127], or with
-    ``reduce_range`` (7-bit weights, export/onnx_export.py) into [-64, 64], where its perturbed
-    integers also stay (so a +-1 step never saturates ONNX Runtime's int16 sums)."""
-    if reduce_range:
-        return QTensor(name, input, offset, shape, "int8", axis, scale, qmax=64, lo=-64, hi=64)
-    return QTensor(name, input, offset, shape, "int8", axis, scale)
+    ``reduce_range`` (7-bit weights, export/onnx_export.py) into [-64, 64]; its perturbed integers stay
+    in the same symmetric range (baffle.json's ``target.int8_weight_range``), so a +-1 step never
+    saturates ONNX Runtime's int16 sums (7-bit) and the bounds of the freeze rule (docs/noise.md section
+    10) treat both signs alike. (Bundles exported before this rule carry lo = -128 in their table and keep it.)"""
+    qmax = 64 if reduce_range else 127
+    return QTensor(name, input, offset, shape, "int8", axis, scale, qmax=qmax, lo=-qmax, hi=qmax)
 
 
 def bias_tensor(name: str, input: str, offset: int, shape: tuple[int, ...], scale: tuple[float, ...],

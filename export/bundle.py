@@ -245,7 +245,9 @@ def _base_meta(model_cfg, data, layout, cfg: ExportConfig, source: str, target: 
         "parameters": layout.to_json(),
         "noise": {"spec_version": NOISE_SPEC_VERSION, "spec": "noise.md", "int8_spec": "quantized-perturbation.md", "generator": "philox4x32-10",
                   "key": "(seed & 0xFFFFFFFF, seed >> 32)", "counter": "(block, step*K + k, client, round)",
-                  "kinds": {"gaussian": "Box-Muller in float64 -> float32", "rademacher": "1 bit per value"}},
+                  "kinds": {"gaussian": "Box-Muller in float64 -> float32", "rademacher": "1 bit per value",
+                            "block": "one output-channel block per perturbation (noise.md sections 8-11; int8: "
+                                     "whole steps, freeze rule of section 10)"}},
         "calibration": {"samples": cfg.calibration_samples, "method": cfg.calibration_method, "seed": cfg.seed,
                         "reduce_range": target.reduce_range,
                         "dataset": data.name},

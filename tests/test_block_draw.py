@@ -133,7 +133,8 @@ def test_weights_reach_the_client(lenet_batch, table):
 def test_conformance_kit_carries_weighted_draws(table):
     from baffle_edge.conformance import block_vectors
     rows = block_vectors()["weighted_draws"]
-    assert {tuple(r["block_weights"]) for r in rows} == {(1, 1, 1), (3, 1, 1000)}
+    assert {tuple(r["block_weights"]) for r in rows} == {(1, 1, 1), (3, 1, 1000), (2**32 - 1, 1, 2**31 + 7)}
+    assert max(r["total_weight"] for r in rows) > 2**32  # r must be reduced in 64-bit arithmetic
     r = rows[0]
     (b,), (v,) = table.weighted(r["block_weights"]).draw(r["seed"], r["round"], r["client"], [r["k"]])
     assert b == r["block"] and [f"{x:08x}" for x in v[:4].view(np.uint32)] == r["values_head"]

@@ -88,6 +88,42 @@ def test_bundle_ships_the_noise_spec(kit):
     spec = bundle.meta["noise"]["spec"]
     assert (kit[0] / "bundle" / spec).read_text().startswith("# The perturbation noise")
     assert spec in bundle.meta["files"]  # its sha256 is listed like every model file
+    assert set(bundle.meta["noise"]["kinds"]) == {"gaussian", "rademacher", "block"}
+
+
+def test_kit_block_rounds_and_vectors(kit):
+    """Block rounds in both formats (size, uniform and W > 2^32 weighted draws, FedAvg, central), run
+    through the bundle's segment graphs, and the vectors a port needs beyond the draws: the block-table
+    edge cases and the int8 freeze rule (q', frozen coordinates, eps_eff; an int32 bias near its bound)."""
+    from baffle_edge.device import DeviceSettings, open_session
+    from baffle_edge.quant import FlatSteps, QTensor, QuantTable
+    out, index = kit
+    block = [r for r in index["rounds"] if r["task"]["noise"] == "block"]
+    assert {r["format"] for r in block} == {"onnx", "onnx-int8"}
+    assert any(r["task"]["local_steps"] > 1 for r in block) and any(r["task"]["scheme"] == "central" for r in block)
+    table = perturb.BlockTable.from_layout(read_bundle(out / "bundle").meta["parameters"])
+    totals = [table.weighted(r["task"]["block_weights"]).draw_total for r in block if r["task"].get("block_weights")]
+    assert max(totals) > 2**32 and len(table.sizes) in totals  # a W beyond 32 bits, and uniform draws (W = blocks)
+    session = open_session(DeviceSettings(runtime="onnxruntime-int8", perturbations_per_call=1, threads=1), out / "bundle")
+    assert session.block_forward is not None, session.block_forward_reason  # the kit's rows run through the segments
+    v = index["noise"]["block"]
+    assert any(d["total_weight"] > 2**32 for d in v["weighted_draws"])
+    tie = next(t for t in v["tables"] if "tie" in t["what"])
+    assert [b["steps"] for b in tie["blocks"]] == [3, 3, 3, 3, 2]
+    assert any("error" in t for t in v["tables"])
+    frozen = 0
+    for c in v["freeze"]:
+        t = QTensor("t", "t", 0, (len(c["q"]),), c["dtype"], 0, (1.0,) * len(c["q"]), c["multiplier"], lo=c["lo"], hi=c["hi"])
+        flat = FlatSteps(QuantTable((t,)), [np.asarray(c["q"], dtype=c["dtype"])])
+        idx, st = np.arange(len(c["q"])), np.asarray(c["steps"])
+        for q, s, f, plus in zip(c["q"], c["steps"], c["frozen"], c["moved_plus"]):
+            reach = abs(c["multiplier"] * s)  # the rule in Python integers: no overflow
+            assert f == (not (c["lo"] <= q - reach and q + reach <= c["hi"])) and plus == (q if f else q + c["multiplier"] * s)
+        assert list(flat.moved(idx, st, 1)) == c["moved_plus"]
+        frozen += sum(c["frozen"])
+    assert frozen >= 4
+    bias = next(c for c in v["freeze"] if c["dtype"] == "int32")
+    assert any(q + abs(37 * s) > 2**31 - 1 for q, s in zip(bias["q"], bias["steps"]))  # would overflow int32
 
 
 def decode(kit_dir: Path, r: dict, report: ClientReport) -> np.ndarray:

@@ -13,20 +13,26 @@
  * bit for bit as docs/noise.md section 7 specifies (fdlibm exp/log, numpy's pairwise order).
  */
 import type { InferenceSession, Tensor } from "onnxruntime-common";
+import { blockStep } from "./block_round.js";
+import { BlockError, BlockTable, checkBlockWeights } from "./blocks.js";
 import type { Bundle, TrainFormat } from "./bundle.js";
 import { clipInf, leaveOneOut, lossDifferences, pairwiseSum } from "./estimator.js";
 import { exp, log } from "./libm.js";
-import { negativeSigns, noise, words } from "./noise.js";
+import { negativeSigns, noise, words, type NoiseKind } from "./noise.js";
 import { lossesPerStep, noiseClient, parseTask, ProtocolError, type ClientReport, type RoundTask } from "./protocol.js";
 import { quantize, steps, StepSelector, type IntArray, type QTensor } from "./quant.js";
+import { checkPlan, SegmentForward } from "./segments.js";
 import { sha256Hex } from "./sha256.js";
 
 /** One local step's data: inputs (n x C x H x W, float32, normalised as baffle.json says) and labels. */
 export interface Batch { x: Float32Array; y: ArrayLike<number> }
 
 /** The Tensor constructor of the ORT package in use (its `Tensor` export). */
-export type TensorConstructor = new (type: "float32" | "int8" | "int32", data: Float32Array | Int8Array | Int32Array,
-                                     dims: readonly number[]) => Tensor;
+export type TensorConstructor = new (type: "float32" | "int8" | "int32" | "uint8",
+                                     data: Float32Array | Int8Array | Int32Array | Uint8Array, dims: readonly number[]) => Tensor;
+
+/** Opens an ORT session of a verified graph (the block-noise segments; RoundSession.open passes its own). */
+export type SessionFactory = (model: Uint8Array) => Promise<InferenceSession>;
 
 /** What `onnxruntime-node` / `-web` / `-react-native` export that the client needs. */
 export interface OrtModule {
@@ -80,9 +86,15 @@ export class RoundSession {
   readonly dim: number;
   readonly domain: "float" | "int8-step";
   readonly table: QTensor[] | null;
+  /** How block-noise rows run: "auto" (the bundle's segment graphs when it has them, else full forwards) or "dense". */
+  blockRows: "auto" | "dense" = "auto";
+  /** Why block rows run as full forwards (null: segments, or not decided yet). */
+  blockRowsReason: string | null = null;
+  private blocks: BlockTable | null = null;
+  private segments: Promise<SegmentForward | null> | null = null;
 
   constructor(readonly session: InferenceSession, readonly Tensor: TensorConstructor, readonly bundle: Bundle,
-              readonly format: TrainFormat) {
+              readonly format: TrainFormat, readonly createSession?: SessionFactory) {
     this.dim = bundle.dim;
     const domain = bundle.domain(format);
     if (domain !== "float" && domain !== "int8-step") throw new Error(`format ${format}: unknown domain ${domain}`);
@@ -97,7 +109,47 @@ export class RoundSession {
   static async open(ort: OrtModule, bundle: Bundle, format: TrainFormat,
                     options: InferenceSession.SessionOptions = {}): Promise<RoundSession> {
     const session = await ort.InferenceSession.create(bundle.trainGraph(format), options);
-    return new RoundSession(session, ort.Tensor as TensorConstructor, bundle, format);
+    return new RoundSession(session, ort.Tensor as TensorConstructor, bundle, format,
+                            (model) => ort.InferenceSession.create(model, options));
+  }
+
+  /** The block partition of the bundle's parameters (docs/noise.md section 8), built at the first block task. */
+  blockTable(): BlockTable {
+    this.blocks ??= BlockTable.fromParameters(this.bundle.parameters);
+    return this.blocks;
+  }
+
+  /** The segment forward of the bundle's block graphs, opened at the first block task; null: rows run as full forwards. */
+  segmentForward(): Promise<SegmentForward | null> {
+    if (this.blockRows === "dense") {
+      this.blockRowsReason = "blockRows = \"dense\"";
+      return Promise.resolve(null);
+    }
+    this.segments ??= this.openSegments();
+    return this.segments;
+  }
+
+  private async openSegments(): Promise<SegmentForward | null> {
+    const entry = this.bundle.format(this.format) as Record<string, unknown>;
+    if (!entry.blocks) {
+      this.blockRowsReason = String(entry.blocks_unsupported ?? "the bundle has no block graphs (export it with this version of baffle-edge)");
+      return null;
+    }
+    if (!this.createSession) {
+      throw new BlockError("block noise through the bundle's segment graphs needs a session factory: open the session with " +
+        "RoundSession.open(ort, ...) or pass createSession to the constructor (or set blockRows = \"dense\")");
+    }
+    const inputs = new Map((this.table ?? []).map((t) => [t.name, t.input]));
+    const plan = checkPlan(entry.blocks, this.blockTable(), (n) => inputs.get(n) ?? n);
+    const files = entry.files as Record<string, string>;
+    const graph = (role: string) => {
+      if (!files[role]) throw new BlockError(`baffle.json: formats.${this.format} has a blocks plan but no ${role} file`);
+      return this.bundle.file(files[role]);
+    };
+    const cache = await this.createSession(graph("block_cache"));
+    const segs = [];
+    for (let i = 0; i < plan.modules.length; i++) segs.push(await this.createSession(graph(`block_seg${i}`)));
+    return new SegmentForward(plan, cache, segs, this.blockTable(), this.Tensor as never);
   }
 
   get runtimeName(): string {
@@ -115,8 +167,15 @@ function checkInputs(task: RoundTask, weights: Float32Array, batches: Batch[], r
   if (task.domain !== rs.domain) {
     throw new ProtocolError("domain", `the ${rs.format} session perturbs in the ${rs.domain} domain; the task asks for ${task.domain}`);
   }
-  if (rs.domain === "int8-step" && task.noise !== "rademacher") {
-    throw new ProtocolError("noise", `int8-step perturbations move integers by whole steps: they need noise "rademacher", task has ${task.noise}`);
+  if (rs.domain === "int8-step" && task.noise === "gaussian") {
+    throw new ProtocolError("noise", `int8-step perturbations move integers by whole steps: they need noise "rademacher" or "block", task has ${task.noise}`);
+  }
+  if (task.noise === "block") {
+    const table = rs.blockTable();
+    if (task.block_weights) {
+      try { checkBlockWeights(task.block_weights, table.modules); } catch (e) { throw new ProtocolError("block_weights", (e as Error).message.replace(/^block_weights: /, "")); }
+      table.weighted(task.block_weights);  // a total draw weight this client cannot draw exactly is refused here
+    }
   }
   if (weights.length !== rs.dim) throw new ProtocolError("weights", `expected ${rs.dim} values, got ${weights.length}`);
   for (let i = 0; i < weights.length; i++) {
@@ -154,7 +213,7 @@ function floatFeeder(task: RoundTask, rs: RoundSession, w: Float32Array, step: n
   const sigma32 = Math.fround(task.sigma), c = noiseClient(task), k0 = step * task.k;
   let cachedK = -1, eps: Float32Array = new Float32Array(0);
   const epsOf = (k: number) => {
-    if (k !== cachedK) { eps = noise(task.seed, task.round, c, k0 + k, rs.dim, task.noise); cachedK = k; }
+    if (k !== cachedK) { eps = noise(task.seed, task.round, c, k0 + k, rs.dim, task.noise as NoiseKind); cachedK = k; }
     return eps;
   };
   return {
@@ -174,7 +233,7 @@ function floatFeeder(task: RoundTask, rs: RoundSession, w: Float32Array, step: n
       const g = new Float64Array(rs.dim);
       diffs.forEach((dl, k) => {
         if (dl === 0) return;
-        const e = noise(task.seed, task.round, c, k0 + k, rs.dim, task.noise);
+        const e = noise(task.seed, task.round, c, k0 + k, rs.dim, task.noise as NoiseKind);
         for (let i = 0; i < g.length; i++) g[i] += dl * e[i];
       });
       for (let i = 0; i < g.length; i++) g[i] = g[i] / diffs.length / task.sigma;
@@ -253,15 +312,21 @@ export async function runTask(taskInput: RoundTask | string, weights: Float32Arr
   for (let s = 0; s < batches.length; s++) {
     const b = batches[s];
     const x = new rs.Tensor("float32", b.x, [b.y.length, ...per]);
-    const feed = rs.domain === "float" ? floatFeeder(task, rs, w, s) : int8Feeder(task, rs, w, s);
-    const loss = async (feeds: Record<string, Tensor>) => crossEntropy(await rs.forward(x, feeds), b.y, classes);
-    const base = central ? null : await loss(feed.base());
-    const plus: number[] = [], minus: number[] = [];
-    for (let k = 0; k < task.k; k++) {
-      plus.push(await loss(feed.perturbed(k, 1)));
-      if (central) minus.push(await loss(feed.perturbed(k, -1)));
+    let base: number | null, pert: number[], feed: Pick<Feeder, "gradient">;
+    if (task.noise === "block") {  // one output-channel block per row (docs/noise.md sections 8-11)
+      const bs = await blockStep(task, rs, w, s, x, (z) => crossEntropy(z, b.y, classes));
+      [base, pert, feed] = [bs.base, bs.losses, bs];
+    } else {
+      const f = rs.domain === "float" ? floatFeeder(task, rs, w, s) : int8Feeder(task, rs, w, s);
+      const loss = async (feeds: Record<string, Tensor>) => crossEntropy(await rs.forward(x, feeds), b.y, classes);
+      base = central ? null : await loss(f.base());
+      const plus: number[] = [], minus: number[] = [];
+      for (let k = 0; k < task.k; k++) {
+        plus.push(await loss(f.perturbed(k, 1)));
+        if (central) minus.push(await loss(f.perturbed(k, -1)));
+      }
+      [pert, feed] = [plus.concat(minus), f];
     }
-    const pert = plus.concat(minus);
     const bad = [base ?? 0, ...pert].findIndex((v) => !Number.isFinite(v));
     if (bad >= 0) throw new Error(`runtime ${rs.runtimeName} produced a non-finite loss in step ${s}`);
     if (base !== null) bases.push(base);

@@ -7,14 +7,17 @@
  *     const report = await runTask(taskJson, weights, batches, rs);
  *     upload(reportToJson(report));
  */
+export { BlockError, BlockTable, checkBlockWeights, FlatSteps, MAX_DRAW_TOTAL, moduleOf, type ParameterSpec } from "./blocks.js";
+export { checkPlan, ROWS_PER_CALL, SegmentForward, type BlockPlan } from "./segments.js";
 export { Bundle, BundleError, loadBundle, SCHEMA_VERSION, utf8, type BundleSource, type Parameter, type TrainFormat } from "./bundle.js";
-export { crossEntropy, modelVersion, RoundSession, runTask, type Batch, type OrtModule, type RunOptions, type TensorConstructor } from "./client.js";
+export { crossEntropy, modelVersion, RoundSession, runTask, type Batch, type OrtModule, type RunOptions, type SessionFactory,
+  type TensorConstructor } from "./client.js";
 export { clipInf, leaveOneOut, lossDifferences, pairwiseSum } from "./estimator.js";
 export { exp, log } from "./libm.js";
 export { parseJson, stringifyJson, type Json } from "./json.js";
 export { boxMuller, GAUSSIAN_CHUNK, negativeSigns, noise, NOISE_SPEC_VERSION, philox4x32, seedWords, SHARED_CLIENT, words,
   type NoiseKind, type Seed } from "./noise.js";
 export { lossesPerStep, MAX_K, noiseClient, parseTask, PROTOCOL_VERSIONS, ProtocolError, reportToJson, taskToJson,
-  type ClientReport, type RoundTask } from "./protocol.js";
+  type ClientReport, type RoundTask, type TaskNoise } from "./protocol.js";
 export { quantize, rint, shifted, steps, StepSelector, type IntArray, type QTensor } from "./quant.js";
 export { sha256Hex } from "./sha256.js";

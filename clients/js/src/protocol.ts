@@ -15,6 +15,9 @@ export type NoiseScope = "client" | "shared";
 export type Domain = "float" | "int8-step";
 export type StepEstimator = "rms-step" | "per-step";
 export type Baseline = "base" | "leave-one-out";
+/** The task's noise: isotropic (every parameter) or one output-channel block per perturbation (docs/noise.md 8-11). */
+export type TaskNoise = NoiseKind | "block";
+export const MAX_BLOCK_MODULES = 4096;
 
 export interface RoundTask {
   version: number;
@@ -24,7 +27,7 @@ export interface RoundTask {
   k: number;
   sigma: number;
   scheme: Scheme;
-  noise: NoiseKind;
+  noise: TaskNoise;
   noise_scope: NoiseScope;
   domain: Domain;
   estimator: StepEstimator;
@@ -33,6 +36,7 @@ export interface RoundTask {
   model_version: string;
   local_lr?: number; // protocol 2: FedAvg local step size (>= 0)
   clip?: number | null; // protocol 2: inf-norm clip of each local estimate (null = off)
+  block_weights?: number[]; // block noise: draw weight per module, block-table order (absent: by block size)
 }
 
 export interface ClientReport {
@@ -56,7 +60,7 @@ export class ProtocolError extends Error {
 }
 
 const FIELDS = ["version", "round", "client", "seed", "k", "sigma", "scheme", "noise", "noise_scope", "domain",
-  "estimator", "baseline", "local_steps", "model_version", "local_lr", "clip"];
+  "estimator", "baseline", "local_steps", "model_version", "local_lr", "clip", "block_weights"];
 
 function req(cond: boolean, field: string, msg: string): asserts cond {
   if (!cond) throw new ProtocolError(field, msg);
@@ -109,7 +113,7 @@ export function parseTask(input: string | Json | RoundTask): RoundTask {
     k: int(d, "k", 1, MAX_K),
     sigma: num(d, "sigma", true),
     scheme: oneOf(d, "scheme", ["forward", "central"] as const),
-    noise: oneOf(d, "noise", ["gaussian", "rademacher"] as const),
+    noise: oneOf(d, "noise", ["gaussian", "rademacher", "block"] as const),
     noise_scope: oneOf(d, "noise_scope", ["client", "shared"] as const),
     domain: oneOf(d, "domain", ["float", "int8-step"] as const),
     estimator: oneOf(d, "estimator", ["rms-step", "per-step"] as const),
@@ -133,6 +137,15 @@ export function parseTask(input: string | Json | RoundTask): RoundTask {
   }
   if (d.clip !== undefined && d.clip !== null) task.clip = num(d, "clip", true);
   else if (d.clip === null) task.clip = null;
+  if (d.block_weights !== undefined && d.block_weights !== null) {
+    const v = d.block_weights;
+    req(task.noise === "block", "block_weights", "only block noise draws blocks");
+    req(Array.isArray(v) && v.length > 0 && v.length <= MAX_BLOCK_MODULES, "block_weights",
+      `expected a list of 1..${MAX_BLOCK_MODULES} integers, got ${show(v).slice(0, 200)}`);
+    req(v.every((x) => typeof x === "number" && Number.isInteger(x) && x >= 1 && x < 2 ** 32), "block_weights",
+      "every weight must be an integer in [1, 2^32)");
+    task.block_weights = v.slice() as number[];
+  }
   return task;
 }
 

@@ -19,6 +19,8 @@ import { kitDir, PACKAGE_DIR, relDiff } from "./helpers.js";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const ROUND = "int8-forward-k100";
+/** Block-noise rounds replayed in the browser too: rows through the segment graphs on onnxruntime-web. */
+const BLOCK_ROUNDS = ["int8-block", "int8-block-weighted-w64", "int8-block-central-fedavg", "fp32-block", "fp32-block-fedavg"];
 const haveBrowser = existsSync(CHROMIUM);
 if (!haveBrowser && process.env.CI) throw new Error(`${CHROMIUM} is missing: CI must install it (apt-get install -y chromium)`);
 
@@ -35,15 +37,23 @@ const get = async (path) => { const r = await fetch(path); if (!r.ok) throw new 
 try {
   const kit = parseJson(new TextDecoder().decode(await get("/kit/conformance.json")));
   const round = kit.rounds.find((r) => r.name === ${JSON.stringify(ROUND)});
-  const bundle = await loadBundle((name) => get("/kit/" + kit.bundle + "/" + name), { formats: ["onnx-int8"] });
+  const bundle = await loadBundle((name) => get("/kit/" + kit.bundle + "/" + name), { formats: ["onnx-int8", "onnx"] });
   const rs = await RoundSession.open(ort, bundle, "onnx-int8", { executionProviders: ["wasm"] });
+  const sessions = { "onnx-int8": rs, "onnx": await RoundSession.open(ort, bundle, "onnx", { executionProviders: ["wasm"] }) };
   const weights = new Float32Array((await get("/kit/" + round.weights)).buffer);
   const batches = await Promise.all(round.batches.map(async (b) => ({ x: new Float32Array((await get("/kit/" + b.x)).buffer), y: new Int32Array((await get("/kit/" + b.y)).buffer) })));
   await runTask(stringifyJson(round.task), weights, batches, rs, { runtime: "onnxruntime-web-wasm" });  // warm-up
   const reports = [];
   for (let i = 0; i < 5; i++) reports.push(await runTask(stringifyJson(round.task), weights, batches, rs, { runtime: "onnxruntime-web-wasm" }));
   const ms = reports.map((r) => r.seconds * 1e3).sort((a, b) => a - b);
-  window.__result = { report: reports[0], ms, userAgent: navigator.userAgent };
+  const blocks = {};
+  for (const name of ${JSON.stringify(BLOCK_ROUNDS)}) {
+    const r = kit.rounds.find((x) => x.name === name);
+    const input = await Promise.all(r.batches.map(async (b) => ({ x: new Float32Array((await get("/kit/" + b.x)).buffer), y: new Int32Array((await get("/kit/" + b.y)).buffer) })));
+    blocks[name] = await runTask(stringifyJson(r.task), weights, input, sessions[r.format], { runtime: "onnxruntime-web-wasm" });
+    blocks[name].reason = sessions[r.format].blockRowsReason;
+  }
+  window.__result = { report: reports[0], ms, blocks, userAgent: navigator.userAgent };
 } catch (e) { window.__result = { error: String(e && e.stack || e) }; }
 </script>`;
 
@@ -103,7 +113,7 @@ test("headless chromium runs an int8 round on onnxruntime-web (WASM); losses equ
     await page.goto(`${base}/`);
     await page.waitForFunction("window.__result !== undefined", undefined, { timeout: 150_000 });
     const result = await page.evaluate("window.__result") as { report?: { losses: number[]; base_losses: number[]; seconds: number };
-      ms: number[]; error?: string };
+      ms: number[]; error?: string; blocks: Record<string, { losses: number[]; base_losses: number[]; seconds: number; reason: string | null }> };
     assert.equal(result.error, undefined, `${result.error}\n${logs.join("\n")}`);
     const round = kit.rounds.find((r) => r.name === ROUND)!;
     const sessions = await kitSessions(kit, ort, 1);
@@ -118,6 +128,20 @@ test("headless chromium runs an int8 round on onnxruntime-web (WASM); losses equ
     console.log(`# browser int8 round (K=${String(round.task.k)}, WASM, 1 thread): median ${result.ms[2].toFixed(1)} ms of 5 ` +
       `(min ${result.ms[0].toFixed(1)}); ` +
       `Node ${(node.seconds * 1e3).toFixed(1)} ms; max relative loss difference ${worst.toExponential(2)}`);
+    // block noise in the browser: int8 rounds bit for bit the Python client's, fp32 within the kit tolerance
+    for (const name of BLOCK_ROUNDS) {
+      const r = kit.rounds.find((x) => x.name === name)!, b = result.blocks[name];
+      assert.equal(b.reason, null, `${name}: rows ran through the segment graphs`);
+      const g = [...b.base_losses, ...b.losses], w = [...r.report.base_losses, ...r.report.losses];
+      assert.equal(g.length, w.length, name);
+      if (r.format === "onnx-int8") assert.deepEqual(g, w, `${name}: browser int8 block losses vs the Python client's`);
+      else {
+        const worstBlock = Math.max(...g.map((v, i) => relDiff(v, w[i])));
+        assert.ok(worstBlock <= kit.index.tolerance.fp32_losses_relative, `${name}: ${worstBlock}`);
+      }
+      console.log(`# browser block round ${name} (K=${String(r.task.k)}, WASM, 1 thread): ${(b.seconds * 1e3).toFixed(1)} ms, ` +
+        `max relative loss difference ${Math.max(...g.map((v, i) => relDiff(v, w[i]))).toExponential(2)}`);
+    }
     await page.close();
   });
 

@@ -24,7 +24,7 @@ const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const haveServe = spawnSync(PYTHON, ["-c", "import baffle_edge.gateway.serve, fastapi, uvicorn"]).status === 0;
 if (!haveServe && process.env.CI) throw new Error(`${PYTHON} cannot import baffle_edge.gateway.serve: CI must pip install '.[serve]'`);
 const haveBrowser = existsSync(CHROMIUM);
-const RUN = ["--runtime", "onnxruntime-int8", "--eval-every", "1", "--checkpoint-every", "1", "--no-progress"];
+const RUN = ["--eval-every", "1", "--checkpoint-every", "1", "--no-progress"];
 const children: ChildProcess[] = [];
 
 after(() => { for (const c of children) if (c.exitCode === null) c.kill("SIGKILL"); });
@@ -99,10 +99,10 @@ function rows(dir: string): Row[] {
   return (JSON.parse(readFileSync(join(dir, "metrics.json"), "utf8")) as { rounds: Row[] }).rounds;
 }
 
-test("Node device processes over HTTP reproduce `baffle-edge train` (int8 bundle)",
-  { skip: haveServe ? false : `${PYTHON} lacks baffle_edge[serve]`, timeout: 300_000 }, async () => {
+/** Node device processes answering a serve run give `baffle-edge train`'s metrics and final weights. */
+async function nodeDevicesReproduceTrain(runtime: string, extra: string[]): Promise<void> {
     const dir = mkdtempSync(join(tmpdir(), "baffle-gw-node-"));
-    const args = [...RUN, "--clients", "3", "--k", "4", "--rounds", "3"];
+    const args = [...RUN, "--runtime", runtime, "--clients", "3", "--k", "4", "--rounds", "3", ...extra];
     tokens(dir, 3);
     const [server, port] = await serve(dir, args);
     const devices = [0, 1, 2].map((c) => {
@@ -132,18 +132,32 @@ b = torch.load("ref/checkpoint.pt", weights_only=True)["server"]["model"]
 print(max(float((a[k] - b[k]).abs().max()) for k in a))`], { cwd: dir, encoding: "utf8" });
     const maxDiff = Number(check.stdout.trim());
     assert.equal(maxDiff, 0, `final weights differ by up to ${maxDiff}`);
-    console.log(`# Node devices vs in-process: final weights max |difference| ${maxDiff.toExponential(2)}`);
-  });
+    console.log(`# Node devices vs in-process (${runtime} ${extra.join(" ")}): train loss ` +
+      `${got.map((r) => r.train_loss?.toFixed(6)).join(" -> ")}, test accuracy ` +
+      `${got.map((r) => r.test_accuracy === undefined ? "-" : (100 * r.test_accuracy).toFixed(2)).join(" -> ")} %; ` +
+      `final weights max |difference| ${maxDiff.toExponential(2)}`);
+}
 
-test("headless chromium tabs join a serve run with the int8 bundle; accuracy rises",
-  { skip: !haveServe ? `${PYTHON} lacks baffle_edge[serve]` : !haveBrowser ? `${CHROMIUM} not found` : false, timeout: 600_000 },
-  async () => {
+test("Node device processes over HTTP reproduce `baffle-edge train` (int8 bundle)",
+  { skip: haveServe ? false : `${PYTHON} lacks baffle_edge[serve]`, timeout: 300_000 },
+  () => nodeDevicesReproduceTrain("onnxruntime-int8", []));
+
+test("Node devices with block noise (int8, adaptive draws: weighted block_weights) reproduce `baffle-edge train`",
+  { skip: haveServe ? false : `${PYTHON} lacks baffle_edge[serve]`, timeout: 300_000 },
+  () => nodeDevicesReproduceTrain("onnxruntime-int8", ["--noise", "block", "--k", "300", "--block-draw", "adaptive"]));
+
+test("Node devices with block noise (fp32, size draws, central) reproduce `baffle-edge train`",
+  { skip: haveServe ? false : `${PYTHON} lacks baffle_edge[serve]`, timeout: 300_000 },
+  () => nodeDevicesReproduceTrain("onnxruntime", ["--noise", "block", "--k", "200", "--scheme", "central"]));
+
+/** Chromium tabs train a serve run (int8 bundle, WASM); with `reproduce` its metrics must equal `baffle-edge train`'s. */
+async function tabsTrain(label: string, noise: string[], reproduce: boolean): Promise<void> {
     const stage = spawnSync(process.execPath, [join(PACKAGE_DIR, "web", "build.mjs")], { encoding: "utf8" });
     assert.equal(stage.status, 0, stage.stderr);
     const dir = mkdtempSync(join(tmpdir(), "baffle-gw-web-"));
     const clients = 3;
     tokens(dir, clients);
-    const [server, port] = await serve(dir, [...RUN, "--clients", String(clients), "--k", "20", "--rounds", "9",
+    const [server, port] = await serve(dir, [...RUN, "--runtime", "onnxruntime-int8", "--clients", String(clients), ...noise, "--rounds", "9",
                                              "--eval-every", "3", "--web", join(PACKAGE_DIR, "web")]);
     const browser = await chromium.launch({
       executablePath: CHROMIUM,
@@ -180,10 +194,25 @@ test("headless chromium tabs join a serve run with the int8 bundle; accuracy ris
       assert.ok(acc[acc.length - 1] > acc[0], `test accuracy did not rise: ${acc.join(", ")}`);
       const seconds = states.flatMap((s) => s.roundSeconds).sort((a, b) => a - b);
       const median = seconds[seconds.length >> 1];
-      console.log(`# browser tabs (int8 LeNet, K=20, WASM 1 thread, ${clients} tabs): test accuracy ` +
+      console.log(`# browser tabs (int8 LeNet, ${label}, WASM 1 thread, ${clients} tabs): test accuracy ` +
         `${acc.map((a) => (100 * a).toFixed(1)).join(" -> ")} %; task -> report accepted: median ` +
         `${(1e3 * median).toFixed(0)} ms, max ${(1e3 * seconds[seconds.length - 1]).toFixed(0)} ms`);
+      if (reproduce) {  // WASM int8 kernels give this machine's logits and the loss is specified: train's metrics exactly
+        python(["train", ...RUN, "--runtime", "onnxruntime-int8", "--clients", String(clients), ...noise, "--rounds", "9",
+                "--eval-every", "3", "--out", "ref"], dir);
+        const want = rows(join(dir, "ref"));
+        assert.deepEqual(got.map((r) => [r.round, r.train_loss, r.test_accuracy]), want.map((r) => [r.round, r.train_loss, r.test_accuracy]),
+          "browser tabs vs baffle-edge train");
+      }
     } finally {
       await browser.close();
     }
-  });
+}
+
+test("headless chromium tabs join a serve run with the int8 bundle; accuracy rises",
+  { skip: !haveServe ? `${PYTHON} lacks baffle_edge[serve]` : !haveBrowser ? `${CHROMIUM} not found` : false, timeout: 600_000 },
+  () => tabsTrain("K=20", ["--k", "20"], false));
+
+test("headless chromium tabs train with block noise (int8, size draws) through serve: train's metrics, accuracy rises",
+  { skip: !haveServe ? `${PYTHON} lacks baffle_edge[serve]` : !haveBrowser ? `${CHROMIUM} not found` : false, timeout: 600_000 },
+  () => tabsTrain("block noise K=600", ["--noise", "block", "--k", "600"], true));
