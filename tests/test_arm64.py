@@ -198,6 +198,12 @@ def test_bench_report_says_emulated_times_are_not_device_speed(tmp_path):
             "kernel_path": "i8mm", "emulated": "qemu-user: this arm64 root runs emulated on an x86 host"}
     md = build_report({"machine_info": info, "benchmarks": []}, tmp_path).markdown
     assert "emulation time, not the speed of a device" in md and "arm64 int8 kernels: MLAS i8mm" in md
+    info["emulated"] = "qemu-user"
+    kest = [{"stage": "k_estimation", "runtime": "onnxruntime", "case": "lenet-8", "scheme": "forward", "K": 10,
+             "ratio_to_forwards": 1.4}]
+    md = build_report({"machine_info": info, "benchmarks": [{"stats": {"median": 1.0}, "extra_info": e}
+                                                             for e in kest]}, tmp_path).markdown
+    assert "not judged (emulated CPU; measured FAIL: 0/1 rows hold" in md  # a speed target is not judged emulated
     info.pop("emulated")
     assert "emulation time" not in build_report({"machine_info": info, "benchmarks": []}, tmp_path).markdown
 
