@@ -51,7 +51,8 @@ def kit(tmp_path_factory):
 def test_the_script_refuses_bad_input():
     for args, want in ((["frobnicate"], "unknown command 'frobnicate'"), (["run", "--cpu", "pentium", "true"],
                        "unknown --cpu 'pentium'; known: cortex-a53, neoverse-n1, max"), (["build", "--fast"],
-                       "build takes only --force")):
+                       "build takes only --force"), (["bench", "--out", "/etc/x"], "must be under /tmp or the project"),
+                       (["bench", "--frob"], "bench takes --cpu CPU, --out DIR and -- PYTEST_ARGS")):
         r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and want in r.stderr, (args, r.stderr)
     assert "kernel" in subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True).stdout
