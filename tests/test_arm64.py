@@ -61,13 +61,17 @@ def test_the_script_refuses_bad_input():
 @pytest.mark.parametrize("cpu", list(CPUS))
 def test_kit_replays_bit_identically_on_ort_aarch64(root, kit, cpu):
     path, index = kit
-    r = arm64("sh", "-c", f"python3 {PROBE.relative_to(ROOT)} --cpu && python3 -m baffle_edge check-kit {path}",
+    # every round on `max`; on the other paths the int8 rounds (their GEMM is what the path changes), to bound CI
+    rounds = [r["name"] for r in index["rounds"] if cpu == "max" or r["format"] == "onnx-int8"]
+    assert rounds and (cpu != "max" or len(rounds) == len(index["rounds"]))
+    only = " ".join(f"--round {name}" for name in rounds)
+    r = arm64("sh", "-c", f"python3 {PROBE.relative_to(ROOT)} --cpu && python3 -m baffle_edge check-kit {path} {only}",
               cpu=cpu)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     info = json.loads(r.stdout.splitlines()[0])
     assert info["machine"] == "aarch64" and info["target"] == "arm64" and info["emulated"]
     assert (info["asimddp"], info["i8mm"]) == CPUS[cpu], info  # the kernel path this run took
-    assert f"check-kit: {len(index['rounds'])} round(s) match, 0 differ" in r.stdout
+    assert f"check-kit: {len(rounds)} round(s) match, 0 differ" in r.stdout
     assert all("max rel 0 " in ln for ln in r.stdout.splitlines() if "onnxruntime-int8" in ln)  # int8: bit for bit
     assert "cpuinfo_initialize failed" not in r.stderr and "Error in cpuinfo" not in r.stderr, r.stderr[-2000:]
     # the kit's bundle is this x86 host's target: an arm64 client warns (and still matches)
