@@ -52,7 +52,6 @@ class Segment:
                          if d["index"] not in {p[0] for p in params} and d["index"] != self.input)
         self.batch = int(interp.get_input_details()[0]["shape"][0])
         self.written = None  # the weight list held (writes of the same list are skipped)
-        self.held = None
 
     def write(self, qs: list[np.ndarray]) -> None:
         """Write this segment's module integers from ``qs`` (a full weight set, table order)."""
