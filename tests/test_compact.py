@@ -109,7 +109,7 @@ def int8_block_round():
     return fed, task, fed.baffle_client(task, fed.batches(0, 0))
 
 
-@pytest.mark.parametrize("bits,max_rel", [(16, 2e-4), (8, 5e-2)])
+@pytest.mark.parametrize("bits,max_rel", [(16, 5e-4), (8, 0.1)])  # measured: 1.5e-4, 3.9e-2
 def test_server_decode_of_a_compact_int8_block_report_equals_the_float_path(int8_block_round, bits, max_rel):
     fed, task, float_report = int8_block_round
     assert task.k > 3000 and task.noise.value == "block"
