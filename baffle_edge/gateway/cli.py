@@ -139,6 +139,10 @@ def add_parser(subparsers) -> None:
     s.add_argument("--tokens", required=True)
     s.set_defaults(func=cmd_tokens_list, command="tokens list")
 
+    _add_device_parser(subparsers)
+
+
+def _add_device_parser(subparsers) -> None:
     d = subparsers.add_parser("device", help="a device over HTTP: answer a `serve` run's tasks on any runtime",
                               description="Fetch tasks from a `baffle-edge serve` server, evaluate the perturbed "
                                           "losses with `client.run_task` on a registered runtime and post them.")
