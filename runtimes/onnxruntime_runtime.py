@@ -23,6 +23,7 @@ from baffle_edge.protocol import Domain
 from baffle_edge.targets import check_bundle
 
 from .batching import AutoP, resolve
+from .ort_incremental import LazyBlockForward
 from .plugin_eps import PLUGINS, add_plugin
 
 PROVIDERS = {
@@ -80,7 +81,7 @@ def make_session(path: Path | bytes, *, provider: str = "cpu", threads: int | No
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=providers)
 
 
-class OrtSession(AutoP, BaseSession):
+class OrtSession(LazyBlockForward, AutoP, BaseSession):
     """A bundle's train graph in ONNX Runtime: every trainable tensor is a graph input, so one
     InferenceSession serves all perturbations. With ``P > 1`` the bundle's ``train_p{P}`` graph
     (export/batched.py: parameter inputs with a leading P axis, logits ``[P, batch, classes]``)
@@ -112,19 +113,7 @@ class OrtSession(AutoP, BaseSession):
         # block noise: the partition follows from the parameter table; rows run incrementally when
         # the bundle's model is a chain (its block graphs, export/blocks.py), else as full forwards
         self.blocks = BlockTable.from_layout(self.bundle.meta["parameters"])
-        self._block_forward, self.block_forward_reason, self._block_ready = None, None, False
-
-    @property
-    def block_forward(self):
-        """The incremental block forward, set up at the first block-noise task (``None``: full forwards)."""
-        if not self._block_ready:
-            self._block_ready = True
-            self._init_block_forward()
-        return self._block_forward
-
-    @block_forward.setter
-    def block_forward(self, value) -> None:
-        self._block_forward, self._block_ready = value, True
+        self._reset_block_forward()
 
     def _init_block_forward(self) -> None:
         """The incremental block forward from the bundle's block graphs, or cut now from its train

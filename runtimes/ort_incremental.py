@@ -23,7 +23,47 @@ from baffle_edge.perturb import BlockTable
 ROWS_PER_CALL = 4096  # images per call of the segments after a row's module (bounds the activations)
 
 
-class OrtBlockForward:
+class LazyBlockForward:
+    """A session's ``block_forward``, set up at the first block-noise task by the session's
+    ``_init_block_forward`` (``None``: rows run as full forwards, the reason in ``block_forward_reason``)."""
+
+    def _reset_block_forward(self) -> None:
+        self._block_forward, self.block_forward_reason, self._block_ready = None, None, False
+
+    @property
+    def block_forward(self):
+        if not self._block_ready:
+            self._block_ready = True
+            self._init_block_forward()
+        return self._block_forward
+
+    @block_forward.setter
+    def block_forward(self, value) -> None:
+        self._block_forward, self._block_ready = value, True
+
+
+class ChainRows:
+    """The rows of a chain model's block forward (ONNX Runtime or LiteRT segments): grouped by module, each
+    module's rows computed from the cached activation before it (``_module_rows``), then pushed through the
+    rest of the chain (``_finish``); ``_logits_of`` turns the last segment's output into logits."""
+
+    def logits(self, blocks: np.ndarray, values: list[np.ndarray]) -> np.ndarray:
+        """Logits [n, B, classes] of the rows that replace block ``blocks[i]``'s values by ``values[i]``."""
+        blocks = np.asarray(blocks)
+        out = np.empty((len(blocks), *self.z.shape), dtype=np.float32)
+        modules = self.blocks.module[blocks]
+        for m in np.unique(modules):
+            rows = np.flatnonzero(modules == m)
+            i = self.chain[int(m)]
+            nxt = self._module_rows(i, self.blocks.row[blocks[rows]], [values[r] for r in rows])
+            out[rows] = self._logits_of(self._finish(i + 1, nxt))
+        return out
+
+    def _logits_of(self, out: np.ndarray) -> np.ndarray:
+        return out
+
+
+class OrtBlockForward(ChainRows):
     """``client.BlockForward`` for an ``OrtSession`` (float or int8) whose bundle has a chain plan."""
 
     def __init__(self, session, plan: dict, graphs: list[Path | bytes], blocks: BlockTable, make_session):
@@ -54,17 +94,6 @@ class OrtBlockForward:
         self.z = out[0]
         return self.z
 
-    def logits(self, blocks: np.ndarray, values: list[np.ndarray]) -> np.ndarray:
-        """Logits [n, B, classes] of the rows that replace block ``blocks[i]``'s values by ``values[i]``."""
-        blocks = np.asarray(blocks)
-        out = np.empty((len(blocks), *self.z.shape), dtype=np.float32)
-        modules = self.blocks.module[blocks]
-        for m in np.unique(modules):
-            rows = np.flatnonzero(modules == m)
-            i = self.chain[int(m)]
-            nxt = self._module_rows(i, self.blocks.row[blocks[rows]], [values[r] for r in rows])
-            out[rows] = self._finish(i + 1, nxt)
-        return out
 
     def _module_rows(self, i: int, channels: np.ndarray, values: list[np.ndarray]) -> np.ndarray:
         """B_{i+1} of each row [n, B, ...]: the cached one with the row's channel from a pass of seg i."""

@@ -28,7 +28,7 @@ import numpy as np
 from baffle_edge.bundle import dequantize_output
 from baffle_edge.perturb import BlockTable
 
-from .ort_incremental import pass_numbers
+from .ort_incremental import ChainRows, pass_numbers
 
 ROWS_PER_CALL = 4096  # images per call of an integer segment finishing rows (bounds the activations)
 
@@ -75,7 +75,7 @@ class Segment:
         return self.interp.get_tensor(self.output).copy()
 
 
-class TFLiteBlockForward:
+class TFLiteBlockForward(ChainRows):
     """``client.BlockForward`` for a ``TFLiteSession`` whose bundle has segment models."""
 
     def __init__(self, session, plan: dict, contents: list[bytes], blocks: BlockTable, make_interpreter):
@@ -109,17 +109,8 @@ class TFLiteBlockForward:
         self.z = dequantize_output(self.b[-1], self._out)
         return self.z
 
-    def logits(self, blocks: np.ndarray, values: list[np.ndarray]) -> np.ndarray:
-        """Logits [n, B, classes] of the rows that replace block ``blocks[i]``'s integers by ``values[i]``."""
-        blocks = np.asarray(blocks)
-        out = np.empty((len(blocks), *self.z.shape), dtype=np.float32)
-        modules = self.blocks.module[blocks]
-        for m in np.unique(modules):
-            rows = np.flatnonzero(modules == m)
-            i = self.chain[int(m)]
-            nxt = self._module_rows(i, self.blocks.row[blocks[rows]], [values[r] for r in rows])
-            out[rows] = dequantize_output(self._finish(i + 1, nxt), self._out)
-        return out
+    def _logits_of(self, out: np.ndarray) -> np.ndarray:  # ChainRows.logits: the int8 output, dequantized
+        return dequantize_output(out, self._out)
 
     def _module_rows(self, i: int, channels: np.ndarray, values: list[np.ndarray]) -> np.ndarray:
         """B_{i+1} of each row [n, B, ...]: the cached one with the row's channel from a pass of seg i."""

@@ -29,6 +29,7 @@ from baffle_edge.client import BaseSession, StepWeights
 from baffle_edge.perturb import BlockTable
 from baffle_edge.targets import check_bundle
 
+from .ort_incremental import LazyBlockForward
 from .tflite_incremental import TFLiteBlockForward, tflite_array
 
 FORMAT = "tflite-int8"
@@ -48,7 +49,7 @@ def _litert():
     return Interpreter, OpResolverType
 
 
-class TFLiteSession(StepWeights, BaseSession):
+class TFLiteSession(LazyBlockForward, StepWeights, BaseSession):
     """One interpreter of a bundle's int8 .tflite; implements ``baffle_edge.client.Session``."""
 
     def __init__(self, bundle_dir: str | Path, *, threads: int | None = None, delegate: str = "builtin"):
@@ -83,19 +84,7 @@ class TFLiteSession(StepWeights, BaseSession):
         # block noise: the partition follows from the parameter table; rows run from cached activations
         # through the bundle's segment models (export/tflite_blocks.py) when the model is a chain
         self.blocks = BlockTable.from_layout(self.bundle.meta["parameters"])
-        self._block_forward, self.block_forward_reason, self._block_ready = None, None, False
-
-    @property
-    def block_forward(self):
-        """The incremental block forward, set up at the first block-noise task (``None``: full forwards)."""
-        if not self._block_ready:
-            self._block_ready = True
-            self._init_block_forward()
-        return self._block_forward
-
-    @block_forward.setter
-    def block_forward(self, value) -> None:
-        self._block_forward, self._block_ready = value, True
+        self._reset_block_forward()
 
     def _init_block_forward(self) -> None:
         """The segment models listed in the bundle (each checked against its sha256), or cut now from the
