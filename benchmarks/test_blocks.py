@@ -1,6 +1,7 @@
 """Block noise with the incremental forward vs isotropic noise at equal client compute (issue 17):
 LeNet on digits (8x8) and MNIST-shaped (28x28) inputs, batch 32, on the torch runtime (fp32,
-Gaussian) and the ONNX Runtime int8 runtime (whole-step noise: Rademacher vs int8 blocks).
+Gaussian) and the int8 runtimes ONNX Runtime and LiteRT (whole-step noise: Rademacher vs int8 blocks;
+both evaluate rows through the bundle's segment models: the ``chain`` rule).
 
 Side by side in one run, on the same weights (LeNet trained 40 backprop steps on digits) and batch:
 * isotropic: K = 100 perturbations of the domain's default noise, a client round of K+1 = 101 full forwards;
@@ -83,9 +84,12 @@ def _session(runtime: str, model, image_size: int, tmp_path, threads):
     return get_runtime(runtime).load(tmp_path / "b", threads=threads or 1)
 
 
-@pytest.mark.parametrize("runtime", ["torch", pytest.param("onnxruntime-int8", marks=[FULL])])
+@pytest.mark.parametrize("runtime", ["torch", pytest.param("onnxruntime-int8", marks=[FULL]),
+                                     pytest.param("tflite-int8", marks=[FULL])])
 @pytest.mark.parametrize("image_size", [8, pytest.param(28, marks=[FULL])])
 def test_block_vs_isotropic_at_equal_compute(benchmark, bench_threads, image_size, runtime, tmp_path):
+    if runtime == "tflite-int8":
+        pytest.importorskip("ai_edge_litert", reason="LiteRT not installed: pip install 'baffle-edge[tflite]'")
     keep = torch.get_num_threads()
     if bench_threads:
         torch.set_num_threads(bench_threads)

@@ -59,7 +59,7 @@ def bundle_readme(meta: dict) -> str:
         "parameters to boundary i+1. Put a row's perturbed channel into channel c of the module's parameters "
         "(one row per channel per call), replace channel c (axis 1) of the cached next boundary with the "
         "output's, and finish the later segments unperturbed: the losses equal a full forward's.",
-    ] if any("blocks" in info for info in meta["formats"].values()) else []) + [
+    ] if any("blocks" in info for fmt, info in meta["formats"].items() if fmt != "tflite-int8") else []) + [
         "",
         "## ONNX Runtime Mobile (Kotlin)",
         "```kotlin",
@@ -85,4 +85,15 @@ def bundle_readme(meta: dict) -> str:
             "XNNPACK packs the weights at load time and silently ignores later writes: keep it off for training "
             "rounds (plain inference may use it).",
         ]
+        if "blocks" in meta["formats"]["tflite-int8"]:
+            lines += [
+                "",
+                "Block noise: `model.int8.block_seg<i>.tflite` is the model's operators from boundary i (the int8 "
+                "input of module i, same scale and zero point) to boundary i+1 (`formats.tflite-int8.blocks`; "
+                "`segments[i]` gives the input, output and parameter tensor indices). Run them in turn to cache "
+                "the boundaries; for a row of module i write its perturbed channel c into segment i's parameter "
+                "tensors (one row per channel per call), replace channel c (the last, NHWC axis) of the cached "
+                "boundary i+1 with the output's, and finish the later segments unperturbed (a segment with float "
+                "operators at the batch's own size): the losses equal a full forward's bit for bit.",
+            ]
     return "\n".join(lines) + "\n"

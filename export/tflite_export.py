@@ -38,6 +38,8 @@ import numpy as np
 from baffle_edge.bundle import dequantize_output, quantize_input
 from baffle_edge.quant import QTensor, QuantTable, bias_tensor, weight_tensor
 
+from .tflite_blocks import add_segments
+
 INFERENCE_FILE = "model.int8.tflite"
 CONVERT_BATCH = 7  # sample batch of the conversion; chosen so it cannot be confused with a channel count of 1
 CALIBRATION_BATCH = 64
@@ -388,7 +390,7 @@ def export_tflite_int8(model, calibration: np.ndarray, path: Path, layout, *, fl
     ops = _ops(interp)
     Path(path).write_bytes(content)
     inp["layout"] = "NCHW"
-    return {
+    entry = {
         "files": {"inference": Path(path).name},
         "domain": "int8-step",
         "quantization": table.to_json(),
@@ -412,5 +414,10 @@ def export_tflite_int8(model, calibration: np.ndarray, path: Path, layout, *, fl
         "quantize_check": quantize_check,
         "deterministic": "yes: two exports of the same model and calibration gave identical bytes "
                          "(tests/test_tflite.py::test_export_deterministic)",
-        "export_seconds": round(time.perf_counter() - started, 3),
     }
+    probe = quantize_input(calibration[:max(CHECK_BATCHES)], inp)
+    why = add_segments(Path(path).parent, entry, content, _interpreter, probe)  # block noise (export/tflite_blocks.py)
+    if why is not None:
+        entry["blocks_unsupported"] = why
+    entry["export_seconds"] = round(time.perf_counter() - started, 3)
+    return entry

@@ -67,7 +67,8 @@ REGISTRY: dict[str, RuntimeInfo] = {
     "tflite-int8": RuntimeInfo("tflite-int8", "tflite_runtime", "TFLiteRuntime", ("ai_edge_litert",), "tflite",
                                "full-integer int8 LiteRT model (int8 CONV_2D kernels, built-in resolver), integer "
                                "weights written in place, perturbed by whole quantization steps",
-                               artifact="bundle", format="tflite-int8", domain="int8-step", engine="litert"),
+                               artifact="bundle", format="tflite-int8", domain="int8-step", block_forward="chain",
+                               engine="litert"),
 }
 
 

@@ -23,7 +23,8 @@ def describe() -> list[dict]:
                 row["detail"] = "providers: " + ", ".join(available_providers()) + (
                     "; plugin EPs: " + ", ".join(plugin_providers()) if plugin_providers() else "")
             elif info.engine == "litert":
-                row["detail"] = "delegates: builtin (in-place weight writes); xnnpack for plain inference only"
+                row["detail"] = ("delegates: builtin (in-place weight writes); xnnpack for plain inference only; "
+                                 "block rows: the bundle's segment models")
             elif name == "torch":
                 import torch
                 row["detail"] = f"torch {torch.__version__}, {torch.get_num_threads()} threads"

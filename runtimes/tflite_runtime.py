@@ -19,13 +19,17 @@ otherwise, so a delegate that caches weights can never silently produce wrong lo
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from baffle_edge.bundle import dequantize_output, quantize_input, read_bundle
 from baffle_edge.client import BaseSession, StepWeights
+from baffle_edge.perturb import BlockTable
 from baffle_edge.targets import check_bundle
+
+from .tflite_incremental import TFLiteBlockForward, tflite_array
 
 FORMAT = "tflite-int8"
 DELEGATES = ("builtin", "xnnpack")
@@ -67,14 +71,69 @@ class TFLiteSession(StepWeights, BaseSession):
         self._content = Path(path).read_bytes()
         resolver = (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if delegate == "builtin"
                     else OpResolverType.AUTO)
-        self.interp = Interpreter(model_content=self._content, num_threads=threads or 1,
-                                  experimental_op_resolver_type=resolver)
+        self._make = lambda content: Interpreter(model_content=content, num_threads=threads or 1,  # noqa: E731
+                                                 experimental_op_resolver_type=resolver)
+        self.interp = self._make(self._content)
         self.interp.allocate_tensors()
         self._batch = int(self.interp.get_input_details()[0]["shape"][0])
         self.q: list[np.ndarray] | None = None
         self._written = None  # the weight set the interpreter holds (writes of the same set are skipped)
         self._scales = [t.broadcast(t.scale).astype(np.float32) for t in self.table.tensors]
         self._check_writes_take_effect()
+        # block noise: the partition follows from the parameter table; rows run from cached activations
+        # through the bundle's segment models (export/tflite_blocks.py) when the model is a chain
+        self.blocks = BlockTable.from_layout(self.bundle.meta["parameters"])
+        self._block_forward, self.block_forward_reason, self._block_ready = None, None, False
+
+    @property
+    def block_forward(self):
+        """The incremental block forward, set up at the first block-noise task (``None``: full forwards)."""
+        if not self._block_ready:
+            self._block_ready = True
+            self._init_block_forward()
+        return self._block_forward
+
+    @block_forward.setter
+    def block_forward(self, value) -> None:
+        self._block_forward, self._block_ready = value, True
+
+    def _init_block_forward(self) -> None:
+        """The segment models listed in the bundle (each checked against its sha256), or cut now from the
+        verified model (bundles exported before block noise; Flower ships only baffle.json and the
+        model): a listed segment missing on disk is rebuilt and must match its listed sha256. Not a
+        chain: rows run as full forwards (the reason in ``block_forward_reason``)."""
+        from baffle_edge.export.tflite_blocks import segment_models
+        listed = self.meta.get("blocks")
+        cut = None
+        if listed is None or not all((self.bundle.path / self.meta["files"].get(f"block_seg{i}", "")).is_file()
+                                     for i in range(len(listed["modules"]))):
+            try:
+                cut = segment_models(Path(self.bundle.file(FORMAT)).read_bytes(), self._rows)
+            except ValueError as e:
+                self.block_forward_reason = self.meta.get("blocks_unsupported") or str(e)
+                return
+        if listed is None:
+            plan, contents, rows = cut
+            listed = {**plan.to_json(), "segments": rows}
+        else:
+            contents = [self._segment_file(i, None if cut is None else cut[1][i]) for i in range(len(listed["modules"]))]
+        self.block_forward = TFLiteBlockForward(self, listed, contents, self.blocks, self._make)
+
+    def _segment_file(self, i: int, rebuilt: bytes | None) -> bytes:
+        """Segment i's bytes: the bundle's file (sha256 checked: a corrupt one is a ValueError) or, when it
+        is absent, the segment cut from the model, which must hash to the sha256 baffle.json lists."""
+        role = f"block_seg{i}"
+        name = self.meta["files"].get(role)
+        if name is None:
+            raise ValueError(f"bundle {self.bundle.path}: formats.{FORMAT}.blocks is listed but files.{role} is not")
+        if (self.bundle.path / name).is_file():
+            return Path(self.bundle.file(FORMAT, role)).read_bytes()
+        want = self.bundle.meta["files"].get(name, {}).get("sha256")
+        if hashlib.sha256(rebuilt).hexdigest() != want:
+            raise ValueError(f"bundle {self.bundle.path} is missing {name}, and the segment cut from "
+                             f"{self.meta['files']['inference']} does not match its sha256 in baffle.json "
+                             "(re-export the bundle)")
+        return rebuilt
 
     # ------------------------------------------------------------------ weights
     def set_weights(self, flat: np.ndarray) -> None:
@@ -85,12 +144,9 @@ class TFLiteSession(StepWeights, BaseSession):
     def _write(self, qs: list[np.ndarray]) -> None:
         if qs is self._written:
             return
-        for row, t, q, s in zip(self._rows, self.table.tensors, qs, self._scales):
-            a = np.transpose(q, row["permutation"])
-            if row["tflite_dtype"] == "float32":  # float-logits head: the dequantized integers, in float32
-                a = np.transpose(q.astype(np.float32) * s.astype(np.float32), row["permutation"])
+        for row, q, s in zip(self._rows, qs, self._scales):
             view = self.interp.tensor(row["index"])()
-            view[...] = a
+            view[...] = tflite_array(row, q, s)
             del view  # invoke refuses to run while a view into internal data is alive
         self._written = qs
 

@@ -53,10 +53,12 @@ def test_bundle_records_the_chain_of_ten_modules(mobile):
         plan = meta["formats"][fmt]["blocks"]
         assert len(plan["modules"]) == 10 and plan["channels"] == [32, 32, 64, 64, 128, 128, 256, 256, 256, 10]
         assert all(f"block_seg{i}" in meta["formats"][fmt]["files"] for i in range(10))
-    assert "tflite-int8" in meta["formats"]
+    plan = meta["formats"]["tflite-int8"]["blocks"]  # the .tflite cut at the same modules (NHWC: channels last)
+    assert len(plan["modules"]) == 10 and plan["channels"][-1] == 10 and plan["channel_axis"] == -1
+    assert all(f"block_seg{i}" in meta["formats"]["tflite-int8"]["files"] for i in range(10))
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime-int8", "onnxruntime"])
+@pytest.mark.parametrize("runtime", ["onnxruntime-int8", "onnxruntime", "tflite-int8"])
 @pytest.mark.parametrize("scheme", ["forward", "central"])
 def test_incremental_rows_equal_full_forwards_bit_for_bit(mobile, runtime, scheme):
     model, out, batch = mobile
@@ -74,9 +76,8 @@ def test_incremental_rows_equal_full_forwards_bit_for_bit(mobile, runtime, schem
 
 
 def test_every_runtime_runs_it(mobile):
-    """torch (batched depthwise convs), ORT fp32 / int8 run block tasks, the float runtimes agreeing on
-    the losses (same weights, same rows); LiteRT int8 runs it with Rademacher whole-step noise (its
-    block rows are issue 23)."""
+    """torch (batched depthwise convs), ORT fp32 / int8 and LiteRT int8 run block tasks, the float
+    runtimes agreeing on the losses (same weights, same rows)."""
     model, out, batch = mobile
     w = flat_params(model).numpy()
     losses = {}
@@ -84,8 +85,6 @@ def test_every_runtime_runs_it(mobile):
                               ("onnxruntime-int8", out), ("tflite-int8", out)):
         s = get_runtime(runtime).load(artifact, threads=1)
         task = _task(Domain(s.domain), 30)
-        if runtime == "tflite-int8":
-            task = RoundTask.for_domain(Domain.INT8_STEP, round=1, client=3, seed=5, k=30, sigma=1.0)
         report = run_task(task, s, [batch], weights=w)
         assert report.losses.shape == (30,) and np.all(np.isfinite(report.losses)) and np.ptp(report.losses) > 0
         losses[runtime] = report.losses

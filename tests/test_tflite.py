@@ -80,7 +80,9 @@ def test_registered():
 def test_export_bundle(bundle, trained):
     path, meta = bundle
     fmt = meta["formats"][FMT]
-    assert fmt["files"] == {"inference": "model.int8.tflite"} and fmt["domain"] == "int8-step"
+    assert fmt["files"] == {"inference": "model.int8.tflite", **{f"block_seg{i}": f"model.int8.block_seg{i}.tflite"
+                                                                for i in range(3)}}  # + block segments
+    assert fmt["domain"] == "int8-step"
     assert read_bundle(path).file(FMT).exists()  # sha256 verified
     table = read_bundle(path).quant_table(FMT)
     layout = layout_of(trained)

@@ -1,0 +1,107 @@
+"""The defaults the measurements chose (README "Block noise", issue 23): block noise at the forward budget
+of K+1 = 101 full forwards where the runtime has block rows, isotropic noise one option away, ``--k``
+taken as asked, and runtimes without block rows on their isotropic default."""
+import dataclasses
+import json
+
+import pytest
+
+from baffle_edge.cli import build_parser
+from baffle_edge.config import (DEFAULT_FORWARD_BUDGET, ISOTROPIC_K, TrainConfig, default_noise, has_block_rows,
+                                run_choices)
+from baffle_edge.perturb import NoiseKind
+from baffle_edge.protocol import Baseline, Domain
+from baffle_edge.runtimes import REGISTRY, runtime_info
+from baffle_edge.train_options import config_from_args
+
+BLOCK_RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8", "tflite-int8")
+
+
+def parse(*argv: str) -> TrainConfig:
+    return config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+@pytest.mark.parametrize("runtime", BLOCK_RUNTIMES)
+def test_the_default_is_block_noise_at_the_forward_budget(runtime):
+    ch = run_choices(parse("--runtime", runtime))
+    assert ch.noise is NoiseKind.BLOCK and ch.forward_budget == DEFAULT_FORWARD_BUDGET == 101
+    # the baseline stays the domain's: base loss for float, leave-one-out for int8 steps
+    assert ch.baseline is (Baseline.LOO if ch.domain is Domain.INT8_STEP else Baseline.BASE)
+
+
+@pytest.mark.parametrize("runtime, noise", [("torch", "gaussian"), ("torch", "rademacher"),
+                                            ("onnxruntime-int8", "rademacher"), ("onnxruntime", "gaussian")])
+def test_isotropic_noise_is_one_option_away_with_its_k_of_100(runtime, noise):
+    ch = run_choices(parse("--runtime", runtime, "--noise", noise))
+    assert ch.noise is NoiseKind(noise) and ch.forward_budget is None and ch.k == ISOTROPIC_K == 100
+
+
+def test_k_given_with_block_noise_is_the_k_asked_for():
+    ch = run_choices(parse("--k", "20"))
+    assert ch.noise is NoiseKind.BLOCK and ch.forward_budget is None and ch.k == 20
+    ch = run_choices(parse("--noise", "block", "--forward-budget", "11"))
+    assert ch.forward_budget == 11
+    with pytest.raises(ValueError, match="--noise block"):  # a budget with isotropic noise is refused, not ignored
+        run_choices(parse("--noise", "gaussian", "--forward-budget", "101"))
+    with pytest.raises(ValueError, match="--k"):
+        parse("--k", "0")
+
+
+def test_runtimes_and_models_without_block_rows_keep_their_isotropic_default():
+    torch_int8 = runtime_info("torch-int8")  # the int8 oracle runs rows as full forwards
+    assert not has_block_rows(torch_int8, "lenet") and default_noise(torch_int8, "lenet") is NoiseKind.RADEMACHER
+    assert run_choices(TrainConfig(runtime="torch-int8")).noise is NoiseKind.RADEMACHER
+    for model in ("wrn-10-2", "mlp", "mobilenet"):  # torch's incremental forward is LeNet's
+        assert run_choices(TrainConfig(model=model)).noise is NoiseKind.GAUSSIAN
+    assert run_choices(TrainConfig(model="mlp", runtime="onnxruntime")).noise is NoiseKind.BLOCK  # ORT chains
+    assert run_choices(TrainConfig(norm="group")).noise is NoiseKind.GAUSSIAN  # GroupNorm couples channels
+    assert run_choices(TrainConfig(model="wrn-10-2", runtime="onnxruntime-int8")).noise is NoiseKind.RADEMACHER
+    for name, info in REGISTRY.items():  # every registered runtime resolves to a noise its domain accepts
+        ch = run_choices(TrainConfig(runtime=name))
+        assert (ch.noise is NoiseKind.BLOCK) == has_block_rows(info, "lenet"), name
+
+
+def test_the_default_federation_spends_the_budget_as_equal_compute_k():
+    """K of the default torch run is runtimes/torch_incremental.equal_compute_k at 101 (6,058 on digits)."""
+    from baffle_edge.runtimes.torch_incremental import equal_compute_k
+    from baffle_edge.simulate import Federation
+    fed = Federation(TrainConfig(clients=2))
+    mc = fed.model_cfg
+    assert fed.noise is NoiseKind.BLOCK and fed.forward_budget == 101
+    assert fed.k == equal_compute_k(fed.model, mc.image_size, 101, mc.in_channels, rule="delta") == 6058
+    assert fed.k_bound == fed.k  # the size draw keeps K fixed
+    adaptive = Federation(TrainConfig(clients=2, block_draw="adaptive"))
+    assert adaptive.k_bound == 4 * fed.k  # the gateway's report limit covers the adaptive draw's cap
+    assert Federation(TrainConfig(clients=2, k=20)).k == 20
+    iso = Federation(TrainConfig(clients=2, noise="gaussian"))
+    assert iso.k == iso.k_bound == 100 and iso.forward_budget is None
+
+
+def test_gateway_report_limit_fits_a_default_block_report():
+    """serve's default run: a JSON block report of K = 6,058 losses is accepted, not refused as too large."""
+    import numpy as np
+
+    from baffle_edge.gateway.app import report_limit
+    from baffle_edge.protocol import ClientReport
+    cfg = TrainConfig()
+    k = 6058
+    report = ClientReport(round=0, client=0, losses=np.full(k, 2.3025850929940457), num_samples=32,
+                          base_losses=np.array([2.302585092994046]), model_version="0" * 16, runtime="torch")
+    body = json.dumps(report.to_dict()).encode()
+    assert len(body) <= report_limit(cfg, k) and report_limit(cfg) < len(body)  # K=100 would refuse it
+
+
+def test_a_run_without_block_rows_trains_with_isotropic_noise(tmp_path):
+    from baffle_edge.simulate import train
+    cfg = TrainConfig(model="mlp", clients=2, rounds=2, eval_every=1, checkpoint_every=2, k=4)
+    m = train(cfg, tmp_path / "mlp", progress=False)
+    assert m["estimator"] == {"noise": "gaussian", "k": 4, "forward_budget": None, "baseline": "base"}
+    assert m["final"]["rounds_done"] == 2 and m["final"]["rejected_reports"] == 0
+
+
+def test_help_says_what_the_default_is():
+    p = build_parser()
+    sub = next(a for a in p._actions if a.__class__.__name__ == "_SubParsersAction").choices["train"]
+    h = " ".join(sub.format_help().split())
+    assert "default: block" in h and "--noise gaussian / rademacher" in h and "96.4%" in h
+    assert dataclasses.replace(TrainConfig(), noise="gaussian").noise is NoiseKind.GAUSSIAN
