@@ -1,8 +1,9 @@
 """The convergence acceptance checks (slow: about 15 minutes on 2 cores).
 
 Run with ``python -m pytest -m slow tests/test_convergence.py``. digits, LeNet, 10 IID clients,
-K = 100 isotropic noise (train's default is block noise: tests/test_blocks*.py), the reference optimizer: BAFFLE must reach >= 85% test accuracy; the backprop baseline on
-the same schedule is reported beside it (README "Results")."""
+K = 100 isotropic noise (train's default is block noise: tests/test_blocks*.py), the reference
+optimizer: BAFFLE must reach >= 85% test accuracy; the backprop baseline on the same schedule is
+reported beside it (README "Results")."""
 import pytest
 
 from baffle_edge.simulate import Method, TrainConfig, train
