@@ -85,15 +85,21 @@ def bundle_readme(meta: dict) -> str:
             "XNNPACK packs the weights at load time and silently ignores later writes: keep it off for training "
             "rounds (plain inference may use it).",
         ]
-        if "blocks" in meta["formats"]["tflite-int8"]:
-            lines += [
-                "",
-                "Block noise: `model.int8.block_seg<i>.tflite` is the model's operators from boundary i (the int8 "
-                "input of module i, same scale and zero point) to boundary i+1 (`formats.tflite-int8.blocks`; "
-                "`segments[i]` gives the input, output and parameter tensor indices). Run them in turn to cache "
-                "the boundaries; for a row of module i write its perturbed channel c into segment i's parameter "
-                "tensors (one row per channel per call), replace channel c (the last, NHWC axis) of the cached "
-                "boundary i+1 with the output's, and finish the later segments unperturbed (a segment with float "
-                "operators at the batch's own size): the losses equal a full forward's bit for bit.",
-            ]
+        lines += _tflite_blocks(meta["formats"]["tflite-int8"])
     return "\n".join(lines) + "\n"
+
+
+def _tflite_blocks(entry: dict) -> list[str]:
+    """The LiteRT block-noise paragraph (bundles with segment models)."""
+    if "blocks" not in entry:
+        return []
+    return [
+        "",
+        "Block noise: `model.int8.block_seg<i>.tflite` is the model's operators from boundary i (the int8 "
+        "input of module i, same scale and zero point) to boundary i+1 (`formats.tflite-int8.blocks`; "
+        "`segments[i]` gives the input, output and parameter tensor indices). Run them in turn to cache "
+        "the boundaries; for a row of module i write its perturbed channel c into segment i's parameter "
+        "tensors (one row per channel per call), replace channel c (the last, NHWC axis) of the cached "
+        "boundary i+1 with the output's, and finish the later segments unperturbed (a segment with float "
+        "operators at the batch's own size): the losses equal a full forward's bit for bit.",
+    ]

@@ -74,7 +74,7 @@ class OrtBlockForward:
         nxt = np.repeat(cached[None], len(channels), axis=0)
         v = np.stack(values)  # [n, d_b]: a module's blocks all have one size
         cols = np.cumsum([0, *self.row_sizes[i]])
-        rank = _occurrence(channels)  # pass number of each row: rows on one channel go to different passes
+        rank = pass_numbers(channels)  # pass number of each row: rows on one channel go to different passes
         for p in range(int(rank.max()) + 1 if len(rank) else 0):
             sel = np.flatnonzero(rank == p)
             ch = channels[sel]
@@ -97,7 +97,7 @@ class OrtBlockForward:
         return flat.reshape(n, bsz, *flat.shape[1:])
 
 
-def _occurrence(values: np.ndarray) -> np.ndarray:
+def pass_numbers(values: np.ndarray) -> np.ndarray:
     """For each entry, how many equal entries precede it (0 for the first of each value)."""
     order = np.argsort(values, kind="stable")
     v = values[order]

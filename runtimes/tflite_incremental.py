@@ -28,7 +28,7 @@ import numpy as np
 from baffle_edge.bundle import dequantize_output
 from baffle_edge.perturb import BlockTable
 
-from .ort_incremental import _occurrence
+from .ort_incremental import pass_numbers
 
 ROWS_PER_CALL = 4096  # images per call of an integer segment finishing rows (bounds the activations)
 
@@ -52,7 +52,6 @@ class Segment:
                          if d["index"] not in {p[0] for p in params} and d["index"] != self.input)
         self.batch = int(interp.get_input_details()[0]["shape"][0])
         self.written = None  # the weight list held (writes of the same list are skipped)
-        self.held = None
 
     def write(self, qs: list[np.ndarray]) -> None:
         """Write this segment's module integers from ``qs`` (a full weight set, table order)."""
@@ -129,7 +128,7 @@ class TFLiteBlockForward:
         v = np.stack(values)  # [n, d_b]: a module's blocks all have one size
         table = self.session.table.tensors
         cols = np.cumsum([0, *(table[t].size // table[t].shape[0] for t in self.tensors[i])])
-        rank = _occurrence(channels)  # pass number of each row: rows on one channel go to different passes
+        rank = pass_numbers(channels)  # pass number of each row: rows on one channel go to different passes
         try:
             for p in range(int(rank.max()) + 1 if len(rank) else 0):
                 sel = np.flatnonzero(rank == p)

@@ -181,3 +181,15 @@ def test_training_rounds_with_block_noise_lower_the_loss(digits):
         assert fed.step(r).applied
     assert fed.last_session.block_forward is not None
     assert loss() < before - 0.02, (before, loss())
+
+
+@pytest.mark.slow
+def test_tflite_int8_block_noise_reaches_94_percent(tmp_path):
+    """Issue 23's acceptance through the LiteRT int8 client (default digits schedule, 150 rounds, 10
+    clients, seed 0, K = 3,309 for 101 forward-equivalents, the bundle re-exported every round):
+    >= 94% (measured 95.0%; 1,225 s of rounds + the exports, ~45 min on a loaded 2-vCPU machine)."""
+    from baffle_edge.simulate import TrainConfig, train
+    cfg = TrainConfig(runtime=FMT, noise="block", forward_budget=101, eval_every=10, checkpoint_every=1000)
+    acc = train(cfg, tmp_path, progress=False)["final"]["test_accuracy"]
+    print(f"\ndigits LeNet, 150 rounds, LiteRT int8: block noise K=3309 (101 forward-equivalents) {100 * acc:.1f}%")
+    assert acc >= 0.94
