@@ -105,3 +105,15 @@ def test_help_says_what_the_default_is():
     h = " ".join(sub.format_help().split())
     assert "default: block" in h and "--noise gaussian / rademacher" in h and "96.4%" in h
     assert dataclasses.replace(TrainConfig(), noise="gaussian").noise is NoiseKind.GAUSSIAN
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime-int8"])
+def test_the_default_run_is_the_measured_block_run(runtime):
+    """`baffle-edge train` asks exactly the tasks of the measured `--noise block --forward-budget 101`
+    run (README "Results": 96.4% torch, 95.3% ORT int8 at 150 rounds), so the figures are the default's."""
+    from baffle_edge.simulate import Federation
+    default = Federation(parse("--runtime", runtime, "--clients", "2"))
+    explicit = Federation(parse("--runtime", runtime, "--clients", "2", "--noise", "block", "--forward-budget", "101"))
+    assert default.k == explicit.k == {"torch": 6058, "onnxruntime-int8": 3309}[runtime]
+    for r, c in ((0, 0), (7, 1)):
+        assert default.task(r, c).to_json() == explicit.task(r, c).to_json()
