@@ -343,11 +343,23 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
+def _resolved(cfg: TrainConfig, *, before_block_default: bool = False) -> TrainConfig:
+    """``cfg`` with its open noise and K filled in as they run (so a resume compares what ran). A checkpoint
+    written before block noise became the default (no "estimator" mark) ran its domain's isotropic noise."""
+    if before_block_default and cfg.noise is None:
+        from .config import isotropic_noise
+        cfg = dataclasses.replace(cfg, noise=isotropic_noise(cfg.runtime))
+    ch = run_choices(cfg)
+    return dataclasses.replace(cfg, noise=ch.noise, k=None if ch.forward_budget is not None else ch.k,
+                               forward_budget=ch.forward_budget)
+
+
 def save_checkpoint(path: Path, fed: Federation, next_round: int, history: list[dict]) -> None:
     state = {"format": 1, "next_round": next_round, "config": json.dumps(fed.cfg.to_json()),
              "server": fed.server.state_dict(), "history": json.dumps(history),
              "refresh_weights": fed.refresh_weights,
-             "block_draw": json.dumps(fed.block_draw.state()) if fed.block_draw is not None else None}
+             "block_draw": json.dumps(fed.block_draw.state()) if fed.block_draw is not None else None,
+             "estimator": 1}  # the config's open noise / k resolve by config.run_choices (block default)
     _atomic_write(path, lambda p: torch.save(state, p))
 
 
@@ -384,12 +396,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         if not ckpt.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
         state = load_checkpoint(ckpt)
-        saved = TrainConfig.from_json(json.loads(state["config"]))
+        saved = _resolved(TrainConfig.from_json(json.loads(state["config"])), before_block_default="estimator" not in state)
         free = ("rounds", "eval_every")  # neither changes the trajectory (evaluation draws no randomness)
-        if dataclasses.replace(saved, **{n: getattr(cfg, n) for n in free}) != cfg:
-            diff = [f.name for f in dataclasses.fields(cfg) if getattr(saved, f.name) != getattr(cfg, f.name)
+        now = _resolved(cfg)
+        if dataclasses.replace(saved, **{n: getattr(now, n) for n in free}) != now:
+            diff = [f.name for f in dataclasses.fields(cfg) if getattr(saved, f.name) != getattr(now, f.name)
                     and f.name not in free]
-            raise ValueError(f"--resume: the run in {out} used different settings ({', '.join(diff)})")
+            raise ValueError(f"--resume: the run in {out} used different settings ({', '.join(diff)}: it ran "
+                             f"{saved.noise.value} noise, {'K = %d' % saved.k if saved.k else 'a forward budget'})")
         fed = Federation(cfg)
         fed.server.load_state_dict(state["server"])
         if fed.bundle_dir is not None and state.get("refresh_weights") is not None:

@@ -117,3 +117,29 @@ def test_the_default_run_is_the_measured_block_run(runtime):
     assert default.k == explicit.k == {"torch": 6058, "onnxruntime-int8": 3309}[runtime]
     for r, c in ((0, 0), (7, 1)):
         assert default.task(r, c).to_json() == explicit.task(r, c).to_json()
+
+
+def test_resume_compares_what_ran_and_reads_checkpoints_from_before_the_block_default(tmp_path):
+    """A checkpoint whose config left noise open (written before block noise became the default) ran
+    isotropic noise: resuming it asks for ``--noise gaussian``, not silently block noise."""
+    import torch
+
+    from baffle_edge.simulate import train
+    small = dict(clients=2, rounds=2, eval_every=1, checkpoint_every=1, workers=1)
+    out = tmp_path / "old"
+    train(TrainConfig(noise="gaussian", k=4, **small), out, progress=False, stop_after=1)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    old = json.loads(state["config"])
+    old["noise"] = None  # as the previous default wrote it
+    state["config"] = json.dumps(old)
+    del state["estimator"]
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match="gaussian noise"):
+        train(TrainConfig(k=4, **small), out, progress=False, resume=True)  # would be block noise now
+    m = train(TrainConfig(noise="gaussian", k=4, **small), out, progress=False, resume=True)
+    assert m["final"]["rounds_done"] == 2
+    out2 = tmp_path / "new"  # a new checkpoint: the default resumes as the default, K from the budget
+    train(TrainConfig(**small), out2, progress=False, stop_after=1)
+    assert train(TrainConfig(**small), out2, progress=False, resume=True)["estimator"]["noise"] == "block"
+    with pytest.raises(ValueError, match="noise"):
+        train(TrainConfig(noise="gaussian", **small), out2, progress=False, resume=True)
