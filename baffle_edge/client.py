@@ -120,8 +120,15 @@ class StepWeights:
     domain = Domain.INT8_STEP
 
     def set_weights(self, flat: np.ndarray) -> None:
+        self.set_integers(self.table.quantize(flat))
+
+    def set_integers(self, qs: list[np.ndarray]) -> None:
+        """Hold the integers ``qs`` (table order) directly: what a device that downloaded them runs."""
         from .quant import FlatSteps, StepSelector
-        self.q = self.table.quantize(flat)
+        if len(qs) != len(self.table.tensors) or any(
+                q.shape != t.shape or q.dtype != np.dtype(t.dtype) for q, t in zip(qs, self.table.tensors)):
+            raise ValueError("integers: the tensors do not match the bundle's quantization table")
+        self.q = list(qs)
         self.select = StepSelector(self.table, self.q)
         self.flat = FlatSteps(self.table, self.q)  # block noise moves a few coordinates: flat integers
 
@@ -267,14 +274,21 @@ def block_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0)
     return np.concatenate(([] if task.central else [cross_entropy(base, batch.y)], *rows))
 
 
-def run_task(task: RoundTask, session: Session, batches: list[Batch], *, weights: np.ndarray,
-             runtime: str = "") -> ClientReport:
-    """Evaluate ``task`` at ``weights`` on ``batches`` (one per local step) and report the losses."""
+def run_task(task: RoundTask, session: Session, batches: list[Batch], *, weights: np.ndarray | None,
+             runtime: str = "", integers: list[np.ndarray] | None = None) -> ClientReport:
+    """Evaluate ``task`` at ``weights`` on ``batches`` (one per local step) and report the losses.
+    ``integers`` (int8-step sessions, one local step): the quantized weights themselves, instead of ``weights``."""
     if len(batches) != task.local_steps:
         raise ValueError(f"task has {task.local_steps} local step(s) but {len(batches)} batch(es) were given")
     start = time.perf_counter()
-    w = np.array(weights, dtype=np.float32)
-    session.set_weights(w)
+    if integers is not None:
+        if task.local_steps != 1 or session.domain is not Domain.INT8_STEP:
+            raise ValueError("integers: only an int8-step session's single-step task runs on integers alone")
+        w = None
+        session.set_integers(integers)
+    else:
+        w = np.array(weights, dtype=np.float32)
+        session.set_weights(w)
     bases, losses = [], []
     for s, batch in enumerate(batches):
         out = np.asarray(session.losses(batch, task, step=s), dtype=np.float64)

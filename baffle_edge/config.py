@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass
 
 from .block_draw import BlockDrawPolicy
+from .compact import ReportEncoding
 from .perturb import NoiseKind
 from .protocol import DOMAIN_DEFAULTS, Baseline, Domain, NoiseScope, Scheme, StepEstimator, check_noise
 from .runtimes import RuntimeInfo, runtime_info
@@ -134,6 +135,8 @@ class TrainConfig:
     refresh_every: int | None = None  # bundle runtimes: re-export (re-calibrate int8 scales) every N rounds;
     # None = the format's default (REFRESH_DEFAULT: every round; ONNX exports in < 1 s, TFLite in ~5 s)
     workers: int = 2  # threads simulating clients / decoding reports (results do not depend on it)
+    report_encoding: ReportEncoding = ReportEncoding.COMPACT  # how reports travel (compact.py): 16-bit loss
+    # differences (devices that speak it; the simulation round-trips its reports) | json: float64 losses
     # faults (docs/faults.md)
     quorum: float = 0.0  # fraction of clients whose valid reports a round needs, else it is skipped (0: >= 1)
     round_timeout: float | None = None  # seconds a round waits for reports; None = wait for all

@@ -134,12 +134,25 @@ def check_weights(task: RoundTask, weights: np.ndarray) -> np.ndarray:
     return w
 
 
-def answer(task: RoundTask, session: Session, batches: list[Batch], *, weights: np.ndarray,
-           runtime: str, label: str | None = None) -> ClientReport:
+def check_integers(payload: bytes, sha256: str, session: Session) -> list[np.ndarray]:
+    """The integer tensors of a downloaded payload (downloads.int_payload's layout), refused (ValueError)
+    unless it hashes to the ``sha256`` the task offer binds to its model version."""
+    from .downloads import digest, split_payload
+    got = digest(payload)
+    if got != sha256:
+        raise ValueError(f"integers ({len(payload)} bytes) hash to {got[:16]}, the task offer names {sha256[:16]}")
+    return split_payload(session.table, payload)
+
+
+def answer(task: RoundTask, session: Session, batches: list[Batch], *, weights: np.ndarray | None,
+           runtime: str, label: str | None = None, integers: list[np.ndarray] | None = None) -> ClientReport:
     """The device's answer to ``task``: the weights checked against the task's model version, the
     runtime's domain against the task's, then the K (+1) losses of every local step (client.run_task).
-    ``label`` names the client in the report's ``runtime`` field (default: the runtime's name)."""
+    ``label`` names the client in the report's ``runtime`` field (default: the runtime's name).
+    ``integers``: an int8 device's checked download (``check_integers``) in place of the float weights."""
     domain = runtime_info(runtime).domain
     if domain != task.domain.value:
         raise ValueError(f"runtime {runtime!r} perturbs in the {domain} domain, the task in {task.domain.value}")
+    if integers is not None:
+        return run_task(task, session, batches, weights=None, integers=integers, runtime=label or runtime)
     return run_task(task, session, batches, weights=check_weights(task, weights), runtime=label or runtime)

@@ -24,6 +24,7 @@ from torch import nn
 from .config import Aggregate, OptimConfig, OptimizerName, coerce_enums  # noqa: F401 (the server's settings)
 from .params import flat_params, layout_of, set_flat_params, trainable
 from .perturb import BlockTable
+from .compact import ReportEncoding, wire_size
 from .protocol import ClientReport, RoundTask, model_version, wire_bytes
 from .rows import local_step, step_gradient
 
@@ -249,6 +250,7 @@ class Server:
         self.ema = EMA(self.flat(), config.ema_decay) if config.ema_decay else None
         self.quant_table = None  # the current int8 bundle's quant.QuantTable (int8-step runtimes)
         self.blocks = BlockTable.from_layout(layout_of(model))  # block noise: the partition eps_k is drawn on
+        self.report_encoding = ReportEncoding.COMPACT  # what ``bytes_up`` counts (Federation: the run's encoding)
 
     def flat(self) -> torch.Tensor:
         return flat_params(self.model)
@@ -292,12 +294,18 @@ class Server:
                     samples.check(report)
                 update = self.update(task, weight, self._estimate(task, report),
                                      loss=self._loss(task, report),
-                                     bytes_up=wire_bytes(dataclasses.replace(report, seconds=0.0)))
+                                     bytes_up=self.report_bytes(report))
             except ValueError as e:
                 return str(e)
         if not np.all(np.isfinite(update.vector)):
             return "decoded update is not finite"
         return update
+
+    def report_bytes(self, report: ClientReport) -> int:
+        """The upload of ``report`` in the run's encoding (compact: exact; JSON: without its timing field)."""
+        if self.report_encoding is ReportEncoding.COMPACT:
+            return wire_size(report)
+        return wire_bytes(dataclasses.replace(report, seconds=0.0))
 
     def _estimate(self, task: RoundTask, report: ClientReport):
         """``gradient_at(step, weights)`` decoded from the report's scalars (same noise regenerated)."""

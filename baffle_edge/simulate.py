@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from . import compact
 from .attackers import byzantine_clients, garbage_report  # noqa: F401 (simulation's attackers)
 from .block_draw import BUDGET_K_CAP, BlockDraw, BlockDrawPolicy
 from .client import Batch
@@ -76,6 +77,7 @@ class Federation:
         self.layout = layout_of(self.model)
         self.server = Server(self.model, make_strategy(cfg.strategy, local_steps=cfg.local_steps,
                                                        aggregate=cfg.aggregate, trim=cfg.trim), cfg.optim)
+        self.server.report_encoding = cfg.report_encoding
         self._local = threading.local()  # one simulated device (model or session) per worker thread
         self.pool = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="client")
         self.rpe = rounds_per_epoch(cfg, self.data)
@@ -194,7 +196,9 @@ class Federation:
         """What a device does: evaluate the task's perturbed losses at the global weights (or at
         the round's snapshot ``weights``, so a straggler never sees a later model)."""
         w = self.server.flat().numpy() if weights is None else weights
-        return answer(task, self._session(), batches, weights=w, runtime=self.cfg.runtime)
+        report = answer(task, self._session(), batches, weights=w, runtime=self.cfg.runtime)
+        # compact reports: the server sees what a compact device sends (train = serve with such devices)
+        return compact.roundtrip(report) if self.cfg.report_encoding is compact.ReportEncoding.COMPACT else report
 
     def bp_client(self, task: RoundTask, batches: list[Batch], *, weights: np.ndarray) -> ClientUpdate:
         """The float baseline as a device: exact (clipped) backprop gradients on the same batches,

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 
 from .block_draw import BlockDrawPolicy
+from .compact import ReportEncoding
 from .config import (DEFAULT_FORWARD_BUDGET, ISOTROPIC_K, MODEL_NAMES, Activation, Aggregate, Method, Norm, OptimConfig,
                      OptimizerName, TrainConfig,
                      rounds_per_epoch)
@@ -110,6 +111,9 @@ def _runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--refresh-every", type=int, default=None,
                    help="bundle runtimes: re-export and re-calibrate the bundle every N rounds (default: 1 for "
                         "every format: stale int8 scales cost accuracy; TFLite conversion takes ~5 s per refresh)")
+    g.add_argument("--report-encoding", default=_d(_T.report_encoding), choices=_values(ReportEncoding),
+                   help="how reports travel: compact = 16-bit loss differences against the exact base loss "
+                        "(docs/gateway.md, 'Compact reports'), json = float64 losses (default: %(default)s)")
     g.add_argument("--perturbations-per-call", default=_d(_T.perturbations_per_call), metavar="P",
                    help="perturbations evaluated per runtime call (torch, onnxruntime[-int8]); 'auto' measures P "
                         "on this device at the first batch and caches it (docs/batched-k.md) (default: %(default)s)")
@@ -170,6 +174,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     same = ("model", "dataset", "data_dir", "activation", "norm", "clients", "partition", "alpha", "batch_size",
             "method", "strategy", "local_steps", "k", "sigma", "scheme", "noise", "noise_scope", "block_draw", "forward_budget", "int8_estimator",
             "baseline", "seed", "checkpoint_every", "runtime", "provider", "target", "refresh_every", "workers",
+            "report_encoding",
             "quorum", "round_timeout", "aggregate", "trim", "byzantine")  # option = TrainConfig field (enums from strings)
     cfg = TrainConfig(**{n: getattr(a, n) for n in same}, perturbations_per_call=ppc, eval_every=a.eval_every or 1,
                       optim=OptimConfig(optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,

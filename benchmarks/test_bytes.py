@@ -1,7 +1,8 @@
 """Bytes per client per round: BAFFLE (K loss scalars + header) vs dense FedSGD / FedAvg updates.
 
-The BAFFLE upload is measured on real messages (``protocol.wire_bytes`` of the JSON report and
-the NPZ encoding); ``float32 payload`` is the floor a binary client could send (4 bytes per loss).
+The BAFFLE upload is measured on real messages (``protocol.wire_bytes`` of the JSON report, the NPZ
+encoding and the compact encoding, ``compact.encode``: 16-bit loss differences, the default);
+``float32 payload`` is what a float32 binary client would send (4 bytes per loss).
 Downloads: every scheme sends the global weights (float32) each round; BAFFLE adds its RoundTask.
 The timed part is encoding and decoding the NPZ report.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from baffle_edge import compact
 from baffle_edge.protocol import ClientReport, RoundTask, wire_bytes
 
 from .cases import DEVICE, MODELS
@@ -33,7 +35,9 @@ def test_bytes_per_round(benchmark, case_id, k):
     benchmark.group = f"bytes {case_id}"
     back = benchmark(roundtrip)
     npz = report.to_npz()
-    up = {"baffle_json": wire_bytes(report), "baffle_npz": len(npz), "baffle_float32": 4 * (k + 1),
+    packed = compact.encode(report)
+    up = {"baffle_json": wire_bytes(report), "baffle_npz": len(npz), "baffle_compact": len(packed),
+          "baffle_float32": 4 * (k + 1),
           "fedsgd": 4 * d, "fedavg": 4 * d}
     down = {"baffle": 4 * d + wire_bytes(task), "fedsgd": 4 * d, "fedavg": 4 * d}
     benchmark.extra_info.update(case.info(), runtime=None, dtype="float64 losses", batch=32, K=k, stage="bytes",
@@ -44,5 +48,9 @@ def test_bytes_per_round(benchmark, case_id, k):
     back.check_against(task)
     assert up["baffle_float32"] < up["baffle_npz"] < up["baffle_npz"] + 8 * (k + 1) + 2048  # float64 + header
     assert up["baffle_json"] < 40 * (k + 1) + 1024  # ~ 20 characters per float64
+    assert up["baffle_compact"] == 2 * k + 36 + 16 + 16 + 16 < up["baffle_npz"]  # 16 bits per loss + 84 B of header
+    if k >= 100:
+        assert up["baffle_compact"] < 0.71 * up["baffle_float32"]
+    assert np.all(np.abs(compact.decode(packed).losses - report.losses) <= compact.bound(report))
     if d > 50 * k:  # the paper's claim: K scalars are far below a dense update
         assert up["baffle_npz"] * 5 < up["fedsgd"]

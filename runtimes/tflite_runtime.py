@@ -136,9 +136,9 @@ class TFLiteSession(StepWeights, BaseSession):
         return rebuilt
 
     # ------------------------------------------------------------------ weights
-    def set_weights(self, flat: np.ndarray) -> None:
-        """Quantize the global float weights with the bundle's scales and write them."""
-        super().set_weights(np.asarray(flat, dtype=np.float32))
+    def set_integers(self, qs: list[np.ndarray]) -> None:
+        """Hold the integers (set_weights: the global float weights quantized with the bundle's scales) and write them."""
+        super().set_integers(qs)
         self._write(self.q)
 
     def _write(self, qs: list[np.ndarray]) -> None:

@@ -81,6 +81,20 @@ def test_reply_round_trip_and_malformed_replies():
     assert isinstance(records.parse_report_content(content), ValueError)
 
 
+def test_compact_replies_round_trip_and_malformed_bytes_are_refused():
+    from baffle_edge import compact
+    r = ClientReport(round=1, client=2, losses=[1.0, 2.0, 1.25], base_losses=[1.5], num_samples=32, model_version="ab")
+    content = records.report_content(r, "compact")
+    assert set(content) == {"report"} and set(content["report"]) == {"compact"}  # the run's default encoding
+    assert content["report"]["compact"] == compact.encode(r)
+    back = records.parse_report_content(content)
+    assert np.array_equal(back.losses, compact.roundtrip(r).losses) and back.client == 2
+    for bad in (compact.encode(r)[:-1], b"BFLR", "text"):
+        content["report"]["compact"] = bad
+        err = records.parse_report_content(content)
+        assert isinstance(err, ValueError) and "compact report" in str(err)
+
+
 def test_run_config_parsing():
     cfg, fl = runconfig.config_from_run_config({"train-config": json.dumps({"clients": 4, "k": 7,
                                                                             "optim": {"lr": 0.05}}),

@@ -94,7 +94,8 @@ def status(port: int, scheme: str = "http", **kw) -> dict:
     # process, by tests/test_gateway.py (bundle files, sha256); this run is kept for -m slow
     pytest.param("onnxruntime-int8", 2, marks=pytest.mark.slow)])
 def test_devices_over_http_reproduce_train(procs, tmp_path, runtime, clients):
-    args = [*RUN, "--runtime", runtime, "--clients", str(clients)]
+    # float64 reports (JSON from client 1, NPZ from the others); compact ones: the resume test below
+    args = [*RUN, "--runtime", runtime, "--clients", str(clients), "--report-encoding", "json"]
     assert cli(["train", *args, "--out", str(tmp_path / "ref")]) == 0
     server, port = procs.serve("serve", *args, "--demo-data", "--out", "run")
     url = f"http://127.0.0.1:{port}"

@@ -154,7 +154,7 @@ def client_train(msg: "Message", context: "Context") -> "Message":
                     runtime=settings.runtime)
     if mode == "shard" and task.client in byzantine_clients(cfg.clients, cfg.byzantine, seed=cfg.seed):
         report = garbage_report(report, seed=cfg.seed)  # simulated attacker (TrainConfig.byzantine)
-    return Message(report_content(report), reply_to=msg)
+    return Message(report_content(report, cfg.report_encoding), reply_to=msg)
 
 
 def client_query(msg: "Message", context: "Context") -> "Message":

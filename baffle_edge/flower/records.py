@@ -9,11 +9,15 @@
           ConfigRecord "model":   {"model-config": ModelConfig JSON, "normalisation": JSON}
           ConfigRecord "bundle":  {file name: bytes}  (bundle runtimes: the round's baffle.json and
                                    the graph the runtime loads; the SuperNode verifies their sha256)
-    up    ArrayRecord  "losses":  {"losses": K (x steps) float64, "base_losses": float64}
+    up    ConfigRecord "report":  {"compact": the compact report's bytes (compact.py; the run's default
+                                   ``report_encoding``)}
+          or (``report_encoding = "json"``)
+          ArrayRecord  "losses":  {"losses": K (x steps) float64, "base_losses": float64}
           ConfigRecord "report":  {"header": the ClientReport's other fields as JSON}
 
 Never a gradient and never the noise: the client regenerates eps_k from the task's seed. The
-reply is parsed with ``ClientReport.from_dict`` (validated) and then checked like any report.
+reply is parsed with ``compact.decode`` or ``ClientReport.from_dict`` (validated) and then checked like
+any report.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import compact
 from ..protocol import ClientReport, RoundTask
 
 if TYPE_CHECKING:
@@ -95,7 +100,11 @@ def query_message(node: int) -> "Message":
                    message_type=QUERY_TYPE)
 
 
-def report_content(report: ClientReport) -> "RecordDict":
+def report_content(report: ClientReport, encoding: compact.ReportEncoding | str = compact.ReportEncoding.JSON
+                   ) -> "RecordDict":
+    """The reply's records: the compact bytes, or float64 arrays and a JSON header."""
+    if compact.ReportEncoding(encoding) is compact.ReportEncoding.COMPACT:
+        return RecordDict({"report": ConfigRecord({"compact": compact.encode(report)})})
     header = {k: v for k, v in report.to_dict().items() if k not in ("losses", "base_losses")}
     return RecordDict({
         "losses": ArrayRecord({"losses": Array(report.losses), "base_losses": Array(report.base_losses)}),
@@ -112,6 +121,11 @@ def parse_reply(reply: "Message") -> ClientReport | Exception:
 
 def parse_report_content(content: "RecordDict") -> ClientReport | Exception:
     try:
+        if "compact" in content["report"]:
+            data = content["report"]["compact"]
+            if not isinstance(data, bytes):
+                raise ValueError(f"compact report: expected bytes, got {type(data).__name__}")
+            return compact.decode(data)
         header = json.loads(content["report"]["header"])
         if not isinstance(header, dict):
             raise ValueError("report header: expected a JSON object")

@@ -3,9 +3,12 @@
     GET  /v1/config                  the run's public settings (model, runtime, bundle format)
     GET  /v1/task?wait=S             the device's task of the open round, or "wait" / "done" (long poll)
     GET  /v1/weights/{version}       the round's float32 weights, little-endian; ETag = model version
-    GET  /v1/bundle/{gen}/{file}     a bundle file (int8 runtimes); ETag and X-Sha256 = its sha256
+    GET  /v1/weights/{version}/int8  int8-step bundles: the integers the devices run, zlib (?base=VERSION: a
+                                     delta against that version's); X-Sha256 = the integers' sha256
+    GET  /v1/bundle/{gen}/{file}     a bundle file (int8 runtimes); ETag and X-Sha256 = its sha256; ?z=1 zlib,
+                                     ?base=GEN zlib with that generation's file as the dictionary
     GET  /v1/data/{round}            demo only (--demo-data): the device's batches for the round
-    POST /v1/report                  a ClientReport as JSON or NPZ -> 202, or 4xx with a reason
+    POST /v1/report                  a ClientReport, compact (compact.py), JSON or NPZ -> 202, or 4xx with a reason
     GET  /v1/status?since=R          public: round progress, slots, absent devices' causes, finished rounds
     GET  /run                        public: the live page of the run (page.py), drawn from /v1/status
 
@@ -35,6 +38,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from .. import compact
 from ..protocol import PROTOCOL_VERSION, ClientReport
 from .board import Board, Rejection
 from .page import add_pages
@@ -43,11 +47,12 @@ from .tokens import Device, TokenStore
 API_VERSION = "1"
 JSON_TYPES = ("application/json",)
 NPZ_TYPES = ("application/x-npz", "application/octet-stream")
+COMPACT_TYPES = (compact.MEDIA_TYPE,)
 NPZ_MEMBERS = {"header.npy", "losses.npy", "base_losses.npy"}
 UNKNOWN_ROUTE = "(unknown route)"  # the request-count key of every path no route serves
 # what a device reads of the run's TrainConfig (device.DeviceSettings, gateway/device.py, clients/js gateway.ts)
 DEVICE_CONFIG_FIELDS = ("runtime", "provider", "perturbations_per_call", "seed", "batch_size", "rounds", "clients",
-                        "local_steps", "strategy", "method")
+                        "local_steps", "strategy", "method", "report_encoding")
 
 
 class ReportJSON(BaseModel):
@@ -263,15 +268,30 @@ def _add_download_routes(app: FastAPI, board: Board, Authenticated) -> None:
             return Response(status_code=304, headers=headers)
         return Response(data, media_type="application/octet-stream", headers=headers)
 
+    @app.get("/v1/weights/{version}/int8", responses=binary, response_class=Response,
+             summary="int8 bundles: the round's integers, zlib, optionally a delta (docs/gateway.md)")
+    async def int_weights(version: Annotated[str, PathParam(max_length=64)], device: Authenticated,
+                          base: str | None = Query(None, max_length=64,
+                                                   description="the model version whose integers the device holds")
+                          ) -> Response:
+        data, digest, used = board.int_weights(version, base)
+        return Response(data, media_type="application/octet-stream",
+                        headers={"X-Sha256": digest, "X-Baffle-Base": used, "X-Model-Version": version,
+                                 "Cache-Control": "private, max-age=3600"})
+
     @app.get("/v1/bundle/{generation}/{name}", responses=binary, response_class=Response,
              summary="a file of the round's bundle (verify its sha256)")
     async def bundle(request: Request, generation: Annotated[int, PathParam(ge=0, le=2**31)],
-                     name: Annotated[str, PathParam(max_length=128)], device: Authenticated) -> Response:
-        data, digest = board.bundle_file(generation, name)
-        headers = {"ETag": f'"{digest}"', "X-Sha256": digest, "Cache-Control": "private, max-age=3600"}
+                     name: Annotated[str, PathParam(max_length=128)], device: Authenticated,
+                     z: bool = Query(False, description="zlib-compress the file"),
+                     base: int | None = Query(None, ge=0, le=2**31, description="the generation the device holds: "
+                                              "its file is the zlib dictionary (implies z)")) -> Response:
+        data, digest, encoding = board.bundle_file(generation, name, packed=z, base=base)
+        headers = {"ETag": f'"{digest}"', "X-Sha256": digest, "Cache-Control": "private, max-age=3600",
+                   "X-Baffle-Encoding": encoding}
         if request.headers.get("if-none-match") == headers["ETag"]:
             return Response(status_code=304, headers=headers)
-        media = "application/json" if name.endswith(".json") else "application/octet-stream"
+        media = "application/json" if name.endswith(".json") and encoding == "identity" else "application/octet-stream"
         return Response(data, media_type=media, headers=headers)
 
     @app.get("/v1/data/{round_}", responses=PROBLEMS, summary="demo only: the device's batches for the round")
@@ -284,9 +304,10 @@ def _add_download_routes(app: FastAPI, board: Board, Authenticated) -> None:
 
 def _add_report_routes(app: FastAPI, board: Board, Authenticated, *, limit) -> None:
     """POST /v1/report (JSON or NPZ, at most ``limit()`` bytes)."""
-    @app.post("/v1/report", status_code=202, responses=PROBLEMS, summary="post a ClientReport (JSON or NPZ)",
+    @app.post("/v1/report", status_code=202, responses=PROBLEMS, summary="post a ClientReport (compact, JSON or NPZ)",
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": ReportJSON.model_json_schema()},
+                  compact.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
                   "application/x-npz": {"schema": {"type": "string", "format": "binary"}}}}})
     async def report(request: Request, device: Authenticated) -> dict:
         body = await read_body(request, limit())
@@ -299,14 +320,16 @@ def _add_report_routes(app: FastAPI, board: Board, Authenticated, *, limit) -> N
 
 
 def parse_report(body: bytes, media: str) -> ClientReport:
-    """A report body of Content-Type ``media`` (JSON or NPZ); ValueError if malformed, 415 if neither."""
+    """A report body of Content-Type ``media`` (compact, JSON or NPZ); ValueError if malformed, 415 if none."""
+    if media in COMPACT_TYPES:
+        return compact.decode(body)
     if media in JSON_TYPES:
         return ClientReport.from_json(body)
     if media in NPZ_TYPES:
         check_npz(body)
         return ClientReport.from_npz(body)
     raise Rejection(415, "unsupported-media-type", f"Content-Type {media or '(none)'!r}: send "
-                    "application/json or application/x-npz")
+                    f"{compact.MEDIA_TYPE}, application/json or application/x-npz")
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import downloads
 from ..protocol import ClientReport, RoundTask
 from ..server import ReplayGuard
 from .tokens import Device
@@ -82,6 +83,7 @@ class RoundState:
     version: str  # the model hash the tasks name (also the weights' ETag)
     deadline: float | None  # time.monotonic() when the round closes, None = waits for all
     bundle: BundleSnapshot | None
+    ints: bytes | None = None  # int8-step bundles: the integers the devices run (downloads.int_payload)
     reports: dict[int, ClientReport] = field(default_factory=dict)
     rejections: dict[int, list[str]] = field(default_factory=dict)
     guard: ReplayGuard = field(default_factory=ReplayGuard)
@@ -98,6 +100,9 @@ class Board:
         self.cond = threading.Condition()
         self.current: RoundState | None = None
         self.bundles: dict[int, BundleSnapshot] = {}  # the current and the previous generation
+        self.int_payloads: dict[str, bytes] = {}  # model version -> integers: this round's and the last one's
+        self.packed: dict[tuple, bytes] = {}  # (what, key, base) -> compressed body, for the rounds above
+        self.rounds_version: str | None = None  # the model version of the last round opened
         self.finished = False
         self.stopping: str | None = None
         self.listeners: list[Callable[[], None]] = []  # woken on every state change (long polls)
@@ -134,12 +139,20 @@ class Board:
         round_ = tasks[0].round
         bundle = self._snapshot_bundle()
         timeout = self.cfg.round_timeout
+        table = getattr(self.fed.server, "quant_table", None)
+        ints = downloads.int_payload(table, weights) if bundle is not None and table is not None else None
         state = RoundState(round=round_, tasks={t.client: t for t in tasks},
                            weights=np.ascontiguousarray(weights, dtype="<f4").tobytes(),
-                           version=tasks[0].model_version, bundle=bundle,
+                           version=tasks[0].model_version, bundle=bundle, ints=ints,
                            deadline=time.monotonic() + timeout if timeout else None)
         with self.cond:
             self.current = state
+            keep = {state.version} | ({self.rounds_version} if self.rounds_version else set())
+            self.int_payloads = {v: p for v, p in self.int_payloads.items() if v in keep}
+            if ints is not None:
+                self.int_payloads[state.version] = ints
+            self.rounds_version = state.version
+            self.packed = {k: v for k, v in self.packed.items() if k[0] != "ints" or k[1] in keep}
             self.watch.open(round_, state.tasks)
         self._pulse()
         with self.cond:
@@ -188,6 +201,7 @@ class Board:
             snap = BundleSnapshot.read(Path(fed.bundle_dir), gen, fed.runtime_info.format)
             with self.cond:
                 self.bundles = {g: b for g, b in self.bundles.items() if g >= gen - 1}
+                self.packed = {k: v for k, v in self.packed.items() if k[0] != "bundle" or k[1][0] >= gen - 1}
                 self.bundles[gen] = snap
         return self.bundles[gen]
 
@@ -238,12 +252,15 @@ class Board:
         return {
             "status": "task", "round": st.round, "rounds": self.cfg.rounds, "task": task.to_dict(),
             "weights": {"url": f"/v1/weights/{st.version}", "version": st.version, "dtype": "float32",
-                        "byte_order": "little", "count": len(st.weights) // 4},
+                        "byte_order": "little", "count": len(st.weights) // 4,
+                        **({} if st.ints is None else {"int8": {
+                            "url": f"/v1/weights/{st.version}/int8", "sha256": downloads.digest(st.ints),
+                            "bytes": len(st.ints)}})},
             "bundle": None if bundle is None else {
                 "generation": bundle.generation, "format": bundle.format,
                 "manifest": f"/v1/bundle/{bundle.generation}/baffle.json",
-                "files": {n: {"url": f"/v1/bundle/{bundle.generation}/{n}", "sha256": h}
-                          for n, h in bundle.sha256.items()}},
+                "files": {n: {"url": f"/v1/bundle/{bundle.generation}/{n}", "sha256": h,
+                              "bytes": len(bundle.files[n])} for n, h in bundle.sha256.items()}},
             "data": f"/v1/data/{st.round}" if self.demo_data else None,
             "deadline_in": deadline_in,
             "runtime": self.cfg.runtime,
@@ -294,14 +311,42 @@ class Board:
                             f"(current: {st.version if st else 'none'})")
         return st.weights
 
-    def bundle_file(self, generation: int, name: str) -> tuple[bytes, str]:
+    def int_weights(self, version: str, base: str | None) -> tuple[bytes, str, str]:
+        """``GET /v1/weights/{version}/int8``: (zlib body, sha256 of the integers, the base used or "none")."""
+        with self.cond:
+            ints = self.int_payloads.get(version)
+            if ints is None:
+                st = self.current
+                raise Rejection(404, "unknown-version", f"no integers of model version {version!r} are served "
+                                f"(current: {st.version if st and st.ints is not None else 'none'})")
+            old = self.int_payloads.get(base) if base and base != version else None
+            used = base if old is not None else "none"
+            key = ("ints", version, used)
+            if key not in self.packed:
+                self.packed[key] = downloads.deflate(ints if old is None else downloads.byte_delta(ints, old))
+            return self.packed[key], downloads.digest(ints), used
+
+    def bundle_file(self, generation: int, name: str, *, packed: bool = False,
+                    base: int | None = None) -> tuple[bytes, str, str]:
+        """A bundle file: (body, sha256 of the file, encoding): ``identity``, or with ``packed`` ``zlib``, or
+        ``zlib-dict:G`` when generation ``base`` (still served) has the same file as the dictionary."""
         snap = self.bundles.get(generation)
         if snap is None:
             raise Rejection(404, "unknown-bundle", f"bundle generation {generation} is not served "
                             f"(current: {max(self.bundles) if self.bundles else 'none'})")
         if name not in snap.files:
             raise Rejection(404, "unknown-file", f"bundle generation {generation} has no file {name!r}")
-        return snap.files[name], snap.sha256[name]
+        data = snap.files[name]
+        if not packed and base is None:
+            return data, snap.sha256[name], "identity"
+        old = self.bundles.get(base) if base is not None and base != generation else None
+        zdict = old.files.get(name) if old is not None else None
+        encoding = f"zlib-dict:{base}" if zdict is not None else "zlib"
+        with self.cond:
+            key = ("bundle", (generation, name), encoding)
+            if key not in self.packed:
+                self.packed[key] = downloads.deflate(data, zdict)
+            return self.packed[key], snap.sha256[name], encoding
 
     def batches(self, device: Device, round_: int):
         """Demo only: the device's batches of the open round, from the server's dataset."""

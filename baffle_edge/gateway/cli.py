@@ -70,7 +70,7 @@ def cmd_device(a: argparse.Namespace) -> int:
     from .device import DeviceConfig, read_token, run_device
     token = read_token(a.token)
     dc = DeviceConfig(server=a.server, token=token, runtime=a.runtime, data=a.data, cafile=a.cafile,
-                      upload=a.upload, patience=a.patience, threads=a.threads, max_tasks=a.max_tasks)
+                      upload=a.upload, download=a.download, patience=a.patience, threads=a.threads, max_tasks=a.max_tasks)
     log = (lambda s: None) if a.quiet else (lambda s: print(f"device: {s}", file=sys.stderr, flush=True))
     s = run_device(dc, log=log)
     print(f"device: {s.answered} reports accepted, {len(s.refused)} refused")
@@ -139,6 +139,10 @@ def add_parser(subparsers) -> None:
     s.add_argument("--tokens", required=True)
     s.set_defaults(func=cmd_tokens_list, command="tokens list")
 
+    _add_device_parser(subparsers)
+
+
+def _add_device_parser(subparsers) -> None:
     d = subparsers.add_parser("device", help="a device over HTTP: answer a `serve` run's tasks on any runtime",
                               description="Fetch tasks from a `baffle-edge serve` server, evaluate the perturbed "
                                           "losses with `client.run_task` on a registered runtime and post them.")
@@ -149,7 +153,13 @@ def add_parser(subparsers) -> None:
     d.add_argument("--data", default=None, help=".npz with x (N,C,H,W) float32 and y (N,) (default: the server's "
                                                  "demo data, if it hands it out)")
     d.add_argument("--cafile", default=None, help="CA certificate (PEM) to trust for an https server")
-    d.add_argument("--upload", default="npz", choices=["npz", "json"], help="report encoding (default: npz)")
+    d.add_argument("--upload", default="auto", choices=["auto", "compact", "npz", "json"],
+                   help="report encoding: compact (16-bit loss differences, docs/gateway.md 'Compact reports'), npz or "
+                        "json (float64 losses); auto = the run's --report-encoding (default: %(default)s)")
+    d.add_argument("--download", default="lean", choices=["lean", "full"],
+                   help="lean: an int8 device fetches the round's integers (a zlib delta against the last round's) "
+                        "and only the bundle files it loads, zlib against the generation it holds; full: float32 "
+                        "weights and every bundle file as stored (docs/gateway.md, 'Lean downloads') (default: %(default)s)")
     d.add_argument("--patience", type=float, default=120.0,
                    help="seconds to keep retrying an unreachable server (default: 120)")
     d.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import random
 import shutil
 import tempfile
@@ -27,13 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import compact, downloads
 from ..client import Batch
-from ..device import DeviceSettings, SessionCache, answer, model_artifact, open_session, task_batches
+from ..device import (DeviceSettings, SessionCache, answer, check_integers, model_artifact, open_session,
+                      task_batches)
 from ..errors import CommandError
 from ..protocol import ClientReport, RoundTask, model_version
 from .tokens import parse_device_token
 
 
+UPLOADS = ("auto", "compact", "npz", "json")  # DeviceConfig.upload: how reports are sent
 BACKOFF_BASE = 0.2  # s: the first retry's delay
 BACKOFF_CAP = 5.0  # s: the longest delay between two retries
 
@@ -63,15 +67,18 @@ class DeviceConfig:
     runtime: str | None = None  # None: the run's runtime
     data: str | None = None  # .npz with x (N, C, H, W) float32 normalised and y (N,) labels; None: server demo data
     cafile: str | None = None  # PEM CA bundle to verify the server's TLS certificate (self-signed servers)
-    upload: str = "npz"  # npz | json
+    download: str = "lean"  # lean: int8 devices fetch integers + only the bundle files they load, zlib | full
+    upload: str = "auto"  # auto (the run's report_encoding: compact, else npz) | compact | npz | json
     patience: float = 120.0  # seconds the server may stay unreachable before the device gives up
     poll: float = 25.0  # long-poll length of GET /v1/task
     threads: int | None = None  # runtime threads (None: the runtime's default)
     max_tasks: int | None = None  # stop after answering this many tasks (None: until the run is done)
 
     def __post_init__(self):
-        if self.upload not in ("npz", "json"):
-            raise ValueError(f"upload must be npz or json, got {self.upload!r}")
+        if self.download not in ("lean", "full"):
+            raise ValueError(f"download must be lean or full, got {self.download!r}")
+        if self.upload not in UPLOADS:
+            raise ValueError(f"upload must be one of {', '.join(UPLOADS)}, got {self.upload!r}")
         if not self.server.startswith(("http://", "https://")):
             raise ValueError(f"server must be an http(s):// URL, got {self.server!r}")
 
@@ -96,6 +103,8 @@ class Device:
         self.config: dict | None = None
         self.sessions = SessionCache()
         self.weights_cache: tuple[str, np.ndarray] | None = None
+        self.ints_cache: tuple[str, bytes] | None = None  # (model version, integers) of the last int8 download
+        self.bundle_bytes: tuple[int | None, dict[str, bytes]] = (None, {})  # the generation held, its files
         self.cache_dir = Path(tempfile.mkdtemp(prefix="baffle-device-"))
         self.own = self._load_own(dc.data) if dc.data else None
         self.rng = random.Random()  # backoff jitter: devices that retry together do not return together
@@ -156,24 +165,62 @@ class Device:
         self.weights_cache = (w["version"], arr)
         return arr
 
-    def bundle(self, offer: dict) -> Path:
+    def integers(self, offer: dict, session) -> list[np.ndarray]:
+        """An int8 device's download (docs/gateway.md, "Lean downloads"): the round's integers, a zlib delta
+        against the version it ran last, checked against the sha256 the offer binds to the model version."""
+        w, spec = offer["weights"], offer["weights"]["int8"]
+        base = self.ints_cache
+        params = {"base": base[0]} if base is not None else {}
+        r = self._check(self.request("GET", spec["url"], params=params), "integers")
+        used = r.headers.get("x-baffle-base", "none")
+        if used != "none" and (base is None or used != base[0]):
+            raise ValueError(f"integers: the server sent a delta against {used!r}, this device holds "
+                             f"{base[0] if base else 'nothing'!r}")
+        raw = downloads.inflate(r.content, size=int(spec["bytes"]))
+        payload = raw if used == "none" else downloads.apply_delta(raw, base[1])
+        qs = check_integers(payload, spec["sha256"], session)
+        self.ints_cache = (w["version"], payload)
+        return qs
+
+    def bundle(self, offer: dict, needed: Callable[[dict], list[str]] | None = None) -> Path:
+        """The round's bundle folder: ``baffle.json`` and the files the runtime loads (``needed(meta)``;
+        default: every file), each a zlib stream against the generation held (or plain zlib), sha256-checked."""
         b = offer["bundle"]
         folder = self.cache_dir / f"bundle-{b['generation']}"
         if folder.exists():
             return folder
+        held_gen, held = self.bundle_bytes
         tmp = self.cache_dir / f".bundle-{b['generation']}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for name, f in b["files"].items():
-            if "/" in name or name.startswith("."):
+        got: dict[str, bytes] = {}
+
+        def fetch(name: str) -> bytes:
+            f = b["files"].get(name)
+            if f is None or "/" in name or name.startswith("."):
                 raise ValueError(f"bundle: refusing file name {name!r}")
-            data = self._check(self.request("GET", f["url"]), f"bundle file {name}").content
+            base = {"base": held_gen} if name in held else {"z": 1}
+            r = self._check(self.request("GET", f["url"], params=base if "bytes" in f and self.dc.download == "lean" else {}), f"bundle file {name}")
+            enc = r.headers.get("x-baffle-encoding", "identity")
+            if enc == "identity":
+                data = r.content
+            elif enc in ("zlib", f"zlib-dict:{held_gen}"):
+                data = downloads.inflate(r.content, size=int(f["bytes"]), zdict=held.get(name) if enc != "zlib" else None)
+            else:
+                raise ValueError(f"bundle file {name}: unexpected encoding {enc!r}")
             if hashlib.sha256(data).hexdigest() != f["sha256"]:
                 raise ValueError(f"bundle file {name}: sha256 does not match the task's ({f['sha256'][:12]})")
+            got[name] = data
             (tmp / name).write_bytes(data)
+            return data
+
+        meta = json.loads(fetch("baffle.json"))
+        for name in (needed(meta) if needed is not None else [n for n in b["files"] if n != "baffle.json"]):
+            fetch(name)
         for old in self.cache_dir.glob("bundle-*"):
             shutil.rmtree(old, ignore_errors=True)
         tmp.rename(folder)
+        self.bundle_bytes = (b["generation"], got)
         return folder
 
     def settings(self) -> DeviceSettings:
@@ -201,7 +248,8 @@ class Device:
             raise DeviceError(f"runtime {settings.runtime!r} reads {info.format} bundles; the server exports "
                               f"{offer['bundle']['format']}")
         key = (settings, offer["bundle"]["generation"])
-        return self.sessions.get(key, lambda: open_session(settings, self.bundle(offer)))
+        return self.sessions.get(key, lambda: open_session(settings, self.bundle(
+            offer, runtime_files(info.format) if self.dc.download == "lean" else None)))
 
     @staticmethod
     def _load_own(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -225,12 +273,33 @@ class Device:
         if settings.info.domain != task.domain.value:
             raise DeviceError(f"runtime {settings.runtime!r} perturbs in the {settings.info.domain} domain, the task "
                               f"in {task.domain.value}")
-        weights = self.weights(offer)
         session = self.load_session(offer, settings)
+        if self.lean(offer, task, session):
+            qs = self.integers(offer, session)
+            return answer(task, session, self.batches(offer, task, settings), weights=None, integers=qs,
+                          runtime=settings.runtime)
+        weights = self.weights(offer)
         return answer(task, session, self.batches(offer, task, settings), weights=weights, runtime=settings.runtime)
 
+    def lean(self, offer: dict, task: RoundTask, session) -> bool:
+        """Download integers instead of float weights: an int8-step session, one local step, a server that
+        offers them, and ``--download lean`` (the default)."""
+        return (self.dc.download == "lean" and "int8" in offer["weights"] and task.local_steps == 1
+                and getattr(session, "table", None) is not None and session.domain.value == "int8-step")
+
+    def upload_kind(self) -> str:
+        """compact, npz or json: ``--upload``, or for ``auto`` the run's ``report_encoding`` (an older
+        server that does not publish one gets NPZ)."""
+        if self.dc.upload != "auto":
+            return self.dc.upload
+        run = (self.config or {}).get("train_config", {}).get("report_encoding")
+        return "compact" if run == compact.ReportEncoding.COMPACT.value else "npz"
+
     def post(self, report: ClientReport):
-        if self.dc.upload == "npz":
+        kind = self.upload_kind()
+        if kind == "compact":
+            body, media = compact.encode(report), compact.MEDIA_TYPE
+        elif kind == "npz":
             body, media = report.to_npz(), "application/x-npz"
         else:
             body, media = report.to_json().encode(), "application/json"
@@ -265,6 +334,15 @@ class Device:
                 summary.refused.append(f"round {report.round + 1}: HTTP {r.status_code} {_reason(r)}")
                 self.log(f"round {report.round + 1}: report refused: HTTP {r.status_code} {_reason(r)}")
         return summary
+
+
+def runtime_files(fmt: str) -> Callable[[dict], list[str]]:
+    """The bundle files a runtime of format ``fmt`` loads: its format's graphs, without the standalone
+    ``inference`` model when a ``train`` graph exists (docs and other formats are never loaded)."""
+    def needed(meta: dict) -> list[str]:
+        files = meta["formats"][fmt]["files"]
+        return [n for role, n in files.items() if role != "inference" or "train" not in files]
+    return needed
 
 
 def _refusal_hint(r) -> str:

@@ -28,10 +28,10 @@ export class UsageError extends Error {
 
 const FLAGS: Record<string, "value" | "switch"> = {
   "--server": "value", "--token": "value", "--data": "value", "--threads": "value", "--max-tasks": "value",
-  "--patience": "value", "--quiet": "switch",
+  "--patience": "value", "--upload": "value", "--quiet": "switch",
 };
 export const USAGE = "usage: node dist/src/gateway.js --server URL --token FILE [--data FILE.npz] [--threads N] " +
-  "[--max-tasks N] [--patience S] [--quiet]";
+  "[--max-tasks N] [--patience S] [--upload auto|compact|json] [--quiet]";
 const TOKEN_PREFIX = "bfl_", MAX_TOKEN_CHARS = 256;
 const TOKEN_HINT = "use a device token file (device-tokens/client-N.token from `baffle-edge tokens issue --clients N " +
   "--out-dir device-tokens`)";
@@ -182,11 +182,13 @@ export async function main(argv: string[]): Promise<number> {
     return n;
   };
   const threads = number("--threads") ?? 1, maxTasks = number("--max-tasks"), patience = number("--patience");
+  const upload = (f["--upload"] ?? "auto") as "auto" | "compact" | "json";
+  if (!["auto", "compact", "json"].includes(upload)) throw new UsageError(`--upload must be auto, compact or json, got ${JSON.stringify(upload)}`);
   const ort = await import("onnxruntime-node");
   let batchSize = 0;
   const summary = await runDevice({
     server: f["--server"] as string, token, ort: ort as unknown as OrtModule,
-    sessionOptions: { intraOpNumThreads: threads, interOpNumThreads: 1 }, maxTasks, patience,
+    sessionOptions: { intraOpNumThreads: threads, interOpNumThreads: 1 }, maxTasks, patience, upload,
     data: own ? async (task: Json) => ownBatches(own, task as unknown as { round: number; local_steps: number }, batchSize) : undefined,
     onEvent: (e) => {
       if (e.type === "config") batchSize = e.batchSize;

@@ -8,7 +8,8 @@
  *         GET  /v1/bundle/{gen}/{file}      when the generation changes; sha256 checked twice:
  *                                           against the task's list and against baffle.json
  *         batches: options.data(task), or GET /v1/data/{round} from a --demo-data server
- *         runTask(...) -> POST /v1/report   (JSON)
+ *         runTask(...) -> POST /v1/report   (compact, compact.ts, when the run's report_encoding is
+ *                                           "compact"; else JSON; options.upload forces one)
  *
  * An unreachable or busy server (restarting with --resume; 503 or any 5xx) is retried for
  * `patience` seconds with capped exponential backoff and jitter (`backoff`, as the Python device:
@@ -22,6 +23,7 @@ import type { InferenceSession } from "onnxruntime-common";
 import { loadBundle, type Bundle, type TrainFormat } from "./bundle.js";
 import { modelVersion, RoundSession, runTask, type Batch, type OrtModule } from "./client.js";
 import { parseJson, stringifyJson, type Json } from "./json.js";
+import { COMPACT_MEDIA_TYPE, encodeReport } from "./compact.js";
 import { reportToJson, type ClientReport } from "./protocol.js";
 import { sha256Hex } from "./sha256.js";
 
@@ -92,6 +94,8 @@ export interface DeviceOptions {
   /** Runtime name recorded in reports (default: the client's, "onnxruntime-int8-js" / "onnxruntime-js"). */
   runtime?: string;
   onEvent?: (e: GatewayEvent) => void;
+  /** Report encoding: "auto" (default: the run's train_config.report_encoding, compact or JSON), "compact", "json". */
+  upload?: "auto" | "compact" | "json";
   /** Injected fetch (default: globalThis.fetch). */
   fetch?: typeof fetch;
 }
@@ -249,7 +253,9 @@ export class GatewayDevice {
     const ev = this.options.onEvent ?? (() => {});
     const summary: DeviceSummary = { accepted: 0, refused: [], roundSeconds: [] };
     const config = await this.getJson("/v1/config", "config") as
-      { client: number; demo_data?: boolean; train_config: { rounds: number; batch_size: number } };
+      { client: number; demo_data?: boolean; train_config: { rounds: number; batch_size: number; report_encoding?: string } };
+    const upload = this.options.upload ?? "auto";
+    const compact = upload === "compact" || (upload === "auto" && config.train_config.report_encoding === "compact");
     if (!this.options.data && config.demo_data === false) throw new GatewayError(NO_DATA);
     ev({ type: "config", client: config.client, rounds: config.train_config.rounds, batchSize: config.train_config.batch_size });
     const poll = this.options.poll ?? 25;
@@ -270,8 +276,9 @@ export class GatewayDevice {
         ev({ type: "refused", round: offer.round, status: 0, reason: (e as Error).message });
         continue;
       }
-      const r = await this.request("/v1/report", { method: "POST", body: reportToJson(report),
-                                                   headers: { "Content-Type": "application/json" } });
+      const r = await this.request("/v1/report", compact
+        ? { method: "POST", body: encodeReport(report), headers: { "Content-Type": COMPACT_MEDIA_TYPE } }
+        : { method: "POST", body: reportToJson(report), headers: { "Content-Type": "application/json" } });
       if (r.status === 202) {
         await r.arrayBuffer();
         const seconds = (performance.now() - start) / 1000;

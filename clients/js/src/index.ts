@@ -12,6 +12,7 @@ export { checkPlan, ROWS_PER_CALL, SegmentForward, type BlockPlan } from "./segm
 export { Bundle, BundleError, loadBundle, SCHEMA_VERSION, utf8, type BundleSource, type Parameter, type TrainFormat } from "./bundle.js";
 export { crossEntropy, modelVersion, RoundSession, runTask, type Batch, type OrtModule, type RunOptions, type SessionFactory,
   type TensorConstructor } from "./client.js";
+export { COMPACT_MEDIA_TYPE, decodeReport, encodeReport } from "./compact.js";
 export { clipInf, leaveOneOut, lossDifferences, pairwiseSum } from "./estimator.js";
 export { exp, log } from "./libm.js";
 export { parseJson, stringifyJson, type Json } from "./json.js";
