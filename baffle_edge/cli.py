@@ -30,8 +30,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         bp = train(bp_cfg, out / "bp", resume=a.resume and (out / "bp" / "checkpoint.pt").exists(),
                    progress=not a.no_progress)
         from .plots import plot_curves
-        noise = f"{getattr(cfg.noise, 'value', cfg.noise)} noise, " if cfg.noise is not None else ""
-        spend = f"{cfg.forward_budget:g} forward-equivalents" if cfg.forward_budget is not None else f"K={cfg.k}"
+        from .config import run_choices
+        ch = run_choices(cfg)
+        noise = f"{ch.noise.value} noise, "
+        spend = f"{ch.forward_budget:g} forward-equivalents" if ch.forward_budget is not None else f"K={ch.k}"
         plot_curves({"baffle": m["rounds"], "bp": bp["rounds"]}, out / "curves.png",
                     title=f"{cfg.model} on {cfg.dataset}: BAFFLE ({noise}{spend}) vs backprop")
         print(f"bp: test accuracy {100 * bp['final']['test_accuracy']:.2f}% -> {out / 'bp'}")

@@ -74,6 +74,8 @@ class DomainDefaults:
     sigma_used: bool  # False: the domain moves whole quantization steps and ignores ``sigma``
 
 
+# The isotropic noise of each domain (a task's default); a run's default is block noise where its runtime
+# has block rows (config.default_noise), this noise otherwise.
 DOMAIN_DEFAULTS: dict[Domain, DomainDefaults] = {
     Domain.FLOAT: DomainDefaults(NoiseKind.GAUSSIAN, Baseline.BASE, sigma_used=True),  # the reference
     # whole +-1 steps: Rademacher; leave-one-out cancels the curvature offset they add to every loss

@@ -27,7 +27,7 @@ from torch import nn
 from . import __version__
 from . import compact
 from .attackers import byzantine_clients, garbage_report  # noqa: F401 (simulation's attackers)
-from .block_draw import BlockDraw
+from .block_draw import BUDGET_K_CAP, BlockDraw, BlockDrawPolicy
 from .client import Batch
 from .config import Method, TrainConfig, rounds_per_epoch, run_choices
 from .data import Dataset, load_dataset, partition
@@ -90,14 +90,14 @@ class Federation:
         self.runtime_info, self.domain, self.noise = choices.runtime, choices.domain, choices.noise
         self.baseline, self.refresh_every = choices.baseline, choices.refresh_every
         self.device_settings = DeviceSettings.from_config(self.cfg)
-        self.k = self.cfg.k
+        self.k, self.forward_budget = choices.k, choices.forward_budget  # the budget (if any) sets K below
         self.block_draw: BlockDraw | None = None
         if self.noise is NoiseKind.BLOCK:
             from baffle_edge.runtimes.torch_incremental import block_macs
             mc = self.model_cfg
             full, per = block_macs(self.model, mc.image_size, mc.in_channels, rule=self.runtime_info.block_forward)
             self.block_draw = BlockDraw(self.cfg.block_draw, self.server.blocks, per / full, self.domain)
-        if self.cfg.forward_budget is not None:
+        if self.forward_budget is not None:
             self._budget_k()
         self.bundle_dir: Path | None = None
         self.bundle_generation = 0
@@ -147,9 +147,20 @@ class Federation:
         per_step = min(b, len(self.parts[task.client])) if exact else b
         return SampleCount(task.local_steps * per_step, exact=exact)
 
+    @property
+    def k_bound(self) -> int:
+        """The most perturbations a round of this run asks a client for (the gateway sizes its report limit
+        by it): K, or with an adaptive draw under a forward budget the cap ``BlockDraw.k_for_budget`` keeps."""
+        if self.forward_budget is None or self.block_draw.policy is not BlockDrawPolicy.ADAPTIVE:
+            return self.k
+        d = self.block_draw
+        size_k = max(1, int((self.forward_budget - 1) / float(d.blocks.sizes @ d.cost / d.blocks.dim)))
+        size_k = max(1, size_k // 2) if self.cfg.scheme is Scheme.CENTRAL else size_k
+        return max(self.k, int(BUDGET_K_CAP * size_k))
+
     def _budget_k(self) -> None:
         """K of a forward budget under the current block draw (its expected row cost on this runtime)."""
-        self.k = self.block_draw.k_for_budget(self.cfg.forward_budget, central=self.cfg.scheme is Scheme.CENTRAL)
+        self.k = self.block_draw.k_for_budget(self.forward_budget, central=self.cfg.scheme is Scheme.CENTRAL)
 
     def task(self, round_: int, client: int) -> RoundTask:
         c = self.cfg
@@ -260,7 +271,7 @@ class Federation:
         self.maybe_refresh(round_)
         start = time.perf_counter()
         weights = self.server.flat().numpy().copy()
-        if self.block_draw is not None and self.cfg.forward_budget is not None:
+        if self.block_draw is not None and self.forward_budget is not None:
             self._budget_k()  # an adaptive draw changes the expected cost of a row
         tasks = [self.task(round_, c) for c in range(self.cfg.clients)]
         if gather is None:
@@ -336,11 +347,23 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
+def _resolved(cfg: TrainConfig, *, before_block_default: bool = False) -> TrainConfig:
+    """``cfg`` with its open noise and K filled in as they run (so a resume compares what ran). A checkpoint
+    written before block noise became the default (no "estimator" mark) ran its domain's isotropic noise."""
+    if before_block_default and cfg.noise is None:
+        from .config import isotropic_noise
+        cfg = dataclasses.replace(cfg, noise=isotropic_noise(cfg.runtime))
+    ch = run_choices(cfg)
+    return dataclasses.replace(cfg, noise=ch.noise, k=None if ch.forward_budget is not None else ch.k,
+                               forward_budget=ch.forward_budget)
+
+
 def save_checkpoint(path: Path, fed: Federation, next_round: int, history: list[dict]) -> None:
     state = {"format": 1, "next_round": next_round, "config": json.dumps(fed.cfg.to_json()),
              "server": fed.server.state_dict(), "history": json.dumps(history),
              "refresh_weights": fed.refresh_weights,
-             "block_draw": json.dumps(fed.block_draw.state()) if fed.block_draw is not None else None}
+             "block_draw": json.dumps(fed.block_draw.state()) if fed.block_draw is not None else None,
+             "estimator": 1}  # the config's open noise / k resolve by config.run_choices (block default)
     _atomic_write(path, lambda p: torch.save(state, p))
 
 
@@ -377,12 +400,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         if not ckpt.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
         state = load_checkpoint(ckpt)
-        saved = TrainConfig.from_json(json.loads(state["config"]))
+        saved = _resolved(TrainConfig.from_json(json.loads(state["config"])), before_block_default="estimator" not in state)
         free = ("rounds", "eval_every")  # neither changes the trajectory (evaluation draws no randomness)
-        if dataclasses.replace(saved, **{n: getattr(cfg, n) for n in free}) != cfg:
-            diff = [f.name for f in dataclasses.fields(cfg) if getattr(saved, f.name) != getattr(cfg, f.name)
+        now = _resolved(cfg)
+        if dataclasses.replace(saved, **{n: getattr(now, n) for n in free}) != now:
+            diff = [f.name for f in dataclasses.fields(cfg) if getattr(saved, f.name) != getattr(now, f.name)
                     and f.name not in free]
-            raise ValueError(f"--resume: the run in {out} used different settings ({', '.join(diff)})")
+            raise ValueError(f"--resume: the run in {out} used different settings ({', '.join(diff)}: it ran "
+                             f"{saved.noise.value} noise, {'K = %d' % saved.k if saved.k else 'a forward budget'})")
         fed = Federation(cfg)
         fed.server.load_state_dict(state["server"])
         if fed.bundle_dir is not None and state.get("refresh_weights") is not None:
@@ -399,7 +424,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         gather.bind(fed)  # the transport may need the run's model and bundle (Flower ships them with each task)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"config": cfg.to_json(), "versions": run_versions(), "parameters": fed.server.dim,
-               "rounds_per_epoch": fed.rpe, "rounds": history}
+               "rounds_per_epoch": fed.rpe, "rounds": history,
+               # what the config's open choices resolved to (config.run_choices: the default is block noise)
+               "estimator": {"noise": fed.noise.value, "k": fed.k, "forward_budget": fed.forward_budget,
+                             "baseline": fed.baseline.value}}
     end = cfg.rounds if stop_after is None else min(cfg.rounds, start_round + stop_after)
     bar = _progress(range(start_round, end), progress, cfg)
     for row in history if on_round is not None else ():

@@ -8,7 +8,8 @@ import dataclasses
 
 from .block_draw import BlockDrawPolicy
 from .compact import ReportEncoding
-from .config import (MODEL_NAMES, Activation, Aggregate, Method, Norm, OptimConfig, OptimizerName, TrainConfig,
+from .config import (DEFAULT_FORWARD_BUDGET, ISOTROPIC_K, MODEL_NAMES, Activation, Aggregate, Method, Norm, OptimConfig,
+                     OptimizerName, TrainConfig,
                      rounds_per_epoch)
 from .data import DATASETS
 from .perturb import NoiseKind
@@ -62,17 +63,25 @@ def _estimator(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("BAFFLE estimator")
     g.add_argument("--method", default=_d(_T.method), choices=_values(Method),
                    help="baffle: forward passes + K loss scalars; bp: exact backprop baseline (default: %(default)s)")
-    g.add_argument("--k", type=int, default=_d(_T.k), help="perturbations K per client per round (default: %(default)s)")
+    g.add_argument("--k", type=int, default=_d(_T.k),
+                   help=f"perturbations K per client per round, whatever the noise (default: block noise takes the K "
+                        f"of --forward-budget {DEFAULT_FORWARD_BUDGET:g}, isotropic noise K = {ISOTROPIC_K})")
     g.add_argument("--sigma", type=float, default=_d(_T.sigma), help="perturbation scale sigma (default: %(default)s)")
     g.add_argument("--scheme", default=_d(_T.scheme), choices=_values(Scheme),
                    help="forward: K+1 forwards; central: 2K forwards (default: %(default)s)")
     g.add_argument("--noise", default=None, choices=_values(NoiseKind),
-                   help="distribution of eps_k, see docs/noise.md (default: the runtime's: gaussian for float "
-                        "runtimes, rademacher for int8 ones)")
+                   help="distribution of eps_k, see docs/noise.md (default: block, one output-channel block per "
+                        "perturbation at the compute of an isotropic K = 100 round, where the runtime has block rows "
+                        "(torch: LeNet; onnxruntime, onnxruntime-int8, tflite-int8: LeNet, MLP, MobileNet; without "
+                        "normalisation); "
+                        "measured 96.4%% torch / 95.3%% ORT int8 vs 91.4%% / 91.6%% isotropic on digits at 150 "
+                        "rounds. Elsewhere (torch-int8, WRN, ...) the domain's isotropic noise: gaussian for float "
+                        "runtimes, rademacher for int8 ones; pass --noise gaussian / rademacher for isotropic)")
     g.add_argument("--forward-budget", type=float, default=_d(_T.forward_budget),
                    help="block noise: choose K so that a client round costs this many full forwards in MACs, "
                         "rows evaluated incrementally where the runtime can (e.g. 101 = the compute of an "
-                        "isotropic K = 100 round; docs/noise.md section 8). Default: use --k")
+                        f"isotropic K = 100 round; docs/noise.md section 8). Default: --k if given, else "
+                        f"{DEFAULT_FORWARD_BUDGET:g} for block noise")
     g.add_argument("--block-draw", default=_d(_T.block_draw), choices=_values(BlockDrawPolicy),
                    help="block noise: how blocks are drawn (every choice unbiased; docs/noise.md section 11). "
                         "size: in proportion to their size; uniform: every block alike; adaptive: where the "

@@ -25,7 +25,8 @@ def main() -> None:
     p.add_argument("--trim", type=float, default=0.3)
     p.add_argument("--fractions", default="0,0.1,0.2,0.3")
     a = p.parse_args()
-    base = TrainConfig(clients=a.clients, k=a.k, rounds=a.rounds, eval_every=a.rounds, checkpoint_every=a.rounds,
+    base = TrainConfig(clients=a.clients, k=a.k, noise="gaussian", rounds=a.rounds, eval_every=a.rounds,  # as measured
+                       checkpoint_every=a.rounds,
                        trim=a.trim, seed=0)
     rows = []
     for frac in (float(f) for f in a.fractions.split(",")):

@@ -99,7 +99,7 @@ def test_adaptive_policy_moves_draws_to_the_energetic_module(table):
 def test_policy_needs_block_noise(digits):
     from baffle_edge.simulate import Federation, TrainConfig
     with pytest.raises(ValueError, match="--noise block"):
-        Federation(TrainConfig(block_draw="uniform", rounds=1, workers=1), data=digits)
+        Federation(TrainConfig(noise="gaussian", block_draw="uniform", rounds=1, workers=1), data=digits)
     fed = Federation(TrainConfig(noise="block", block_draw="uniform", forward_budget=101, rounds=1, workers=1),
                      data=digits)
     assert fed.task(0, 0).block_weights == (1, 1, 1)

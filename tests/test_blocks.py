@@ -173,7 +173,7 @@ def test_train_config_forward_budget(digits):
     fed = Federation(TrainConfig(noise="block", forward_budget=101, rounds=1, workers=1), data=digits)
     assert fed.task(0, 0).k == 6058
     with pytest.raises(ValueError, match="block noise only"):
-        Federation(TrainConfig(forward_budget=101, rounds=1, workers=1), data=digits)
+        Federation(TrainConfig(noise="gaussian", forward_budget=101, rounds=1, workers=1), data=digits)
 
 
 def test_onnxruntime_float_block_rows_match_torch(lenet_batch, digits, tmp_path):

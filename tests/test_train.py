@@ -124,7 +124,8 @@ def test_variants_run_and_learn_something(tmp_path, variant):
     assert all(r["train_loss"] is not None and np.isfinite(r["train_loss"]) for r in m["rounds"])
 
 
-def test_fedavg_server_replay_matches_the_client_trajectory():
+@pytest.mark.parametrize("noise", ["gaussian", "block"])  # isotropic, and block (the default on torch)
+def test_fedavg_server_replay_matches_the_client_trajectory(noise):
     """The server rebuilds a FedAvg client's local weights from its scalars alone."""
     from baffle_edge.runtimes.torch_runtime import TorchSession
 
@@ -132,8 +133,9 @@ def test_fedavg_server_replay_matches_the_client_trajectory():
     from baffle_edge.models import build_model
     from baffle_edge.rows import step_gradient
 
-    cfg = dataclasses.replace(SMALL, strategy="fedavg", local_steps=3)
+    cfg = dataclasses.replace(SMALL, strategy="fedavg", local_steps=3, noise=noise)
     fed = Federation(cfg)
+    assert fed.noise.value == noise
     task = fed.task(0, 1)
     session = TorchSession(build_model(fed.model_cfg))
     w_global = fed.server.flat().numpy()
@@ -143,7 +145,8 @@ def test_fedavg_server_replay_matches_the_client_trajectory():
     # the client applied 2 local steps (the last is left to the server); replay them from scalars
     w = w_global.copy()
     for s in range(2):
-        g = step_gradient(task, s, report.losses[s * cfg.k:(s + 1) * cfg.k], report.base_losses[s], w.size)
+        g = step_gradient(task, s, report.losses[s * cfg.k:(s + 1) * cfg.k], report.base_losses[s], w.size,
+                          blocks=fed.server.blocks)
         w = (w - np.float32(cfg.optim.local_lr) * g.astype(np.float32)).astype(np.float32)
     assert np.array_equal(w, session.w0)
     update = fed.server.decode(task, report)

@@ -97,10 +97,15 @@ class RateLimiter:
         return 0.0
 
 
-def report_limit(cfg) -> int:
-    """Default largest accepted report body: ~40 bytes per loss value as JSON, plus headroom."""
+def report_limit(cfg, k: int | None = None) -> int:
+    """Default largest accepted report body: ~40 bytes per loss value as JSON, plus headroom. ``k``: the
+    most perturbations a round of the run asks for (``Federation.k_bound``: a forward budget's K); None:
+    the K the config sets without a budget (``config.run_choices``)."""
+    if k is None:
+        from baffle_edge.config import run_choices
+        k = run_choices(cfg).k
     steps = cfg.local_steps if cfg.strategy == "fedavg" else 1
-    per_step = cfg.k * (2 if getattr(cfg.scheme, "value", cfg.scheme) == "central" else 1) + 1
+    per_step = k * (2 if getattr(cfg.scheme, "value", cfg.scheme) == "central" else 1) + 1
     return 64 * 1024 + 40 * steps * per_step
 
 
@@ -122,7 +127,8 @@ def check_npz(body: bytes) -> None:
 def create_app(board: Board, tokens: TokenStore, *, rate: float = 20.0, burst: int = 40, max_poll: float = 30.0,
                max_report_bytes: int | None = None, web_dir: str | Path | None = None) -> FastAPI:
     """The API of the module docstring over ``board``, for the devices ``tokens`` authenticates."""
-    limit = max_report_bytes or report_limit(board.cfg)
+    def limit() -> int:  # the bound of the run's K is known once the board is bound to its Federation
+        return max_report_bytes or report_limit(board.cfg, getattr(board.fed, "k_bound", None))
     wake = {"event": None}  # set when the board changes: long polls wake (one Event per change)
     app = FastAPI(title="baffle-edge device gateway", version=API_VERSION, lifespan=_lifespan(board, wake),
                   description="Fetch a BAFFLE round task, evaluate K perturbed losses on the device, post them "
@@ -209,7 +215,7 @@ def _authenticator(board: Board, tokens: TokenStore, limiter: RateLimiter):
     return device_of
 
 
-def _add_task_routes(app: FastAPI, board: Board, Authenticated, *, wake: dict, max_poll: float, limit: int) -> None:
+def _add_task_routes(app: FastAPI, board: Board, Authenticated, *, wake: dict, max_poll: float, limit) -> None:
     """/v1/config and /v1/task (the long poll)."""
     cfg = board.cfg
 
@@ -226,7 +232,7 @@ def _add_task_routes(app: FastAPI, board: Board, Authenticated, *, wake: dict, m
                     "norm": getattr(m.norm, "value", m.norm)},
                 "parameters": None if fed is None else fed.server.dim,
                 "bundle_format": None if fed is None or fed.bundle_dir is None else fed.runtime_info.format,
-                "demo_data": board.demo_data, "max_report_bytes": limit}
+                "demo_data": board.demo_data, "max_report_bytes": limit()}
 
     @app.get("/v1/task", responses=PROBLEMS, summary="the device's task, or wait / done (long poll)")
     async def task(device: Authenticated,
@@ -296,15 +302,15 @@ def _add_download_routes(app: FastAPI, board: Board, Authenticated) -> None:
              "y": [int(v) for v in b.y]} for b in batches]}
 
 
-def _add_report_routes(app: FastAPI, board: Board, Authenticated, *, limit: int) -> None:
-    """POST /v1/report (JSON or NPZ, at most ``limit`` bytes)."""
+def _add_report_routes(app: FastAPI, board: Board, Authenticated, *, limit) -> None:
+    """POST /v1/report (JSON or NPZ, at most ``limit()`` bytes)."""
     @app.post("/v1/report", status_code=202, responses=PROBLEMS, summary="post a ClientReport (compact, JSON or NPZ)",
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": ReportJSON.model_json_schema()},
                   compact.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
                   "application/x-npz": {"schema": {"type": "string", "format": "binary"}}}}})
     async def report(request: Request, device: Authenticated) -> dict:
-        body = await read_body(request, limit)
+        body = await read_body(request, limit())
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
             parsed = parse_report(body, media)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import isotropic_noise
 from ..estimator import expected_cosine
 from ..simulate import Federation, Method, TrainConfig
 from .config import BASELINE, FORMAT, REFERENCE, VerifyConfig, run_parts
@@ -37,7 +38,9 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
         raise ValueError("verify compares per-client gradients: it runs FedSGD only")
     start = time.perf_counter()
     data = load_data(vc)
-    base = dataclasses.replace(vc.train, runtime=REFERENCE, method=Method.BAFFLE, baseline=None)  # the reference
+    # the reference: isotropic noise (the estimator the theory below describes), whatever train's default
+    base = dataclasses.replace(vc.train, runtime=REFERENCE, method=Method.BAFFLE, baseline=None,
+                               noise=isotropic_noise(REFERENCE))
 
     def run_config(name: str) -> TrainConfig:
         """One run's settings: the reference keeps its own; judged runtimes get the user's options."""
@@ -46,7 +49,7 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
         if name == REFERENCE:
             return base
         runtime, estimator = run_parts(name)
-        cfg = dataclasses.replace(base, runtime=runtime, baseline=vc.train.baseline)
+        cfg = dataclasses.replace(base, runtime=runtime, baseline=vc.train.baseline, noise=isotropic_noise(runtime))
         if estimator == "block":  # the compute of the reference's K+1 full forwards, spent on block noise
             cfg = dataclasses.replace(cfg, noise="block", forward_budget=float(base.k + 1), baseline=None)
         return cfg
