@@ -196,7 +196,7 @@ REFRESH_DEFAULT = {"onnx": 1, "onnx-int8": 1, "tflite-int8": 1}  # tflite every 
 
 # The default estimator, chosen by measurement (README "Block noise"; digits, LeNet, 150 rounds, seed 0):
 # block noise at the compute of K+1 = 101 full forwards reached 96.4% (torch) and 95.3% (ONNX Runtime
-# int8) where isotropic noise at K = 100 reached 91.4% / 91.6%. Isotropic noise is one option away.
+# int8) where isotropic noise at K = 100 reached 91.4% / 90.3%. Isotropic noise is one option away.
 ISOTROPIC_K = 100  # K of isotropic noise when --k is not given (the reference MNIST recipe)
 DEFAULT_FORWARD_BUDGET = 101.0  # block noise without --k / --forward-budget: an isotropic K = 100 round's compute
 CHAIN_MODEL_NAMES = ("lenet", "mlp", "mobilenet")  # runtimes/torch_incremental.CHAIN_MODELS by name (torch-free)

@@ -74,7 +74,7 @@ def _estimator(p: argparse.ArgumentParser) -> None:
                         "perturbation at the compute of an isotropic K = 100 round, where the runtime has block rows "
                         "(torch: LeNet; onnxruntime, onnxruntime-int8, tflite-int8: LeNet, MLP, MobileNet; without "
                         "normalisation); "
-                        "measured 96.4%% torch / 95.3%% ORT int8 vs 91.4%% / 91.6%% isotropic on digits at 150 "
+                        "measured 96.4%% torch / 95.3%% ORT int8 vs 91.4%% / 90.3%% isotropic on digits at 150 "
                         "rounds. Elsewhere (torch-int8, WRN, ...) the domain's isotropic noise: gaussian for float "
                         "runtimes, rademacher for int8 ones; pass --noise gaussian / rademacher for isotropic)")
     g.add_argument("--forward-budget", type=float, default=_d(_T.forward_budget),
