@@ -211,7 +211,7 @@ async function tabsTrain(label: string, noise: string[], reproduce: boolean): Pr
 
 test("headless chromium tabs join a serve run with the int8 bundle; accuracy rises",
   { skip: !haveServe ? `${PYTHON} lacks baffle_edge[serve]` : !haveBrowser ? `${CHROMIUM} not found` : false, timeout: 600_000 },
-  () => tabsTrain("K=20", ["--k", "20"], false));
+  () => tabsTrain("isotropic K=20", ["--noise", "rademacher", "--k", "20"], false));  // --k alone is block noise now
 
 test("headless chromium tabs train with block noise (int8, size draws) through serve: train's metrics, accuracy rises",
   { skip: !haveServe ? `${PYTHON} lacks baffle_edge[serve]` : !haveBrowser ? `${CHROMIUM} not found` : false, timeout: 600_000 },
