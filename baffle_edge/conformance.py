@@ -381,7 +381,7 @@ def write_kit(out: str | Path, *, force: bool = False, train_steps: int = 60, ba
              "weights": {"file": "rounds/weights.f32", "values": int(weights.size), "model_version": version},
              "base_logits": {"batch": 0, "formats": logits},
              "tolerance": {"int8_logits": "identical", "int8_losses_relative": 0.0, "fp32_losses_relative": 1e-6,
-                           "gradient_cosine": 0.999999},
+                           "fp32_multistep_losses_relative": 1e-5, "gradient_cosine": 0.999999},
              "summation": summation_vectors(),
              "loss": loss_vectors(),
              "rounds": rounds,

@@ -225,3 +225,15 @@ def test_check_kit_names_a_round_that_differs_and_a_broken_kit(kit, tmp_path):
     (copy / target["weights"]).unlink()
     assert main(["check-kit", str(copy), "--round", target["name"]]) == 2
     assert main(["check-kit", str(tmp_path / "nowhere")]) == 2
+
+
+def test_kit_tolerance_per_round(kit):
+    from baffle_edge.kit import round_tolerance
+    _, index = kit
+    tol = index["tolerance"]
+    by_name = {r["name"]: r for r in index["rounds"]}
+    assert round_tolerance(by_name["int8-fedavg"], tol) == 0.0  # int8: bit for bit, whatever the steps
+    assert round_tolerance(by_name["fp32-forward"], tol) == 1e-6
+    assert round_tolerance(by_name["fp32-fedavg"], tol) == 1e-5  # several local steps: float kernels compound
+    old = {k: v for k, v in tol.items() if k != "fp32_multistep_losses_relative"}  # a kit written before the field
+    assert round_tolerance(by_name["fp32-fedavg"], old) == 1e-6

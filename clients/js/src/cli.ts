@@ -7,7 +7,7 @@
  */
 import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { kitSessions, readKit, runKitRound } from "./kit.js";
+import { kitSessions, readKit, roundTolerance, runKitRound } from "./kit.js";
 import { reportToJson } from "./protocol.js";
 
 function usage(): never {
@@ -32,8 +32,7 @@ async function main(argv: string[]): Promise<number> {
     const got = [...report.base_losses, ...report.losses], want = [...r.report.base_losses, ...r.report.losses];
     let worst = 0;
     got.forEach((v, i) => { worst = Math.max(worst, Math.abs(v - want[i]) / Math.abs(want[i])); });
-    const tol = kit.index.tolerance;
-    const ok = got.length === want.length && worst <= (r.format === "onnx-int8" ? tol.int8_losses_relative : tol.fp32_losses_relative);
+    const ok = got.length === want.length && worst <= roundTolerance(kit, r);
     if (!ok) failed++;
     console.log(`${ok ? "ok  " : "FAIL"} ${r.name.padEnd(26)} ${String(got.length).padStart(4)} losses, max relative ` +
       `difference ${worst.toExponential(2)}, ${(report.seconds * 1e3).toFixed(1)} ms (Python ${(r.report.seconds * 1e3).toFixed(1)} ms)`);

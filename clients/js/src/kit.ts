@@ -35,6 +35,18 @@ export async function readKit(dir: string): Promise<Kit> {
   return { dir, index, rounds: index.rounds as KitRound[], bundle };
 }
 
+/**
+ * The kit's loss tolerance for one round (baffle_edge/kit.py round_tolerance): int8 exact; fp32 single-step
+ * `fp32_losses_relative`, several local steps `fp32_multistep_losses_relative` (later steps start from weights the
+ * earlier steps' float losses moved, so another CPU's float kernels compound through 1/sigma).
+ */
+export function roundTolerance(kit: Kit, r: KitRound): number {
+  const tol = kit.index.tolerance;
+  if (r.format === "onnx-int8") return Number(tol.int8_losses_relative);
+  const steps = Number(r.task.local_steps ?? 1);
+  return Number(steps > 1 ? (tol.fp32_multistep_losses_relative ?? tol.fp32_losses_relative) : tol.fp32_losses_relative);
+}
+
 /** The weights and batches of a kit round. */
 export async function roundInputs(kit: Kit, r: KitRound): Promise<{ weights: Float32Array; batches: Batch[] }> {
   const weights = await readF32(join(kit.dir, r.weights));
