@@ -17,7 +17,7 @@ import { join } from "node:path";
 import { after, test } from "node:test";
 import { deflateSync } from "node:zlib";
 import * as ort from "onnxruntime-node";
-import { runTask, type OrtModule } from "../src/client.js";
+import { runTask, type OrtModule, type RoundSession } from "../src/client.js";
 import { GatewayDevice, type GatewayEvent, type TaskOffer } from "../src/gateway.js";
 import { inflate, InflateError } from "../src/inflate.js";
 import { applyDelta, decodeIntegers, intPayload, splitPayload } from "../src/lean.js";
@@ -104,6 +104,20 @@ test("the integer payload: int8 then little-endian int32, table order; delta and
   assert.throws(() => decodeIntegers(z(delta), "none", ["v1", base], spec, inflate), /hash to .*, the task offer names/);
   assert.throws(() => decodeIntegers(z(Uint8Array.from([...p, 0])), "none", null, spec, inflate), /more than 14 bytes/);
   assert.throws(() => decodeIntegers(z(p), "none", null, { ...spec, bytes: 0 }, inflate), /lacks a size/);
+});
+
+test("lean only for an int8-step session's one-step task with integers on offer, unless download is full", () => {
+  const dev = (download?: "lean" | "full") => new GatewayDevice({ server: "", token: "", ort: {} as OrtModule, download });
+  const offer = (steps: number, int8 = true) => ({ weights: { url: "/w", version: "v", dtype: "float32", count: 8,
+    ...(int8 ? { int8: { url: "/w/int8", sha256: "0".repeat(64), bytes: 14 } } : {}) }, task: { local_steps: steps } }) as unknown as TaskOffer;
+  const int8 = { table: TABLE, domain: "int8-step" } as unknown as RoundSession, float = { table: null, domain: "float" } as unknown as RoundSession;
+  assert.equal(dev().leanTask(offer(1), int8), true);
+  assert.equal(dev("lean").leanTask(offer(1), int8), true);
+  assert.equal(dev("full").leanTask(offer(1), int8), false);
+  assert.equal(dev().leanTask(offer(2), int8), false, "FedAvg: local steps move float weights");
+  assert.equal(dev().leanTask(offer(1), float), false, "a float session");
+  assert.equal(dev().leanTask(offer(1, false), int8), false, "a server that offers no integers");
+  assert.throws(() => dev("fp32" as "full"), /download must be "lean" or "full", got "fp32"/);
 });
 
 // --- against a real server ---
