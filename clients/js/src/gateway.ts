@@ -283,8 +283,8 @@ export class GatewayDevice {
   }
 
   /** A bundle file: lean, zlib against the held generation's file (or plain zlib); else (or if that fails its check) plain. */
-  private async bundleFile(b: NonNullable<TaskOffer["bundle"]>, name: string): Promise<Uint8Array> {
-    const f = b.files[name];
+  private async bundleFile(offer: TaskOffer, name: string): Promise<Uint8Array> {
+    const b = offer.bundle!, f = b.files[name];
     if (!f) throw new Error(`bundle generation ${b.generation} has no file ${name}`);
     if (this.lean && typeof f.bytes === "number") {
       const held = this.bundleBytes?.[1].get(name);
@@ -300,7 +300,7 @@ export class GatewayDevice {
         return bytes;
       } catch (e) {
         if (e instanceof GatewayError) throw e;
-        this.options.onEvent?.({ type: "fallback", round: -1, reason: `bundle file ${name}: ${(e as Error).message}` });
+        this.options.onEvent?.({ type: "fallback", round: offer.round, reason: `bundle file ${name}: ${(e as Error).message}` });
       }
     }
     const bytes = await this.get(f.url, `bundle file ${name}`);
@@ -315,7 +315,7 @@ export class GatewayDevice {
     if (this.sessionCache && this.sessionCache[0] === b.generation) return this.sessionCache[1];
     const got = new Map<string, Uint8Array>();
     const bundle: Bundle = await loadBundle(async (name) => {
-      const bytes = await this.bundleFile(b, name);
+      const bytes = await this.bundleFile(offer, name);
       got.set(name, bytes);
       return bytes;
     }, { formats: [b.format], ...(this.lean ? { files: (meta: Record<string, Json>) => runtimeFiles(meta, b.format) } : {}) });
