@@ -14,7 +14,7 @@ import { BlockError, FlatSteps, type BlockTable } from "./blocks.js";
 import type { RoundSession } from "./client.js";
 import { clipInf, pairwiseSum } from "./estimator.js";
 import { noiseClient, type RoundTask } from "./protocol.js";
-import { quantize, steps as stepSizes, type IntArray } from "./quant.js";
+import { steps as stepSizes, type IntArray } from "./quant.js";
 
 export interface BlockStep {
   base: number | null; // L(w) (forward scheme)
@@ -37,13 +37,14 @@ function drawStep(task: RoundTask, table: BlockTable, step: number, int8: boolea
   return { blocks, values };
 }
 
-export async function blockStep(task: RoundTask, rs: RoundSession, w: Float32Array, step: number, x: Tensor,
-                                loss: Loss): Promise<BlockStep> {
+/** One block step at float weights `w` (float session) or integers `q` (int8-step: `w` is not read). */
+export async function blockStep(task: RoundTask, rs: RoundSession, w: Float32Array, q: IntArray[] | null, step: number,
+                                x: Tensor, loss: Loss): Promise<BlockStep> {
   const table = rs.blockTable().weighted(task.block_weights);
   const int8 = rs.domain === "int8-step";
   const central = task.scheme === "central";
   const { blocks, values } = drawStep(task, table, step, int8);
-  const q = int8 ? rs.table!.map((t) => quantize(t, w)) : null;
+  if (int8 !== (q !== null)) throw new BlockError(`an ${rs.domain} block step needs ${int8 ? "integers" : "float weights"}`);
   const flat = q ? new FlatSteps(rs.table!, q) : null;
   const sigma32 = Math.fround(task.sigma);
   const moved = (sign: 1 | -1): Float64Array[] => values.map((v, k) => {

@@ -138,12 +138,13 @@ function checkName(name: string): string {
 }
 
 /**
- * Read `baffle.json` and every file it lists (or only those of `formats` plus the spec texts),
+ * Read `baffle.json` and every file it lists (or only those of `formats` plus the spec texts, or
+ * only the names `files(meta)` returns),
  * checking each one's sha256 and size. A mismatch is a BundleError naming the file: a tampered or
  * truncated bundle is never loaded.
  */
 export async function loadBundle(source: BundleSource | Record<string, Uint8Array>,
-                                 options: { formats?: TrainFormat[] } = {}): Promise<Bundle> {
+                                 options: { formats?: TrainFormat[]; files?: (meta: Obj) => string[] } = {}): Promise<Bundle> {
   const read: BundleSource = typeof source === "function" ? source : async (name) => {
     const b = source[name];
     if (!b) throw new BundleError(`bundle is missing ${name}`);
@@ -169,6 +170,10 @@ export async function loadBundle(source: BundleSource | Record<string, Uint8Arra
       for (const f of Object.values(obj(obj(formats[fmt], fmt).files, `${fmt}.files`))) names.add(String(f));
     }
     wanted = wanted.filter((n) => names.has(n) || n.endsWith(".md"));
+  }
+  if (options.files) {  // only these (a lean device: the graphs its runtime loads, lean.ts runtimeFiles)
+    const only = new Set(options.files(m));
+    wanted = wanted.filter((n) => only.has(n));
   }
   const verified = new Map<string, Uint8Array>();
   for (const name of wanted) {

@@ -49,6 +49,12 @@ export interface RunOptions {
   checkModelVersion?: boolean;
   /** Recorded in the report (default "onnxruntime-js" / "onnxruntime-int8-js"). */
   runtime?: string;
+  /**
+   * An int8-step session's integers of the task's weights, table order (a lean download, lean.ts,
+   * already checked against the offer's sha256), in place of the float weights (pass `null`): only for
+   * one local step, since later steps of FedAvg move float weights.
+   */
+  integers?: IntArray[];
 }
 
 /** The float32 weights as the server hashes them: sha256 of the little-endian bytes, 16 hex digits. */
@@ -163,7 +169,23 @@ export class RoundSession {
   }
 }
 
-function checkInputs(task: RoundTask, weights: Float32Array, batches: Batch[], rs: RoundSession): void {
+function checkIntegers(task: RoundTask, q: IntArray[], rs: RoundSession): void {
+  const table = rs.table;
+  if (!table) throw new ProtocolError("integers", `the ${rs.format} session runs float weights, not integers`);
+  if (task.local_steps !== 1) throw new ProtocolError("integers", `integers answer one local step, the task has ${task.local_steps}`);
+  if (q.length !== table.length) throw new ProtocolError("integers", `${q.length} tensors, the quantization table has ${table.length}`);
+  table.forEach((t, j) => {
+    const a = q[j];
+    if (!(t.dtype === "int8" ? a instanceof Int8Array : a instanceof Int32Array) || a.length !== t.size) {
+      throw new ProtocolError("integers", `${t.name}: expected ${t.size} ${t.dtype} values`);
+    }
+    for (let i = 0; i < a.length; i++) {
+      if (a[i] > t.qmax || a[i] < -t.qmax) throw new ProtocolError("integers", `${t.name}: ${a[i]} at ${i} outside [-${t.qmax}, ${t.qmax}]`);
+    }
+  });
+}
+
+function checkInputs(task: RoundTask, weights: Float32Array | null, batches: Batch[], rs: RoundSession): void {
   if (task.domain !== rs.domain) {
     throw new ProtocolError("domain", `the ${rs.format} session perturbs in the ${rs.domain} domain; the task asks for ${task.domain}`);
   }
@@ -177,9 +199,11 @@ function checkInputs(task: RoundTask, weights: Float32Array, batches: Batch[], r
       table.weighted(task.block_weights);  // a total draw weight this client cannot draw exactly is refused here
     }
   }
-  if (weights.length !== rs.dim) throw new ProtocolError("weights", `expected ${rs.dim} values, got ${weights.length}`);
-  for (let i = 0; i < weights.length; i++) {
-    if (!Number.isFinite(weights[i])) throw new ProtocolError("weights", `non-finite value at index ${i}`);
+  if (weights) {
+    if (weights.length !== rs.dim) throw new ProtocolError("weights", `expected ${rs.dim} values, got ${weights.length}`);
+    for (let i = 0; i < weights.length; i++) {
+      if (!Number.isFinite(weights[i])) throw new ProtocolError("weights", `non-finite value at index ${i}`);
+    }
   }
   if (batches.length !== task.local_steps) {
     throw new ProtocolError("batches", `task has ${task.local_steps} local step(s) but ${batches.length} batch(es) were given`);
@@ -242,9 +266,8 @@ function floatFeeder(task: RoundTask, rs: RoundSession, w: Float32Array, step: n
   };
 }
 
-function int8Feeder(task: RoundTask, rs: RoundSession, w: Float32Array, step: number): Feeder {
+function int8Feeder(task: RoundTask, rs: RoundSession, q: IntArray[], step: number): Feeder {
   const table = rs.table!;
-  const q = table.map((t) => quantize(t, w));
   const sel = new StepSelector(table, q);
   const tensorsOf = (arrays: IntArray[]) =>
     Object.fromEntries(table.map((t, j) => [t.input, new rs.Tensor(t.dtype, arrays[j], t.shape)]));
@@ -291,12 +314,14 @@ function int8Feeder(task: RoundTask, rs: RoundSession, w: Float32Array, step: nu
  * Throws (and sends nothing) on a bad task, weights of another model version, a batch of the
  * wrong shape, or non-finite losses.
  */
-export async function runTask(taskInput: RoundTask | string, weights: Float32Array, batches: Batch[],
+export async function runTask(taskInput: RoundTask | string, weights: Float32Array | null, batches: Batch[],
                               rs: RoundSession, options: RunOptions = {}): Promise<ClientReport> {
   const start = performance.now();
   const task = parseTask(taskInput);
+  if (!weights && !options.integers) throw new ProtocolError("weights", "runTask needs the weights or, for an int8 session, options.integers");
+  if (options.integers) checkIntegers(task, options.integers, rs);
   checkInputs(task, weights, batches, rs);
-  if ((options.checkModelVersion ?? true) && task.model_version !== "") {
+  if (weights && !options.integers && (options.checkModelVersion ?? true) && task.model_version !== "") {
     const got = modelVersion(weights);
     if (got !== task.model_version) {
       throw new ProtocolError("model_version", `the weights hash to ${got}, the task is for model ${task.model_version}: ` +
@@ -307,17 +332,18 @@ export async function runTask(taskInput: RoundTask | string, weights: Float32Arr
   const clip = options.clip !== undefined ? options.clip : task.clip !== undefined ? task.clip : 0.3;
   const central = task.scheme === "central";
   const classes = rs.bundle.numClasses, per = rs.bundle.inputShape;
-  let w = Float32Array.from(weights);
+  let w = weights ? Float32Array.from(weights) : new Float32Array(0);  // with integers: unread (one int8 step)
+  const integersOf = (step: number) => (step === 0 && options.integers ? options.integers : rs.table!.map((t) => quantize(t, w)));
   const bases: number[] = [], losses: number[] = [];
   for (let s = 0; s < batches.length; s++) {
     const b = batches[s];
     const x = new rs.Tensor("float32", b.x, [b.y.length, ...per]);
     let base: number | null, pert: number[], feed: Pick<Feeder, "gradient">;
     if (task.noise === "block") {  // one output-channel block per row (docs/noise.md sections 8-11)
-      const bs = await blockStep(task, rs, w, s, x, (z) => crossEntropy(z, b.y, classes));
+      const bs = await blockStep(task, rs, w, rs.table ? integersOf(s) : null, s, x, (z) => crossEntropy(z, b.y, classes));
       [base, pert, feed] = [bs.base, bs.losses, bs];
     } else {
-      const f = rs.domain === "float" ? floatFeeder(task, rs, w, s) : int8Feeder(task, rs, w, s);
+      const f = rs.domain === "float" ? floatFeeder(task, rs, w, s) : int8Feeder(task, rs, integersOf(s), s);
       const loss = async (feeds: Record<string, Tensor>) => crossEntropy(await rs.forward(x, feeds), b.y, classes);
       base = central ? null : await loss(f.base());
       const plus: number[] = [], minus: number[] = [];

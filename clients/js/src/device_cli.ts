@@ -1,6 +1,9 @@
 /**
  * The Node device command (Node only: file system): `node dist/src/gateway.js --server URL --token FILE
- * [--data FILE.npz] [--threads N] [--max-tasks N] [--patience S] [--quiet]` (also `baffle-client device ...`).
+ * [--data FILE.npz] [--threads N] [--max-tasks N] [--patience S] [--upload auto|compact|json]
+ * [--download lean|full] [--quiet]` (also `baffle-client device ...`). `--download lean` (the default): an int8
+ * run's FedSGD tasks download integers and only the bundle files the runtime loads (docs/gateway.md, "Lean
+ * downloads"); `full`: float32 weights and every bundle file.
  *
  * Every mistake ends in one `baffle-client device: error: ...` line saying what to do, exit code 2: an
  * unknown flag (with the closest known one), a token file that is missing (its resolved path), the
@@ -28,10 +31,10 @@ export class UsageError extends Error {
 
 const FLAGS: Record<string, "value" | "switch"> = {
   "--server": "value", "--token": "value", "--data": "value", "--threads": "value", "--max-tasks": "value",
-  "--patience": "value", "--upload": "value", "--quiet": "switch",
+  "--patience": "value", "--upload": "value", "--download": "value", "--quiet": "switch",
 };
 export const USAGE = "usage: node dist/src/gateway.js --server URL --token FILE [--data FILE.npz] [--threads N] " +
-  "[--max-tasks N] [--patience S] [--upload auto|compact|json] [--quiet]";
+  "[--max-tasks N] [--patience S] [--upload auto|compact|json] [--download lean|full] [--quiet]";
 const TOKEN_PREFIX = "bfl_", MAX_TOKEN_CHARS = 256;
 const TOKEN_HINT = "use a device token file (device-tokens/client-N.token from `baffle-edge tokens issue --clients N " +
   "--out-dir device-tokens`)";
@@ -184,17 +187,20 @@ export async function main(argv: string[]): Promise<number> {
   const threads = number("--threads") ?? 1, maxTasks = number("--max-tasks"), patience = number("--patience");
   const upload = (f["--upload"] ?? "auto") as "auto" | "compact" | "json";
   if (!["auto", "compact", "json"].includes(upload)) throw new UsageError(`--upload must be auto, compact or json, got ${JSON.stringify(upload)}`);
+  const download = (f["--download"] ?? "lean") as "lean" | "full";
+  if (!["lean", "full"].includes(download)) throw new UsageError(`--download must be lean or full, got ${JSON.stringify(download)}`);
   const ort = await import("onnxruntime-node");
   let batchSize = 0;
   const summary = await runDevice({
     server: f["--server"] as string, token, ort: ort as unknown as OrtModule,
-    sessionOptions: { intraOpNumThreads: threads, interOpNumThreads: 1 }, maxTasks, patience, upload,
+    sessionOptions: { intraOpNumThreads: threads, interOpNumThreads: 1 }, maxTasks, patience, upload, download,
     data: own ? async (task: Json) => ownBatches(own, task as unknown as { round: number; local_steps: number }, batchSize) : undefined,
     onEvent: (e) => {
       if (e.type === "config") batchSize = e.batchSize;
       if (f["--quiet"]) return;
       if (e.type === "accepted") console.error(`device: round ${e.round + 1}: report accepted (${(e.seconds * 1e3).toFixed(0)} ms)`);
       else if (e.type === "refused") console.error(`device: round ${e.round + 1}: refused: ${e.reason}`);
+      else if (e.type === "fallback") console.error(`device: lean download refused (${e.reason}); downloading in full`);
       else if (e.type === "retry") console.error(`device: server unreachable (${e.reason}); retrying in ${e.delay.toFixed(1)} s`);
       else if (e.type === "config") console.error(`device: client ${e.client}, ${e.rounds} rounds`);
     },

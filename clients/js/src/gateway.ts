@@ -5,8 +5,12 @@
  *     loop:
  *         GET  /v1/task?wait=25             task | wait | done        (long poll)
  *         GET  /v1/weights/{version}        float32, checked: sha256 prefix = task.model_version
+ *           or, lean (int8-step bundle, one local step; docs/gateway.md "Lean downloads"):
+ *         GET  weights.int8.url?base=V      the integers, zlib delta against the payload held, checked
+ *                                           against the offer's sha256 (lean.ts)
  *         GET  /v1/bundle/{gen}/{file}      when the generation changes; sha256 checked twice:
- *                                           against the task's list and against baffle.json
+ *                                           against the task's list and against baffle.json; lean: only
+ *                                           the files the runtime loads, zlib against the generation held
  *         batches: options.data(task), or GET /v1/data/{round} from a --demo-data server
  *         runTask(...) -> POST /v1/report   (compact, compact.ts, when the run's report_encoding is
  *                                           "compact"; else JSON; options.upload forces one)
@@ -24,7 +28,10 @@ import { loadBundle, type Bundle, type TrainFormat } from "./bundle.js";
 import { modelVersion, RoundSession, runTask, type Batch, type OrtModule } from "./client.js";
 import { parseJson, stringifyJson, type Json } from "./json.js";
 import { COMPACT_MEDIA_TYPE, encodeReport } from "./compact.js";
+import { inflate as inflateTs, type Inflate } from "./inflate.js";
+import { decodeIntegers, runtimeFiles, splitPayload, type IntSpec } from "./lean.js";
 import { reportToJson, type ClientReport } from "./protocol.js";
+import type { IntArray } from "./quant.js";
 import { sha256Hex } from "./sha256.js";
 
 export const BACKOFF_BASE = 0.2; // s: the first retry's delay
@@ -60,8 +67,9 @@ export interface TaskOffer {
   round: number;
   rounds: number;
   task: Json;
-  weights: { url: string; version: string; dtype: "float32"; count: number };
-  bundle: null | { generation: number; format: TrainFormat; manifest: string; files: Record<string, { url: string; sha256: string }> };
+  weights: { url: string; version: string; dtype: "float32"; count: number; int8?: IntSpec };
+  bundle: null | { generation: number; format: TrainFormat; manifest: string;
+                   files: Record<string, { url: string; sha256: string; bytes?: number }> };
   data: string | null;
   deadline_in: number | null;
   runtime: string;
@@ -73,6 +81,9 @@ export type GatewayEvent =
   | { type: "accepted"; round: number; seconds: number; report: ClientReport }
   | { type: "refused"; round: number; status: number; reason: string }
   | { type: "retry"; reason: string; delay: number }
+  | { type: "fallback"; round: number; reason: string }
+  /** A download's body as it came (`what`: "weights" float32, "integers" lean, "bundle:NAME"; `encoding`: identity, zlib, zlib-dict:G, delta:V). */
+  | { type: "download"; what: string; bytes: number; encoding: string }
   | { type: "done" };
 
 export interface DeviceOptions {
@@ -96,6 +107,15 @@ export interface DeviceOptions {
   onEvent?: (e: GatewayEvent) => void;
   /** Report encoding: "auto" (default: the run's train_config.report_encoding, compact or JSON), "compact", "json". */
   upload?: "auto" | "compact" | "json";
+  /**
+   * "lean" (default): an int8-step bundle's FedSGD task downloads the integers and only the bundle files
+   * the runtime loads, zlib against what the device holds (docs/gateway.md, "Lean downloads"); a lean
+   * download that fails its checks falls back to the full one (a "fallback" event). "full": float32
+   * weights and every bundle file, plain.
+   */
+  download?: "lean" | "full";
+  /** zlib inflate with a preset dictionary and a size cap (default: inflate.ts, plain TypeScript). */
+  inflate?: Inflate;
   /** Injected fetch (default: globalThis.fetch). */
   fetch?: typeof fetch;
 }
@@ -151,9 +171,21 @@ export class GatewayDevice {
   private readonly fetch: typeof fetch;
   private weightsCache: [string, Float32Array] | null = null;
   private sessionCache: [number, RoundSession] | null = null;
+  /** (model version, integer payload) of the last lean download: the base of the next delta. */
+  private intsCache: [string, Uint8Array] | null = null;
+  /** The bundle generation held and its files' bytes: the dictionaries of the next lean bundle download. */
+  private bundleBytes: [number, Map<string, Uint8Array>] | null = null;
+  private readonly inflate: Inflate;
 
   constructor(readonly options: DeviceOptions) {
     this.fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
+    this.inflate = options.inflate ?? inflateTs;
+    const d = options.download ?? "lean";
+    if (d !== "lean" && d !== "full") throw new GatewayError(`download must be "lean" or "full", got ${JSON.stringify(d)}`);
+  }
+
+  private get lean(): boolean {
+    return (this.options.download ?? "lean") === "lean";
   }
 
   private url(path: string): string {
@@ -201,11 +233,15 @@ export class GatewayDevice {
     }
   }
 
-  private async get(path: string, what: string): Promise<Uint8Array> {
+  private async response(path: string, what: string): Promise<Response> {
     const r = await this.request(path);
     if (r.status === 401 || r.status === 403) throw new GatewayError(`${what}: HTTP ${r.status} ${await refusal(r)}`);
     if (!r.ok) throw new Error(`${what}: HTTP ${r.status} ${await reason(r)}`);
-    return new Uint8Array(await r.arrayBuffer());
+    return r;
+  }
+
+  private async get(path: string, what: string): Promise<Uint8Array> {
+    return new Uint8Array(await (await this.response(path, what)).arrayBuffer());
   }
 
   private async getJson(path: string, what: string): Promise<Json> {
@@ -215,7 +251,9 @@ export class GatewayDevice {
   async weights(offer: TaskOffer): Promise<Float32Array> {
     const w = offer.weights;
     if (this.weightsCache && this.weightsCache[0] === w.version) return this.weightsCache[1];
-    const arr = f32(await this.get(w.url, "weights"));
+    const body = await this.get(w.url, "weights");
+    this.options.onEvent?.({ type: "download", what: "weights", bytes: body.length, encoding: "identity" });
+    const arr = f32(body);
     const got = modelVersion(arr);
     if (arr.length !== w.count || got !== w.version) {
       throw new Error(`weights: ${arr.length} values hashing to ${got}; the task names ${w.count} / ${w.version}`);
@@ -224,20 +262,92 @@ export class GatewayDevice {
     return arr;
   }
 
+  /**
+   * A lean download's integers (docs/gateway.md, "Lean downloads"): a zlib delta against the payload
+   * of the version held (or the whole payload), inflated to at most the offer's `bytes`, checked against
+   * its sha256, split by the session's quantization table. An Error (never unverified integers) otherwise.
+   */
+  async integers(offer: TaskOffer, rs: RoundSession): Promise<IntArray[]> {
+    const spec = offer.weights.int8;
+    if (!spec || !rs.table) throw new Error("integers: the offer has no weights.int8 or the session runs float weights");
+    if (this.intsCache && this.intsCache[0] === offer.weights.version) return splitPayload(rs.table, this.intsCache[1]);
+    const base = this.intsCache;
+    const sep = spec.url.includes("?") ? "&" : "?";
+    const r = await this.response(base ? `${spec.url}${sep}base=${encodeURIComponent(base[0])}` : spec.url, "integers");
+    const body = new Uint8Array(await r.arrayBuffer()), used = r.headers.get("x-baffle-base") ?? "none";
+    this.options.onEvent?.({ type: "download", what: "integers", bytes: body.length, encoding: used === "none" ? "zlib" : `delta:${used}` });
+    const payload = decodeIntegers(body, used, base, spec, this.inflate);
+    const q = splitPayload(rs.table, payload);
+    this.intsCache = [offer.weights.version, payload];
+    return q;
+  }
+
+  /** A bundle file: lean, zlib against the held generation's file (or plain zlib); else (or if that fails its check) plain. */
+  private async bundleFile(offer: TaskOffer, name: string): Promise<Uint8Array> {
+    const b = offer.bundle!, f = b.files[name];
+    if (!f) throw new Error(`bundle generation ${b.generation} has no file ${name}`);
+    if (this.lean && typeof f.bytes === "number") {
+      const held = this.bundleBytes?.[1].get(name);
+      const gen = this.bundleBytes?.[0];
+      try {
+        const r = await this.response(held ? `${f.url}?base=${gen}` : `${f.url}?z=1`, `bundle file ${name}`);
+        const enc = r.headers.get("x-baffle-encoding") ?? "identity", body = new Uint8Array(await r.arrayBuffer());
+        this.options.onEvent?.({ type: "download", what: `bundle:${name}`, bytes: body.length, encoding: enc });
+        if (enc !== "identity" && enc !== "zlib" && enc !== `zlib-dict:${gen}`) throw new Error(`unexpected encoding ${enc}`);
+        const bytes = enc === "identity" ? body
+          : this.inflate(body, { size: f.bytes, ...(enc === "zlib" ? {} : { dictionary: held }) });
+        if (sha256Hex(bytes) !== f.sha256) throw new Error("sha256 differs from the task's");
+        return bytes;
+      } catch (e) {
+        if (e instanceof GatewayError) throw e;
+        this.options.onEvent?.({ type: "fallback", round: offer.round, reason: `bundle file ${name}: ${(e as Error).message}` });
+      }
+    }
+    const bytes = await this.get(f.url, `bundle file ${name}`);
+    this.options.onEvent?.({ type: "download", what: `bundle:${name}`, bytes: bytes.length, encoding: "identity" });
+    if (sha256Hex(bytes) !== f.sha256) throw new Error(`bundle file ${name}: sha256 differs from the task's`);
+    return bytes;
+  }
+
   async session(offer: TaskOffer): Promise<RoundSession> {
     const b = offer.bundle;
     if (!b) throw new GatewayError("the run's runtime exports no bundle: this client needs an onnx or onnx-int8 run");
     if (this.sessionCache && this.sessionCache[0] === b.generation) return this.sessionCache[1];
+    const got = new Map<string, Uint8Array>();
     const bundle: Bundle = await loadBundle(async (name) => {
-      const f = b.files[name];
-      if (!f) throw new Error(`bundle generation ${b.generation} has no file ${name}`);
-      const bytes = await this.get(f.url, `bundle file ${name}`);
-      if (sha256Hex(bytes) !== f.sha256) throw new Error(`bundle file ${name}: sha256 differs from the task's`);
+      const bytes = await this.bundleFile(offer, name);
+      got.set(name, bytes);
       return bytes;
-    }, { formats: [b.format] });
+    }, { formats: [b.format], ...(this.lean ? { files: (meta: Record<string, Json>) => runtimeFiles(meta, b.format) } : {}) });
     const rs = await RoundSession.open(this.options.ort, bundle, b.format, this.options.sessionOptions ?? {});
     this.sessionCache = [b.generation, rs];
+    this.bundleBytes = [b.generation, got];
     return rs;
+  }
+
+  /** Lean for this task: the "lean" option, an int8-step session, one local step, a server offering integers. */
+  leanTask(offer: TaskOffer, rs: RoundSession): boolean {
+    const steps = (offer.task as { local_steps?: number }).local_steps;
+    return this.lean && offer.weights.int8 !== undefined && rs.table !== null && rs.domain === "int8-step" && steps === 1;
+  }
+
+  /** The report of one task: lean when it can be (a failed lean download falls back to the float weights). */
+  private async answer(offer: TaskOffer): Promise<ClientReport> {
+    const rs = await this.session(offer);
+    const batches = await this.batches(offer);
+    const runtime = this.options.runtime ? { runtime: this.options.runtime } : {};
+    if (this.leanTask(offer, rs)) {
+      let integers: IntArray[] | null = null;
+      try {
+        integers = await this.integers(offer, rs);
+      } catch (e) {
+        if (e instanceof GatewayError) throw e;
+        this.intsCache = null;  // the next delta starts afresh
+        this.options.onEvent?.({ type: "fallback", round: offer.round, reason: (e as Error).message });
+      }
+      if (integers) return runTask(stringifyJson(offer.task), null, batches, rs, { ...runtime, integers });
+    }
+    return runTask(stringifyJson(offer.task), await this.weights(offer), batches, rs, runtime);
   }
 
   async batches(offer: TaskOffer): Promise<Batch[]> {
@@ -267,9 +377,7 @@ export class GatewayDevice {
       ev({ type: "task", round: offer.round, rounds: offer.rounds });
       let report: ClientReport;
       try {
-        const [weights, rs, batches] = [await this.weights(offer), await this.session(offer), await this.batches(offer)];
-        report = await runTask(stringifyJson(offer.task), weights, batches, rs,
-                               this.options.runtime ? { runtime: this.options.runtime } : {});
+        report = await this.answer(offer);
       } catch (e) {
         if (e instanceof GatewayError) throw e;
         summary.refused.push(`round ${offer.round + 1}: ${(e as Error).message}`);  // a failed check: skip the round

@@ -15,6 +15,8 @@ export { crossEntropy, modelVersion, RoundSession, runTask, type Batch, type Ort
 export { COMPACT_MEDIA_TYPE, decodeReport, encodeReport } from "./compact.js";
 export { clipInf, leaveOneOut, lossDifferences, pairwiseSum } from "./estimator.js";
 export { exp, log } from "./libm.js";
+export { adler32, inflate, InflateError, type Inflate, type InflateOptions } from "./inflate.js";
+export { applyDelta, decodeIntegers, intPayload, payloadSize, runtimeFiles, splitPayload, type IntSpec } from "./lean.js";
 export { parseJson, stringifyJson, type Json } from "./json.js";
 export { boxMuller, GAUSSIAN_CHUNK, negativeSigns, noise, NOISE_SPEC_VERSION, philox4x32, seedWords, SHARED_CLIENT, words,
   type NoiseKind, type Seed } from "./noise.js";

@@ -63,6 +63,15 @@ test("an unknown flag is refused with the closest known one", async () => {
   assert.equal(didYouMean("--zzzzzz", ["--data"]), "");
 });
 
+test("--download takes lean or full; another value is refused before any request", async () => {
+  const before = seen.length;
+  assert.match(await oneError(["--server", url, "--token", file("d.token", GOOD), "--download", "fp32"]),
+               /--download must be lean or full, got "fp32"/);
+  assert.equal(seen.length, before);
+  answer = [401, { error: "unauthorized", reason: "unknown token" }];  // accepted: the device gets as far as the server
+  assert.match(await oneError(["--server", url, "--token", file("d.token", GOOD), "--download", "full"]), /HTTP 401/);
+});
+
 test("token files that cannot be a device token are named before any request", async () => {
   answer = [401, {}];
   const before = seen.length;

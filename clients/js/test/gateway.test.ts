@@ -185,9 +185,18 @@ async function tabsTrain(label: string, noise: string[], reproduce: boolean): Pr
       assert.ok(seen.tabProgress > 0, "the device tab's progress bar");
       const states = await Promise.all(pages.map(async (p) => {
         await p.waitForFunction("window.__gateway && window.__gateway.done", undefined, { timeout: 60_000 });
-        return await p.evaluate("window.__gateway") as { error: string | null; roundSeconds: number[]; summary: { accepted: number } };
+        return await p.evaluate("window.__gateway") as { error: string | null; roundSeconds: number[]; summary: { accepted: number };
+          events: string[]; downloads: [string, number, string][] };
       }));
       for (const s of states) assert.equal(s.error, null, s.error ?? "");
+      for (const s of states) {  // the page downloads lean (docs/gateway.md "Lean downloads"): integers, never float32 weights
+        const what = s.downloads.map((d) => d[0]);
+        assert.ok(!what.includes("weights") && !s.events.includes("fallback"), `a tab downloaded float32 weights: ${what.join(", ")}`);
+        assert.equal(what.filter((w) => w === "integers").length, 9);
+        assert.ok(s.downloads.filter((d) => d[0] === "integers").slice(1).every((d) => d[2].startsWith("delta:")), "integers as deltas");
+        assert.ok(s.downloads.filter((d) => d[0].startsWith("bundle:")).slice(6).every((d) => d[2].startsWith("zlib-dict:")),
+                  "bundle files zlib against the held generation");
+      }
       const got = rows(join(dir, "run"));
       assert.deepEqual(got.map((r) => r.clients_accepted), Array(9).fill(clients));
       const acc = got.filter((r) => r.test_accuracy !== undefined).map((r) => r.test_accuracy!);
