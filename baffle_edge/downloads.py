@@ -84,3 +84,35 @@ def inflate(data: bytes, *, size: int, zdict: bytes | None = None) -> bytes:
     if len(out) != size or not d.eof or d.unused_data or d.unconsumed_tail:
         raise ValueError(f"download: the zlib stream does not hold exactly {size} bytes")
     return out
+
+
+def runtime_file_names(meta: dict, fmt: str) -> list[str]:
+    """The bundle files a runtime of format ``fmt`` loads (besides ``baffle.json``): its format's graphs, without
+    the standalone ``inference`` model when a ``train`` graph exists (docs and other formats are never loaded)."""
+    files = meta["formats"][fmt]["files"]
+    return [n for role, n in files.items() if role != "inference" or "train" not in files]
+
+
+class LeanLedger:
+    """What one lean int8 device downloads per round when it took part in the previous one (the simulation's
+    ``bytes_down``; the gateway's lean device does exactly this, docs/gateway.md "Lean downloads"): the integers
+    as a zlib delta against the last round's, and a re-exported bundle's files zlib'd against the held ones."""
+
+    def __init__(self) -> None:
+        self.ints: bytes | None = None
+        self.generation: int | None = None
+        self.files: dict[str, bytes] = {}
+
+    def integers(self, payload: bytes) -> int:
+        n = len(deflate(payload if self.ints is None or len(self.ints) != len(payload)
+                        else byte_delta(payload, self.ints)))
+        self.ints = payload
+        return n
+
+    def bundle(self, generation: int, files: dict[str, bytes]) -> int:
+        """Bytes of the bundle files when ``generation`` is new to the device, else 0."""
+        if generation == self.generation:
+            return 0
+        n = sum(len(deflate(data, self.files.get(name))) for name, data in files.items())
+        self.generation, self.files = generation, dict(files)
+        return n

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from . import compact
+from . import compact, downloads
 from .attackers import byzantine_clients, garbage_report  # noqa: F401 (simulation's attackers)
 from .block_draw import BUDGET_K_CAP, BlockDraw, BlockDrawPolicy
 from .client import Batch
@@ -57,7 +57,7 @@ class RoundMetrics:
     skipped: bool  # below quorum: the model was left unchanged
     applied: bool  # the server changed the model
     bytes_up: int  # accepted uploads (BAFFLE: report JSON without timing; backprop: dense float32)
-    bytes_down: int  # weights (+ task) sent to every client
+    bytes_down: int  # tasks + float32 weights to every client; int8-step FedSGD: a lean device's download (LeanLedger)
     seconds: float  # wall time of the round
 
     def to_json(self) -> dict:
@@ -101,6 +101,7 @@ class Federation:
             self._budget_k()
         self.bundle_dir: Path | None = None
         self.bundle_generation = 0
+        self.lean = downloads.LeanLedger()  # bytes_down of lean int8 devices
         self.refresh_weights: torch.Tensor | None = None  # the weights the current bundle was exported from
         if self.runtime_info.artifact == "bundle" and self.cfg.method is Method.BAFFLE:
             import atexit
@@ -303,7 +304,7 @@ class Federation:
             round=round_ + 1, train_loss=float(np.mean(losses)) if losses else None,
             clients_accepted=len(log.accepted), rejected={str(k): v for k, v in log.rejected.items()},
             absent=[t.client for t in tasks if t.client not in heard], skipped=not quorum_met, applied=applied,
-            bytes_up=sum(u.bytes_up for u in updates), bytes_down=sum(self.bytes_down(t) for t in tasks),
+            bytes_up=sum(u.bytes_up for u in updates), bytes_down=self.bytes_down(tasks, weights, lean=getattr(gather, "lean_downloads", gather is None)),
             seconds=time.perf_counter() - start)
 
     def client_compute(self) -> dict:
@@ -323,9 +324,21 @@ class Federation:
                 fe = float(rows + (0 if self.cfg.scheme is Scheme.CENTRAL else 1))
         return {"forward_equivalents": fe, "macs": fe * full * self.cfg.batch_size, "full_forward_macs": full}
 
-    def bytes_down(self, task: RoundTask) -> int:
-        """What the server sends a client: the float32 weights, and BAFFLE's task message."""
-        return 4 * self.server.dim + (wire_bytes(task) if self.cfg.method is Method.BAFFLE else 0)
+    def bytes_down(self, tasks: list[RoundTask], weights: np.ndarray, *, lean: bool) -> int:
+        """What the round's clients download: BAFFLE's task messages and the float32 weights, or, where the transport
+        has lean downloads (in-process and the gateway; not Flower), for an int8-step FedSGD run what a lean device
+        downloads (downloads.LeanLedger: the integers' zlib delta, and the bundle's runtime files, zlib'd against
+        the last generation, when the bundle was re-exported)."""
+        if self.cfg.method is not Method.BAFFLE:
+            return 4 * self.server.dim * len(tasks)
+        table = self.server.quant_table
+        if not lean or table is None or self.server.strategy.local_steps != 1 or self.bundle_dir is None:
+            return sum(4 * self.server.dim + wire_bytes(t) for t in tasks)
+        meta = json.loads((self.bundle_dir / "baffle.json").read_bytes())
+        names = ["baffle.json", *downloads.runtime_file_names(meta, self.runtime_info.format)]
+        lean = self.lean.integers(downloads.int_payload(table, weights)) + self.lean.bundle(
+            self.bundle_generation, {n: (self.bundle_dir / n).read_bytes() for n in names})
+        return sum(lean + wire_bytes(t) for t in tasks)
 
     def evaluate(self) -> dict:
         d, s = self.data, self.server

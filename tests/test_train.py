@@ -183,3 +183,21 @@ def test_backprop_runs_under_every_strategy_and_aggregation(strategy, aggregate)
     assert row.applied and row.clients_accepted == cfg.clients and not row.rejected
     assert row.bytes_up == cfg.clients * 4 * fed.server.dim and np.isfinite(row.train_loss)
     assert not torch.equal(before, fed.server.flat())
+
+
+def test_int8_runs_count_what_a_lean_device_downloads(tmp_path):
+    from baffle_edge import downloads
+    cfg = dataclasses.replace(SMALL, runtime="onnxruntime-int8", rounds=3, eval_every=3)
+    rows = train(cfg, tmp_path / "int8", progress=False)["rounds"]
+    per_client = [r["bytes_down"] / cfg.clients for r in rows]
+    # the integers (1 byte a weight, zlib) and the graphs, never the float32 weights
+    assert all(b < 4 * 26_730 for b in per_client), per_client
+    assert per_client[1] < per_client[0]  # from round 2: a delta against the held integers and bundle files
+    payload = bytes(range(256)) * 8
+    ledger = downloads.LeanLedger()
+    assert ledger.integers(payload) == len(downloads.deflate(payload))
+    assert ledger.integers(payload) == len(downloads.deflate(bytes(len(payload))))  # unchanged: an all-zero delta
+    assert ledger.bundle(1, {"a": payload}) > 0 and ledger.bundle(1, {"a": payload}) == 0  # held generation: free
+    # FedAvg's local steps need the float weights: counted as float32
+    fedavg = train(dataclasses.replace(cfg, rounds=1, local_steps=2, strategy="fedavg"), tmp_path / "fa", progress=False)
+    assert fedavg["rounds"][0]["bytes_down"] > cfg.clients * 4 * 26_730

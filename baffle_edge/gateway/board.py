@@ -128,6 +128,11 @@ class Board:
         self._pulse()
 
     @property
+    def lean_downloads(self) -> bool:
+        """int8 devices download integers and zlib'd bundle files (metrics' bytes_down counts them so)."""
+        return True
+
+    @property
     def devices_own_data(self) -> bool:
         """Devices train on their own data unless the server hands them its batches (``--demo-data``):
         then ``Federation.step`` weighs them equally and bounds their num_samples claims."""

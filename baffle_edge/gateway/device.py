@@ -339,10 +339,7 @@ class Device:
 def runtime_files(fmt: str) -> Callable[[dict], list[str]]:
     """The bundle files a runtime of format ``fmt`` loads: its format's graphs, without the standalone
     ``inference`` model when a ``train`` graph exists (docs and other formats are never loaded)."""
-    def needed(meta: dict) -> list[str]:
-        files = meta["formats"][fmt]["files"]
-        return [n for role, n in files.items() if role != "inference" or "train" not in files]
-    return needed
+    return lambda meta: downloads.runtime_file_names(meta, fmt)
 
 
 def _refusal_hint(r) -> str:
