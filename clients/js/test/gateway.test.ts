@@ -15,25 +15,17 @@ import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { after, test } from "node:test";
+import { test } from "node:test";
+import { children, haveServe, python, PYTHON, serve } from "./server.js";
 import { chromium, type Page } from "playwright-core";
 import { PACKAGE_DIR } from "./helpers.js";
 
-const PYTHON = process.env.PYTHON ?? "python";
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
-const haveServe = spawnSync(PYTHON, ["-c", "import baffle_edge.gateway.serve, fastapi, uvicorn"]).status === 0;
 if (!haveServe && process.env.CI) throw new Error(`${PYTHON} cannot import baffle_edge.gateway.serve: CI must pip install '.[serve]'`);
 const haveBrowser = existsSync(CHROMIUM);
 const RUN = ["--eval-every", "1", "--checkpoint-every", "1", "--no-progress"];
-const children: ChildProcess[] = [];
 
-after(() => { for (const c of children) if (c.exitCode === null) c.kill("SIGKILL"); });
 
-function python(args: string[], cwd: string): string {
-  const r = spawnSync(PYTHON, ["-m", "baffle_edge", ...args], { cwd, encoding: "utf8", timeout: 300_000 });
-  assert.equal(r.status, 0, `baffle-edge ${args.join(" ")}: ${r.stderr}`);
-  return r.stdout;
-}
 
 function tokens(dir: string, clients: number): void {
   python(["tokens", "issue", "--tokens", "tokens.json", "--clients", String(clients), "--out-dir", "toks"], dir);
@@ -47,24 +39,6 @@ function exited(p: ChildProcess, seconds: number, what: string): Promise<number>
   });
 }
 
-/** `baffle-edge serve --port 0 ...`; resolves with the port from its first line. */
-function serve(dir: string, args: string[]): Promise<[ChildProcess, number]> {
-  const p = spawn(PYTHON, ["-m", "baffle_edge", "serve", "--tokens", "tokens.json", "--port", "0", "--linger", "2",
-                           "--demo-data", "--out", "run", ...args], { cwd: dir, stdio: ["ignore", "pipe", "pipe"] });
-  children.push(p);
-  let err = "";
-  p.stderr!.on("data", (d) => { err += d; });
-  return new Promise((ok, fail) => {
-    let out = "";
-    const timer = setTimeout(() => fail(new Error(`serve did not start: ${err}`)), 120_000);
-    p.stdout!.on("data", (d) => {
-      out += d;
-      const m = /listening on https?:\/\/127\.0\.0\.1:(\d+)/.exec(out);
-      if (m) { clearTimeout(timer); ok([p, Number(m[1])]); }
-    });
-    p.on("exit", (code) => { clearTimeout(timer); fail(new Error(`serve exited (${code}): ${err}`)); });
-  });
-}
 
 interface Row { round: number; train_loss: number | null; clients_accepted: number; rejected: object; absent: number[];
   skipped: boolean; applied: boolean; bytes_up: number; bytes_down: number; test_accuracy?: number; test_loss?: number }

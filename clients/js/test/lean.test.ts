@@ -10,11 +10,11 @@
  *   oversized or mismatching downloads falls back to the full download and is still accepted.
  */
 import assert from "node:assert/strict";
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { after, test } from "node:test";
+import { test } from "node:test";
+import { haveServe, python, PYTHON, serve } from "./server.js";
 import { deflateSync } from "node:zlib";
 import * as ort from "onnxruntime-node";
 import { runTask, type OrtModule, type RoundSession } from "../src/client.js";
@@ -25,11 +25,7 @@ import type { ClientReport } from "../src/protocol.js";
 import { qtensorFromJson, type QTensor } from "../src/quant.js";
 import { sha256Hex } from "../src/sha256.js";
 
-const PYTHON = process.env.PYTHON ?? "python";
-const haveServe = spawnSync(PYTHON, ["-c", "import baffle_edge.gateway.serve, fastapi, uvicorn"]).status === 0;
 const BUDGET = 36 * 1024;  // issue #23: bytes per client per round, both directions
-const children: ChildProcess[] = [];
-after(() => { for (const c of children) if (c.exitCode === null) c.kill("SIGKILL"); });
 
 /** Seeded bytes (xorshift32) with runs, so that deflate finds matches. */
 function bytesOf(n: number, seed: number): Uint8Array {
@@ -122,28 +118,7 @@ test("lean only for an int8-step session's one-step task with integers on offer,
 
 // --- against a real server ---
 
-function python(args: string[], cwd: string): void {
-  const r = spawnSync(PYTHON, ["-m", "baffle_edge", ...args], { cwd, encoding: "utf8", timeout: 300_000 });
-  assert.equal(r.status, 0, `baffle-edge ${args.join(" ")}: ${r.stderr}`);
-}
 
-function serve(dir: string, args: string[]): Promise<[ChildProcess, number]> {
-  const p = spawn(PYTHON, ["-m", "baffle_edge", "serve", "--tokens", "tokens.json", "--port", "0", "--linger", "2",
-                           "--demo-data", "--out", "run", "--no-progress", ...args], { cwd: dir, stdio: ["ignore", "pipe", "pipe"] });
-  children.push(p);
-  let err = "";
-  p.stderr!.on("data", (d) => { err += d; });
-  return new Promise((ok, fail) => {
-    let out = "";
-    const timer = setTimeout(() => fail(new Error(`serve did not start: ${err}`)), 120_000);
-    p.stdout!.on("data", (d) => {
-      out += d;
-      const m = /listening on https?:\/\/127\.0\.0\.1:(\d+)/.exec(out);
-      if (m) { clearTimeout(timer); ok([p, Number(m[1])]); }
-    });
-    p.on("exit", (code) => { clearTimeout(timer); fail(new Error(`serve exited (${code}): ${err}`)); });
-  });
-}
 
 /** Bytes of request and response bodies per round (the round of the last task offer), /v1/config and /v1/data left out. */
 class Meter {
@@ -194,7 +169,7 @@ test("a lean TS int8 device: reports equal the full download's bit for bit, <= 3
     const dir = mkdtempSync(join(tmpdir(), "baffle-lean-"));
     python(["tokens", "issue", "--tokens", "tokens.json", "--clients", "3", "--out-dir", "toks"], dir);
     const rounds = 3;
-    const [server, port] = await serve(dir, ["--runtime", "onnxruntime-int8", "--noise", "block", "--forward-budget", "101",
+    const [server, port] = await serve(dir, ["--no-progress", "--runtime", "onnxruntime-int8", "--noise", "block", "--forward-budget", "101",
                                              "--clients", "3", "--rounds", String(rounds), "--eval-every", "3"]);
     const base = { server: `http://127.0.0.1:${port}`, ort: ort as unknown as OrtModule, poll: 5, patience: 60,
                    sessionOptions: { intraOpNumThreads: 1, interOpNumThreads: 1 } };
