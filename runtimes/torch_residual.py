@@ -1,0 +1,166 @@
+"""The exact incremental forward of block noise for torch WideResNet (residual adds, GroupNorm).
+
+A block-noise row moves one output channel of one module. GroupNorm couples the channels of a
+group (mean and variance) and a residual add carries a change through the skip *and* the branch,
+so a row's change is not channel-local past its module; it is still *unit-local before* it. The
+unperturbed forward (``cache``) keeps, per residual block (unit) i, its input, the pre-activated
+input ``o = act(norm(x))``, conv1's output ``h`` and its post-activation ``p``, conv2's output ``y`` and the skip ``s`` (the
+shortcut conv's output, or the input itself). A row of module m then costs 1/C of m (its one output
+channel, computed from m's cached input) plus the layers after m, re-run in full from the cached
+tensors:
+
+* stem channel c: the stem's cached output with channel c replaced -> every unit -> head;
+* unit i conv1 channel c: ``h_i`` with channel c replaced -> post-norm (the whole GroupNorm layer,
+  so the group statistics are exact) -> conv2 -> + cached ``s_i`` -> units after i -> head;
+* unit i conv2 channel c: ``y_i`` with channel c replaced -> + cached ``s_i`` -> units after i -> head;
+* unit i shortcut channel c: ``s_i`` with channel c replaced -> cached ``y_i`` + it -> units after i -> head;
+* head row j: column j of the logits recomputed from the cached features.
+
+Rows of one module run side by side as one batch of n x B images (GroupNorm normalises per image,
+so stacking rows does not mix them). Losses equal a full forward at the same perturbed weights up
+to float32 rounding (tests/test_wrn_blocks.py: 1e-6 relative). ``row_macs`` is the cost model of
+these rows (torch_incremental.block_macs, rule ``"delta"``). GroupNorm here has no affine
+parameters (``models._norm``: ``affine=False``, as in the reference), so no block is a norm's.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baffle_edge.models import WideBlock, WideResNet
+from baffle_edge.perturb import BlockTable
+
+CHUNK_ELEMENTS = 1 << 22  # activation elements per batched call (bounds the temporaries, ~16 MB float32)
+
+
+def _units(model: WideResNet) -> list[WideBlock]:
+    return [m for m in model.features if isinstance(m, WideBlock)]
+
+
+def _has_shortcut(u: WideBlock) -> bool:
+    return isinstance(u.shortcut, nn.Conv2d)
+
+
+def row_macs(model: WideResNet, macs: dict[nn.Module, int]) -> dict[nn.Module, int]:
+    """MACs per image of one incremental row, per Conv/Linear module (``macs``: a full forward's
+    MACs per module): 1/C of the module plus the modules re-run after it (the rules above)."""
+    units = _units(model)
+    later = [sum(macs[m] for m in (u.conv1, u.conv2, u.shortcut) if m in macs) for u in units]
+    after = [sum(later[i + 1:]) + macs[model.fc] for i in range(len(units))]  # units after i, then the head
+    out = {model.features[0]: macs[model.features[0]] // model.features[0].out_channels + after[0] + later[0],
+           model.fc: model.fc.in_features}
+    for i, u in enumerate(units):
+        out[u.conv1] = macs[u.conv1] // u.conv1.out_channels + macs[u.conv2] + after[i]
+        out[u.conv2] = macs[u.conv2] // u.conv2.out_channels + after[i]
+        if _has_shortcut(u):
+            out[u.shortcut] = macs[u.shortcut] // u.shortcut.out_channels + after[i]
+    return out
+
+
+def _replaced(cached: torch.Tensor, c: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """n copies of ``cached`` [B, C, ...] with channel c[i] of copy i replaced by new[:, i]: [n * B, C, ...]."""
+    t = cached.unsqueeze(0).repeat(len(c), *([1] * cached.dim()))
+    t[torch.arange(len(c)), :, c] = new.transpose(0, 1)
+    return t.reshape(-1, *cached.shape[1:])
+
+
+def _plus(rows: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """rows [n * B, ...] + the cached tensor [B, ...] of every row."""
+    return (rows.reshape(-1, *cached.shape) + cached.unsqueeze(0)).reshape(rows.shape)
+
+
+class WideResNetBlockForward:
+    """``client.BlockForward`` for a ``TorchSession`` holding a ``models.WideResNet``."""
+
+    def __init__(self, session, model: nn.Module, blocks: BlockTable):
+        if not isinstance(model, WideResNet):
+            raise ValueError("incremental block forward: WideResNetBlockForward needs a models.WideResNet")
+        self.session, self.blocks = session, blocks
+        self.stem, self.units, self.fc = model.features[0], _units(model), model.fc
+        self.tail = model.features[1 + len(self.units):]  # norm -> act -> avgpool -> flatten
+        names = {m: n for n, m in model.named_modules()}
+        index = lambda m: blocks.modules.index(names[m])  # noqa: E731
+        self.rule: dict[int, tuple[str, int]] = {index(self.stem): ("stem", -1), index(self.fc): ("head", -1)}
+        for i, u in enumerate(self.units):
+            self.rule[index(u.conv1)] = ("conv1", i)
+            self.rule[index(u.conv2)] = ("conv2", i)
+            if _has_shortcut(u):
+                self.rule[index(u.shortcut)] = ("shortcut", i)
+        if set(self.rule) != set(range(len(blocks.modules))):
+            missing = [blocks.modules[m] for m in range(len(blocks.modules)) if m not in self.rule]
+            raise ValueError(f"incremental block forward: no rule for module(s) {missing}")
+
+    @torch.no_grad()
+    def cache(self, x: torch.Tensor) -> np.ndarray:
+        """Run the unperturbed forward at the session's weights, keep its activations, return its logits."""
+        self.session.restore()
+        self.x, self.a0 = x, self.stem(x)
+        self.inp, self.o, self.h, self.p, self.y, self.s = [], [], [], [], [], []
+        a = self.a0
+        for u in self.units:
+            o = u.pre(a)
+            h = u.conv1(o)
+            p = u.post(h)
+            y = u.conv2(p)
+            s = u.shortcut(o) if _has_shortcut(u) else a
+            for store, t in ((self.inp, a), (self.o, o), (self.h, h), (self.p, p), (self.y, y), (self.s, s)):
+                store.append(t)
+            a = y + s
+        self.f = self.tail(a)
+        self.z = self.fc(self.f)
+        return self.z.numpy()
+
+    @torch.no_grad()
+    def logits(self, blocks: np.ndarray, values: list[np.ndarray]) -> np.ndarray:
+        """Logits [n, B, classes] of the rows that replace block ``blocks[i]``'s values by ``values[i]``."""
+        blocks = np.asarray(blocks)
+        out = np.empty((len(blocks), *self.z.shape), dtype=np.float32)
+        modules = self.blocks.module[blocks]
+        for m in np.unique(modules):
+            kind, i = self.rule[int(m)]
+            rows = np.flatnonzero(modules == m)
+            step = max(1, CHUNK_ELEMENTS // self._row_elements(kind, i))
+            for s in range(0, rows.size, step):
+                r = rows[s:s + step]
+                c = torch.from_numpy(self.blocks.row[blocks[r]])
+                v = torch.from_numpy(np.stack([values[j] for j in r]))
+                out[r] = (self._head(c, v[:, :-1], v[:, -1]) if kind == "head" else self._row(kind, i, c, v)).numpy()
+        return out
+
+    def _row_elements(self, kind: str, i: int) -> int:
+        if kind == "head":
+            return self.f.numel()
+        t = self.a0 if kind == "stem" else self.h[i]
+        return 4 * t.numel()  # the replaced copy, its norm, the unit's conv outputs
+
+    def _channel(self, conv: nn.Conv2d, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Output channels of ``conv`` on ``x`` at the rows' filters ``v`` (and bias): [B, n, H, W]."""
+        n = len(v)
+        w, b = (v[:, :-1], v[:, -1]) if conv.bias is not None else (v, None)
+        return F.conv2d(x, w.reshape(n, *conv.weight.shape[1:]), b, conv.stride, conv.padding, conv.dilation)
+
+    def _row(self, kind: str, i: int, c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = len(c)
+        if kind == "stem":
+            a, start = _replaced(self.a0, c, self._channel(self.stem, self.x, v)), 0
+        else:
+            u = self.units[i]
+            if kind == "conv1":
+                h = _replaced(self.h[i], c, self._channel(u.conv1, self.o[i], v))
+                a = _plus(u.conv2(u.post(h)), self.s[i])
+            elif kind == "conv2":
+                a = _plus(_replaced(self.y[i], c, self._channel(u.conv2, self.p[i], v)), self.s[i])
+            else:  # shortcut
+                a = _plus(_replaced(self.s[i], c, self._channel(u.shortcut, self.o[i], v)), self.y[i])
+            start = i + 1
+        for u in self.units[start:]:
+            a = u(a)
+        return self.fc(self.tail(a)).reshape(n, *self.z.shape)
+
+    def _head(self, j: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        col = self.f @ w.T + b  # [B, n]
+        z = self.z.unsqueeze(0).repeat(len(j), 1, 1)
+        z[torch.arange(len(j)), :, j] = col.T
+        return z
