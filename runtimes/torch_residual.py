@@ -10,8 +10,10 @@ channel, computed from m's cached input) plus the layers after m, re-run in full
 tensors:
 
 * stem channel c: the stem's cached output with channel c replaced -> every unit -> head;
-* unit i conv1 channel c: ``h_i`` with channel c replaced -> post-norm (the whole GroupNorm layer,
-  so the group statistics are exact) -> conv2 -> + cached ``s_i`` -> units after i -> head;
+* unit i conv1 channel c: the GroupNorm after conv1 couples only c's group (G channels; 1 without
+  a norm), so that group is re-normalised from the cached ``h_i`` with channel c replaced (its mean
+  and variance exact), activated, and its change pushed through G/C of conv2 (``y_i +
+  conv2(delta)``, a grouped conv with no bias) -> + cached ``s_i`` -> units after i -> head;
 * unit i conv2 channel c: ``y_i`` with channel c replaced -> + cached ``s_i`` -> units after i -> head;
 * unit i shortcut channel c: ``s_i`` with channel c replaced -> cached ``y_i`` + it -> units after i -> head;
 * head row j: column j of the logits recomputed from the cached features.
@@ -43,6 +45,18 @@ def _has_shortcut(u: WideBlock) -> bool:
     return isinstance(u.shortcut, nn.Conv2d)
 
 
+def _group_size(u: WideBlock) -> int:
+    """Channels of conv1's output that one channel's change moves through the post-norm: its GroupNorm group."""
+    norm = u.post[0]
+    if isinstance(norm, nn.GroupNorm):
+        if norm.affine:
+            raise ValueError("incremental block forward: GroupNorm with affine parameters has no rule here")
+        return norm.num_channels // norm.num_groups
+    if not isinstance(norm, nn.Identity):
+        raise ValueError(f"incremental block forward: no rule for a {type(norm).__name__} after conv1")
+    return 1
+
+
 def row_macs(model: WideResNet, macs: dict[nn.Module, int]) -> dict[nn.Module, int]:
     """MACs per image of one incremental row, per Conv/Linear module (``macs``: a full forward's
     MACs per module): 1/C of the module plus the modules re-run after it (the rules above)."""
@@ -52,7 +66,8 @@ def row_macs(model: WideResNet, macs: dict[nn.Module, int]) -> dict[nn.Module, i
     out = {model.features[0]: macs[model.features[0]] // model.features[0].out_channels + after[0] + later[0],
            model.fc: model.fc.in_features}
     for i, u in enumerate(units):
-        out[u.conv1] = macs[u.conv1] // u.conv1.out_channels + macs[u.conv2] + after[i]
+        out[u.conv1] = (macs[u.conv1] // u.conv1.out_channels + macs[u.conv2] * _group_size(u) // u.conv2.in_channels
+                        + after[i])
         out[u.conv2] = macs[u.conv2] // u.conv2.out_channels + after[i]
         if _has_shortcut(u):
             out[u.shortcut] = macs[u.shortcut] // u.shortcut.out_channels + after[i]
@@ -80,6 +95,7 @@ class WideResNetBlockForward:
         self.session, self.blocks = session, blocks
         self.stem, self.units, self.fc = model.features[0], _units(model), model.fc
         self.tail = model.features[1 + len(self.units):]  # norm -> act -> avgpool -> flatten
+        self.group = [_group_size(u) for u in self.units]
         names = {m: n for n, m in model.named_modules()}
         index = lambda m: blocks.modules.index(names[m])  # noqa: E731
         self.rule: dict[int, tuple[str, int]] = {index(self.stem): ("stem", -1), index(self.fc): ("head", -1)}
@@ -133,7 +149,7 @@ class WideResNetBlockForward:
         if kind == "head":
             return self.f.numel()
         t = self.a0 if kind == "stem" else self.h[i]
-        return 4 * t.numel()  # the replaced copy, its norm, the unit's conv outputs
+        return 4 * t.numel() + (self.y[i].numel() if kind == "conv1" else 0)  # the replaced copy, its norm, the unit's conv outputs
 
     def _channel(self, conv: nn.Conv2d, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Output channels of ``conv`` on ``x`` at the rows' filters ``v`` (and bias): [B, n, H, W]."""
@@ -148,8 +164,7 @@ class WideResNetBlockForward:
         else:
             u = self.units[i]
             if kind == "conv1":
-                h = _replaced(self.h[i], c, self._channel(u.conv1, self.o[i], v))
-                a = _plus(u.conv2(u.post(h)), self.s[i])
+                a = _plus(self._conv1_group(u, i, c, v), self.s[i])
             elif kind == "conv2":
                 a = _plus(_replaced(self.y[i], c, self._channel(u.conv2, self.p[i], v)), self.s[i])
             else:  # shortcut
@@ -158,6 +173,25 @@ class WideResNetBlockForward:
         for u in self.units[start:]:
             a = u(a)
         return self.fc(self.tail(a)).reshape(n, *self.z.shape)
+
+    def _conv1_group(self, u: WideBlock, i: int, c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """conv2's output [n * B, C2, H, W] of the rows that move channel c[r] of unit i's conv1: c's
+        group re-normalised and activated, its change pushed through the group's columns of conv2."""
+        n, gs, conv = len(c), self.group[i], u.conv2
+        g0 = (c // gs) * gs
+        chans = g0[:, None] + torch.arange(gs)  # [n, G]: the channels of each row's group
+        hg = self.h[i][:, chans]  # [B, n, G, H, W]
+        hg[:, torch.arange(n), c - g0] = self._channel(u.conv1, self.o[i], v)
+        bsz, _, _, hh, ww = hg.shape
+        hg = hg.reshape(bsz * n, gs, hh, ww)
+        norm = u.post[0]
+        if isinstance(norm, nn.GroupNorm):  # one group of G channels: the same statistics as in the layer
+            hg = F.group_norm(hg, 1, None, None, norm.eps)
+        delta = u.post[1](hg).reshape(bsz, n * gs, hh, ww) - self.p[i][:, chans].reshape(bsz, n * gs, hh, ww)
+        k = conv.weight[:, chans].transpose(0, 1).reshape(n * conv.out_channels, gs, *conv.weight.shape[2:])
+        d = F.conv2d(delta, k, None, conv.stride, conv.padding, conv.dilation, groups=n)
+        y = self.y[i].unsqueeze(1) + d.reshape(bsz, n, *self.y[i].shape[1:])
+        return y.transpose(0, 1).reshape(-1, *self.y[i].shape[1:])
 
     def _head(self, j: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         col = self.f @ w.T + b  # [B, n]

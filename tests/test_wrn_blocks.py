@@ -81,7 +81,9 @@ def test_row_costs_count_the_layers_re_run(wrn):
     head = 128 * 10
     assert full == 16 * 9 * 64 + u1 + u2 + u3 + head
     assert cost["features.0"] == 9 * 64 + u1 + u2 + u3 + head
-    assert cost["features.1.conv1"] == 16 * 9 * 64 + 32 * 32 * 9 * 64 + u2 + u3 + head
+    # conv1 rows: the GroupNorm group of 16 channels (of 32, 64, 128) through 16/C of conv2
+    assert cost["features.1.conv1"] == 16 * 9 * 64 + 32 * 16 * 9 * 64 + u2 + u3 + head
+    assert cost["features.3.conv1"] == 64 * 9 * 4 + 128 * 16 * 9 * 4 + head
     assert cost["features.2.conv2"] == 64 * 9 * 16 + u3 + head
     assert cost["features.3.shortcut"] == 64 * 4 + head
     assert cost["fc"] == 128
