@@ -4,8 +4,8 @@ A block-noise row moves one output channel of one module. GroupNorm couples the 
 group (mean and variance) and a residual add carries a change through the skip *and* the branch,
 so a row's change is not channel-local past its module; it is still *unit-local before* it. The
 unperturbed forward (``cache``) keeps, per residual block (unit) i, its input, the pre-activated
-input ``o = act(norm(x))``, conv1's output ``h`` and its post-activation ``p``, conv2's output ``y`` and the skip ``s`` (the
-shortcut conv's output, or the input itself). A row of module m then costs 1/C of m (its one output
+input ``o = act(norm(x))``, conv1's output ``h`` and its post-activation ``p``, conv2's output
+``y`` and the skip ``s`` (the shortcut conv's output, or the input itself). A row of module m then costs 1/C of m (its one output
 channel, computed from m's cached input) plus the layers after m, re-run in full from the cached
 tensors:
 
@@ -66,8 +66,8 @@ def row_macs(model: WideResNet, macs: dict[nn.Module, int]) -> dict[nn.Module, i
     out = {model.features[0]: macs[model.features[0]] // model.features[0].out_channels + after[0] + later[0],
            model.fc: model.fc.in_features}
     for i, u in enumerate(units):
-        out[u.conv1] = (macs[u.conv1] // u.conv1.out_channels + macs[u.conv2] * _group_size(u) // u.conv2.in_channels
-                        + after[i])
+        group = macs[u.conv2] * _group_size(u) // u.conv2.in_channels  # G/C of conv2
+        out[u.conv1] = macs[u.conv1] // u.conv1.out_channels + group + after[i]
         out[u.conv2] = macs[u.conv2] // u.conv2.out_channels + after[i]
         if _has_shortcut(u):
             out[u.shortcut] = macs[u.shortcut] // u.shortcut.out_channels + after[i]
@@ -149,7 +149,8 @@ class WideResNetBlockForward:
         if kind == "head":
             return self.f.numel()
         t = self.a0 if kind == "stem" else self.h[i]
-        return 4 * t.numel() + (self.y[i].numel() if kind == "conv1" else 0)  # the replaced copy, its norm, the unit's conv outputs
+        # the replaced copy, its norm, the unit's conv outputs (conv1 rows: + each row's conv2 output)
+        return 4 * t.numel() + (self.y[i].numel() if kind == "conv1" else 0)
 
     def _channel(self, conv: nn.Conv2d, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Output channels of ``conv`` on ``x`` at the rows' filters ``v`` (and bias): [B, n, H, W]."""

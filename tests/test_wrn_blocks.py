@@ -41,11 +41,11 @@ def test_rows_of_every_module_equal_full_forwards(wrn, norm):
     _, x, y = wrn
     session = TorchSession(model)
     fwd, t, w0 = session.block_forward, session.blocks, session.w0
-    chosen = np.concatenate([[np.flatnonzero(t.module == m)[i] for i in (0, -1, len(np.flatnonzero(t.module == m)) // 2)]
-                             for m in range(len(t.modules))])
+    per_module = [np.flatnonzero(t.module == m) for m in range(len(t.modules))]
+    chosen = np.concatenate([[b[0], b[len(b) // 2], b[-1]] for b in per_module])  # first, middle, last channel
     rng = np.random.default_rng(3)
-    values = [w0[t.index[t.bounds[b]:t.bounds[b + 1]]] + rng.standard_normal(t.sizes[b]).astype(np.float32) * np.float32(0.3)
-              for b in chosen]
+    values = [w0[t.index[t.bounds[b]:t.bounds[b + 1]]]
+              + rng.standard_normal(t.sizes[b]).astype(np.float32) * np.float32(0.3) for b in chosen]
     base = fwd.cache(session.prepare(x))
     got = fwd.logits(chosen, values)
     for i, b in enumerate(chosen):
