@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baffle_edge.models import MLP, LeNet, MobileNet, WideResNet
+from baffle_edge.models import MLP, LeNet, MobileNet
 from baffle_edge.params import layout_of
 from baffle_edge.perturb import BlockTable
 
 from .torch_residual import WideResNetBlockForward, row_macs
+from .torch_residual import supported as residual_supported
 
 CHUNK_ELEMENTS = 1 << 22  # activation elements per batched call (bounds the temporaries, ~16 MB float32)
 
@@ -55,14 +56,14 @@ def _is_chain(model: nn.Module) -> bool:
 
 
 def supports(model: nn.Module) -> bool:
-    return _lenet_layers(model) is not None or isinstance(model, WideResNet)
+    return _lenet_layers(model) is not None or residual_supported(model)
 
 
 def block_forward_for(session, model: nn.Module, blocks: BlockTable):
     """The torch session's incremental block forward for ``model`` (LeNet without norm, WideResNet), or None."""
     if _lenet_layers(model) is not None:
         return LeNetBlockForward(session, model, blocks)
-    if isinstance(model, WideResNet):
+    if residual_supported(model):
         return WideResNetBlockForward(session, model, blocks)
     return None
 
@@ -186,7 +187,7 @@ def block_macs(model: nn.Module, image_size: int, in_channels: int = 1, *, rule:
                                                                                     in_channels=1) + head,
                       names[conv2]: _conv_macs(conv2, shapes[conv2], 1) + head,
                       names[fc]: fc.in_features}
-    elif rule == "delta" and isinstance(model, WideResNet):  # runtimes/torch_residual.py
+    elif rule == "delta" and residual_supported(model):  # runtimes/torch_residual.py
         per_module = {names[m]: c for m, c in row_macs(model, macs).items()}
     elif rule == "chain" and _is_chain(model):  # 1/C_i of module i, then the rest of the chain
         chain = list(shapes)  # the Conv/Linear modules in execution order (dict order of the hooks)

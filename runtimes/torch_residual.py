@@ -3,11 +3,11 @@
 A block-noise row moves one output channel of one module. GroupNorm couples the channels of a
 group (mean and variance) and a residual add carries a change through the skip *and* the branch,
 so a row's change is not channel-local past its module; it is still *unit-local before* it. The
-unperturbed forward (``cache``) keeps, per residual block (unit) i, its input, the pre-activated
+unperturbed forward (``cache``) keeps, per residual block (unit) i, the pre-activated
 input ``o = act(norm(x))``, conv1's output ``h`` and its post-activation ``p``, conv2's output
-``y`` and the skip ``s`` (the shortcut conv's output, or the input itself). A row of module m then costs 1/C of m (its one output
-channel, computed from m's cached input) plus the layers after m, re-run in full from the cached
-tensors:
+``y`` and the skip ``s`` (the shortcut conv's output, or the input itself). A row of module m then
+costs 1/C of m (its one output channel, computed from m's cached input) plus the layers after m,
+re-run from the cached tensors:
 
 * stem channel c: the stem's cached output with channel c replaced -> every unit -> head;
 * unit i conv1 channel c: the GroupNorm after conv1 couples only c's group (G channels; 1 without
@@ -22,7 +22,8 @@ Rows of one module run side by side as one batch of n x B images (GroupNorm norm
 so stacking rows does not mix them). Losses equal a full forward at the same perturbed weights up
 to float32 rounding (tests/test_wrn_blocks.py: 1e-6 relative). ``row_macs`` is the cost model of
 these rows (torch_incremental.block_macs, rule ``"delta"``). GroupNorm here has no affine
-parameters (``models._norm``: ``affine=False``, as in the reference), so no block is a norm's.
+parameters (``models._norm``: ``affine=False``, as in the reference), so no block is a norm's; a
+WideResNet with affine norms is not ``supported`` (its rows run as full forwards).
 """
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ from baffle_edge.models import WideBlock, WideResNet
 from baffle_edge.perturb import BlockTable
 
 CHUNK_ELEMENTS = 1 << 22  # activation elements per batched call (bounds the temporaries, ~16 MB float32)
+
+
+def supported(model: nn.Module) -> bool:
+    """Whether ``model`` is a WideResNet whose norms have no parameters (GroupNorm affine=False, or none)."""
+    return isinstance(model, WideResNet) and not any(
+        isinstance(m, nn.GroupNorm) and m.affine for m in model.modules())
 
 
 def _units(model: WideResNet) -> list[WideBlock]:
@@ -90,8 +97,9 @@ class WideResNetBlockForward:
     """``client.BlockForward`` for a ``TorchSession`` holding a ``models.WideResNet``."""
 
     def __init__(self, session, model: nn.Module, blocks: BlockTable):
-        if not isinstance(model, WideResNet):
-            raise ValueError("incremental block forward: WideResNetBlockForward needs a models.WideResNet")
+        if not supported(model):
+            raise ValueError("incremental block forward: WideResNetBlockForward needs a models.WideResNet "
+                             "without affine norm parameters")
         self.session, self.blocks = session, blocks
         self.stem, self.units, self.fc = model.features[0], _units(model), model.fc
         self.tail = model.features[1 + len(self.units):]  # norm -> act -> avgpool -> flatten
@@ -113,7 +121,7 @@ class WideResNetBlockForward:
         """Run the unperturbed forward at the session's weights, keep its activations, return its logits."""
         self.session.restore()
         self.x, self.a0 = x, self.stem(x)
-        self.inp, self.o, self.h, self.p, self.y, self.s = [], [], [], [], [], []
+        self.o, self.h, self.p, self.y, self.s = [], [], [], [], []
         a = self.a0
         for u in self.units:
             o = u.pre(a)
@@ -121,7 +129,7 @@ class WideResNetBlockForward:
             p = u.post(h)
             y = u.conv2(p)
             s = u.shortcut(o) if _has_shortcut(u) else a
-            for store, t in ((self.inp, a), (self.o, o), (self.h, h), (self.p, p), (self.y, y), (self.s, s)):
+            for store, t in ((self.o, o), (self.h, h), (self.p, p), (self.y, y), (self.s, s)):
                 store.append(t)
             a = y + s
         self.f = self.tail(a)

@@ -91,3 +91,14 @@ def test_row_costs_count_the_layers_re_run(wrn):
     sizes = t.sizes
     expected = (per * sizes).sum() / sizes.sum() / full
     assert 1 + k * expected <= 101 < 1 + (k + 1) * expected and k > 200  # rows far below a full forward
+
+
+def test_affine_group_norm_falls_back_to_full_forwards():
+    """A WideResNet whose GroupNorm has parameters has no rule for them: no incremental forward, full-forward costs."""
+    import torch
+    model = build_model(WRN, seed=0)
+    model.features[1].post[0] = torch.nn.GroupNorm(2, 32, affine=True)
+    session = TorchSession(model)
+    assert session.block_forward is None
+    full, per = block_macs(model, 8)
+    assert (per == full).all()
