@@ -72,10 +72,10 @@ def _estimator(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise", default=None, choices=_values(NoiseKind),
                    help="distribution of eps_k, see docs/noise.md (default: block, one output-channel block per "
                         "perturbation at the compute of an isotropic K = 100 round, where the runtime has block rows "
-                        "(torch: LeNet; onnxruntime, onnxruntime-int8, tflite-int8: LeNet, MLP, MobileNet; without "
-                        "normalisation); "
+                        "(torch: LeNet without normalisation, WRN-10-2; onnxruntime, onnxruntime-int8, "
+                        "tflite-int8: LeNet, MLP, MobileNet without normalisation); "
                         "measured 96.4%% torch / 95.3%% ORT int8 vs 91.4%% / 90.3%% isotropic on digits at 150 "
-                        "rounds. Elsewhere (torch-int8, WRN, ...) the domain's isotropic noise: gaussian for float "
+                        "rounds. Elsewhere (torch-int8, WRN on ONNX Runtime, ...) the domain's isotropic noise: gaussian for float "
                         "runtimes, rademacher for int8 ones; pass --noise gaussian / rademacher for isotropic)")
     g.add_argument("--forward-budget", type=float, default=_d(_T.forward_budget),
                    help="block noise: choose K so that a client round costs this many full forwards in MACs, "

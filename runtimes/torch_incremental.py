@@ -14,9 +14,10 @@ change, so each perturbed row is evaluated from the activations of the unperturb
 
 Losses equal a full forward at the same perturbed weights up to float32 rounding (the sums are
 regrouped: tests/test_blocks.py checks 1e-6 relative). Supported: ``models.LeNet`` without
-normalisation (``norm='none'``, the reference's digits/MNIST recipe). With GroupNorm a block would
-have to be a norm group and the layer after it recomputed; WideResNet and MLP have no incremental
-forward here: their block-noise rows run as full forwards (``block_forward = None``).
+normalisation (``norm='none'``, the reference's digits/MNIST recipe), and WideResNet (GroupNorm,
+residual adds: runtimes/torch_residual.py, rows re-run from the perturbed module to the end). A LeNet
+with GroupNorm, MobileNet and MLP have no incremental forward in torch: their block-noise rows run as
+full forwards (``block_forward = None``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ from torch import nn
 from baffle_edge.models import MLP, LeNet, MobileNet
 from baffle_edge.params import layout_of
 from baffle_edge.perturb import BlockTable
+
+from .torch_residual import WideResNetBlockForward, row_macs
+from .torch_residual import supported as residual_supported
 
 CHUNK_ELEMENTS = 1 << 22  # activation elements per batched call (bounds the temporaries, ~16 MB float32)
 
@@ -52,7 +56,16 @@ def _is_chain(model: nn.Module) -> bool:
 
 
 def supports(model: nn.Module) -> bool:
-    return _lenet_layers(model) is not None
+    return _lenet_layers(model) is not None or residual_supported(model)
+
+
+def block_forward_for(session, model: nn.Module, blocks: BlockTable):
+    """The torch session's incremental block forward for ``model`` (LeNet without norm, WideResNet), or None."""
+    if _lenet_layers(model) is not None:
+        return LeNetBlockForward(session, model, blocks)
+    if residual_supported(model):
+        return WideResNetBlockForward(session, model, blocks)
+    return None
 
 
 class LeNetBlockForward:
@@ -144,7 +157,8 @@ def block_macs(model: nn.Module, image_size: int, in_channels: int = 1, *, rule:
     ``BlockTable.from_layout(layout_of(model))``). Counted for conv and linear layers (activations,
     pooling: not MACs). ``rule``: how the runtime evaluates a row (runtimes.RuntimeInfo.block_forward):
 
-    * ``"delta"`` (torch): conv1 rows push their delta through 1/C1 of conv2 (this module);
+    * ``"delta"`` (torch): LeNet's conv1 rows push their delta through 1/C1 of conv2 (this module);
+      a WideResNet row costs 1/C of its module plus the layers re-run after it (torch_residual.row_macs);
     * ``"chain"`` (ONNX Runtime segments, runtimes/ort_incremental.py): a row of module i costs
       1/C_i of module i plus every module after it in full;
     * ``"full"``, or a model without an incremental forward: every row costs a full forward."""
@@ -173,6 +187,8 @@ def block_macs(model: nn.Module, image_size: int, in_channels: int = 1, *, rule:
                                                                                     in_channels=1) + head,
                       names[conv2]: _conv_macs(conv2, shapes[conv2], 1) + head,
                       names[fc]: fc.in_features}
+    elif rule == "delta" and residual_supported(model):  # runtimes/torch_residual.py
+        per_module = {names[m]: c for m, c in row_macs(model, macs).items()}
     elif rule == "chain" and _is_chain(model):  # 1/C_i of module i, then the rest of the chain
         chain = list(shapes)  # the Conv/Linear modules in execution order (dict order of the hooks)
         per_module = {names[m]: macs[m] // (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)

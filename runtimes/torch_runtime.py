@@ -145,8 +145,8 @@ class TorchSession(AutoP, FloatWeights, BaseSession):
         self._auto_threads = torch.get_num_threads()
         self._init_p(perturbations_per_call)
         self.blocks = BlockTable.from_layout(layout_of(model))
-        from .torch_incremental import LeNetBlockForward, supports
-        self.block_forward = LeNetBlockForward(self, model, self.blocks) if supports(model) else None
+        from .torch_incremental import block_forward_for
+        self.block_forward = block_forward_for(self, model, self.blocks)
         self.set_weights(flat_params(model).numpy())
 
     def use_p(self, p: int) -> None:

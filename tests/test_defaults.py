@@ -51,8 +51,9 @@ def test_runtimes_and_models_without_block_rows_keep_their_isotropic_default():
     torch_int8 = runtime_info("torch-int8")  # the int8 oracle runs rows as full forwards
     assert not has_block_rows(torch_int8, "lenet") and default_noise(torch_int8, "lenet") is NoiseKind.RADEMACHER
     assert run_choices(TrainConfig(runtime="torch-int8")).noise is NoiseKind.RADEMACHER
-    for model in ("wrn-10-2", "mlp", "mobilenet"):  # torch's incremental forward is LeNet's
+    for model in ("mlp", "mobilenet"):  # torch's incremental forwards are LeNet's and WideResNet's
         assert run_choices(TrainConfig(model=model)).noise is NoiseKind.GAUSSIAN
+    assert run_choices(TrainConfig(model="wrn-10-2")).noise is NoiseKind.BLOCK  # runtimes/torch_residual.py
     assert run_choices(TrainConfig(model="mlp", runtime="onnxruntime")).noise is NoiseKind.BLOCK  # ORT chains
     assert run_choices(TrainConfig(norm="group")).noise is NoiseKind.GAUSSIAN  # GroupNorm couples channels
     assert run_choices(TrainConfig(model="wrn-10-2", runtime="onnxruntime-int8")).noise is NoiseKind.RADEMACHER
