@@ -42,6 +42,9 @@ class TargetSpec:
     accumulation: str  # how the int8 kernels add products (why the range is what it is)
     isa_flags: tuple[str, ...]  # /proc/cpuinfo flags (any of them) that identify the target on x86
     per_channel: bool = True  # one weight scale per output channel (False: one per tensor)
+    # "float": the head's output Q/DQ pair is dropped (CPU QGemm with float logits); "uint16": requantized to
+    # uint16 with the calibrated uint8 range (257x finer): the HTP runs a head only when its output is quantized
+    logits: str = "float"
 
     @property
     def weight_range(self) -> tuple[int, int]:
@@ -53,9 +56,10 @@ SPECS: dict[Target, TargetSpec] = {
     Target.X86_VNNI: TargetSpec(Target.X86_VNNI, False, "VNNI vpdpbusd into int32 (no saturation)",
                                 ("avx512_vnni", "avx_vnni", "amx_int8")),
     Target.X86_AVX2: TargetSpec(Target.X86_AVX2, True, "AVX2 vpmaddubsw into saturating int16 pairs", ("avx2",)),
-    # the HTP refuses per-channel int8 conv weights fed as graph inputs (ORT 1.32, QNN 2.51): per-tensor
+    # the HTP refuses per-channel int8 conv weights fed as graph inputs (ORT 1.32, QNN 2.51): per-tensor;
+    # it runs the Gemm head only with a quantized output: uint16 logits (docs/npu.md)
     Target.QNN_HTP: TargetSpec(Target.QNN_HTP, False, "Hexagon HTP int8 (per-tensor weights as inputs)", (),
-                               per_channel=False),
+                               per_channel=False, logits="uint16"),
 }
 CHOICES = (AUTO, *(t.value for t in Target))
 

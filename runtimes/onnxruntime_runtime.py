@@ -172,19 +172,22 @@ class OrtSession(LazyBlockForward, AutoP, BaseSession):
         self.perturbations_per_call = p
 
     def _open_plugin(self, x: np.ndarray) -> None:
-        """(Re)build the train graph's session on a plugin EP for batches of len(x): a profiled run
-        gives the node placement (kept in ``self.placement``), then the write-check; a session whose
-        output ignores a weight write is refused (plugin_eps.write_check)."""
+        """(Re)build the train graph's session on a plugin EP for batches of len(x): ORT's graph
+        assignment gives the placement by node and MACs (kept in ``self.placement``), then the
+        write-check of *every* weight input; a session whose output ignores a weight write is refused
+        (plugin_eps.write_check)."""
+        import onnx
+
         from .plugin_eps import placement, write_check
         self.session, self.block_forward = None, None
         self._options["batch"] = len(x)
         path = self.bundle.file(self.fmt, "train")
-        probe = make_session(path, **{**self._options, "profile": True})
+        probe = make_session(path, **self._options)
         weights = self.graph_feeds(self.weight_set(0, None, None))
-        write_check(probe, {self.input_name: x, **weights}, next(iter(weights)), self.output_name)
-        trace = Path(probe.end_profiling())
-        self.placement = placement(trace, self._options["provider"])
-        trace.unlink(missing_ok=True)
+        for name in weights:
+            write_check(probe, {self.input_name: x, **weights}, name, self.output_name)
+        self.placement = placement(probe, onnx.load(str(path)), self._options["provider"], batch=len(x),
+                                   weights=list(weights))
         del probe
         self._open(path, **self._options)
         self._block_ready = False
