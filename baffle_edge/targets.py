@@ -42,8 +42,8 @@ class TargetSpec:
     accumulation: str  # how the int8 kernels add products (why the range is what it is)
     isa_flags: tuple[str, ...]  # /proc/cpuinfo flags (any of them) that identify the target on x86
     per_channel: bool = True  # one weight scale per output channel (False: one per tensor)
-    # "float": the head's output Q/DQ pair is dropped (CPU QGemm with float logits); "uint16": requantized to
-    # uint16 with the calibrated uint8 range (257x finer): the HTP runs a head only when its output is quantized
+    # "float": the head's output Q/DQ pair is dropped (CPU QGemm with float logits); "uint16": symmetric uint16
+    # logits over +-32 at least (steps ~1e-3): the HTP runs a head only when its output is quantized
     logits: str = "float"
 
     @property

@@ -127,11 +127,15 @@ def _float_output(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+LOGIT_BOUND = 32.0  # uint16 logits cover [-32, 32] at least (steps of 9.8e-4)
+
+
 def _uint16_output(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Requantize the graph output's QuantizeLinear/DequantizeLinear pair from uint8 to uint16 over the
-    same calibrated range (scale / 257, zero point * 257: 65535 = 255 * 257), so the head stays a
-    quantized op (the QNN HTP runs it; with float logits it falls back to CPU) while the logits keep
-    257x finer steps than uint8. uint16 QuantizeLinear is standard ONNX from opset 21."""
+    """Requantize the graph output's QuantizeLinear/DequantizeLinear pair from uint8 to symmetric uint16,
+    so the head stays a quantized op (the QNN HTP runs it; with float logits it falls back to CPU). The
+    range is not the calibrated one (an export-time model's logits: training outgrows it and would clip)
+    but +-max(LOGIT_BOUND, 2x the calibrated bound): steps of ~1e-3 instead of uint8's ~range/255.
+    uint16 QuantizeLinear is standard ONNX from opset 21."""
     g = proto.graph
     dq = next((n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] == g.output[0].name), None)
     if dq is None:
@@ -140,7 +144,9 @@ def _uint16_output(proto: onnx.ModelProto) -> onnx.ModelProto:
     scale, zero = (numpy_helper.to_array(inits[n]) for n in dq.input[1:3])
     if zero.dtype != np.uint8:
         raise ValueError(f"the head's output is {zero.dtype}, not uint8: cannot requantize it to uint16")
-    for name, value in ((dq.input[1], (scale / 257).astype(np.float32)), (dq.input[2], (zero.astype(np.uint16) * 257))):
+    calibrated = float(max(abs(0 - int(zero)), abs(255 - int(zero))) * scale)
+    bound = max(LOGIT_BOUND, 2 * calibrated)
+    for name, value in ((dq.input[1], np.array(2 * bound / 65535, np.float32)), (dq.input[2], np.array(32768, np.uint16))):
         inits[name].CopyFrom(numpy_helper.from_array(value, name))
     for op in proto.opset_import:
         if op.domain in ("", "ai.onnx"):
