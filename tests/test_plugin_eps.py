@@ -177,3 +177,28 @@ def test_cpu_targets_keep_float_logits(tmp_path):
     assert g.graph.node[-1].op_type == "Gemm" and g.graph.node[-1].output[0] == "logits"
     assert [o.version for o in g.opset_import if o.domain in ("", "ai.onnx")] == [17]
     assert "logits" not in json.loads((out / "baffle.json").read_text())["formats"]["onnx-int8"]
+
+
+def test_train_round_and_runtimes_report_placement_on_htp(qnn, tmp_path):
+    """One short HTP training round records the placement in metrics.json; `baffle-edge runtimes
+    --placement` reports the same figures (all MACs on the HTP; fc.bias's DequantizeLinear on CPU)."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "baffle_edge", "train", "--runtime", "onnxruntime-int8", "--provider",
+                    "qnn-htp", "--target", "qnn-htp", "--rounds", "1", "--k", "2", "--clients", "1", "--batch-size",
+                    "16", "--workers", "1", "--no-progress", "--noise", "rademacher", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    placed = json.loads((out / "metrics.json").read_text())["placement"]
+    assert placed["provider"] == "qnn-htp" and placed["device_mac_share"] == 1.0, placed
+    assert placed["weights_consumed_on_cpu"] == ["fc.bias_quantized"], placed
+    bundle = export(tmp_path, "--target", "qnn-htp")  # the run's own bundle is a temporary
+    r = subprocess.run([sys.executable, "-m", "baffle_edge", "runtimes", "--placement", str(bundle), "--batch", "16",
+                        "--json"], check=True, capture_output=True, text=True, timeout=300)
+    report = json.loads(r.stdout[r.stdout.index("{\n"):])  # the QNN library prints a LIBNATIVE line to stdout
+    assert {k: report[k] for k in ("macs", "device_mac_share", "weights_consumed_on_cpu")} == \
+        {k: placed[k] for k in ("macs", "device_mac_share", "weights_consumed_on_cpu")}
+    bad = subprocess.run([sys.executable, "-m", "baffle_edge", "runtimes", "--placement", str(bundle), "--provider",
+                          "cpu"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "plugin EP" in bad.stderr
