@@ -33,11 +33,12 @@ class PluginEP:
     simulated_on: str | None = None  # the machine type on which the backend is a simulator, not the device
     build_hint: str | None = None  # what a graph the EP cannot build usually lacks (shown with ORT's error)
     target: str | None = None  # the export target (--target) whose bundles the EP runs wholly (verify picks it)
+    domains: tuple[str, ...] = ("float", "int8-step")  # the runtimes' domains whose graphs it runs
 
 
 PLUGINS: dict[str, PluginEP] = {
     "qnn-htp": PluginEP("QNNExecutionProvider", "onnxruntime_qnn", "qnn", backend="get_qnn_htp_path",
-                        static_batch=True, simulated_on="x86_64", target="qnn-htp",
+                        static_batch=True, simulated_on="x86_64", target="qnn-htp", domains=("int8-step",),
                         build_hint="the HTP refuses per-channel int8 conv weights fed as graph inputs: export the "
                         "bundle with --target qnn-htp (per-tensor weights, a uint16 head output)"),
     "openvino": PluginEP("OpenVINOExecutionProvider", "onnxruntime_ep_openvino", "openvino"),
