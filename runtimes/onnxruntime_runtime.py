@@ -121,6 +121,11 @@ class OrtSession(LazyBlockForward, AutoP, BaseSession):
         task messages do; needs ``onnx``). Not a chain: rows run as full forwards (the reason is
         kept in ``block_forward_reason``). A listed block file that fails its sha256 is an error."""
         from .ort_incremental import OrtBlockForward
+        plugin = PLUGINS.get(self._options["provider"])
+        if plugin is not None and plugin.static_batch:  # segments run n x B rows, n varying: not one static shape
+            self.block_forward_reason = (f"{self._options['provider']} takes static shapes only and the block segments' "
+                                         "row count varies: block rows run as full forwards on it (docs/npu.md)")
+            return
         entry = self.bundle.meta["formats"][self.fmt]
         found = self._block_files(entry) or self._cut_block_graphs(entry)
         if found is not None:
