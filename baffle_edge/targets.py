@@ -10,6 +10,8 @@ What differs between targets is how the int8 kernels accumulate:
   straight into int32, no saturation: full 8-bit weights ([-127, 127]).
 * ``arm64`` (Android phones, Apple silicon, Graviton): NEON ``smull``/``sdot`` accumulate into
   int32: full 8-bit weights. Pick it for Android whatever machine exports the bundle.
+* ``qnn-htp`` (Qualcomm Hexagon NPU through ONNX Runtime's QNN EP, docs/npu.md): full-range per-tensor
+  weights and uint16 logits, the form in which the HTP runs the whole train graph.
 
 ``detect()`` names this machine's target (``platform.machine()`` and the ``/proc/cpuinfo`` flags);
 ``"auto"`` resolves to it. A bundle records its target in ``baffle.json``; ``check_bundle`` warns
