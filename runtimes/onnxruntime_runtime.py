@@ -122,16 +122,13 @@ class OrtSession(LazyBlockForward, AutoP, BaseSession):
         kept in ``block_forward_reason``). A listed block file that fails its sha256 is an error."""
         from .ort_incremental import OrtBlockForward
         plugin = PLUGINS.get(self._options["provider"])
-        if plugin is not None and plugin.static_batch:  # segments run n x B rows, n varying: not one static shape
-            self.block_forward_reason = (f"{self._options['provider']} takes static shapes only and the block segments' "
-                                         "row count varies: block rows run as full forwards on it (docs/npu.md)")
-            return
         entry = self.bundle.meta["formats"][self.fmt]
         found = self._block_files(entry) or self._cut_block_graphs(entry)
         if found is not None:
             plan, graphs = found
             self.block_forward = OrtBlockForward(self, plan, graphs, self.blocks,
-                                                 lambda g: make_session(g, **self._options))
+                                                 lambda g: make_session(g, **self._options),
+                                                 static_batch=plugin is not None and plugin.static_batch)
 
     def _block_files(self, entry: dict) -> tuple[dict, list[Path]] | None:
         """(plan, [cache, seg 0, ...]) of the bundle's verified block graphs; None if it has none."""

@@ -162,9 +162,6 @@ def test_qnn_htp_target_bundle_wholly_on_htp(qnn, tmp_path):
     step = next(float(onnx.numpy_helper.to_array(i)) for i in graph.graph.initializer if i.name == "logits_scale")
     assert a.shape == b.shape == (8, 10)
     assert np.abs(a - b).max() <= 8 * step + 1e-7, (np.abs(a - b).max() / step, np.abs(b).max())
-    # block noise: the segments' row count varies (no one static shape), so its rows run as full HTP forwards
-    assert htp.block_forward is None and "static shapes" in htp.block_forward_reason
-    assert cpu.block_forward is not None
 
 
 def test_cpu_targets_keep_float_logits(tmp_path):
@@ -227,3 +224,31 @@ def test_openvino_runs_the_int8_train_graph_wholly(tmp_path):
     q = ov.weight_set(0, None, None)
     a, b = ov.forward(xo, q), cpu.forward(xc, q)
     assert np.abs(a - b).max() < 0.02 * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
+
+
+def test_block_noise_runs_incrementally_on_the_htp(qnn, tmp_path):
+    """Block noise on the HTP: the segment sessions get the static batch and every segment call takes exactly
+    B rows; the incremental losses follow the HTP's own full forwards (not bit-exact: the segments requantize at
+    their boundaries; measured 3.6e-4 against a loss-difference rms of 1.6e-4 at K = 40, cosine of the
+    differences checked) — stale segment weights would make every row's loss the unperturbed one."""
+    import json
+    from baffle_edge.client import Batch
+    from baffle_edge.protocol import RoundTask
+    from baffle_edge.runtimes import get_runtime
+    out = export(tmp_path, "--target", "qnn-htp", "--formats", "onnx-int8")
+    meta = json.loads((out / "baffle.json").read_text())
+    rng = np.random.default_rng(1)
+    s = get_runtime("onnxruntime-int8", provider="qnn-htp").load(out)
+    s.set_weights(rng.normal(0, 0.1, int(meta["model"]["parameters"])).astype(np.float32))
+    batch = Batch(rng.random((16, 1, 8, 8), dtype=np.float32), rng.integers(0, 10, 16))
+    task = RoundTask.for_domain("int8-step", round=0, client=0, seed=7, k=40, sigma=1.0, scheme="forward",
+                                model_version="", noise="block")
+    fwd = s.block_forward  # asked for before the batch is known, as clients do: its sessions wait for cache(x)
+    assert fwd is not None and fwd.static_batch and fwd.cache_session is None
+    inc = s.losses(batch, task)
+    assert fwd.cache_session is not None  # the rows ran through the block segments
+    s.block_forward = None
+    full = s.losses(batch, task)
+    d_inc, d_full = inc[1:] - inc[0], full[1:] - full[0]
+    assert np.abs(inc - full).max() <= 2e-3, np.abs(inc - full).max()  # 2 uint16 logit steps
+    assert d_inc @ d_full / np.linalg.norm(d_inc) / np.linalg.norm(d_full) > 0.5
