@@ -11,9 +11,9 @@ What each plugin needs is data (``PLUGINS``), read by ``onnxruntime_runtime.make
 - ``openvino``: ``onnxruntime-ep-openvino`` (Intel OpenVINO: CPU, GPU, NPU devices).
 
 Placement is checked, never assumed: ``placement`` reads ORT's graph assignment (which provider runs
-each node), weighs it by each node's MACs (``node_macs``) and names the weight inputs consumed on CPU; ``write_check`` refuses a session whose output
-does not change when a weight input changes (an EP that packed the weights at compile time).
-numpy + onnxruntime only.
+each node), weighs it by each node's MACs (``node_macs``, needs ``onnx`` for shape inference) and names
+the weight inputs consumed on CPU; ``write_check`` refuses a session whose output does not change when a
+weight input changes (an EP that packed the weights at compile time). numpy + onnxruntime (+ onnx).
 """
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def placement(session, proto, provider: str, *, batch: int, weights: list[str]) 
     return Placement(nodes, {n: m for n, (_, m) in node_macs(proto, batch).items()}, users, provider)
 
 
-def write_check(session, feeds: dict[str, np.ndarray], weight: str, output: str) -> None:  # noqa: one weight
+def write_check(session, feeds: dict[str, np.ndarray], weight: str, output: str) -> None:
     """Refuse ``session`` when changing weight input ``weight`` leaves ``output`` unchanged (stale
     weights: the EP packed them once). The changed copy moves every element far (an int8 one by >= 63
     steps, across zero): a one-step move can vanish in the output quantization (all-zero weights
