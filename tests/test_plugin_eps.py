@@ -179,6 +179,15 @@ def test_cpu_targets_keep_float_logits(tmp_path):
     assert "logits" not in json.loads((out / "baffle.json").read_text())["formats"]["onnx-int8"]
 
 
+def train_round(out, *provider_and_target):
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-m", "baffle_edge", "train", "--runtime", "onnxruntime-int8", *provider_and_target,
+                    "--rounds", "1", "--k", "2", "--clients", "1", "--batch-size", "16", "--workers", "1",
+                    "--no-progress", "--noise", "rademacher", "--out", str(out)], check=True, capture_output=True,
+                   timeout=300)
+
+
 def test_train_round_and_runtimes_report_placement_on_htp(qnn, tmp_path):
     """One short HTP training round records the placement in metrics.json; `baffle-edge runtimes
     --placement` reports the same figures (all MACs on the HTP; fc.bias's DequantizeLinear on CPU)."""
@@ -186,10 +195,7 @@ def test_train_round_and_runtimes_report_placement_on_htp(qnn, tmp_path):
     import subprocess
     import sys
     out = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "baffle_edge", "train", "--runtime", "onnxruntime-int8", "--provider",
-                    "qnn-htp", "--target", "qnn-htp", "--rounds", "1", "--k", "2", "--clients", "1", "--batch-size",
-                    "16", "--workers", "1", "--no-progress", "--noise", "rademacher", "--out", str(out)],
-                   check=True, capture_output=True, timeout=300)
+    train_round(out, "--provider", "qnn-htp", "--target", "qnn-htp")
     placed = json.loads((out / "metrics.json").read_text())["placement"]
     assert placed["provider"] == "qnn-htp" and placed["device_mac_share"] == 1.0, placed
     assert placed["weights_consumed_on_cpu"] == ["fc.bias_quantized"], placed
@@ -224,6 +230,9 @@ def test_openvino_runs_the_int8_train_graph_wholly(tmp_path):
     q = ov.weight_set(0, None, None)
     a, b = ov.forward(xo, q), cpu.forward(xc, q)
     assert np.abs(a - b).max() < 0.02 * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
+    train_round(tmp_path / "run", "--provider", "openvino")  # one short round, placement in metrics.json
+    placed = json.loads((tmp_path / "run" / "metrics.json").read_text())["placement"]
+    assert placed["provider"] == "openvino" and placed["device_mac_share"] == 1.0, placed
 
 
 def test_block_noise_runs_incrementally_on_the_htp(qnn, tmp_path):
