@@ -192,12 +192,6 @@ class Federation:
         return {"requested": self.cfg.perturbations_per_call, "p": int(s.perturbations_per_call),
                 "calibration": cal.to_json() if cal is not None else None}
 
-    def placement(self) -> dict | None:
-        """On a plugin EP (docs/npu.md): where the train graph ran, by nodes and MACs, and the weight inputs
-        consumed on CPU (runtimes/plugin_eps.Placement); None elsewhere."""
-        p = getattr(getattr(self, "last_session", None), "placement", None)
-        return p.to_json() if p is not None else None
-
     def baffle_client(self, task: RoundTask, batches: list[Batch], *, weights: np.ndarray | None = None):
         """What a device does: evaluate the task's perturbed losses at the global weights (or at
         the round's snapshot ``weights``, so a straggler never sees a later model)."""
@@ -450,8 +444,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             bar.set_postfix(loss=f"{row['train_loss'] or float('nan'):.3f}",
                             acc=f"{last.get('test_accuracy', float('nan')):.3f}")
         metrics["perturbations_per_call"] = fed.perturbations_per_call()
-        if fed.placement() is not None:
-            metrics["placement"] = fed.placement()
+        if (placed := getattr(getattr(fed, "last_session", None), "placement", None)) is not None:
+            metrics["placement"] = placed.to_json()  # a plugin EP: where the train graph ran, by MACs (docs/npu.md)
         if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == end:
             save_checkpoint(ckpt, fed, r + 1, history)
             _write_metrics(out, metrics)
