@@ -457,6 +457,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
             bar.set_postfix(loss=f"{row['train_loss'] or float('nan'):.3f}",
                             acc=f"{last.get('test_accuracy', float('nan')):.3f}")
         metrics["perturbations_per_call"] = fed.perturbations_per_call()
+        if (placed := getattr(getattr(fed, "last_session", None), "placement", None)) is not None:
+            metrics["placement"] = placed.to_json()  # a plugin EP: where the train graph ran, by MACs (docs/npu.md)
         if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == end:
             save_checkpoint(ckpt, fed, r + 1, history)
             _write_metrics(out, metrics)

@@ -10,6 +10,8 @@ What differs between targets is how the int8 kernels accumulate:
   straight into int32, no saturation: full 8-bit weights ([-127, 127]).
 * ``arm64`` (Android phones, Apple silicon, Graviton): NEON ``smull``/``sdot`` accumulate into
   int32: full 8-bit weights. Pick it for Android whatever machine exports the bundle.
+* ``qnn-htp`` (Qualcomm Hexagon NPU through ONNX Runtime's QNN EP, docs/npu.md): full-range per-tensor
+  weights and uint16 logits, the form in which the HTP runs the whole train graph.
 
 ``detect()`` names this machine's target (``platform.machine()`` and the ``/proc/cpuinfo`` flags);
 ``"auto"`` resolves to it. A bundle records its target in ``baffle.json``; ``check_bundle`` warns
@@ -42,6 +44,9 @@ class TargetSpec:
     accumulation: str  # how the int8 kernels add products (why the range is what it is)
     isa_flags: tuple[str, ...]  # /proc/cpuinfo flags (any of them) that identify the target on x86
     per_channel: bool = True  # one weight scale per output channel (False: one per tensor)
+    # "float": the head's output Q/DQ pair is dropped (CPU QGemm with float logits); "uint16": symmetric uint16
+    # logits over +-32 at least (steps ~1e-3): the HTP runs a head only when its output is quantized
+    logits: str = "float"
 
     @property
     def weight_range(self) -> tuple[int, int]:
@@ -53,9 +58,10 @@ SPECS: dict[Target, TargetSpec] = {
     Target.X86_VNNI: TargetSpec(Target.X86_VNNI, False, "VNNI vpdpbusd into int32 (no saturation)",
                                 ("avx512_vnni", "avx_vnni", "amx_int8")),
     Target.X86_AVX2: TargetSpec(Target.X86_AVX2, True, "AVX2 vpmaddubsw into saturating int16 pairs", ("avx2",)),
-    # the HTP refuses per-channel int8 conv weights fed as graph inputs (ORT 1.32, QNN 2.51): per-tensor
+    # the HTP refuses per-channel int8 conv weights fed as graph inputs (ORT 1.32, QNN 2.51): per-tensor;
+    # it runs the Gemm head only with a quantized output: uint16 logits (docs/npu.md)
     Target.QNN_HTP: TargetSpec(Target.QNN_HTP, False, "Hexagon HTP int8 (per-tensor weights as inputs)", (),
-                               per_channel=False),
+                               per_channel=False, logits="uint16"),
 }
 CHOICES = (AUTO, *(t.value for t in Target))
 

@@ -91,12 +91,24 @@ def providers_of(runtime: str) -> list[str]:
         try:  # the runtime's own short names ("cpu", "xnnpack", ...)
             from baffle_edge.runtimes.onnxruntime_runtime import available_providers
             found = [p for p in available_providers() if p not in ("azure", "AzureExecutionProvider")]
-            return found or ["cpu"]
+            return (found or ["cpu"]) + plugin_params(REGISTRY[runtime].domain)
         except ImportError:
             return ["cpu"]
     if engine == "litert":
         return ["default"]  # the runtime picks its op resolver (see docs/benchmarks.md)
     return ["cpu"] if runtime == "torch" else ["default"]
+
+
+def plugin_params(domain: str) -> list[str]:
+    """Plugin EPs (docs/npu.md) asked for with ``BAFFLE_BENCH_PLUGINS=qnn-htp,openvino`` and installed: opt-in,
+    since the QNN HTP on x86 is a simulator (function, never speed) and every case would pay its build."""
+    import os
+    wanted = [p.strip() for p in os.environ.get("BAFFLE_BENCH_PLUGINS", "").split(",") if p.strip()]
+    if not wanted:
+        return []
+    from baffle_edge.runtimes.onnxruntime_runtime import plugin_providers
+    from baffle_edge.runtimes.plugin_eps import PLUGINS
+    return [p for p in wanted if p in plugin_providers() and domain in PLUGINS[p].domains]
 
 
 def runtime_params() -> list:

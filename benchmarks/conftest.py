@@ -175,10 +175,11 @@ def synthetic_dataset(case: ModelCase, n: int = 256):
     return Dataset(f"synthetic-{case.input_shape}", b.x, b.y, t.x, t.y, 10, (0.0,) * c, (1.0,) * c, 1.0)
 
 
-def build_artifact(runtime: str, case: ModelCase, workdir: Path):
+def build_artifact(runtime: str, case: ModelCase, workdir: Path, *, target: str | None = None):
     """What ``get_runtime(runtime).load(...)`` takes for ``case``: the torch module for
     ``artifact == "torch-model"`` runtimes, an exported bundle folder for ``"bundle"`` ones.
-    The ONE place where exported bundles are made; export failures skip, naming the cause."""
+    The ONE place where exported bundles are made; export failures skip, naming the cause. ``target``: the
+    int8 export target (a plugin EP's, e.g. qnn-htp; default: this machine's)."""
     info = REGISTRY[runtime]
     if getattr(info, "artifact", "torch-model") == "torch-model":
         return case.build()
@@ -188,7 +189,7 @@ def build_artifact(runtime: str, case: ModelCase, workdir: Path):
     # artifact needs one more branch.
     # With --bench-bundles DIR the bundle is kept there, and read back where torch is missing (store.py).
     fmt = getattr(info, "format", None)
-    out = store.current.bundle(runtime, case, fmt, workdir)
+    out = store.current.bundle(runtime, case, fmt + (f"-{target}" if target else ""), workdir)
     if (out / "baffle.json").exists():
         return out
     if not store.have_torch():
@@ -200,8 +201,8 @@ def build_artifact(runtime: str, case: ModelCase, workdir: Path):
                     "install the package with its export extras or wire it in benchmarks/conftest.py:build_artifact")
     model = case.build()
     try:
-        export_bundle(model, case.config, synthetic_dataset(case), out, ExportConfig(formats=(fmt,)), force=True,
-                      source="benchmarks")
+        export_bundle(model, case.config, synthetic_dataset(case), out,
+                      ExportConfig(formats=(fmt,), target=target or "auto"), force=True, source="benchmarks")
     except ImportError as e:  # e.g. litert-torch for tflite-int8
         pytest.skip(f"runtime {runtime!r}: exporting format {fmt!r} needs a missing package ({e}); "
                     "pip install 'baffle-edge[tflite]' for TFLite")
@@ -227,7 +228,8 @@ def load_session(runtime: str, case: ModelCase, *, provider: str, workdir: Path,
     except TypeError as e:
         pytest.skip(f"runtime {runtime!r} does not take options {runtime_options(runtime, provider)} ({e}); "
                     "adjust benchmarks/conftest.py:runtime_options")
-    artifact = build_artifact(runtime, case, workdir)
+    from baffle_edge.runtimes.plugin_eps import PLUGINS
+    artifact = build_artifact(runtime, case, workdir, target=PLUGINS[provider].target if provider in PLUGINS else None)
     try:
         session = rt.load(artifact, threads=threads)
     except ValueError as e:  # e.g. an execution provider this build lacks

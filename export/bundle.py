@@ -151,7 +151,7 @@ def _int8_onnx(folder: Path, calib: np.ndarray, layout, method: str, target: "ta
 
     from . import onnx_export as ox
     ox.quantize_int8(folder / "model.onnx", folder / "model.int8.onnx", calib, method=method,
-                     reduce_range=target.reduce_range, per_channel=target.per_channel)
+                     reduce_range=target.reduce_range, per_channel=target.per_channel, logits=target.logits)
     int8 = onnx.load(str(folder / "model.int8.onnx"))
     table = ox.quant_table(int8, layout, reduce_range=target.reduce_range)
     (folder / "model.int8.train.onnx").write_bytes(ox.int8_train_variant(int8, table).SerializeToString())
@@ -159,7 +159,7 @@ def _int8_onnx(folder: Path, calib: np.ndarray, layout, method: str, target: "ta
             "perturbation": "each trainable tensor's integers are a graph input (table 'quantization', field "
                             "'input'); feed q' per docs/quantized-perturbation.md",
             "quantization": table.to_json(), "reduce_range": target.reduce_range,
-            "per_channel": target.per_channel}
+            "per_channel": target.per_channel, **({"logits": target.logits} if target.logits != "float" else {})}
 
 
 def _add_blocks(folder: Path, meta: dict) -> None:

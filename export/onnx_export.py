@@ -69,7 +69,7 @@ class _Reader:
 
 
 def quantize_int8(float_path: Path, int8_path: Path, calibration: np.ndarray, *, method: str = "minmax",
-                  reduce_range: bool = True, per_channel: bool = True) -> None:
+                  reduce_range: bool = True, per_channel: bool = True, logits: str = "float") -> None:
     """Static QDQ quantization with onnxruntime: per-channel symmetric int8 weights, uint8
     (asymmetric) activations calibrated on ``calibration``; the final logits are left in float
     (finer losses).
@@ -98,7 +98,9 @@ def quantize_int8(float_path: Path, int8_path: Path, calibration: np.ndarray, *,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, reduce_range=reduce_range,
                         calibrate_method=methods[method],
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
-    proto = _float_output(onnx.load(str(int8_path)))
+    if logits not in ("float", "uint16"):
+        raise ValueError(f"unknown logits encoding {logits!r}; known: float, uint16")
+    proto = (_float_output if logits == "float" else _uint16_output)(onnx.load(str(int8_path)))
     onnx.checker.check_model(proto)
     Path(int8_path).write_bytes(proto.SerializeToString())
 
@@ -122,6 +124,33 @@ def _float_output(proto: onnx.ModelProto) -> onnx.ModelProto:
     used = {i for n in g.node for i in n.input}
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
+    return proto
+
+
+LOGIT_BOUND = 32.0  # uint16 logits cover [-32, 32] at least (steps of 9.8e-4)
+
+
+def _uint16_output(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Requantize the graph output's QuantizeLinear/DequantizeLinear pair from uint8 to symmetric uint16,
+    so the head stays a quantized op (the QNN HTP runs it; with float logits it falls back to CPU). The
+    range is not the calibrated one (an export-time model's logits: training outgrows it and would clip)
+    but +-max(LOGIT_BOUND, 2x the calibrated bound): steps of ~1e-3 instead of uint8's ~range/255.
+    uint16 QuantizeLinear is standard ONNX from opset 21."""
+    g = proto.graph
+    dq = next((n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] == g.output[0].name), None)
+    if dq is None:
+        raise ValueError("the int8 graph's output is not a DequantizeLinear: no quantized head to requantize")
+    inits = {i.name: i for i in g.initializer}
+    scale, zero = (numpy_helper.to_array(inits[n]) for n in dq.input[1:3])
+    if zero.dtype != np.uint8:
+        raise ValueError(f"the head's output is {zero.dtype}, not uint8: cannot requantize it to uint16")
+    calibrated = float(max(abs(0 - int(zero)), abs(255 - int(zero))) * scale)
+    bound = max(LOGIT_BOUND, 2 * calibrated)
+    for name, value in ((dq.input[1], np.array(2 * bound / 65535, np.float32)), (dq.input[2], np.array(32768, np.uint16))):
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    for op in proto.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = max(op.version, 21)
     return proto
 
 

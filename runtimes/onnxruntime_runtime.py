@@ -121,12 +121,14 @@ class OrtSession(LazyBlockForward, AutoP, BaseSession):
         task messages do; needs ``onnx``). Not a chain: rows run as full forwards (the reason is
         kept in ``block_forward_reason``). A listed block file that fails its sha256 is an error."""
         from .ort_incremental import OrtBlockForward
+        plugin = PLUGINS.get(self._options["provider"])
         entry = self.bundle.meta["formats"][self.fmt]
         found = self._block_files(entry) or self._cut_block_graphs(entry)
         if found is not None:
             plan, graphs = found
             self.block_forward = OrtBlockForward(self, plan, graphs, self.blocks,
-                                                 lambda g: make_session(g, **self._options))
+                                                 lambda g: make_session(g, **self._options),
+                                                 static_batch=plugin is not None and plugin.static_batch)
 
     def _block_files(self, entry: dict) -> tuple[dict, list[Path]] | None:
         """(plan, [cache, seg 0, ...]) of the bundle's verified block graphs; None if it has none."""
@@ -172,19 +174,25 @@ class OrtSession(LazyBlockForward, AutoP, BaseSession):
         self.perturbations_per_call = p
 
     def _open_plugin(self, x: np.ndarray) -> None:
-        """(Re)build the train graph's session on a plugin EP for batches of len(x): a profiled run
-        gives the node placement (kept in ``self.placement``), then the write-check; a session whose
-        output ignores a weight write is refused (plugin_eps.write_check)."""
+        """(Re)build the train graph's session on a plugin EP for batches of len(x): ORT's graph
+        assignment gives the placement by node and MACs (kept in ``self.placement``), then the
+        write-check of *every* weight input; a session whose output ignores a weight write is refused
+        (plugin_eps.write_check)."""
         from .plugin_eps import placement, write_check
         self.session, self.block_forward = None, None
         self._options["batch"] = len(x)
         path = self.bundle.file(self.fmt, "train")
-        probe = make_session(path, **{**self._options, "profile": True})
+        probe = make_session(path, **self._options)
         weights = self.graph_feeds(self.weight_set(0, None, None))
-        write_check(probe, {self.input_name: x, **weights}, next(iter(weights)), self.output_name)
-        trace = Path(probe.end_profiling())
-        self.placement = placement(trace, self._options["provider"])
-        trace.unlink(missing_ok=True)
+        for name in weights:
+            write_check(probe, {self.input_name: x, **weights}, name, self.output_name)
+        try:
+            import onnx
+        except ImportError:  # a device without onnx: the write-check ran, the MAC count needs shape inference
+            self.placement = None
+        else:
+            self.placement = placement(probe, onnx.load(str(path)), self._options["provider"], batch=len(x),
+                                       weights=list(weights))
         del probe
         self._open(path, **self._options)
         self._block_ready = False

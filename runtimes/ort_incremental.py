@@ -66,17 +66,21 @@ class ChainRows:
 class OrtBlockForward(ChainRows):
     """``client.BlockForward`` for an ``OrtSession`` (float or int8) whose bundle has a chain plan."""
 
-    def __init__(self, session, plan: dict, graphs: list[Path | bytes], blocks: BlockTable, make_session):
+    def __init__(self, session, plan: dict, graphs: list[Path | bytes], blocks: BlockTable, make_session, *,
+                 static_batch: bool = False):
         """``plan``: baffle.json's ``blocks`` entry (export/blocks.ChainPlan.to_json); ``graphs``:
-        [cache, seg 0, seg 1, ...] as files or serialized models; ``make_session(graph)`` opens one."""
-        self.session, self.blocks = session, blocks
+        [cache, seg 0, seg 1, ...] as files or serialized models; ``make_session(graph)`` opens one.
+        ``static_batch``: every segment call takes exactly the batch's B rows (an EP of static shapes,
+        its sessions built for B: docs/npu.md), instead of chunks of up to ROWS_PER_CALL rows."""
+        self.session, self.blocks, self.static_batch = session, blocks, static_batch
         self.modules, self.params = list(plan["modules"]), [list(p) for p in plan["params"]]
         self.boundaries = list(plan["boundaries"])
         unknown = [m for m in self.modules if m not in blocks.modules]
         if unknown or len(self.modules) != len(blocks.modules):
             raise ValueError(f"bundle block plan lists modules {self.modules}, the parameters have {list(blocks.modules)}")
-        self.cache_session = make_session(graphs[0])
-        self.segments = [make_session(g) for g in graphs[1:]]
+        self._open = lambda: (make_session(graphs[0]), [make_session(g) for g in graphs[1:]])
+        # a static-shape EP's sessions are built at the first cache(x), when the session knows its batch
+        self.cache_session, self.segments = (None, None) if static_batch else self._open()
         self.chain = {blocks.modules.index(m): i for i, m in enumerate(self.modules)}
         # per chain module: how a row's values split into its tensors' rows (parameter order)
         shapes = {p["name"]: tuple(p["shape"]) for p in session.bundle.meta["parameters"]}
@@ -88,6 +92,8 @@ class OrtBlockForward(ChainRows):
 
     def cache(self, x: np.ndarray) -> np.ndarray:
         """Run the unperturbed forward (the session's weights), keep B_1 .. B_{L-1}, return the logits."""
+        if self.cache_session is None:
+            self.cache_session, self.segments = self._open()
         self.feeds = self.session.graph_feeds(self.session.weight_set(0, None, None))
         out = self.cache_session.run(None, {self.boundaries[0]: x, **self.feeds})
         self.b = [x, *out[1:]]
@@ -120,7 +126,7 @@ class OrtBlockForward(ChainRows):
         flat = b.reshape(n * bsz, *b.shape[2:])
         for j in range(start, len(self.segments)):
             feeds = {k: self.feeds[k] for k in self.params[j]}
-            step = max(bsz, ROWS_PER_CALL // bsz * bsz)
+            step = bsz if self.static_batch else max(bsz, ROWS_PER_CALL // bsz * bsz)
             flat = np.concatenate([self.segments[j].run(None, {self.boundaries[j]: flat[s:s + step], **feeds})[0]
                                    for s in range(0, len(flat), step)])
         return flat.reshape(n, bsz, *flat.shape[1:])

@@ -165,3 +165,16 @@ def test_help_and_usage_errors(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("x")
     assert main(["verify", *TINY, "--out", str(tmp_path / "full")]) == 2
     assert main(["verify", *TINY, "--k", "0", "--out", str(tmp_path / "z")]) == 2
+
+
+def test_run_names_take_an_execution_provider(tmp_path, capsys):
+    """"<runtime>@<provider>[+block]": the provider is checked at the command line (usage error, exit 2)."""
+    from baffle_edge.verify.check import plugin_target
+    from baffle_edge.verify.config import run_parts, run_provider
+    assert run_parts("onnxruntime-int8@qnn-htp+block") == ("onnxruntime-int8", "block")
+    assert run_provider("onnxruntime-int8@qnn-htp") == "qnn-htp" and run_provider("torch") is None
+    assert plugin_target("qnn-htp") == "qnn-htp" and plugin_target("cpu") is None
+    with pytest.raises(ValueError, match="only the onnxruntime runtimes"):
+        run_parts("torch@qnn-htp")
+    assert main(["verify", *TINY, "--runtimes", "onnxruntime-int8@hexagon", "--out", str(tmp_path / "p")]) == 2
+    assert "unknown execution provider 'hexagon'" in capsys.readouterr().err

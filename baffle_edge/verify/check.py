@@ -12,7 +12,7 @@ import torch
 from ..config import isotropic_noise
 from ..estimator import expected_cosine
 from ..simulate import Federation, Method, TrainConfig
-from .config import BASELINE, FORMAT, REFERENCE, VerifyConfig, run_parts
+from .config import BASELINE, FORMAT, REFERENCE, VerifyConfig, run_parts, run_provider
 from .judge import format_num, format_pct, judge
 from .report import plot_accuracy, plot_cosine, plot_sweep, run_label, write_report_md
 from .runs import compare_batches, data_hash, load_data, run_one, runtime_status, sweep_runtime
@@ -50,6 +50,8 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
             return base
         runtime, estimator = run_parts(name)
         cfg = dataclasses.replace(base, runtime=runtime, baseline=vc.train.baseline, noise=isotropic_noise(runtime))
+        if (provider := run_provider(name)) is not None:  # a plugin EP's bundles are exported for its target
+            cfg = dataclasses.replace(cfg, provider=provider, target=plugin_target(provider) or cfg.target)
         if estimator == "block":  # the compute of the reference's K+1 full forwards, spent on block noise
             cfg = dataclasses.replace(cfg, noise="block", forward_budget=float(base.k + 1), baseline=None)
         return cfg
@@ -101,6 +103,11 @@ def _verify(vc: VerifyConfig, out_dir: str | Path, *, progress: bool, argv: list
     (out / "verify.json").write_text(json.dumps(report, indent=1, allow_nan=False, default=_json_default))
     write_report_md(report, out, figures)
     return report
+
+
+def plugin_target(provider: str) -> str | None:
+    from ..runtimes.plugin_eps import PLUGINS
+    return PLUGINS[provider].target if provider in PLUGINS else None
 
 
 def _run_all(names: list[str], run_config, data, unavailable: dict, snap_round: int | None, *, progress: bool,

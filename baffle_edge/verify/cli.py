@@ -48,7 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--runtimes", default=None,
                    help="comma-separated runtimes to judge against fp32 BAFFLE (torch always runs as the "
                         "reference). Default: torch + registered, importable int8 runtimes. A runtime named "
-                        "here that is unavailable fails the check; an unavailable default one does not")
+                        "here that is unavailable fails the check; an unavailable default one does not. "
+                        "onnxruntime-int8@qnn-htp: a runtime on an execution provider (docs/npu.md)")
     g.add_argument("--estimators", default="",
                    help="extra estimators judged on the reference runtime, comma-separated: block = block noise "
                         "with the incremental forward at the compute of K+1 full forwards (docs/noise.md "

@@ -22,11 +22,26 @@ ESTIMATORS = ("block",)  # extra estimators a run name may carry: "<runtime>+blo
 
 def run_parts(name: str) -> tuple[str, str | None]:
     """A judged run's name -> (runtime, estimator): "torch" -> ("torch", None); "torch+block" ->
-    ("torch", "block"): block noise at the compute of the reference's K+1 full forwards."""
+    ("torch", "block"): block noise at the compute of the reference's K+1 full forwards. A runtime may
+    name its ONNX Runtime execution provider after "@" (``run_provider``): "onnxruntime-int8@qnn-htp"."""
     runtime, _, estimator = name.partition("+")
     if estimator and estimator not in ESTIMATORS:
         raise ValueError(f"run {name!r}: unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
-    return runtime, estimator or None
+    run_provider(name)
+    return runtime.partition("@")[0], estimator or None
+
+
+def run_provider(name: str) -> str | None:
+    """The execution provider a run's name asks for ("onnxruntime-int8@qnn-htp" -> "qnn-htp"), or None."""
+    from ..runtimes.onnxruntime_runtime import PROVIDERS
+    from ..runtimes.plugin_eps import PLUGINS
+    runtime, _, provider = name.partition("+")[0].partition("@")
+    if provider and provider not in PROVIDERS and provider not in PLUGINS:
+        raise ValueError(f"run {name!r}: unknown execution provider {provider!r}; known: "
+                         f"{', '.join(dict.fromkeys([*PROVIDERS, *PLUGINS]))}")
+    if provider and not runtime.startswith("onnxruntime"):
+        raise ValueError(f"run {name!r}: only the onnxruntime runtimes take an execution provider (@{provider})")
+    return provider or None
 
 
 @dataclass(frozen=True)
