@@ -24,7 +24,7 @@ from baffle_edge.targets import check_bundle
 
 from .batching import AutoP, resolve
 from .ort_incremental import LazyBlockForward
-from .plugin_eps import PLUGINS, add_plugin
+from .plugin_eps import PLUGINS, add_plugin, stdout_to_stderr
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider", "nnapi": "NnapiExecutionProvider",
@@ -72,7 +72,8 @@ def make_session(path: Path | bytes, *, provider: str = "cpu", threads: int | No
     if provider in PLUGINS:
         add_plugin(so, provider, batch)
         try:
-            return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so)
+            with stdout_to_stderr():
+                return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             hint = PLUGINS[provider].build_hint
             raise ValueError(f"execution provider {provider!r} could not build this graph{' (' + hint + ')' if hint else ''}: "

@@ -17,8 +17,11 @@ weight input changes (an EP that packed the weights at compile time). numpy + on
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import re
+import sys
 from dataclasses import dataclass
 import numpy as np
 
@@ -44,6 +47,20 @@ PLUGINS: dict[str, PluginEP] = {
     "openvino": PluginEP("OpenVINOExecutionProvider", "onnxruntime_ep_openvino", "openvino"),
 }
 _registered: set[str] = set()
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Native chatter of a plugin (QNN's libnative prints a ``# LIBNATIVE: ...`` line on the process's stdout at its
+    first session) goes to stderr, so that ``--json`` output stays JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def plugin_module(short: str):
