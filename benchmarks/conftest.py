@@ -308,3 +308,14 @@ def reference_loss(case: ModelCase, batch: Batch) -> float:
 def loss_tolerance(runtime: str) -> float:
     """Absolute tolerance of a runtime's loss vs the fp32 reference (int8: quantization error)."""
     return 0.15 if "int8" in runtime else 1e-4
+
+
+def plugin_info(session, provider: str | None) -> dict:
+    """extra_info of a plugin-EP session (docs/npu.md): where its graph ran, by MACs, the perturbed tensors read on
+    CPU, and whether the backend is a simulator here (its times are then not device speed); {} otherwise."""
+    if getattr(session, "placement", None) is None:
+        return {}
+    from baffle_edge.runtimes.plugin_eps import PLUGINS
+    placed = session.placement.to_json()
+    return {"device_mac_share": placed["device_mac_share"], "weights_consumed_on_cpu": placed["weights_consumed_on_cpu"],
+            "simulated": PLUGINS[provider].simulated_on == platform.machine()}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from .cases import DEVICE, FULL, MODELS, dtype_of, runtime_params
-from .conftest import forward_loss_fn, loss_tolerance, reference_loss
+from .conftest import forward_loss_fn, loss_tolerance, plugin_info, reference_loss
 
 CASES = [pytest.param(m, b, id=f"{m}-b{b}", marks=[FULL] if (m == "wrn-10-2" and b == 128) else
                       [DEVICE] if (m, b) == ("lenet-8", 32) else [])
@@ -27,19 +27,9 @@ def test_forward_latency(benchmark, sessions, bench_threads, runtime_provider, c
     benchmark.group = f"forward {case_id} b{batch_size}"
     benchmark.extra_info.update(case.info(), runtime=runtime, provider=provider, dtype=dtype_of(runtime),
                                 batch=batch_size, K=None, threads=bench_threads, stage="forward")
-    if getattr(session, "placement", None) is not None:  # a plugin EP: where the graph ran, by MACs (docs/npu.md)
-        placed = session.placement.to_json()
-        benchmark.extra_info.update(device_mac_share=placed["device_mac_share"], simulated=_simulated(provider),
-                                    weights_consumed_on_cpu=placed["weights_consumed_on_cpu"])
+    benchmark.extra_info.update(plugin_info(session, provider))  # a plugin EP: where the graph ran, by MACs
     loss = benchmark(run)
     assert np.isfinite(loss)
     assert abs(loss - reference_loss(case, batch)) <= loss_tolerance(runtime), \
         f"{runtime} forward loss {loss} differs from the torch reference"
 
-
-def _simulated(provider: str) -> bool:
-    """The plugin's backend is a simulator on this machine (its times are not device speed)."""
-    import platform
-
-    from baffle_edge.runtimes.plugin_eps import PLUGINS
-    return PLUGINS[provider].simulated_on == platform.machine()

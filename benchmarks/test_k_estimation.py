@@ -14,8 +14,10 @@ from baffle_edge.client import run_task
 from baffle_edge.bench_report import K_RATIO
 from baffle_edge.protocol import Scheme
 
-from .cases import DEVICE, FULL, MODELS, dtype_of, runtime_names
-from .conftest import forward_loss_fn, forward_losses_fn, task_for
+from baffle_edge.runtimes import REGISTRY
+
+from .cases import DEVICE, FULL, MODELS, dtype_of, plugin_params, runtime_names
+from .conftest import forward_loss_fn, forward_losses_fn, plugin_info, task_for
 
 BATCH = 32  # reference client batch
 TARGET_RATIO = K_RATIO  # defined once, with the other targets, in baffle_edge/bench_report.py
@@ -26,11 +28,20 @@ CASES = [pytest.param(m, k, s, id=f"{m}-K{k}-{s}", marks=([] if (m, k, s) in QUI
          for m in ("lenet-8", "lenet-28", "wrn-10-2") for k in (10, 100, 500) for s in ("forward", "central")]
 
 
+def runtimes() -> list:
+    """Every runtime on its default provider (id: the runtime), and the ONNX Runtime runtimes on the plugin EPs asked
+    for with BAFFLE_BENCH_PLUGINS (docs/npu.md; id: runtime-provider)."""
+    plain = [pytest.param((r, None), id=r) for r in runtime_names()]
+    return plain + [pytest.param((r, p), id=f"{r}-{p}") for r in runtime_names()
+                    if r in REGISTRY and REGISTRY[r].engine == "onnxruntime" for p in plugin_params(REGISTRY[r].domain)]
+
+
 @pytest.mark.parametrize("case_id,k,scheme", CASES)
-@pytest.mark.parametrize("runtime", runtime_names())
-def test_client_round(benchmark, sessions, measuring, runtime, case_id, k, scheme):
+@pytest.mark.parametrize("runtime_provider", runtimes())
+def test_client_round(benchmark, sessions, measuring, runtime_provider, case_id, k, scheme):
+    runtime, provider = runtime_provider
     case = MODELS[case_id]
-    session = sessions.get(runtime, case)
+    session = sessions.get(runtime, case, provider)
     batch = case.batch(BATCH)
     weights = case.weights()
     task = task_for(runtime, k=k, scheme=scheme)
@@ -63,7 +74,8 @@ def test_client_round(benchmark, sessions, measuring, runtime, case_id, k, schem
     benchmark.extra_info.update(case.info(), runtime=runtime, dtype=dtype_of(runtime), batch=BATCH, K=k,
                                 scheme=scheme, forwards=forwards_n, round_s=t_round, forwards_s=t_fwd,
                                 ratio_to_forwards=ratio, ratio_pairs=pairs, target_ratio=TARGET_RATIO,
-                                meets_target=bool(ratio <= TARGET_RATIO), stage="k_estimation")
+                                meets_target=bool(ratio <= TARGET_RATIO), stage="k_estimation",
+                                provider=provider or "default", **plugin_info(session, provider))
 
     report.check_against(task)  # K (or 2K) finite losses for this task
     pert = report.losses
