@@ -261,3 +261,33 @@ def test_block_noise_runs_incrementally_on_the_htp(qnn, tmp_path):
     d_inc, d_full = inc[1:] - inc[0], full[1:] - full[0]
     assert np.abs(inc - full).max() <= 2e-3, np.abs(inc - full).max()  # 2 uint16 logit steps
     assert d_inc @ d_full / np.linalg.norm(d_inc) / np.linalg.norm(d_full) > 0.5
+
+
+def test_qnn_context_binary_keeps_weight_inputs(qnn, tmp_path):
+    """docs/npu.md "Snapdragon": a QNN context model (`ep.context_enable`) compiled once from the qnn-htp train
+    graph loads without compiling, gives the compiled session's logits bit for bit, and still takes the weights as
+    inputs (a changed weight changes its output)."""
+    import onnxruntime as ort
+    from baffle_edge.runtimes.plugin_eps import add_plugin
+
+    def session(path, **config):
+        so = ort.SessionOptions()
+        add_plugin(so, "qnn-htp", 8)
+        for k, v in config.items():
+            so.add_session_config_entry(k, v)
+        return ort.InferenceSession(str(path), so)
+
+    graph, ctx = export(tmp_path, "--target", "qnn-htp") / "model.int8.train.onnx", tmp_path / "train_ctx.onnx"
+    compiled = session(graph, **{"ep.context_enable": "1", "ep.context_file_path": str(ctx), "ep.context_embed_mode": "1"})
+    assert ctx.stat().st_size > 0
+    cached = session(ctx)
+    assert [i.name for i in cached.get_inputs()] == [i.name for i in compiled.get_inputs()]
+    rng = np.random.default_rng(0)
+    types = {"tensor(float)": np.float32, "tensor(int8)": np.int8, "tensor(int32)": np.int32}
+    f = {i.name: rng.random(i.shape, dtype=np.float32) if types[i.type] is np.float32
+         else rng.integers(-20, 20, i.shape).astype(types[i.type]) for i in compiled.get_inputs()}
+    y = cached.run(None, f)[0]
+    assert np.array_equal(y, compiled.run(None, f)[0])
+    moved = dict(f, **{"features.4.weight_quantized": np.clip(f["features.4.weight_quantized"].astype(np.int16) + 63,
+                                                             -127, 127).astype(np.int8)})
+    assert not np.array_equal(cached.run(None, moved)[0], y)
