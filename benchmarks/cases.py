@@ -100,15 +100,18 @@ def providers_of(runtime: str) -> list[str]:
 
 
 def plugin_params(domain: str) -> list[str]:
-    """Plugin EPs (docs/npu.md) asked for with ``BAFFLE_BENCH_PLUGINS=qnn-htp,openvino`` and installed: opt-in,
+    """Plugin EPs (docs/npu.md) asked for with ``BAFFLE_BENCH_PLUGINS=qnn-htp,openvino`` (an absent one skips naming its extra): opt-in,
     since the QNN HTP on x86 is a simulator (function, never speed) and every case would pay its build."""
     import os
     wanted = [p.strip() for p in os.environ.get("BAFFLE_BENCH_PLUGINS", "").split(",") if p.strip()]
     if not wanted:
         return []
-    from baffle_edge.runtimes.onnxruntime_runtime import plugin_providers
     from baffle_edge.runtimes.plugin_eps import PLUGINS
-    return [p for p in wanted if p in plugin_providers() and domain in PLUGINS[p].domains]
+    unknown = [p for p in wanted if p not in PLUGINS]
+    if unknown:
+        raise ValueError(f"BAFFLE_BENCH_PLUGINS: unknown plugin EP(s) {', '.join(unknown)}; known: {', '.join(PLUGINS)}")
+    # one not installed stays a case: loading it skips, naming the pip extra (runtimes/plugin_eps.plugin_module)
+    return [p for p in wanted if domain in PLUGINS[p].domains]
 
 
 def runtime_params() -> list:

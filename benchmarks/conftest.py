@@ -228,7 +228,12 @@ def load_session(runtime: str, case: ModelCase, *, provider: str, workdir: Path,
     except TypeError as e:
         pytest.skip(f"runtime {runtime!r} does not take options {runtime_options(runtime, provider)} ({e}); "
                     "adjust benchmarks/conftest.py:runtime_options")
-    from baffle_edge.runtimes.plugin_eps import PLUGINS
+    from baffle_edge.runtimes.plugin_eps import PLUGINS, plugin_module
+    if provider in PLUGINS:  # plugin sessions open at the first batch: an absent package skips here, naming its extra
+        try:
+            plugin_module(provider)
+        except ImportError as e:
+            pytest.skip(str(e))
     artifact = build_artifact(runtime, case, workdir, target=PLUGINS[provider].target if provider in PLUGINS else None)
     try:
         session = rt.load(artifact, threads=threads)

@@ -291,3 +291,24 @@ def test_qnn_context_binary_keeps_weight_inputs(qnn, tmp_path):
     moved = dict(f, **{"features.4.weight_quantized": np.clip(f["features.4.weight_quantized"].astype(np.int16) + 63,
                                                              -127, 127).astype(np.int8)})
     assert not np.array_equal(cached.run(None, moved)[0], y)
+
+
+def test_benchmarks_take_plugins_on_request_and_skip_an_absent_one(monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.cases import plugin_params
+    monkeypatch.delenv("BAFFLE_BENCH_PLUGINS", raising=False)
+    assert plugin_params("int8-step") == []  # opt-in
+    monkeypatch.setenv("BAFFLE_BENCH_PLUGINS", "qnn-htp, openvino")
+    assert plugin_params("int8-step") == ["qnn-htp", "openvino"] and plugin_params("float") == ["openvino"]
+    monkeypatch.setenv("BAFFLE_BENCH_PLUGINS", "hexagon")
+    with pytest.raises(ValueError, match="unknown plugin EP.*hexagon.*known: qnn-htp"):
+        plugin_params("int8-step")
+    code = ("import sys; sys.modules['onnxruntime_qnn'] = None; import pytest; sys.exit(pytest.main(["
+            "'benchmarks/test_k_estimation.py', '-q', '-rs', '-p', 'no:cacheprovider', '-k', "
+            "'onnxruntime-int8-qnn-htp-lenet-8-K10-forward']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1], env={**__import__("os").environ, "BAFFLE_BENCH_PLUGINS": "qnn-htp"})
+    assert r.returncode == 0 and "1 skipped" in r.stdout and "pip install 'baffle-edge[qnn]'" in r.stdout, r.stdout[-2000:]
