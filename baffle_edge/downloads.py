@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from typing import Callable
 
 import numpy as np
 
@@ -93,6 +94,16 @@ def runtime_file_names(meta: dict, fmt: str) -> list[str]:
     return [n for role, n in files.items() if role != "inference" or "train" not in files]
 
 
+def read_runtime_files(bundle_dir, fmt: str) -> dict[str, bytes]:
+    """``baffle.json`` and the files of ``bundle_dir`` that a runtime of format ``fmt`` loads (what a lean device
+    fetches)."""
+    import json
+    from pathlib import Path
+    bundle_dir = Path(bundle_dir)
+    meta = json.loads((bundle_dir / "baffle.json").read_bytes())
+    return {n: (bundle_dir / n).read_bytes() for n in ["baffle.json", *runtime_file_names(meta, fmt)]}
+
+
 class LeanLedger:
     """What one lean int8 device downloads per round when it took part in the previous one (the simulation's
     ``bytes_down``; the gateway's lean device does exactly this, docs/gateway.md "Lean downloads"): the integers
@@ -109,10 +120,12 @@ class LeanLedger:
         self.ints = payload
         return n
 
-    def bundle(self, generation: int, files: dict[str, bytes]) -> int:
-        """Bytes of the bundle files when ``generation`` is new to the device, else 0."""
+    def bundle(self, generation: int, files: Callable[[], dict[str, bytes]]) -> int:
+        """Bytes of the bundle files (``files()``: name -> content, read only when needed) when ``generation`` is
+        new to the device, else 0."""
         if generation == self.generation:
             return 0
+        files = files()
         n = sum(len(deflate(data, self.files.get(name))) for name, data in files.items())
         self.generation, self.files = generation, dict(files)
         return n

@@ -304,7 +304,8 @@ class Federation:
             round=round_ + 1, train_loss=float(np.mean(losses)) if losses else None,
             clients_accepted=len(log.accepted), rejected={str(k): v for k, v in log.rejected.items()},
             absent=[t.client for t in tasks if t.client not in heard], skipped=not quorum_met, applied=applied,
-            bytes_up=sum(u.bytes_up for u in updates), bytes_down=self.bytes_down(tasks, weights, lean=getattr(gather, "lean_downloads", gather is None)),
+            bytes_up=sum(u.bytes_up for u in updates), bytes_down=self.bytes_down(tasks, weights,
+                                                                     lean=getattr(gather, "lean_downloads", gather is None)),
             seconds=time.perf_counter() - start)
 
     def client_compute(self) -> dict:
@@ -334,10 +335,8 @@ class Federation:
         table = self.server.quant_table
         if not lean or table is None or self.server.strategy.local_steps != 1 or self.bundle_dir is None:
             return sum(4 * self.server.dim + wire_bytes(t) for t in tasks)
-        meta = json.loads((self.bundle_dir / "baffle.json").read_bytes())
-        names = ["baffle.json", *downloads.runtime_file_names(meta, self.runtime_info.format)]
         lean = self.lean.integers(downloads.int_payload(table, weights)) + self.lean.bundle(
-            self.bundle_generation, {n: (self.bundle_dir / n).read_bytes() for n in names})
+            self.bundle_generation, lambda: downloads.read_runtime_files(self.bundle_dir, self.runtime_info.format))
         return sum(lean + wire_bytes(t) for t in tasks)
 
     def evaluate(self) -> dict:
