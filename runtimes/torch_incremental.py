@@ -31,9 +31,9 @@ from baffle_edge.params import layout_of
 from baffle_edge.perturb import BlockTable
 
 from .torch_residual import WideResNetBlockForward, row_macs
+from .torch_rows import CHUNK_ELEMENTS, module_rows
 from .torch_residual import supported as residual_supported
 
-CHUNK_ELEMENTS = 1 << 22  # activation elements per batched call (bounds the temporaries, ~16 MB float32)
 
 
 def _lenet_layers(model: nn.Module):
@@ -97,18 +97,11 @@ class LeNetBlockForward:
     def logits(self, blocks: np.ndarray, values: list[np.ndarray]) -> np.ndarray:
         """Logits [n, B, classes] of the rows that replace block ``blocks[i]``'s values by ``values[i]``."""
         blocks = np.asarray(blocks)
-        out = np.empty((len(blocks), *self.z.shape), dtype=np.float32)
-        modules = self.blocks.module[blocks]
-        for m in np.unique(modules):
-            if int(m) not in self.kind:
-                raise ValueError(f"incremental block forward: no rule for module {self.blocks.modules[m]!r}")
-            rows = np.flatnonzero(modules == m)
-            step = self._chunk(int(m))
-            for s in range(0, rows.size, step):
-                i = rows[s:s + step]
-                v = torch.from_numpy(np.stack([values[j] for j in i]))
-                out[i] = self.kind[int(m)](torch.from_numpy(self.blocks.row[blocks[i]]), v[:, :-1], v[:, -1]).numpy()
-        return out
+        missing = set(np.unique(self.blocks.module[blocks]).tolist()) - set(self.kind)
+        if missing:
+            raise ValueError(f"incremental block forward: no rule for module {self.blocks.modules[min(missing)]!r}")
+        return module_rows(self.blocks, blocks, values, self.z.shape, self._chunk,
+                           lambda m, c, v: self.kind[m](c, v[:, :-1], v[:, -1]))
 
     def _chunk(self, m: int) -> int:
         b, c2, h, w = self.a2.shape

@@ -35,7 +35,7 @@ from torch import nn
 from baffle_edge.models import WideBlock, WideResNet
 from baffle_edge.perturb import BlockTable
 
-CHUNK_ELEMENTS = 1 << 22  # activation elements per batched call (bounds the temporaries, ~16 MB float32)
+from .torch_rows import CHUNK_ELEMENTS, module_rows
 
 
 def supported(model: nn.Module) -> bool:
@@ -140,18 +140,11 @@ class WideResNetBlockForward:
     def logits(self, blocks: np.ndarray, values: list[np.ndarray]) -> np.ndarray:
         """Logits [n, B, classes] of the rows that replace block ``blocks[i]``'s values by ``values[i]``."""
         blocks = np.asarray(blocks)
-        out = np.empty((len(blocks), *self.z.shape), dtype=np.float32)
-        modules = self.blocks.module[blocks]
-        for m in np.unique(modules):
-            kind, i = self.rule[int(m)]
-            rows = np.flatnonzero(modules == m)
-            step = max(1, CHUNK_ELEMENTS // self._row_elements(kind, i))
-            for s in range(0, rows.size, step):
-                r = rows[s:s + step]
-                c = torch.from_numpy(self.blocks.row[blocks[r]])
-                v = torch.from_numpy(np.stack([values[j] for j in r]))
-                out[r] = (self._head(c, v[:, :-1], v[:, -1]) if kind == "head" else self._row(kind, i, c, v)).numpy()
-        return out
+        def run(m: int, c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kind, i = self.rule[m]
+            return self._head(c, v[:, :-1], v[:, -1]) if kind == "head" else self._row(kind, i, c, v)
+        return module_rows(self.blocks, blocks, values, self.z.shape,
+                           lambda m: CHUNK_ELEMENTS // self._row_elements(*self.rule[m]), run)
 
     def _row_elements(self, kind: str, i: int) -> int:
         if kind == "head":
