@@ -107,12 +107,15 @@ def read_runtime_files(bundle_dir, fmt: str) -> dict[str, bytes]:
 class LeanLedger:
     """What one lean int8 device downloads per round when it took part in the previous one (the simulation's
     ``bytes_down``; the gateway's lean device does exactly this, docs/gateway.md "Lean downloads"): the integers
-    as a zlib delta against the last round's, and a re-exported bundle's files zlib'd against the held ones."""
+    as a zlib delta against the last round's, and a re-exported bundle's files zlib'd against the held ones.
+    ``state()`` / ``LeanLedger(**state)`` carry what the device holds across a resumed run."""
 
-    def __init__(self) -> None:
-        self.ints: bytes | None = None
-        self.generation: int | None = None
-        self.files: dict[str, bytes] = {}
+    def __init__(self, ints: bytes | None = None, files: dict[str, bytes] | None = None) -> None:
+        self.ints = ints
+        self.files = dict(files or {})
+
+    def state(self) -> dict:
+        return {"ints": self.ints, "files": dict(self.files)}
 
     def integers(self, payload: bytes) -> int:
         n = len(deflate(payload if self.ints is None or len(self.ints) != len(payload)
@@ -120,12 +123,10 @@ class LeanLedger:
         self.ints = payload
         return n
 
-    def bundle(self, generation: int, files: Callable[[], dict[str, bytes]]) -> int:
-        """Bytes of the bundle files (``files()``: name -> content, read only when needed) when ``generation`` is
-        new to the device, else 0."""
-        if generation == self.generation:
-            return 0
-        files = files()
-        n = sum(len(deflate(data, self.files.get(name))) for name, data in files.items())
-        self.generation, self.files = generation, dict(files)
+    def bundle(self, files: dict[str, bytes]) -> int:
+        """Bytes of the bundle files (name -> content) that differ from the held ones, each zlib'd with the held
+        file of its name as the dictionary; 0 when the device holds them all."""
+        n = sum(len(deflate(data, self.files.get(name))) for name, data in files.items()
+                if self.files.get(name) != data)
+        self.files = dict(files)
         return n

@@ -336,7 +336,7 @@ class Federation:
         if not lean or table is None or self.server.strategy.local_steps != 1 or self.bundle_dir is None:
             return sum(4 * self.server.dim + wire_bytes(t) for t in tasks)
         lean = self.lean.integers(downloads.int_payload(table, weights)) + self.lean.bundle(
-            self.bundle_generation, lambda: downloads.read_runtime_files(self.bundle_dir, self.runtime_info.format))
+            downloads.read_runtime_files(self.bundle_dir, self.runtime_info.format))
         return sum(lean + wire_bytes(t) for t in tasks)
 
     def evaluate(self) -> dict:
@@ -375,7 +375,8 @@ def save_checkpoint(path: Path, fed: Federation, next_round: int, history: list[
              "server": fed.server.state_dict(), "history": json.dumps(history),
              "refresh_weights": fed.refresh_weights,
              "block_draw": json.dumps(fed.block_draw.state()) if fed.block_draw is not None else None,
-             "estimator": 1}  # the config's open noise / k resolve by config.run_choices (block default)
+             "estimator": 1,  # the config's open noise / k resolve by config.run_choices (block default)
+             "lean": fed.lean.state()}  # what lean devices hold (bytes_down of the next round)
     _atomic_write(path, lambda p: torch.save(state, p))
 
 
@@ -424,6 +425,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         fed.server.load_state_dict(state["server"])
         if fed.bundle_dir is not None and state.get("refresh_weights") is not None:
             fed.refresh_bundle(state["refresh_weights"])  # the bundle the interrupted run was using
+        if state.get("lean") is not None:
+            fed.lean = downloads.LeanLedger(**state["lean"])
         if fed.block_draw is not None and state.get("block_draw"):
             fed.block_draw.load_state(json.loads(state["block_draw"]))
         start_round, history = int(state["next_round"]), json.loads(state["history"])
