@@ -23,8 +23,8 @@ from baffle_edge.flower.client import client_query, client_train  # noqa: E402
 from baffle_edge.protocol import ClientReport  # noqa: E402
 
 
-def strip(metrics):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in metrics["rounds"]]
+def strip(metrics, *, drop=("seconds",)):
+    return [{k: v for k, v in r.items() if k not in drop} for r in metrics["rounds"]]
 
 
 class LoopbackGrid:
@@ -207,7 +207,10 @@ def test_deployment_apps_on_node_data_reproduce_in_process_train(tmp_path):
     fl = runconfig.FlowerConfig(out=str(tmp_path / "flower"), client_data="node")
     got = train(CFG, tmp_path / "flower", progress=False, gather=gather.FlowerGather(grid, CFG, fl))
     local = train(CFG, tmp_path / "local", progress=False)
-    assert strip(got) == strip(local)
+    # identical but for bytes down: Flower's messages carry float32 weights, an in-process int8 run counts a lean
+    # device's integers (docs/gateway.md "Lean downloads")
+    assert strip(got, drop=("seconds", "bytes_down")) == strip(local, drop=("seconds", "bytes_down"))
+    assert all(f["bytes_down"] > 3 * 4 * 26_730 > l["bytes_down"] for f, l in zip(got["rounds"], local["rounds"]))
     assert [r["clients_accepted"] for r in got["rounds"]] == [3, 3]
     assert grid.sent.count(("query", 1000)) == 1  # each node is asked for its partition once
     # the round's int8 bundle travels with the task: the client can run without the server's files

@@ -13,8 +13,8 @@ from baffle_edge.flower import LocalFederation, simulate, write_app, write_shard
 from baffle_edge.simulate import TrainConfig, train  # noqa: E402
 
 
-def strip(rounds):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rounds]
+def strip(rounds, *, drop=("seconds",)):
+    return [{k: v for k, v in r.items() if k not in drop} for r in rounds]
 
 
 def test_flower_simulation_runtime_matches_in_process_train(tmp_path):
@@ -96,7 +96,8 @@ def test_secure_deployment_survives_a_vanished_supernode_and_refuses_intruders(t
     got = final["rounds"]
     assert final["final"]["complete"] and len(got) == rounds
     # before the fault the deployment equals the in-process run exactly (same seed, same data)
-    assert strip(got[:2]) == strip(local["rounds"][:2])
+    # ... but for bytes down (Flower sends float32 weights; an in-process int8 run counts lean devices' integers)
+    assert strip(got[:2], drop=("seconds", "bytes_down")) == strip(local["rounds"][:2], drop=("seconds", "bytes_down"))
     assert all(r["rejected"] == {} for r in got)
     print("deployment rounds:", [(r["round"], r["clients_accepted"], r["absent"], round(r["seconds"], 1))
                                  for r in got], "start-up:", fed.timings)
