@@ -44,3 +44,26 @@ def _auto_p_cache(tmp_path_factory, monkeypatch):
     """auto-P calibrations (runtimes/batching.py) go to a per-run temporary cache, never ~/.cache."""
     from baffle_edge.runtimes.batching import CACHE_ENV
     monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "auto-p-cache"))
+
+
+def assert_rows_equal_full_forwards(session, table, x, y, chosen, *, moves: bool = False) -> None:
+    """A torch session's incremental block rows (``session.block_forward``) for blocks ``chosen`` of ``table``,
+    each moved by N(0, 0.3^2), equal full forwards at those weights: logits within 1e-5, losses within 1e-6
+    relative; with ``moves`` each row must also move the logits (the row was not a no-op)."""
+    from baffle_edge.client import cross_entropy
+    fwd, w0 = session.block_forward, session.w0
+    rng = np.random.default_rng(3)
+    values = [w0[table.index[table.bounds[b]:table.bounds[b + 1]]]
+              + rng.standard_normal(table.sizes[b]).astype(np.float32) * np.float32(0.3) for b in chosen]
+    base = fwd.cache(session.prepare(x))
+    got = fwd.logits(chosen, values)
+    for i, b in enumerate(chosen):
+        w = w0.copy()
+        w[table.index[table.bounds[b]:table.bounds[b + 1]]] = values[i]
+        want = session.evaluate(session.prepare(x), [w])[0]
+        session.restore()
+        module = table.modules[table.module[b]]
+        if moves:
+            assert not np.allclose(want, base, atol=1e-4), module  # the row did move the logits
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5, err_msg=module)
+        assert abs(cross_entropy(got[i], y) / cross_entropy(want, y) - 1) < 1e-6, module

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
 from baffle_edge.runtimes.torch_runtime import TorchSession
-from conftest import exact_grad
+from conftest import assert_rows_equal_full_forwards, exact_grad
 
-from baffle_edge.client import Batch, cross_entropy, run_task, step_losses
+from baffle_edge.client import Batch, run_task, step_losses
 from baffle_edge.estimator import cosine, stein_gradient
 from baffle_edge.models import ModelConfig, Norm, build_model
 from baffle_edge.params import flat_params, layout_of
@@ -91,20 +91,7 @@ def test_incremental_logits_for_every_kind_of_block(lenet_batch, table):
     that activations cross the Hardswish knees and the max-pool winners change)."""
     model, x, y = lenet_batch
     session = TorchSession(model)
-    fwd, w0 = session.block_forward, session.w0
-    chosen = np.array([0, 7, 15, 16, 50, 79, 80, 85, 89])
-    rng = np.random.default_rng(3)
-    values = [w0[table.index[table.bounds[b]:table.bounds[b + 1]]]
-              + rng.standard_normal(table.sizes[b]).astype(np.float32) * np.float32(0.3) for b in chosen]
-    fwd.cache(session.prepare(x))
-    got = fwd.logits(chosen, values)
-    for i, b in enumerate(chosen):
-        w = w0.copy()
-        w[table.index[table.bounds[b]:table.bounds[b + 1]]] = values[i]
-        want = session.evaluate(session.prepare(x), [w])[0]
-        session.restore()
-        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
-        assert abs(cross_entropy(got[i], y) / cross_entropy(want, y) - 1) < 1e-6
+    assert_rows_equal_full_forwards(session, table, x, y, np.array([0, 7, 15, 16, 50, 79, 80, 85, 89]))
 
 
 @pytest.mark.parametrize("weights", [None, (7, 1, 30)])  # size draw (section 8), weighted (section 11)

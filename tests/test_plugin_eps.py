@@ -122,6 +122,20 @@ def export(tmp_path, *extra):
     return out
 
 
+def device_and_cpu(bundle, provider: str):
+    """The bundle's onnxruntime-int8 sessions on ``provider`` and on CPU at the same N(0, 0.1) weights, and a batch
+    of 8 digits-shaped inputs prepared by each: (device, cpu, x_device, x_cpu)."""
+    import json
+    from baffle_edge.runtimes import get_runtime
+    meta = json.loads((bundle / "baffle.json").read_text())
+    w = np.random.default_rng(1).normal(0, 0.1, int(meta["model"]["parameters"])).astype(np.float32)
+    x = np.random.default_rng(2).random((8, 1, 8, 8), dtype=np.float32)
+    dev, cpu = (get_runtime("onnxruntime-int8", provider=p).load(bundle) for p in (provider, "cpu"))
+    for s in (dev, cpu):
+        s.set_weights(w)
+    return dev, cpu, dev.prepare(x), cpu.prepare(x)
+
+
 @pytest.mark.slow
 def test_per_channel_bundle_on_htp_fails_with_the_cause(qnn, tmp_path):
     """The CPU targets' int8 train graph (per-channel conv weights as inputs) is refused by the HTP:
@@ -141,17 +155,10 @@ def test_qnn_htp_target_bundle_wholly_on_htp(qnn, tmp_path):
     import json
 
     import onnx
-    from baffle_edge.runtimes import get_runtime
     out = export(tmp_path, "--target", "qnn-htp")
-    meta = json.loads((out / "baffle.json").read_text())
-    entry = meta["formats"]["onnx-int8"]
+    entry = json.loads((out / "baffle.json").read_text())["formats"]["onnx-int8"]
     assert entry["per_channel"] is False and entry["logits"] == "uint16"
-    w = np.random.default_rng(1).normal(0, 0.1, int(meta["model"]["parameters"])).astype(np.float32)
-    x = np.random.default_rng(2).random((8, 1, 8, 8), dtype=np.float32)
-    htp, cpu = (get_runtime("onnxruntime-int8", provider=p).load(out) for p in ("qnn-htp", "cpu"))
-    for s in (htp, cpu):
-        s.set_weights(w)
-    xh, xc = htp.prepare(x), cpu.prepare(x)
+    htp, cpu, xh, xc = device_and_cpu(out, "qnn-htp")
     p = htp.placement
     assert p.device_mac_share == 1.0 and p.macs_on_device == 8 * (16 * 64 * 25 + 64 * 16 * 400 + 10 * 64), p.to_json()
     assert p.nodes["/fc/Gemm"] == ("Gemm", "qnn-htp"), p.to_json()
@@ -216,15 +223,8 @@ def test_openvino_runs_the_int8_train_graph_wholly(tmp_path):
     2% of the largest CPU int8 logit on the same integers (measured: 0.4%)."""
     pytest.importorskip("onnxruntime_ep_openvino", reason="pip install 'baffle-edge[openvino]'")
     import json
-    from baffle_edge.runtimes import get_runtime
     out = export(tmp_path, "--target", "x86-vnni", "--formats", "onnx-int8")
-    meta = json.loads((out / "baffle.json").read_text())
-    w = np.random.default_rng(1).normal(0, 0.1, int(meta["model"]["parameters"])).astype(np.float32)
-    x = np.random.default_rng(2).random((8, 1, 8, 8), dtype=np.float32)
-    ov, cpu = (get_runtime("onnxruntime-int8", provider=p).load(out) for p in ("openvino", "cpu"))
-    for s in (ov, cpu):
-        s.set_weights(w)
-    xo, xc = ov.prepare(x), cpu.prepare(x)
+    ov, cpu, xo, xc = device_and_cpu(out, "openvino")
     p = ov.placement
     assert p.device_mac_share == 1.0 and p.fallback() == [] and p.weights_on("cpu", "unassigned") == [], p.to_json()
     q = ov.weight_set(0, None, None)

@@ -6,8 +6,9 @@ import pytest
 from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
 from baffle_edge.runtimes.torch_residual import WideResNetBlockForward
 from baffle_edge.runtimes.torch_runtime import TorchSession
+from conftest import assert_rows_equal_full_forwards
 
-from baffle_edge.client import Batch, cross_entropy
+from baffle_edge.client import Batch
 from baffle_edge.models import ModelConfig, Norm, build_model
 from baffle_edge.params import layout_of
 from baffle_edge.perturb import BlockTable, NoiseKind
@@ -40,22 +41,10 @@ def test_rows_of_every_module_equal_full_forwards(wrn, norm):
     model = wrn[0] if norm is Norm.GROUP else build_model(ModelConfig("wrn-10-2", 1, 8, 10, norm=norm), seed=0)
     _, x, y = wrn
     session = TorchSession(model)
-    fwd, t, w0 = session.block_forward, session.blocks, session.w0
+    t = session.blocks
     per_module = [np.flatnonzero(t.module == m) for m in range(len(t.modules))]
     chosen = np.concatenate([[b[0], b[len(b) // 2], b[-1]] for b in per_module])  # first, middle, last channel
-    rng = np.random.default_rng(3)
-    values = [w0[t.index[t.bounds[b]:t.bounds[b + 1]]]
-              + rng.standard_normal(t.sizes[b]).astype(np.float32) * np.float32(0.3) for b in chosen]
-    base = fwd.cache(session.prepare(x))
-    got = fwd.logits(chosen, values)
-    for i, b in enumerate(chosen):
-        w = w0.copy()
-        w[t.index[t.bounds[b]:t.bounds[b + 1]]] = values[i]
-        want = session.evaluate(session.prepare(x), [w])[0]
-        session.restore()
-        assert not np.allclose(want, base, atol=1e-4), t.modules[t.module[b]]  # the row did move the logits
-        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
-        assert abs(cross_entropy(got[i], y) / cross_entropy(want, y) - 1) < 1e-6, t.modules[t.module[b]]
+    assert_rows_equal_full_forwards(session, t, x, y, chosen, moves=True)
 
 
 @pytest.mark.parametrize("scheme", ["forward", "central"])
