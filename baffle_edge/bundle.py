@@ -98,3 +98,15 @@ def read_bundle(path: str | Path) -> Bundle:
         raise ValueError(f"{meta_path}: schema_version {meta.get('schema_version') if isinstance(meta, dict) else None!r}"
                          f" is not supported (expected {SCHEMA_VERSION})")
     return Bundle(path, meta)
+
+
+PLAN_KINDS = ("chain", "graph")  # baffle.json formats.<fmt>.blocks "kind" (absent: chain): export/blocks.py,
+# export/graph_blocks.py; the TypeScript client runs chains only (clients/js/src/segments.ts)
+
+
+def plan_roles(plan: dict) -> list[str]:
+    """The bundle file roles a block plan's graphs have (export/blocks.ChainPlan, export/graph_blocks.GraphPlan)."""
+    if plan.get("kind", "chain") == "chain":
+        return ["block_cache", *(f"block_seg{i}" for i in range(len(plan["modules"])))]
+    return ["block_cache", *(r for i, s in enumerate(plan["segments"])
+                             for r in (f"block_mod{i}", *((f"block_rest{i}",) if s["output"] != plan["output"] else ())))]

@@ -23,9 +23,13 @@ the graphs (export writes them into the bundle; the runtime builds them at load 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import onnx
 from onnx import shape_inference
+
+if TYPE_CHECKING:
+    from .graph_blocks import GraphPlan
 
 CHANNELWISE = {"QuantizeLinear", "DequantizeLinear", "Relu", "HardSwish", "HardSigmoid", "Clip", "Sigmoid", "Tanh",
                "LeakyRelu", "Elu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten",
@@ -61,14 +65,22 @@ def chain_plan(proto: onnx.ModelProto, param_inputs: dict[str, list[str]]) -> Ch
     return plan
 
 
-def _plan(proto: onnx.ModelProto, param_inputs: dict[str, list[str]]) -> ChainPlan:
-    """``chain_plan`` before its segments are checked: the modules, their inputs and the boundaries."""
+@dataclass(frozen=True)
+class Module:
+    """One Conv/Gemm module of a train graph: what a block row perturbs."""
+    name: str
+    params: tuple[str, ...]  # its graph inputs (weights, bias), in parameter order
+    data: str  # the tensor it reads (int8: the quantized tensor the fused QLinearConv/QGemm reads)
+    output: str  # the Conv/Gemm node's output
+    channels: int  # output channels (rows)
+
+
+def graph_modules(proto: onnx.ModelProto, param_inputs: dict[str, list[str]]) -> list[Module]:
+    """The modules of a train graph whose parameters are graph inputs, in ``param_inputs`` order; a
+    ValueError names a module whose weight does not feed exactly one Conv / Gemm (transB) node."""
     g = proto.graph
     producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = consumer_map(proto)
 
     def through_dq(name: str) -> str:
         """Follow a parameter input through its DequantizeLinear (int8 graphs) to what the module reads."""
@@ -77,7 +89,7 @@ def _plan(proto: onnx.ModelProto, param_inputs: dict[str, list[str]]) -> ChainPl
             return users[0].output[0]
         return name
 
-    modules, params, starts, channels = [], [], [], []
+    out = []
     for module, inputs in param_inputs.items():
         weight = through_dq(inputs[0])
         users = consumers.get(weight, [])
@@ -92,12 +104,26 @@ def _plan(proto: onnx.ModelProto, param_inputs: dict[str, list[str]]) -> ChainPl
                 and producer[dq.input[0]].op_type == "QuantizeLinear":
             data = dq.input[0]  # int8: the quantized tensor the fused QLinearConv/QGemm reads
         dims = next(i for i in g.input if i.name == inputs[0]).type.tensor_type.shape.dim
-        modules.append(module)
-        params.append(tuple(inputs))
-        starts.append(data)
-        channels.append(int(dims[0].dim_value))
-    boundaries = [g.input[0].name] + starts[1:] + [g.output[0].name]
-    return ChainPlan(tuple(modules), tuple(params), tuple(boundaries), tuple(channels))
+        out.append(Module(module, tuple(inputs), data, node.output[0], int(dims[0].dim_value)))
+    return out
+
+
+def consumer_map(proto: onnx.ModelProto) -> dict[str, list]:
+    """tensor name -> the nodes that read it, in graph order."""
+    consumers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return consumers
+
+
+def _plan(proto: onnx.ModelProto, param_inputs: dict[str, list[str]]) -> ChainPlan:
+    """``chain_plan`` before its segments are checked: the modules, their inputs and the boundaries."""
+    g = proto.graph
+    modules = graph_modules(proto, param_inputs)
+    boundaries = [g.input[0].name] + [m.data for m in modules[1:]] + [g.output[0].name]
+    return ChainPlan(tuple(m.name for m in modules), tuple(m.params for m in modules), tuple(boundaries),
+                     tuple(m.channels for m in modules))
 
 
 def _segments(proto: onnx.ModelProto, plan: ChainPlan) -> list[onnx.ModelProto]:
@@ -167,12 +193,13 @@ def _cut(inferred: onnx.ModelProto, inputs: list[str], out: str, module: str) ->
     return m
 
 
-def cache_graph(proto: onnx.ModelProto, plan: ChainPlan) -> onnx.ModelProto:
-    """The train graph with the inner boundaries B_1 .. B_{L-1} as extra outputs."""
+def cache_graph(proto: onnx.ModelProto, cached: list[str]) -> onnx.ModelProto:
+    """The train graph with the tensors ``cached`` as extra outputs (a chain: the inner boundaries
+    B_1 .. B_{L-1}; a graph plan: every tensor a segment reads, ``GraphPlan.cached``)."""
     inferred = shape_inference.infer_shapes(proto)
     info = {v.name: v for v in inferred.graph.value_info}
     out = onnx.ModelProto.FromString(proto.SerializeToString())
-    for b in plan.boundaries[1:-1]:
+    for b in cached:
         v = onnx.ValueInfoProto.FromString(info[b].SerializeToString())
         v.type.tensor_type.shape.dim[0].dim_param = "batch"
         out.graph.output.append(v)
@@ -183,7 +210,7 @@ def cache_graph(proto: onnx.ModelProto, plan: ChainPlan) -> onnx.ModelProto:
 def segment_graphs(proto: onnx.ModelProto, plan: ChainPlan) -> dict[str, onnx.ModelProto]:
     """{"block_cache": cache graph, "block_seg0": seg 0, ...}; raises ValueError where the plan is not
     a chain (``chain_plan``'s checks, made while the segments are cut)."""
-    return {"block_cache": cache_graph(proto, plan),
+    return {"block_cache": cache_graph(proto, list(plan.boundaries[1:-1])),
             **{f"block_seg{i}": seg for i, seg in enumerate(_segments(proto, plan))}}
 
 
@@ -197,18 +224,29 @@ def module_inputs(layout_specs, input_of) -> dict[str, list[str]]:
     return out
 
 
-def block_graphs(proto: onnx.ModelProto, parameters, table=None) -> tuple[ChainPlan, dict[str, onnx.ModelProto]]:
-    """The chain plan and graphs of a train graph (``parameters``: baffle.json's list or a layout's
-    specs; ``table``: an int8 graph's quant.QuantTable, whose tensors name the graph inputs).
-    Raises ValueError when the model is not a chain of channel-local modules."""
+def block_graphs(proto: onnx.ModelProto, parameters, table=None) -> tuple[ChainPlan | GraphPlan, dict[str, onnx.ModelProto]]:
+    """The block plan and graphs of a train graph (``parameters``: baffle.json's list or a layout's
+    specs; ``table``: an int8 graph's quant.QuantTable, whose tensors name the graph inputs): the chain
+    plan when the model is a chain of channel-local modules, else the graph plan (export/graph_blocks.py:
+    residual adds, normalisation). Raises ValueError saying why when neither applies."""
+    from .graph_blocks import graph_plan, graph_segments
     inputs = {t.name: t.input for t in table.tensors} if table is not None else {}
-    plan = _plan(proto, module_inputs(parameters, lambda n: inputs.get(n, n)))
-    return plan, segment_graphs(proto, plan)  # cutting the segments checks the chain
+    param_inputs = module_inputs(parameters, lambda n: inputs.get(n, n))
+    try:
+        plan = _plan(proto, param_inputs)
+        return plan, segment_graphs(proto, plan)  # cutting the segments checks the chain
+    except ValueError as chain_error:
+        try:
+            graph = graph_plan(proto, param_inputs)
+        except ValueError as e:
+            raise ValueError(f"{e} (and not a chain: {chain_error})") from None
+    return graph, graph_segments(proto, graph)
 
 
 def add_block_graphs(folder, entry: dict, parameters, table=None) -> str | None:
     """Write a format's block graphs next to its train graph and list them in its baffle.json entry
-    (``files``: block_cache, block_seg0, ...; ``blocks``: the plan). Returns why not, or None."""
+    (``files``: block_cache, block_seg0, ... for a chain, block_mod0, block_rest0, ... for a graph plan;
+    ``blocks``: the plan). Returns why not, or None."""
     from pathlib import Path
     train = entry["files"]["train"]
     try:

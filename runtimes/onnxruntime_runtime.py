@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from baffle_edge.bundle import read_bundle
+from baffle_edge.bundle import PLAN_KINDS, plan_roles, read_bundle
 from baffle_edge.client import BaseSession, FloatWeights, StepWeights
 from baffle_edge.perturb import BlockTable
 from baffle_edge.protocol import Domain
@@ -119,11 +119,17 @@ class OrtSession(LazyBlockForward, AutoP, BaseSession):
     def _init_block_forward(self) -> None:
         """The incremental block forward from the bundle's block graphs, or cut now from its train
         graph (bundles exported before block noise, or shipped without the block files, as Flower's
-        task messages do; needs ``onnx``). Not a chain: rows run as full forwards (the reason is
-        kept in ``block_forward_reason``). A listed block file that fails its sha256 is an error."""
+        task messages do; needs ``onnx``). No plan (a module that is not a Conv/Gemm) or a plan of a
+        kind this version does not know: rows run as full forwards (the reason is kept in
+        ``block_forward_reason``). A listed block file that fails its sha256 is an error."""
         from .ort_incremental import OrtBlockForward
         plugin = PLUGINS.get(self._options["provider"])
         entry = self.bundle.meta["formats"][self.fmt]
+        kind = entry.get("blocks", {}).get("kind", "chain")
+        if kind not in PLAN_KINDS:
+            self.block_forward_reason = (f"the bundle's block plan is of kind {kind!r}, which this version does not "
+                                         f"run (known: {', '.join(PLAN_KINDS)}): block rows run as full forwards")
+            return
         found = self._block_files(entry) or self._cut_block_graphs(entry)
         if found is not None:
             plan, graphs = found
@@ -131,19 +137,21 @@ class OrtSession(LazyBlockForward, AutoP, BaseSession):
                                                  lambda g: make_session(g, **self._options),
                                                  static_batch=plugin is not None and plugin.static_batch)
 
-    def _block_files(self, entry: dict) -> tuple[dict, list[Path]] | None:
-        """(plan, [cache, seg 0, ...]) of the bundle's verified block graphs; None if it has none."""
+    def _block_files(self, entry: dict) -> tuple[dict, dict[str, Path]] | None:
+        """(plan, {role: file}) of the bundle's verified block graphs; None if it lacks any of them."""
         if "blocks" not in entry:
             return None
         plan = entry["blocks"]
+        roles = plan_roles(plan)
+        if any(r not in entry["files"] for r in roles):
+            return None
         try:
-            return plan, [self.bundle.file(self.fmt, "block_cache"),
-                          *(self.bundle.file(self.fmt, f"block_seg{i}") for i in range(len(plan["modules"])))]
+            return plan, {r: self.bundle.file(self.fmt, r) for r in roles}
         except FileNotFoundError:
             return None
 
-    def _cut_block_graphs(self, entry: dict) -> tuple[dict, list[bytes]] | None:
-        """(plan, serialized graphs) cut now from the train graph (export/blocks.py, needs ``onnx``);
+    def _cut_block_graphs(self, entry: dict) -> tuple[dict, dict[str, bytes]] | None:
+        """(plan, {role: serialized graph}) cut now from the train graph (export/blocks.py, needs ``onnx``);
         None, with the reason in ``block_forward_reason``, when that is not possible."""
         try:
             import onnx
@@ -151,15 +159,15 @@ class OrtSession(LazyBlockForward, AutoP, BaseSession):
         except ImportError as e:
             self.block_forward_reason = entry.get("blocks_unsupported") or (
                 f"the bundle has no block graphs and building them needs onnx ({e}): pip install onnx, or export "
-                "the bundle with this version of baffle-edge (it writes them for chain models)")
+                "the bundle with this version of baffle-edge (it writes them for models of Conv/Gemm modules)")
             return None
         try:
             proto = onnx.load(str(self.bundle.file(self.fmt, "train")))
-            chain, protos = block_graphs(proto, self.bundle.meta["parameters"], self.table)
+            plan, protos = block_graphs(proto, self.bundle.meta["parameters"], self.table)
         except ValueError as e:
             self.block_forward_reason = str(e)
             return None
-        return chain.to_json(), [g.SerializeToString() for g in protos.values()]
+        return plan.to_json(), {r: g.SerializeToString() for r, g in protos.items()}
 
     def use_p(self, p: int) -> None:
         """Evaluate ``p`` sets per call (the ``train_p{p}`` graph for p > 1)."""

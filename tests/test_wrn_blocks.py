@@ -91,3 +91,103 @@ def test_affine_group_norm_falls_back_to_full_forwards():
     assert session.block_forward is None
     full, per = block_macs(model, 8)
     assert (per == full).all()
+
+
+# --- ONNX Runtime: the graph plan's module and rest segments (export/graph_blocks.py) ---------------------------
+
+def _ort_bundle(tmp_path_factory, size: int, data):
+    from baffle_edge.export.bundle import ExportConfig, export_bundle
+    cfg = ModelConfig("wrn-10-2", 1, size, 10, norm=Norm.GROUP)
+    model = build_model(cfg, seed=0)
+    out = tmp_path_factory.mktemp(f"wrn{size}") / "b"
+    export_bundle(model, cfg, data, out, ExportConfig(formats=("onnx", "onnx-int8")))
+    return model, out
+
+
+@pytest.fixture(scope="module")
+def ort_wrn8(tmp_path_factory, digits):
+    return _ort_bundle(tmp_path_factory, 8, digits)
+
+
+@pytest.fixture(scope="module")
+def ort_wrn28(tmp_path_factory):
+    from baffle_edge.data import load_dataset
+    try:
+        data = load_dataset("fashion-mnist")
+    except (FileNotFoundError, ValueError) as e:
+        pytest.skip(f"Fashion-MNIST not installed: {e}")
+    model, out = _ort_bundle(tmp_path_factory, 28, data)
+    return model, out, data.x_test[:6], data.y_test[:6]
+
+
+def _ort_session(bundle, runtime, model):
+    from baffle_edge.params import flat_params
+    from baffle_edge.runtimes import get_runtime
+    s = get_runtime(runtime).load(bundle, threads=1)
+    s.set_weights(flat_params(model).numpy())
+    return s
+
+
+def assert_ort_rows_equal_full_forwards(s, x, sign: int) -> None:
+    """Rows of the first, middle and last channel of every module (stem, conv1, conv2, shortcut, head) through
+    the session's segments = full forwards of the train graph at the same weights, bit for bit (logits and
+    losses); every row moves the logits. fp32: w0 + sign * 0.05 N(0, 1); int8: sign * 4 whole steps."""
+    from baffle_edge.perturb import rademacher_negative
+    t, fwd = s.blocks, s.block_forward
+    assert fwd is not None and fwd.kind == "graph", s.block_forward_reason
+    chosen = np.concatenate([[b[0], b[len(b) // 2], b[-1]] for b in (np.flatnonzero(t.module == m)
+                                                                    for m in range(len(t.modules)))])
+    rng = np.random.default_rng(4)
+    idx = [t.index[t.bounds[b]:t.bounds[b + 1]] for b in chosen]
+    if s.domain.value == "int8-step":
+        # 4 whole steps, not m_b: the stem's m_b = 183 would freeze every one of its 9 integers
+        steps = [np.where(rng.random(len(i)) < 0.5, -4, 4) for i in idx]
+        values = [s.flat.moved(i, st, sign) for i, st in zip(idx, steps)]
+    else:
+        values = [s.w0[i] + np.float32(sign * 0.05) * rng.standard_normal(len(i)).astype(np.float32) for i in idx]
+    x = s.prepare(x)
+    base = fwd.cache(x)
+    got = fwd.logits(chosen, values)
+    for r, (i, v) in enumerate(zip(idx, values)):
+        if s.domain.value == "int8-step":
+            q = s.flat.moved(slice(None), np.zeros(s.dim, np.int64))
+            q[i] = v
+            w = s.flat.tensors(s.table, q)
+        else:
+            w = s.w0.copy()
+            w[i] = v
+        want = s.forward(x, w)
+        module = t.modules[t.module[chosen[r]]]
+        assert not np.array_equal(want, base), module  # the row moved the logits
+        assert np.array_equal(got[r], want), (module, np.abs(got[r] - want).max())
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime-int8", "onnxruntime"])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_ort_rows_of_every_module_equal_full_forwards(ort_wrn8, wrn, runtime, sign):
+    """ONNX Runtime, digits 8x8: every module kind's rows bit-identical to full forwards (fp32 and int8)."""
+    model, bundle = ort_wrn8
+    assert_ort_rows_equal_full_forwards(_ort_session(bundle, runtime, model), wrn[1], sign)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime-int8", "onnxruntime"])
+def test_ort_rows_equal_full_forwards_at_28x28(ort_wrn28, runtime):
+    """Fashion-MNIST 28x28 images (the size WRN-10-2 trains at): the same, both signs."""
+    model, bundle, x, _ = ort_wrn28
+    s = _ort_session(bundle, runtime, model)
+    for sign in (1, -1):
+        assert_ort_rows_equal_full_forwards(s, x, sign)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime-int8", "onnxruntime"])
+@pytest.mark.parametrize("scheme", ["forward", "central"])
+def test_ort_round_equals_the_full_forward_loop(ort_wrn8, wrn, runtime, scheme):
+    """A block round's losses through the segments = the dense loop's (every row a full forward), bit for bit."""
+    from baffle_edge.client import block_losses, weight_set_losses
+    from baffle_edge.protocol import Domain
+    model, bundle = ort_wrn8
+    _, x, y = wrn
+    s = _ort_session(bundle, runtime, model)
+    task = RoundTask(round=2, client=5, seed=7, k=120, sigma=1e-2, scheme=Scheme(scheme), noise=NoiseKind.BLOCK,
+                     domain=Domain(s.domain))
+    assert np.array_equal(block_losses(s, Batch(x, y), task), weight_set_losses(s, Batch(x, y), task, 0))
