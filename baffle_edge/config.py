@@ -200,21 +200,23 @@ REFRESH_DEFAULT = {"onnx": 1, "onnx-int8": 1, "tflite-int8": 1}  # tflite every 
 ISOTROPIC_K = 100  # K of isotropic noise when --k is not given (the reference MNIST recipe)
 DEFAULT_FORWARD_BUDGET = 101.0  # block noise without --k / --forward-budget: an isotropic K = 100 round's compute
 CHAIN_MODEL_NAMES = ("lenet", "mlp", "mobilenet")  # runtimes/torch_incremental.CHAIN_MODELS by name (torch-free)
-RESIDUAL_MODEL_NAMES = ("wrn-10-2",)  # torch rows re-run from the perturbed module (runtimes/torch_residual.py)
+RESIDUAL_MODEL_NAMES = ("wrn-10-2",)  # rows re-run from the perturbed module (torch_residual.py, ORT graph segments)
 
 
 def has_block_rows(info: RuntimeInfo, model: str, norm: Norm | None = None) -> bool:
-    """Whether ``info`` evaluates block-noise rows of ``model`` for less than a full forward each (the
-    cases runtimes/torch_incremental.block_macs counts below a full forward): torch's delta rule for a
-    norm-free LeNet or a WideResNet (GroupNorm and all: runtimes/torch_residual.py re-runs a row from
-    its module), the chain rule (ONNX Runtime, LiteRT segments) for a norm-free chain model."""
-    if info.block_forward == "delta" and model in RESIDUAL_MODEL_NAMES:
+    """Whether ``info`` evaluates block-noise rows of ``model`` for less than a full forward each, in the
+    cases where block noise was measured to win (runtimes/torch_incremental.block_macs counts the rows):
+    torch's delta rule for a norm-free LeNet or a WideResNet (GroupNorm and all: runtimes/torch_residual.py
+    re-runs a row from its module), ONNX Runtime's graph rule for a WideResNet (export/graph_blocks.py) or a
+    norm-free chain model, LiteRT's chain rule for a norm-free chain model. (ONNX Runtime also has graph
+    rows for a chain model with GroupNorm; block noise was not measured there, so it keeps isotropic noise.)"""
+    if info.block_forward in ("delta", "graph") and model in RESIDUAL_MODEL_NAMES:
         return True
     if (norm if norm is not None else default_norm(model)) is not Norm.NONE:
         return False  # GroupNorm couples a group's channels: chain rows would run as full forwards
     if info.block_forward == "delta":
         return model == "lenet"
-    return info.block_forward == "chain" and model in CHAIN_MODEL_NAMES
+    return info.block_forward in ("chain", "graph") and model in CHAIN_MODEL_NAMES
 
 
 def default_noise(info: RuntimeInfo, model: str, norm: Norm | None = None) -> NoiseKind:

@@ -28,7 +28,7 @@ class RuntimeInfo:
     artifact: str = "torch-model"  # what load() takes: "torch-model" (an nn.Module) or "bundle" (a folder)
     format: str | None = None  # bundle format the runtime reads (export/bundle.py FORMATS)
     domain: str = "float"  # perturbation domain: "float" or "int8-step" (protocol.Domain)
-    block_forward: str = "full"  # how block-noise rows run (torch_incremental.block_macs): delta, chain, full
+    block_forward: str = "full"  # how block-noise rows run (torch_incremental.block_macs): delta, chain, graph, full
     engine: str = "torch"  # what executes the forward: "torch", "onnxruntime" (a provider is chosen), "litert"
     batched: bool = False  # evaluates P perturbations per call (perturbations_per_call; runtimes/batching.py)
 
@@ -54,12 +54,12 @@ REGISTRY: dict[str, RuntimeInfo] = {
                          batched=True),
     "onnxruntime": RuntimeInfo("onnxruntime", "onnxruntime_runtime", "OrtFloatRuntime", ("onnxruntime",), None,
                                "fp32 ONNX graph, trainable tensors fed as inputs (one session for all K)",
-                               artifact="bundle", format="onnx", domain="float", block_forward="chain",
+                               artifact="bundle", format="onnx", domain="float", block_forward="graph",
                                engine="onnxruntime", batched=True),
     "onnxruntime-int8": RuntimeInfo("onnxruntime-int8", "onnxruntime_runtime", "OrtInt8Runtime", ("onnxruntime",),
                                     None, "int8 QDQ graph (QLinearConv/QGemm), integer weights fed as inputs, "
                                     "perturbed by whole quantization steps", artifact="bundle", format="onnx-int8",
-                                    domain="int8-step", block_forward="chain", engine="onnxruntime", batched=True),
+                                    domain="int8-step", block_forward="graph", engine="onnxruntime", batched=True),
     "torch-int8": RuntimeInfo("torch-int8", "torch_int8_runtime", "TorchInt8Runtime", ("torch", "onnxruntime"), None,
                               "int8 oracle: the QDQ graph executed in float32 torch (fake quantization), same "
                               "integer feeds as onnxruntime-int8", artifact="bundle", format="onnx-int8",

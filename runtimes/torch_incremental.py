@@ -152,8 +152,11 @@ def block_macs(model: nn.Module, image_size: int, in_channels: int = 1, *, rule:
 
     * ``"delta"`` (torch): LeNet's conv1 rows push their delta through 1/C1 of conv2 (this module);
       a WideResNet row costs 1/C of its module plus the layers re-run after it (torch_residual.row_macs);
-    * ``"chain"`` (ONNX Runtime segments, runtimes/ort_incremental.py): a row of module i costs
-      1/C_i of module i plus every module after it in full;
+    * ``"chain"`` (LiteRT segments, runtimes/tflite_incremental.py): a chain model's row of module i
+      costs 1/C_i of module i plus every module after it in full;
+    * ``"graph"`` (ONNX Runtime segments, runtimes/ort_incremental.py): any model of Conv/Linear modules
+      (residual adds, parameter-free norms): 1/C of module m plus every module downstream of m in full
+      (a WideResNet unit's conv1 row re-runs that unit's conv2, not its shortcut; a chain: as ``"chain"``);
     * ``"full"``, or a model without an incremental forward: every row costs a full forward."""
     if rule not in BLOCK_RULES:
         raise ValueError(f"unknown block forward rule {rule!r}; known: {', '.join(BLOCK_RULES)}")
@@ -182,16 +185,52 @@ def block_macs(model: nn.Module, image_size: int, in_channels: int = 1, *, rule:
                       names[fc]: fc.in_features}
     elif rule == "delta" and residual_supported(model):  # runtimes/torch_residual.py
         per_module = {names[m]: c for m, c in row_macs(model, macs).items()}
-    elif rule == "chain" and _is_chain(model):  # 1/C_i of module i, then the rest of the chain
-        chain = list(shapes)  # the Conv/Linear modules in execution order (dict order of the hooks)
+    elif (rule == "chain" and _is_chain(model)) or (rule == "graph" and _is_graph(model)):
+        # 1/C of module m, then every module downstream of m in full (a chain: every later module)
+        down = _downstream(model, x)
         per_module = {names[m]: macs[m] // (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
-                      + sum(macs[after] for after in chain[i + 1:]) for i, m in enumerate(chain)}
+                      + sum(macs[n] for n in down[m]) for m in macs}
     else:
         return full, np.full(len(blocks.sizes), full, dtype=np.int64)
     return full, np.array([per_module[blocks.modules[m]] for m in blocks.module], dtype=np.int64)
 
 
-BLOCK_RULES = ("delta", "chain", "full")
+BLOCK_RULES = ("delta", "chain", "graph", "full")
+
+
+def _is_graph(model: nn.Module) -> bool:
+    """Whether every parameter of ``model`` is a Conv/Linear module's (export/graph_blocks.py cuts such a graph)."""
+    return all(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()
+               if any(True for _ in m.parameters(recurse=False)))
+
+
+def _downstream(model: nn.Module, x: torch.Tensor) -> dict[nn.Module, set[nn.Module]]:
+    """Conv/Linear module -> the Conv/Linear modules whose input depends on its output (the autograd
+    graph of one forward on ``x``)."""
+    outputs: dict[object, nn.Module] = {}  # grad_fn of a module's output -> the module
+    reads: dict[nn.Module, object] = {}  # module -> grad_fn of its input
+    def hook(mod, i, o):
+        outputs[o.grad_fn] = mod
+        reads[mod] = i[0].grad_fn
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.enable_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    down: dict[nn.Module, set[nn.Module]] = {m: set() for m in reads}
+    for n, fn in reads.items():
+        seen, stack = set(), [fn]
+        while stack:  # every module output the input of n is computed from
+            f = stack.pop()
+            if f is None or f in seen:
+                continue
+            seen.add(f)
+            if f in outputs:
+                down[outputs[f]].add(n)
+            stack.extend(g for g, _ in f.next_functions)
+    return down
 
 
 def equal_compute_k(model: nn.Module, image_size: int, forwards: float, in_channels: int = 1, *,

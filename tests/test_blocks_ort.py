@@ -157,17 +157,24 @@ def test_train_int8_block_budget(digits, tmp_path):
     assert 2 * 3309 * 2 < m.bytes_up < 2 * (3309 * 2 + 200)  # K' loss scalars per report, compact: 16 bits each
 
 
-def test_models_that_are_not_chains_say_why(tmp_path):
-    """GroupNorm mixes a group's channels: no segments, rows run as full forwards, the reason is kept."""
+def test_models_that_are_not_chains_get_a_graph_plan_or_say_why(tmp_path):
+    """GroupNorm mixes a group's channels: not a chain, but a graph plan (export/graph_blocks.py); a parameter
+    that is not a Conv/Gemm weight gets no plan at all, the reason names its module."""
+    from baffle_edge.export.graph_blocks import graph_plan
     from baffle_edge.export.onnx_export import export_float, params_as_inputs
-    model = build_model(ModelConfig("lenet", 1, 8, 10, norm=Norm.GROUP))
-    layout = layout_of(model)
-    proto = params_as_inputs(export_float(model, np.zeros((1, 1, 8, 8), np.float32), tmp_path / "m.onnx"),
-                             [p.name for p in layout.specs])
+
+    def proto_of(model):
+        layout = layout_of(model)
+        return layout, params_as_inputs(export_float(model, np.zeros((1, 1, 8, 8), np.float32), tmp_path / "m.onnx"),
+                                        [p.name for p in layout.specs])
+    layout, proto = proto_of(build_model(ModelConfig("lenet", 1, 8, 10, norm=Norm.GROUP)))
     with pytest.raises(ValueError, match="features.0"):
         chain_plan(proto, module_inputs(layout.specs, lambda n: n))
-    with pytest.raises(ValueError):
-        block_graphs(proto, layout.to_json())
+    plan, graphs = block_graphs(proto, layout.to_json())
+    assert plan.to_json()["kind"] == "graph" and list(graphs) == plan.roles()
+    assert plan.sides == ((), (), ())  # a chain with norms: nothing beside each module's output is cached
+    with pytest.raises(ValueError, match="'features.0': its weight does not feed exactly one Conv/Gemm"):
+        graph_plan(proto, {"features.0": ["input"]})  # a "parameter" that is a Conv's data, not its weight
 
 
 def test_tampered_block_graph_is_refused(bundle, tmp_path):

@@ -56,7 +56,10 @@ def test_runtimes_and_models_without_block_rows_keep_their_isotropic_default():
     assert run_choices(TrainConfig(model="wrn-10-2")).noise is NoiseKind.BLOCK  # runtimes/torch_residual.py
     assert run_choices(TrainConfig(model="mlp", runtime="onnxruntime")).noise is NoiseKind.BLOCK  # ORT chains
     assert run_choices(TrainConfig(norm="group")).noise is NoiseKind.GAUSSIAN  # GroupNorm couples channels
-    assert run_choices(TrainConfig(model="wrn-10-2", runtime="onnxruntime-int8")).noise is NoiseKind.RADEMACHER
+    for runtime in ("onnxruntime", "onnxruntime-int8"):  # ORT's graph segments (export/graph_blocks.py)
+        assert run_choices(TrainConfig(model="wrn-10-2", runtime=runtime)).noise is NoiseKind.BLOCK
+    assert run_choices(TrainConfig(model="wrn-10-2", runtime="tflite-int8")).noise is NoiseKind.RADEMACHER  # chains only
+    assert run_choices(TrainConfig(norm="group", runtime="onnxruntime")).noise is NoiseKind.GAUSSIAN  # not measured
     for name, info in REGISTRY.items():  # every registered runtime resolves to a noise its domain accepts
         ch = run_choices(TrainConfig(runtime=name))
         assert (ch.noise is NoiseKind.BLOCK) == has_block_rows(info, "lenet"), name

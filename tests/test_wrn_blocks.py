@@ -82,6 +82,28 @@ def test_row_costs_count_the_layers_re_run(wrn):
     assert 1 + k * expected <= 101 < 1 + (k + 1) * expected and k > 200  # rows far below a full forward
 
 
+def test_graph_rule_costs_re_run_every_module_downstream(wrn):
+    """ONNX Runtime's rows (rule "graph"): 1/C of the module + every module downstream of it in full; a unit's
+    conv1 row re-runs that unit's conv2 but not its shortcut. Chain models cost what the chain rule says."""
+    model = wrn[0]
+    full, per = block_macs(model, 8, rule="graph")
+    t = BlockTable.from_layout(layout_of(model))
+    cost = {t.modules[m]: int(per[t.module == m][0]) for m in range(len(t.modules))}
+    conv2 = [32 * 32 * 9 * 64, 64 * 64 * 9 * 16, 128 * 128 * 9 * 4]
+    u2 = 64 * 32 * 9 * 16 + conv2[1] + 64 * 32 * 16
+    u3 = 128 * 64 * 9 * 4 + conv2[2] + 128 * 64 * 4
+    head = 128 * 10
+    assert cost["features.0"] == full - 16 * 9 * 64 + 9 * 64
+    assert cost["features.1.conv1"] == 16 * 9 * 64 + conv2[0] + u2 + u3 + head
+    assert cost["features.1.shortcut"] == 16 * 64 + u2 + u3 + head
+    assert cost["features.3.conv1"] == 64 * 9 * 4 + conv2[2] + head
+    assert cost["features.3.conv2"] == 128 * 9 * 4 + head and cost["fc"] == 128
+    assert equal_compute_k(model, 8, 101, rule="graph") == 604  # torch's delta rule: 921
+    for name in ("lenet", "mobilenet", "mlp"):
+        chain = build_model(ModelConfig(name, 1, 8, 10), seed=0)
+        assert np.array_equal(block_macs(chain, 8, rule="graph")[1], block_macs(chain, 8, rule="chain")[1]), name
+
+
 def test_affine_group_norm_falls_back_to_full_forwards():
     """A WideResNet whose GroupNorm has parameters has no rule for them: no incremental forward, full-forward costs."""
     import torch
@@ -89,8 +111,9 @@ def test_affine_group_norm_falls_back_to_full_forwards():
     model.features[1].post[0] = torch.nn.GroupNorm(2, 32, affine=True)
     session = TorchSession(model)
     assert session.block_forward is None
-    full, per = block_macs(model, 8)
-    assert (per == full).all()
+    for rule in ("delta", "graph"):  # ONNX Runtime's graph plan has no module for the norm's parameters either
+        full, per = block_macs(model, 8, rule=rule)
+        assert (per == full).all()
 
 
 # --- ONNX Runtime: the graph plan's module and rest segments (export/graph_blocks.py) ---------------------------
@@ -191,3 +214,59 @@ def test_ort_round_equals_the_full_forward_loop(ort_wrn8, wrn, runtime, scheme):
     task = RoundTask(round=2, client=5, seed=7, k=120, sigma=1e-2, scheme=Scheme(scheme), noise=NoiseKind.BLOCK,
                      domain=Domain(s.domain))
     assert np.array_equal(block_losses(s, Batch(x, y), task), weight_set_losses(s, Batch(x, y), task, 0))
+
+
+def test_ort_bundle_lists_its_graph_plan(ort_wrn8):
+    """baffle.json: a plan of kind "graph" (the chain plan's JSON has no kind), its files listed and sealed; the
+    int8 cut tensors are uint8 (a conv1 row's rest reads the unit's shortcut output, not its conv2's)."""
+    import json
+
+    import onnx
+    from baffle_edge.bundle import plan_roles, sha256
+    _, bundle = ort_wrn8
+    meta = json.loads((bundle / "baffle.json").read_text())
+    for fmt in ("onnx", "onnx-int8"):
+        entry = meta["formats"][fmt]
+        plan = entry["blocks"]
+        assert plan["kind"] == "graph" and "blocks_unsupported" not in entry and "boundaries" not in plan
+        assert plan["modules"][:4] == ["features.0", "features.1.conv1", "features.1.conv2", "features.1.shortcut"]
+        assert plan["channels"][:4] == [16, 32, 32, 32]
+        for role in plan_roles(plan):
+            assert meta["files"][entry["files"][role]]["sha256"] == sha256(bundle / entry["files"][role])
+        seg = plan["segments"]
+        assert seg[-1]["output"] == plan["output"] and "block_rest10" not in entry["files"]  # the head ends the graph
+        assert seg[1]["sides"] == [seg[3]["output"]] and seg[3]["sides"] == [seg[2]["output"]]
+        assert len(seg[0]["rest_params"]) == sum(len(p) for p in plan["params"][1:])  # the stem's rest: all others
+    rest = onnx.load(str(bundle / meta["formats"]["onnx-int8"]["files"]["block_rest1"]))
+    assert {i.type.tensor_type.elem_type for i in rest.graph.input[:2]} == {onnx.TensorProto.UINT8}
+
+
+def test_old_ort_bundle_is_cut_at_load_and_an_unknown_plan_runs_dense(ort_wrn8, wrn, tmp_path):
+    """A WRN bundle exported before graph plans (``blocks_unsupported``, no segments) gets them cut at load, same
+    losses; a plan of a kind this version does not know is not guessed at: full forwards, the reason says so."""
+    import json
+    import shutil
+
+    from baffle_edge.protocol import Domain
+    model, bundle = ort_wrn8
+    _, x, y = wrn
+    task = RoundTask(round=1, client=0, seed=3, k=60, sigma=1e-2, noise=NoiseKind.BLOCK, domain=Domain.INT8_STEP)
+    new = _ort_session(bundle, "onnxruntime-int8", model).losses(Batch(x, y), task)
+    for name, edit in (("old", lambda e: e.update(blocks_unsupported="not a chain")),
+                       ("future", lambda e: e.update(blocks={"kind": "future-kind", "modules": []}))):
+        b = tmp_path / name
+        shutil.copytree(bundle, b)
+        meta = json.loads((b / "baffle.json").read_text())
+        entry = meta["formats"]["onnx-int8"]
+        entry.pop("blocks")
+        for role in [r for r in entry["files"] if r.startswith("block_")]:
+            (b / entry["files"].pop(role)).unlink()
+        edit(entry)
+        meta["files"] = {k: v for k, v in meta["files"].items() if (b / k).exists()}
+        (b / "baffle.json").write_text(json.dumps(meta))
+        s = _ort_session(b, "onnxruntime-int8", model)
+        assert np.array_equal(s.losses(Batch(x, y), task), new), name
+        if name == "old":
+            assert s.block_forward is not None and s.block_forward.kind == "graph"
+        else:
+            assert s.block_forward is None and "'future-kind'" in s.block_forward_reason
