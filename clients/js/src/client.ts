@@ -141,6 +141,12 @@ export class RoundSession {
       this.blockRowsReason = String(entry.blocks_unsupported ?? "the bundle has no block graphs (export it with this version of baffle-edge)");
       return null;
     }
+    const kind = (entry.blocks as { kind?: unknown }).kind ?? "chain";
+    if (kind !== "chain") { // e.g. "graph" (residual / normalised models: export/graph_blocks.py), run by the Python client only
+      this.blockRowsReason = `the bundle's block plan is of kind ${JSON.stringify(kind)}; this client runs chain plans ` +
+        "only, so block rows run as full forwards (same losses, each row a whole forward)";
+      return null;
+    }
     if (!this.createSession) {
       throw new BlockError("block noise through the bundle's segment graphs needs a session factory: open the session with " +
         "RoundSession.open(ort, ...) or pass createSession to the constructor (or set blockRows = \"dense\")");

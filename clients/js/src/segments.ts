@@ -17,7 +17,7 @@ import { BlockError, type BlockTable } from "./blocks.js";
 export const ROWS_PER_CALL = 4096; // images per call of the segments after a row's module (ort_incremental.py)
 
 /** baffle.json `formats.<fmt>.blocks` (export/blocks.ChainPlan.to_json). */
-export interface BlockPlan { modules: string[]; params: string[][]; boundaries: string[]; channels: number[] }
+export interface BlockPlan { kind?: "chain"; modules: string[]; params: string[][]; boundaries: string[]; channels: number[] }
 
 type AnyTensor = new (type: any, data: any, dims: readonly number[]) => Tensor;
 type Typed = Float32Array | Uint8Array | Int8Array | Int32Array;
@@ -25,6 +25,10 @@ type Typed = Float32Array | Uint8Array | Int8Array | Int32Array;
 /** The plan of baffle.json checked against the parameters' block table: a clear error when they disagree. */
 export function checkPlan(raw: unknown, table: BlockTable, inputs: (param: string) => string): BlockPlan {
   const p = raw as BlockPlan;
+  const kind = (p as { kind?: unknown } | null)?.kind;
+  if (kind !== undefined && kind !== "chain") {
+    throw new BlockError(`baffle.json: a block plan of kind ${JSON.stringify(kind)} is not a chain plan (this client runs chains only)`);
+  }
   const ok = p && Array.isArray(p.modules) && Array.isArray(p.params) && Array.isArray(p.boundaries) &&
     p.boundaries.length === p.modules.length + 1 && p.params.length === p.modules.length;
   if (!ok) throw new BlockError("baffle.json: the format's blocks plan is malformed (modules, params, boundaries)");
