@@ -27,7 +27,7 @@ from onnx import shape_inference
 
 from baffle_edge.bundle import plan_roles
 
-from .blocks import MODULE_OPS, Module, _cut, cache_graph, consumer_map, graph_modules
+from .graph_cut import MODULE_OPS, Module, cache_graph, consumer_map, cut, graph_modules
 
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
 
@@ -170,7 +170,7 @@ def _check_segments(proto: onnx.ModelProto, plan: GraphPlan) -> list[onnx.ModelP
     inferred = shape_inference.infer_shapes(proto)
     out = []
     for i, name in enumerate(plan.modules):
-        mod = _cut(inferred, [plan.inputs[i], *plan.params[i]], plan.outputs[i], name)
+        mod = cut(inferred, [plan.inputs[i], *plan.params[i]], plan.outputs[i], name)
         _no_missing(mod, [plan.inputs[i], *plan.params[i]], name, "module")
         ops = [n.op_type for n in mod.graph.node]
         if sorted(op for op in ops if op in MODULE_OPS) not in ([op] for op in MODULE_OPS) \
@@ -185,7 +185,7 @@ def _check_segments(proto: onnx.ModelProto, plan: GraphPlan) -> list[onnx.ModelP
         out.append(mod)
         if plan.has_rest(i):
             ins = [plan.outputs[i], *plan.sides[i], *plan.rest_params[i]]
-            rest = _cut(inferred, ins, plan.output, name)
+            rest = cut(inferred, ins, plan.output, name)
             _no_missing(rest, ins, name, "rest")
             onnx.checker.check_model(rest)
             out.append(rest)

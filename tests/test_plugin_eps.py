@@ -253,9 +253,9 @@ def test_block_noise_runs_incrementally_on_the_htp(qnn, tmp_path):
     task = RoundTask.for_domain("int8-step", round=0, client=0, seed=7, k=40, sigma=1.0, scheme="forward",
                                 model_version="", noise="block")
     fwd = s.block_forward  # asked for before the batch is known, as clients do: its sessions wait for cache(x)
-    assert fwd is not None and fwd.static_batch and fwd.cache_session is None
+    assert fwd is not None and fwd.static_batch and fwd.sessions is None
     inc = s.losses(batch, task)
-    assert fwd.cache_session is not None  # the rows ran through the block segments
+    assert fwd.sessions is not None  # the rows ran through the block segments
     s.block_forward = None
     full = s.losses(batch, task)
     d_inc, d_full = inc[1:] - inc[0], full[1:] - full[0]
