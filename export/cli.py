@@ -56,9 +56,11 @@ def add_parser(sub) -> None:
     from baffle_edge.config import MODEL_NAMES
     p = sub.add_parser("export", help="export a model to an int8 ONNX / ORT / TFLite bundle for devices",
                        description="Write a bundle folder (model files, baffle.json metadata, README.md) that a "
-                                   "device client loads; for chain models (lenet, mobilenet, mlp without "
-                                   "normalisation) also the block-noise segments of every format "
-                                   "(*.block_seg<i>.onnx, model.int8.block_seg<i>.tflite; docs/noise.md section 10). "
+                                   "device client loads; with the block-noise segments of every format: for chain "
+                                   "models (lenet, mobilenet, mlp without normalisation) *.block_seg<i>.onnx and "
+                                   "model.int8.block_seg<i>.tflite, for other ONNX graphs of Conv/Gemm modules "
+                                   "(wrn-10-2, --norm group) *.block_mod<i>.onnx + *.block_rest<i>.onnx "
+                                   "(docs/noise.md section 10). "
                                    "Written atomically: a failed export leaves nothing.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="RUN/checkpoint.pt from `baffle-edge train`")

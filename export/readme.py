@@ -58,7 +58,11 @@ def bundle_readme(meta: dict) -> str:
         "`baffle.json` `formats.<format>.blocks.boundaries`; `*.block_seg<i>.onnx` maps boundary i and module i's "
         "parameters to boundary i+1. Put a row's perturbed channel into channel c of the module's parameters "
         "(one row per channel per call), replace channel c (axis 1) of the cached next boundary with the "
-        "output's, and finish the later segments unperturbed: the losses equal a full forward's.",
+        "output's, and finish the later segments unperturbed: the losses equal a full forward's. A plan with "
+        "`\"kind\": \"graph\"` (residual / normalised models) has per module `*.block_mod<i>.onnx` (the "
+        "segment's `input` and the parameters -> its `output`) and `*.block_rest<i>.onnx` (that output with "
+        "channel c replaced, the cached `sides` repeated per row and the `rest_params` -> logits); a client "
+        "that does not know a plan's `kind` runs the rows as full forwards.",
     ] if any("blocks" in info for fmt, info in meta["formats"].items() if fmt != "tflite-int8") else []) + [
         "",
         "## ONNX Runtime Mobile (Kotlin)",
