@@ -108,5 +108,7 @@ def plan_roles(plan: dict) -> list[str]:
     """The bundle file roles a block plan's graphs have (export/blocks.ChainPlan, export/graph_blocks.GraphPlan)."""
     if plan.get("kind", "chain") == "chain":
         return ["block_cache", *(f"block_seg{i}" for i in range(len(plan["modules"])))]
-    return ["block_cache", *(r for i, s in enumerate(plan["segments"])
-                             for r in (f"block_mod{i}", *((f"block_rest{i}",) if s["output"] != plan["output"] else ())))]
+    roles = ["block_cache"]
+    for i, s in enumerate(plan["segments"]):
+        roles += [f"block_mod{i}"] + ([f"block_rest{i}"] if s["output"] != plan["output"] else [])  # a head: no rest
+    return roles

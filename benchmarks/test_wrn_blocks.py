@@ -1,5 +1,5 @@
 """Block noise vs isotropic noise at equal client compute on WideResNet-10-2 (issue 29): GroupNorm and
-residual adds, torch's incremental rows (runtimes/torch_residual.py, the ``delta`` rule).
+residual adds, torch's incremental rows (runtimes/torch_residual.py, the ``delta`` rule) and ONNX Runtime's.
 
 Fashion-MNIST (28x28, Debian's ``dataset-fashion-mnist``; skipped when it is not installed). The
 model: WRN-10-2 with GroupNorm after 40 Adam steps (batch 32, lr 1e-2); one batch of 32 held out.
@@ -11,6 +11,11 @@ Side by side on the same weights and batch, interleaved by seed:
 Each is judged by the cosine of the decoded estimate to the exact gradient of the batch. Target
 (issue 29's acceptance): block cosine >= 3x isotropic at equal MACs, met by the adaptive draw (4.9x
 at 66 forward-equivalents, 5 seeds, 2026-12-03); the size draw alone reaches 2.4x (asserted > 1.5x).
+
+The same comparison on ONNX Runtime fp32 and int8 (``-k onnxruntime``; a bundle exported from the same
+model, rows through its graph plan's module and rest segments, export/graph_blocks.py, the ``graph``
+rule: K' = 605; int8: Rademacher +-1 steps vs whole-step blocks, leave-one-out baseline). Measured
+2026-12-03 (3 seeds, 1 thread): fp32 2.6x (adaptive 3.5x), int8 1.7x (adaptive 0.6x).
 """
 from __future__ import annotations
 
@@ -147,3 +152,5 @@ def _compare(benchmark, seeds: int, runtime: str, tmp_path, threads: int):
     if runtime == "torch":
         assert ratio >= 1.5
         assert np.mean(cos_ad) / np.mean(cos_iso) >= TARGET
+    else:  # measured 2.6x (fp32) and 1.7x (int8) over 3 seeds, 2026-12-03: block noise is WRN's default on ORT
+        assert ratio >= (1.5 if domain is Domain.FLOAT else 1.3)

@@ -19,6 +19,8 @@ a conv2 row 1/64 of conv2 + the head; a conv1 row 1/16 of conv1 + conv2 + the he
 
 ``chain_plan`` finds the boundaries or says why a graph is not a chain; ``segment_graphs`` builds
 the graphs (export writes them into the bundle; the runtime builds them at load for older bundles).
+``block_graphs`` falls back to the graph plan (export/graph_blocks.py: a module segment and a rest
+segment per module) for a model that is not a chain (residual adds, GroupNorm).
 """
 from __future__ import annotations
 
@@ -122,7 +124,8 @@ def module_inputs(layout_specs, input_of) -> dict[str, list[str]]:
     return out
 
 
-def block_graphs(proto: onnx.ModelProto, parameters, table=None) -> tuple[ChainPlan | GraphPlan, dict[str, onnx.ModelProto]]:
+def block_graphs(proto: onnx.ModelProto, parameters,
+                 table=None) -> tuple[ChainPlan | GraphPlan, dict[str, onnx.ModelProto]]:
     """The block plan and graphs of a train graph (``parameters``: baffle.json's list or a layout's
     specs; ``table``: an int8 graph's quant.QuantTable, whose tensors name the graph inputs): the chain
     plan when the model is a chain of channel-local modules, else the graph plan (export/graph_blocks.py:
