@@ -23,6 +23,8 @@ import numpy as np
 from baffle_edge.perturb import BlockTable
 
 ROWS_PER_CALL = 4096  # images per call of the segments after a row's module (bounds the activations)
+REST_ELEMENTS = 1 << 23  # a graph plan's rest segment: at most this many values of its cut input per call
+# (a rest re-runs the net from the module on: 4,096 images of WRN-10-2's 32 x 28 x 28 maps peaked at +1.9 GB)
 
 
 class LazyBlockForward:
@@ -149,7 +151,8 @@ class OrtBlockForward(ChainRows):
         if self.outputs[i] == self.output:  # a head that ends the graph: its output is the logits
             return rows
         sides = {s: self.t[s] for s in self.sides[i]}
-        return self._stacked(self.sessions[f"block_rest{i}"], self.outputs[i], rows, sides, self.rest_params[i])
+        return self._stacked(self.sessions[f"block_rest{i}"], self.outputs[i], rows, sides, self.rest_params[i],
+                             images=REST_ELEMENTS // max(1, rows[0, 0].size))
 
     def _finish(self, start: int, b: np.ndarray) -> np.ndarray:
         """Run a chain's segments ``start`` .. L-1 (unperturbed) on rows' boundary tensors [n, B, ...]."""
@@ -157,12 +160,14 @@ class OrtBlockForward(ChainRows):
             b = self._stacked(self.sessions[self.module_roles[j]], self.inputs[j], b, {}, self.params[j])
         return b
 
-    def _stacked(self, seg, name: str, rows: np.ndarray, sides: dict[str, np.ndarray], params: list[str]) -> np.ndarray:
+    def _stacked(self, seg, name: str, rows: np.ndarray, sides: dict[str, np.ndarray], params: list[str], *,
+                 images: int = ROWS_PER_CALL) -> np.ndarray:
         """One unperturbed segment on rows [n, B, ...] fed as ``name``, stacked along the batch axis in
-        chunks of whole batches, each cached side tensor [B, ...] repeated once per row of the chunk."""
+        chunks of whole batches (up to ``images`` images, at least one batch), each cached side tensor
+        [B, ...] repeated once per row of the chunk."""
         n, bsz = rows.shape[:2]
         flat = rows.reshape(n * bsz, *rows.shape[2:])
-        step = bsz if self.static_batch else max(bsz, ROWS_PER_CALL // bsz * bsz)
+        step = bsz if self.static_batch else max(bsz, min(images, ROWS_PER_CALL) // bsz * bsz)
         feeds = {k: self.feeds[k] for k in params}
         tiled = {k: np.concatenate([v] * min(n, step // bsz)) for k, v in sides.items()}
         out = []
