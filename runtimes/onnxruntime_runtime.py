@@ -133,8 +133,8 @@ class OrtSession(LazyBlockForward, AutoP, BaseSession):
         found = self._block_files(entry) or self._cut_block_graphs(entry)
         if found is not None:
             plan, graphs = found
-            self.block_forward = OrtBlockForward(self, plan, graphs, self.blocks,
-                                                 lambda g: make_session(g, **self._options),
+            options = self._options  # the dict (a plugin EP adds its batch later), not ``self``: no cycle
+            self.block_forward = OrtBlockForward(self, plan, graphs, self.blocks, lambda g: make_session(g, **options),
                                                  static_batch=plugin is not None and plugin.static_batch)
 
     def _block_files(self, entry: dict) -> tuple[dict, dict[str, Path]] | None:

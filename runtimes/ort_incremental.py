@@ -16,6 +16,7 @@ numpy + onnxruntime only: the path a device port mirrors with the bundle's graph
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,9 @@ class OrtBlockForward(ChainRows):
         ``block_mod<i>`` / ``block_rest<i>``) -> file or serialized model; ``make_session(graph)`` opens one.
         ``static_batch``: every segment call takes exactly the batch's B rows (an EP of static shapes,
         its sessions built for B: docs/npu.md), instead of chunks of up to ROWS_PER_CALL rows."""
-        self.session, self.blocks, self.static_batch = session, blocks, static_batch
+        # a weak reference: the session holds its forward, and a cycle would keep every refreshed bundle's
+        # segment sessions alive until the garbage collector ran (measured: +230 MB per round, WRN-10-2 int8)
+        self.session, self.blocks, self.static_batch = weakref.proxy(session), blocks, static_batch
         self.modules, self.params = list(plan["modules"]), [list(p) for p in plan["params"]]
         self.kind = plan.get("kind", "chain")
         if self.kind == "graph":
