@@ -36,7 +36,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         spend = f"{ch.forward_budget:g} forward-equivalents" if ch.forward_budget is not None else f"K={ch.k}"
         plot_curves({"baffle": m["rounds"], "bp": bp["rounds"]}, out / "curves.png",
                     title=f"{cfg.model} on {cfg.dataset}: BAFFLE ({noise}{spend}) vs backprop")
-        print(f"bp: test accuracy {100 * bp['final']['test_accuracy']:.2f}% -> {out / 'bp'}")
+        print(f"bp: test accuracy {100 * bp['final']['test_accuracy']:.2f}% -> {out / 'bp'}"
+              f" (side by side: baffle-edge compare {out} {out / 'bp'})")
     print(f"curves: {out / 'curves.png'}")
     return 0
 
@@ -50,6 +51,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "baffle_edge.flower.cli": ("flower",),
     "baffle_edge.verify": ("verify",),
     "baffle_edge.bench_report": ("bench-report",),
+    "baffle_edge.compare": ("compare",),
     "baffle_edge.conformance": ("conformance",),
     "baffle_edge.kit": ("check-kit",),
     "baffle_edge.gateway.cli": ("serve", "tokens", "device"),

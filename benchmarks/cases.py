@@ -72,6 +72,7 @@ MODELS: dict[str, ModelCase] = {c.id: c for c in (
     ModelCase("lenet-28", "lenet", 1, 28),  # MNIST-shaped, the paper's headline setup
     ModelCase("wrn-10-2", "wrn-10-2", 3, 32, Norm.GROUP),  # CIFAR-shaped
     ModelCase("mlp", "mlp", 1, 8),
+    ModelCase("mobilenet-28", "mobilenet", 1, 28),  # the mobile-class model (depthwise-separable), Fashion-MNIST-shaped
 )}
 
 

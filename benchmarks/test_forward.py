@@ -11,9 +11,9 @@ import pytest
 from .cases import DEVICE, FULL, MODELS, dtype_of, runtime_params
 from .conftest import forward_loss_fn, loss_tolerance, plugin_info, reference_loss
 
-CASES = [pytest.param(m, b, id=f"{m}-b{b}", marks=[FULL] if (m == "wrn-10-2" and b == 128) else
+CASES = [pytest.param(m, b, id=f"{m}-b{b}", marks=[FULL] if (m in ("wrn-10-2", "mobilenet-28") and b == 128) else
                       [DEVICE] if (m, b) == ("lenet-8", 32) else [])
-         for m in ("lenet-8", "lenet-28", "wrn-10-2", "mlp") for b in (1, 32, 128)]
+         for m in ("lenet-8", "lenet-28", "wrn-10-2", "mlp", "mobilenet-28") for b in (1, 32, 128)]
 
 
 @pytest.mark.parametrize("case_id,batch_size", CASES)

@@ -25,7 +25,8 @@ QUICK = {("lenet-8", 10, "forward"), ("lenet-8", 10, "central"), ("lenet-8", 100
 DEVICE_CASE = ("lenet-8", 10, "forward")  # the device subset (--bench-device)
 CASES = [pytest.param(m, k, s, id=f"{m}-K{k}-{s}", marks=([] if (m, k, s) in QUICK else [FULL])
                       + ([DEVICE] if (m, k, s) == DEVICE_CASE else []))
-         for m in ("lenet-8", "lenet-28", "wrn-10-2") for k in (10, 100, 500) for s in ("forward", "central")]
+         for m in ("lenet-8", "lenet-28", "wrn-10-2", "mobilenet-28") for k in (10, 100, 500)
+         for s in ("forward", "central")]
 
 
 def runtimes() -> list:

@@ -21,7 +21,8 @@ from .cases import FULL, MODELS, PLANNED_RUNTIMES, dtype_of
 MODES = ["inference", "baffle", "bp-sgd", "bp-adam"] + [f"baffle-{r}" for r in
                                                        [n for n in REGISTRY if n != "torch"] +
                                                        [n for n in PLANNED_RUNTIMES if n not in REGISTRY]]
-SHAPES = [("lenet-28", 32, False), ("lenet-28", 128, True), ("wrn-10-2", 32, True), ("wrn-10-2", 128, True)]
+SHAPES = [("lenet-28", 32, False), ("lenet-28", 128, True), ("wrn-10-2", 32, True), ("wrn-10-2", 128, True),
+          ("mobilenet-28", 32, True)]
 
 
 def _slow(case_id: str, batch: int, mode: str, slow: bool) -> bool:

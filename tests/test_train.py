@@ -158,7 +158,10 @@ def test_cli_train_and_errors(tmp_path, capsys):
     assert main(["train", "--rounds", "2", "--clients", "2", "--k", "3", "--out", str(out), "--no-progress",
                  "--compare-bp"]) == 0
     assert (out / "bp" / "metrics.json").exists() and (out / "curves.png").exists()
-    assert "test accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and f"baffle-edge compare {out} {out / 'bp'}" in printed
+    assert main(["compare", str(out), str(out / "bp")]) == 0  # the command it suggests works on the real run
+    assert "| torch block | bp | torch block - bp |" in capsys.readouterr().out  # the resolved default noise
     assert main(["train", "--dataset", "mnist", "--out", str(tmp_path / "m")]) == 2
     assert "--data-dir" in capsys.readouterr().err
     assert main(["train", "--k", "0", "--out", str(tmp_path / "z")]) == 2
