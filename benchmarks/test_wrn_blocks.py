@@ -52,10 +52,15 @@ def _data():
 def trained_wrn(steps: int = 40):
     """WRN-10-2 after ``steps`` Adam steps, a held-out batch and its exact gradient (float64 loss)."""
     data = _data()
-    cfg = ModelConfig("wrn-10-2", data.in_channels, data.image_size, 10, norm=Norm.GROUP)
+    return trained(ModelConfig("wrn-10-2", data.in_channels, data.image_size, 10, norm=Norm.GROUP), data, steps, 1e-2)
+
+
+def trained(cfg: ModelConfig, data, steps: int, lr: float):
+    """``cfg``'s model after ``steps`` Adam steps of batch 32 on ``data``, a held-out batch of 32 and its exact
+    gradient (float64 loss): (model, cfg, batch, gradient)."""
     x, y = torch.from_numpy(data.x_train[:steps * 32 + 32]), torch.from_numpy(data.y_train[:steps * 32 + 32])
     model = build_model(cfg, seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     for i in range(steps):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x[i * 32:(i + 1) * 32]), y[i * 32:(i + 1) * 32]).backward()
