@@ -150,7 +150,7 @@ class OrtBlockForward(ChainRows):
 
     def _rest(self, i: int, rows: np.ndarray) -> np.ndarray:
         if self.kind == "chain":
-            return self._finish(i + 1, rows)
+            return super()._rest(i, rows)
         if self.outputs[i] == self.output:  # a head that ends the graph: its output is the logits
             return rows
         sides = {s: self.t[s] for s in self.sides[i]}
