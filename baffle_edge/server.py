@@ -389,24 +389,29 @@ def make_strategy(name: str, *, local_steps: int = 1, aggregate: Aggregate | str
     return strategy
 
 
-def accuracy(model: nn.Module, flat: torch.Tensor, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` with weights ``flat`` (restores the model's own weights)."""
+def evaluate_weights(model: nn.Module, flat: torch.Tensor, x: np.ndarray, y: np.ndarray,
+                     batch: int = 1024) -> tuple[float, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` with weights ``flat``, in one pass over ``x``
+    (restores the model's own weights)."""
     keep = flat_params(model)
     set_flat_params(model, flat)
-    correct = 0
+    correct, loss = 0, 0.0
     with torch.no_grad():
         for i in range(0, len(y), batch):
-            pred = model(torch.from_numpy(x[i:i + batch])).argmax(1).numpy()
-            correct += int((pred == y[i:i + batch]).sum())
+            logits = model(torch.from_numpy(x[i:i + batch]))
+            target = torch.from_numpy(y[i:i + batch])
+            correct += int((logits.argmax(1) == target).sum())
+            loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
     set_flat_params(model, keep)
-    return correct / max(1, len(y))
+    n = max(1, len(y))
+    return correct / n, loss / n
 
 
-def mean_loss(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    with torch.no_grad():
-        return float(nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)))
+def accuracy(model: nn.Module, flat: torch.Tensor, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` with weights ``flat`` (restores the model's own weights)."""
+    return evaluate_weights(model, flat, x, y, batch)[0]
 
 
 __all__ = ["Server", "Strategy", "FedSGD", "FedAvg", "CoordinateMedian", "TrimmedMean", "Aggregate",
-           "ReplayGuard", "OptimConfig", "ClientUpdate", "RoundLog", "make_strategy", "accuracy",
+           "ReplayGuard", "OptimConfig", "ClientUpdate", "RoundLog", "make_strategy", "accuracy", "evaluate_weights",
            "model_version"]

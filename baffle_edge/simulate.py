@@ -37,7 +37,7 @@ from .models import ModelConfig, build_model, default_norm
 from .params import flat_grad, layout_of, set_flat_params
 from .perturb import NoiseKind
 from .protocol import ClientReport, Domain, RoundTask, Scheme, wire_bytes
-from .server import ClientUpdate, ReplayGuard, RoundLog, SampleCount, Server, accuracy, make_strategy, mean_loss
+from .server import ClientUpdate, ReplayGuard, RoundLog, SampleCount, Server, evaluate_weights, make_strategy
 
 
 def model_config(cfg: TrainConfig, data: Dataset) -> ModelConfig:
@@ -341,10 +341,12 @@ class Federation:
 
     def evaluate(self) -> dict:
         d, s = self.data, self.server
-        acc = accuracy(self.model, s.flat(), d.x_test, d.y_test)
-        acc_eval = accuracy(self.model, s.eval_weights(), d.x_test, d.y_test)
-        return {"test_accuracy": acc_eval, "test_accuracy_raw": acc,
-                "test_loss": mean_loss(self.model, d.x_test, d.y_test)}
+        raw = s.flat()
+        acc, loss = evaluate_weights(self.model, raw, d.x_test, d.y_test)
+        shown = s.eval_weights()  # the EMA once it has been updated, else the raw weights themselves
+        acc_eval = acc if shown is raw or torch.equal(shown, raw) else \
+            evaluate_weights(self.model, shown, d.x_test, d.y_test)[0]
+        return {"test_accuracy": acc_eval, "test_accuracy_raw": acc, "test_loss": loss}
 
 
 def run_versions() -> dict:

@@ -205,3 +205,24 @@ def test_int8_runs_count_what_a_lean_device_downloads(tmp_path):
     # FedAvg's local steps need the float weights: counted as float32
     fedavg = train(dataclasses.replace(cfg, rounds=1, local_steps=2, strategy="fedavg"), tmp_path / "fa", progress=False)
     assert fedavg["rounds"][0]["bytes_down"] > cfg.clients * 4 * 26_730
+
+
+def test_evaluation_is_one_pass_per_weight_set_and_matches_the_definitions():
+    """``Federation.evaluate``: accuracy and loss from one pass; the EMA's accuracy from a second pass only once
+    the EMA differs from the raw weights; both equal their plain definitions."""
+    from baffle_edge.server import evaluate_weights
+    from baffle_edge.params import flat_params
+    fed = Federation(dataclasses.replace(SMALL, rounds=1))
+    x, y = fed.data.x_test, fed.data.y_test
+    with torch.no_grad():
+        logits = fed.model(torch.from_numpy(x))
+    acc, loss = evaluate_weights(fed.model, flat_params(fed.model), x, y, batch=7)
+    assert acc == pytest.approx(float((logits.argmax(1).numpy() == y).mean()))
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))), rel=1e-5)
+    m = fed.evaluate()
+    assert m["test_accuracy"] == m["test_accuracy_raw"] == pytest.approx(acc) and m["test_loss"] == pytest.approx(loss)
+    assert fed.server.ema is not None  # the default: after an EMA update at other weights, the shown accuracy is the EMA's
+    fed.server.ema.update(torch.randn(fed.server.dim, generator=torch.Generator().manual_seed(0)))
+    ema_acc = evaluate_weights(fed.model, fed.server.ema.shadow, x, y)[0]
+    assert ema_acc != acc  # (other weights, other predictions: else the check below could not fail)
+    assert fed.evaluate()["test_accuracy"] == pytest.approx(ema_acc)
