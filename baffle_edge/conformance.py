@@ -299,12 +299,15 @@ def summation_vectors(seed: int = 0) -> list[dict]:
     return out
 
 
-def trained_lenet(data, steps: int, seed: int):
-    """A LeNet trained for a few Adam steps (informative gradients, int8 scales of a real model)."""
+KIT_MODELS = ("lenet", "wrn-10-2", "mobilenet")  # --model: LeNet (the kit), or a model whose block plan is a graph
+
+
+def trained_model(data, steps: int, seed: int, name: str = "lenet"):
+    """A model trained for a few Adam steps on digits (informative gradients, int8 scales of a real model)."""
     import torch
 
     from .models import ModelConfig, build_model
-    model = build_model(ModelConfig(), seed=seed)
+    model = build_model(ModelConfig(name), seed=seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     for i in range(steps):
@@ -315,6 +318,32 @@ def trained_lenet(data, steps: int, seed: int):
     return model.eval()
 
 
+def trained_lenet(data, steps: int, seed: int):
+    return trained_model(data, steps, seed)
+
+
+# the rounds of a kit of another model (--model): its block rounds and one dense round per format (its
+# segment graphs are what a port must get right; K small enough for a deeper model's rows)
+OTHER_MODEL_ROUNDS = ("fp32-forward", "fp32-block", "fp32-block-uniform-central", "int8-forward-k100", "int8-block",
+                      "int8-block-central-fedavg")
+OTHER_MODEL_K = {"fp32-block": 120, "int8-block": 160, "int8-forward-k100": 20}
+
+
+def kit_rounds(model: str, modules: int) -> list[tuple]:
+    """``ROUNDS`` for the LeNet kit; for another model (of ``modules`` block modules) the rounds named by
+    ``OTHER_MODEL_ROUNDS``, uniform ``block_weights`` one per module."""
+    if model == "lenet":
+        return ROUNDS
+    out = []
+    for name, fmt, fields, options in ROUNDS:
+        if name in OTHER_MODEL_ROUNDS:
+            fields = fields | ({"k": OTHER_MODEL_K[name]} if name in OTHER_MODEL_K else {})
+            if "block_weights" in fields:
+                fields = fields | {"block_weights": (1,) * modules}
+            out.append((name, fmt, fields, options))
+    return out
+
+
 def _make_task(fields: dict, options: dict, version: str):
     """A RoundTask of the kit; FedAvg's local_lr/clip (``options``) are task fields."""
     from .protocol import RoundTask
@@ -322,14 +351,15 @@ def _make_task(fields: dict, options: dict, version: str):
 
 
 def write_kit(out: str | Path, *, force: bool = False, train_steps: int = 60, batch: int = 32,
-              progress: bool = True) -> dict:
-    """Write the whole kit into ``out``; returns the index (conformance.json)."""
+              progress: bool = True, model: str = "lenet") -> dict:
+    """Write the whole kit into ``out``; returns the index (conformance.json). ``model``: the kit's model
+    (LeNet, the default kit; wrn-10-2 / mobilenet: a kit of that model's rounds, ``kit_rounds``)."""
     from .client import Batch
     from .data import load_digits
     from .device import DeviceSettings, answer, open_session
     from .export.bundle import ExportConfig, export_bundle
     from .models import ModelConfig
-    from .params import flat_params
+    from .params import flat_params, layout_of
 
     out = Path(out)
     if out.exists():
@@ -338,16 +368,20 @@ def write_kit(out: str | Path, *, force: bool = False, train_steps: int = 60, ba
         shutil.rmtree(out)
     started = time.perf_counter()
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    if model not in KIT_MODELS:
+        raise ValueError(f"unknown kit model {model!r}; known: {', '.join(KIT_MODELS)}")
+    name = model
     data = load_digits(seed=0)
-    say(f"conformance: training LeNet on digits for {train_steps} steps, exporting the bundle")
-    model = trained_lenet(data, train_steps, seed=0)
+    say(f"conformance: training {name} on digits for {train_steps} steps, exporting the bundle")
+    model = trained_model(data, train_steps, seed=0, name=name)
     (out / "rounds").mkdir(parents=True)
-    export_bundle(model, ModelConfig(), data, out / "bundle", ExportConfig(formats=("onnx", "onnx-int8")),
-                  source=f"conformance kit: LeNet, {train_steps} Adam steps on digits")
+    export_bundle(model, ModelConfig(name), data, out / "bundle", ExportConfig(formats=("onnx", "onnx-int8")),
+                  source=f"conformance kit: {name}, {train_steps} Adam steps on digits")
+    kit = kit_rounds(name, len(perturb.BlockTable.from_layout(layout_of(model)).modules))
     weights = flat_params(model).numpy().astype("<f4")
     weights.tofile(out / "rounds" / "weights.f32")
     version = model_version(weights)
-    n_batches = max(t.get("local_steps", 1) for _, _, t, _ in ROUNDS)
+    n_batches = max(t.get("local_steps", 1) for _, _, t, _ in kit)
     batch_files = []
     for i in range(n_batches):
         x = np.ascontiguousarray(data.x_test[i * batch:(i + 1) * batch], "<f4")
@@ -364,7 +398,7 @@ def write_kit(out: str | Path, *, force: bool = False, train_steps: int = 60, ba
         session.set_weights(weights)
         logits[fmt] = _bits(session.logits(x0).reshape(-1))  # float32 bit patterns, row-major (batch, classes)
     rounds = []
-    for name, fmt, fields, options in ROUNDS:
+    for round_name, fmt, fields, options in kit:
         fields = (INT8_TASK if fmt == "onnx-int8" else {}) | fields
         task = _make_task(fields, options, version)
         steps = task.local_steps
@@ -372,12 +406,12 @@ def write_kit(out: str | Path, *, force: bool = False, train_steps: int = 60, ba
                          np.fromfile(out / b["y"], "<i4").astype(np.int64)) for b in batch_files[:steps]]
         report = answer(task, sessions[fmt], batches, weights=weights, runtime=KIT_RUNTIMES[fmt],
                         label="onnxruntime-python")
-        say(f"conformance: round {name:26s} {report.losses.size + report.base_losses.size:4d} losses, "
+        say(f"conformance: round {round_name:26s} {report.losses.size + report.base_losses.size:4d} losses, "
             f"{report.seconds * 1e3:7.1f} ms")
-        rounds.append({"name": name, "format": fmt, "task": json.loads(task.to_json()),
+        rounds.append({"name": round_name, "format": fmt, "task": json.loads(task.to_json()),
                        "client_options": options, "weights": "rounds/weights.f32",
                        "batches": batch_files[:steps], "report": json.loads(report.to_json())})
-    index = {"kit_version": KIT_VERSION, "noise": noise_vectors(), "bundle": "bundle",
+    index = {"kit_version": KIT_VERSION, "model": name, "noise": noise_vectors(), "bundle": "bundle",
              "weights": {"file": "rounds/weights.f32", "values": int(weights.size), "model_version": version},
              "base_logits": {"batch": 0, "formats": logits},
              "tolerance": {"int8_logits": "identical", "int8_losses_relative": 0.0, "fp32_losses_relative": 1e-6,
@@ -398,7 +432,10 @@ def add_parser(sub) -> None:
                                    "Python client's reports into OUT (docs/device-clients.md).")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=lambda a: (write_kit(a.out, force=a.force), 0)[1])
+    p.add_argument("--model", default="lenet", choices=KIT_MODELS,
+                   help="the kit's model (default: %(default)s; wrn-10-2: residual adds and GroupNorm, its block "
+                        "rows through a graph plan's module and rest segments; mobilenet: depthwise-separable)")
+    p.set_defaults(func=lambda a: (write_kit(a.out, force=a.force, model=a.model), 0)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,9 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    parser.add_argument("--model", default="lenet", choices=KIT_MODELS, help="the kit's model (default: %(default)s)")
     a = parser.parse_args(argv)
     try:
-        write_kit(a.out, force=a.force, progress=not a.quiet)
+        write_kit(a.out, force=a.force, progress=not a.quiet, model=a.model)
     except (ValueError, FileExistsError) as e:
         print(f"conformance: error: {e}", file=sys.stderr)
         return 2

@@ -134,7 +134,8 @@ def decode(kit_dir: Path, r: dict, report: ClientReport) -> np.ndarray:
     fields = {f.name for f in dataclasses.fields(OptimConfig)}
     cfg = OptimConfig(**{k: v for k, v in {"clip": opts.get("clip", 0.3), "local_lr": opts.get("local_lr", 0.0),
                                            "ema_decay": None}.items() if k in fields})
-    server = Server(build_model(ModelConfig(), seed=0), make_strategy(
+    model = json.loads((kit_dir / "conformance.json").read_text()).get("model", "lenet")
+    server = Server(build_model(ModelConfig(model), seed=0), make_strategy(
         "fedavg" if task.local_steps > 1 else "fedsgd", local_steps=task.local_steps), cfg)
     server.set_flat(weights)
     if r["format"] == "onnx-int8":
@@ -237,3 +238,27 @@ def test_kit_tolerance_per_round(kit):
     assert round_tolerance(by_name["fp32-fedavg"], tol) == 1e-5  # several local steps: float kernels compound
     old = {k: v for k, v in tol.items() if k != "fp32_multistep_losses_relative"}  # a kit written before the field
     assert round_tolerance(by_name["fp32-fedavg"], old) == 1e-6
+
+
+def test_a_wrn_kit_has_graph_plans_and_the_device_replays_it(tmp_path):
+    """``baffle-edge conformance --model wrn-10-2``: a kit whose bundle's block plan is a graph (module and
+    rest segments); the Python device replays every round (int8 bit for bit) and the server accepts them."""
+    from baffle_edge.cli import main
+    from baffle_edge.kit import check_kit
+    out = tmp_path / "wrn"
+    assert main(["conformance", "--model", "wrn-10-2", "--out", str(out)]) == 0
+    index = json.loads((out / "conformance.json").read_text())
+    assert index["model"] == "wrn-10-2"
+    meta = json.loads((out / "bundle" / "baffle.json").read_text())
+    assert meta["formats"]["onnx-int8"]["blocks"]["kind"] == "graph"
+    names = [r["name"] for r in index["rounds"]]
+    assert {"fp32-block", "int8-block", "int8-block-central-fedavg"} <= set(names)
+    uniform = next(r for r in index["rounds"] if r["name"] == "fp32-block-uniform-central")
+    assert uniform["task"]["block_weights"] == [1] * len(meta["formats"]["onnx-int8"]["blocks"]["modules"])
+    results = check_kit(out)
+    assert [r.name for r in results] == names and all(r.ok for r in results)
+    for r in index["rounds"]:
+        report = ClientReport.from_json(json.dumps(r["report"]))
+        assert np.all(np.isfinite(decode(out, r, report)))
+    with pytest.raises(SystemExit):
+        main(["conformance", "--model", "resnet", "--out", str(tmp_path / "x")])

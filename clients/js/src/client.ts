@@ -21,7 +21,7 @@ import { exp, log } from "./libm.js";
 import { negativeSigns, noise, words, type NoiseKind } from "./noise.js";
 import { lossesPerStep, noiseClient, parseTask, ProtocolError, type ClientReport, type RoundTask } from "./protocol.js";
 import { quantize, steps, StepSelector, type IntArray, type QTensor } from "./quant.js";
-import { checkPlan, SegmentForward } from "./segments.js";
+import { checkPlan, SegmentForward, segmentRoles } from "./segments.js";
 import { sha256Hex } from "./sha256.js";
 
 /** One local step's data: inputs (n x C x H x W, float32, normalised as baffle.json says) and labels. */
@@ -142,9 +142,9 @@ export class RoundSession {
       return null;
     }
     const kind = (entry.blocks as { kind?: unknown }).kind ?? "chain";
-    if (kind !== "chain") { // e.g. "graph" (residual / normalised models: export/graph_blocks.py), run by the Python client only
-      this.blockRowsReason = `the bundle's block plan is of kind ${JSON.stringify(kind)}; this client runs chain plans ` +
-        "only, so block rows run as full forwards (same losses, each row a whole forward)";
+    if (kind !== "chain" && kind !== "graph") { // a plan of a later exporter: same losses, each row a whole forward
+      this.blockRowsReason = `the bundle's block plan is of kind ${JSON.stringify(kind)}; this client runs chain and ` +
+        "graph plans, so block rows run as full forwards (same losses, each row a whole forward)";
       return null;
     }
     if (!this.createSession) {
@@ -158,10 +158,13 @@ export class RoundSession {
       if (!files[role]) throw new BlockError(`baffle.json: formats.${this.format} has a blocks plan but no ${role} file`);
       return this.bundle.file(files[role]);
     };
-    const cache = await this.createSession(graph("block_cache"));
-    const segs = [];
-    for (let i = 0; i < plan.modules.length; i++) segs.push(await this.createSession(graph(`block_seg${i}`)));
-    return new SegmentForward(plan, cache, segs, this.blockTable(), this.Tensor as never);
+    const roles = segmentRoles(plan), open = this.createSession;
+    const sessions = {
+      cache: await open(graph("block_cache")),
+      modules: await Promise.all(roles.modules.map((r) => open(graph(r)))),
+      rests: await Promise.all(roles.rests.map((r) => (r === null ? null : open(graph(r))))),
+    };
+    return new SegmentForward(plan, sessions, this.blockTable(), this.Tensor as never);
   }
 
   get runtimeName(): string {

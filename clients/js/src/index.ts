@@ -8,7 +8,7 @@
  *     upload(reportToJson(report));
  */
 export { BlockError, BlockTable, checkBlockWeights, FlatSteps, MAX_DRAW_TOTAL, moduleOf, type ParameterSpec } from "./blocks.js";
-export { checkPlan, ROWS_PER_CALL, SegmentForward, type BlockPlan } from "./segments.js";
+export { checkPlan, REST_ELEMENTS, ROWS_PER_CALL, SegmentForward, segmentRoles, type BlockPlan, type GraphSegment, type SegmentSessions } from "./segments.js";
 export { Bundle, BundleError, loadBundle, SCHEMA_VERSION, utf8, type BundleSource, type Parameter, type TrainFormat } from "./bundle.js";
 export { crossEntropy, modelVersion, RoundSession, runTask, type Batch, type OrtModule, type RunOptions, type SessionFactory,
   type TensorConstructor } from "./client.js";

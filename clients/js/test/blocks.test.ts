@@ -164,12 +164,18 @@ test("a block task this client cannot run is a clear error, never a wrong loss",
   const [viaSegments, viaDense] = [await runTask(small, weights, batches, rs), await runTask(small, weights, batches, chainless)];
   assert.deepEqual(viaDense.losses.map(f64hex), viaSegments.losses.map(f64hex));
   assert.match(chainless.blockRowsReason ?? "", /GroupNormalization/);
-  // a plan of another kind (a WRN bundle's "graph" plan) is never read as a chain: full forwards, the reason says so
+  // a plan of a kind this client does not know (a later exporter's) is never guessed at: full forwards, the reason says so
+  const other = JSON.parse(JSON.stringify(kit.bundle.meta, (_k, x) => (typeof x === "bigint" ? Number(x) : x)));
+  other.formats["onnx-int8"].blocks = { kind: "tree", modules: other.formats["onnx-int8"].blocks.modules };
+  const otherPlan = new RoundSession(rs.session, ort.Tensor as never, new Bundle(other, files), "onnx-int8", (m) => ort.InferenceSession.create(m));
+  assert.deepEqual((await runTask(small, weights, batches, otherPlan)).losses.map(f64hex), viaSegments.losses.map(f64hex));
+  assert.match(otherPlan.blockRowsReason ?? "", /block plan is of kind "tree"; this client runs chain and graph plans/);
+  // a malformed graph plan is a clear error (no segments for its modules), never a wrong loss
   const graph = JSON.parse(JSON.stringify(kit.bundle.meta, (_k, x) => (typeof x === "bigint" ? Number(x) : x)));
-  graph.formats["onnx-int8"].blocks = { kind: "graph", modules: graph.formats["onnx-int8"].blocks.modules, segments: [] };
+  graph.formats["onnx-int8"].blocks = { kind: "graph", modules: graph.formats["onnx-int8"].blocks.modules,
+    params: graph.formats["onnx-int8"].blocks.params, segments: [] };
   const graphPlan = new RoundSession(rs.session, ort.Tensor as never, new Bundle(graph, files), "onnx-int8", (m) => ort.InferenceSession.create(m));
-  assert.deepEqual((await runTask(small, weights, batches, graphPlan)).losses.map(f64hex), viaSegments.losses.map(f64hex));
-  assert.match(graphPlan.blockRowsReason ?? "", /block plan is of kind "graph"; this client runs chain plans only/);
+  await assert.rejects(runTask(small, weights, batches, graphPlan), /the format's graph blocks plan is malformed \(modules, params, input, output, segments\)/);
   // a session without a way to open the segment graphs says so (or runs dense when told)
   const noFactory = new RoundSession(rs.session, ort.Tensor as never, kit.bundle, "onnx-int8");
   await assert.rejects(runTask(task({}), weights, batches, noFactory), /needs a session factory/);

@@ -9,6 +9,11 @@ export function kitDir(): string {
   return process.env.BAFFLE_CONFORMANCE ? resolve(process.env.BAFFLE_CONFORMANCE) : join(PACKAGE_DIR, ".conformance");
 }
 
+/** The WRN-10-2 kit (`--model wrn-10-2`: a graph block plan): $BAFFLE_CONFORMANCE_WRN or clients/js/.conformance-wrn. */
+export function wrnKitDir(): string {
+  return process.env.BAFFLE_CONFORMANCE_WRN ? resolve(process.env.BAFFLE_CONFORMANCE_WRN) : join(PACKAGE_DIR, ".conformance-wrn");
+}
+
 export function f32hex(v: number): string {
   const b = new DataView(new ArrayBuffer(4));
   b.setFloat32(0, v, true);
