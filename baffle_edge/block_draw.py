@@ -76,7 +76,7 @@ class BlockDraw:
         """Add an accepted report's squared loss differences to its modules' energy sums."""
         if self.policy is not BlockDrawPolicy.ADAPTIVE:
             return
-        t = self.blocks.weighted(task.block_weights)
+        t = self.blocks.for_task(task)
         per = task.losses_per_step
         for s in range(task.local_steps):
             base = float(report.base_losses[s]) if report.base_losses.size else None

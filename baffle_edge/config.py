@@ -122,6 +122,8 @@ class TrainConfig:
     # (MACs: runtimes/torch_incremental.equal_compute_k, e.g. 101 = an isotropic K = 100 round); None: use k,
     # or DEFAULT_FORWARD_BUDGET when k is None too
     int8_estimator: StepEstimator = StepEstimator.RMS  # int8-step runtimes: how steps decode (protocol.py)
+    int8_block_steps: int | None = None  # int8-step block noise: cap on the whole steps a block moves
+    # (RoundTask.max_block_steps; docs/noise.md section 10); None: m_b = round(sqrt(d / d_b)) alone
     baseline: Baseline | None = None  # None: the runtime's (float: base loss; int8-step: leave-one-out)
     rounds: int = 150  # total rounds (an epoch = ceil(N_train / (clients * batch)) rounds)
     optim: OptimConfig = OptimConfig()
@@ -261,6 +263,13 @@ def run_choices(cfg: TrainConfig) -> RunChoices:
         raise ValueError(f"runtime {cfg.runtime!r}: {e} (use --noise rademacher or --noise block)") from None
     if noise is not NoiseKind.BLOCK and cfg.block_draw is not BlockDrawPolicy.SIZE:
         raise ValueError("block_draw (--block-draw) chooses how block noise draws its blocks: use --noise block")
+    cap = cfg.int8_block_steps
+    if cap is not None:
+        if noise is not NoiseKind.BLOCK or domain is not Domain.INT8_STEP:
+            raise ValueError("int8_block_steps (--int8-block-steps) caps the whole steps of int8-step block noise: "
+                             "use an int8 runtime with --noise block")
+        if not (isinstance(cap, int) and 1 <= cap <= 127):
+            raise ValueError(f"int8_block_steps must be an integer in [1, 127], got {cap!r}")
     budget = cfg.forward_budget
     if budget is not None:
         if noise is not NoiseKind.BLOCK:

@@ -283,6 +283,9 @@ ROUNDS = [
     ("int8-block-central-fedavg", "onnx-int8", dict(k=60, noise="block", scheme="central", local_steps=2,
                                                     estimator="per-step", noise_scope="shared"),
      dict(local_lr=0.05, clip=0.3)),
+    # at most 4 whole steps per block (docs/noise.md section 10: max_block_steps), weighted draws
+    ("int8-block-max-steps-4", "onnx-int8", dict(k=200, noise="block", max_block_steps=4,
+                                                 block_weights=(5, 1, 3)), {}),
 ]
 INT8_TASK = dict(noise="rademacher", domain="int8-step", sigma=1.0)
 
@@ -325,7 +328,7 @@ def trained_lenet(data, steps: int, seed: int):
 # the rounds of a kit of another model (--model): its block rounds and one dense round per format (its
 # segment graphs are what a port must get right; K small enough for a deeper model's rows)
 OTHER_MODEL_ROUNDS = ("fp32-forward", "fp32-block", "fp32-block-uniform-central", "int8-forward-k100", "int8-block",
-                      "int8-block-central-fedavg")
+                      "int8-block-central-fedavg", "int8-block-max-steps-4")
 OTHER_MODEL_K = {"fp32-block": 120, "int8-block": 160, "int8-forward-k100": 20}
 
 
@@ -339,7 +342,7 @@ def kit_rounds(model: str, modules: int) -> list[tuple]:
         if name in OTHER_MODEL_ROUNDS:
             fields = fields | ({"k": OTHER_MODEL_K[name]} if name in OTHER_MODEL_K else {})
             if "block_weights" in fields:
-                fields = fields | {"block_weights": (1,) * modules}
+                fields = fields | {"block_weights": (1,) * modules}  # the other model's module count
             out.append((name, fmt, fields, options))
     return out
 

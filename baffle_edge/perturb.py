@@ -296,9 +296,9 @@ class BlockTable:
         self.draw_bounds = np.concatenate([[0], np.cumsum(weight)]).astype(np.int64)
         self.draw_total = int(self.draw_bounds[-1])
         self.probability = weight / float(self.draw_total)  # p_b (float64)
-        inv_p = self.draw_total / weight.astype(np.float64)
-        self.scale = np.sqrt(inv_p).astype(np.float32)  # float32(sqrt(1 / p_b)), in double first: sqrt(d / d_b)
-        self.step_weight = inv_p / self.steps.astype(np.float64) ** 2
+        self.inv_p = self.draw_total / weight.astype(np.float64)
+        self.scale = np.sqrt(self.inv_p).astype(np.float32)  # float32(sqrt(1 / p_b)), in double first: sqrt(d / d_b)
+        self.step_weight = self.inv_p / self.steps.astype(np.float64) ** 2
 
     def weighted(self, module_weights) -> "BlockTable":
         """This partition with blocks drawn in proportion to their module's weight (docs/noise.md
@@ -312,6 +312,21 @@ class BlockTable:
         out = copy.copy(self)
         out._set_draw(w[self.module])
         return out
+
+    def capped(self, max_steps: int | None) -> "BlockTable":
+        """This partition with every int8-step block moving at most ``max_steps`` whole steps:
+        m_b = min(round(sqrt(d / d_b)), max_steps), the decoder weight (1 / p_b) / m_b^2 following
+        (docs/noise.md section 10: RoundTask.max_block_steps); ``None``: self."""
+        if max_steps is None:
+            return self
+        out = copy.copy(self)
+        out.steps = np.minimum(self.steps, int(max_steps))
+        out.step_weight = out.inv_p / out.steps.astype(np.float64) ** 2
+        return out
+
+    def for_task(self, task) -> "BlockTable":
+        """The partition a task's rows are drawn from: its ``block_weights`` and ``max_block_steps``."""
+        return self.weighted(task.block_weights).capped(getattr(task, "max_block_steps", None))
 
     @classmethod
     def from_layout(cls, layout) -> "BlockTable":

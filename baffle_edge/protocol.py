@@ -105,6 +105,19 @@ def _block_weights(v, noise: NoiseKind) -> tuple[int, ...] | None:
     return tuple(int(x) for x in v)
 
 
+MAX_BLOCK_STEPS = 127  # an int8 weight's whole range
+
+
+def _max_block_steps(v, noise: NoiseKind, domain: Domain) -> int | None:
+    if v is None:
+        return None
+    _require(noise is NoiseKind.BLOCK and domain is Domain.INT8_STEP, "max_block_steps",
+             "only int8-step block noise moves blocks by whole steps")
+    _require(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_BLOCK_STEPS, "max_block_steps",
+             f"expected an integer in [1, {MAX_BLOCK_STEPS}], got {v!r}"[:120])
+    return int(v)
+
+
 def _require(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{field_name}: {msg}")
@@ -187,6 +200,9 @@ class RoundTask:
     # block noise: draw weight of each module's blocks, in block-table module order (docs/noise.md
     # section 11); None = in proportion to block size (section 8). Omitted from the JSON when None.
     block_weights: tuple[int, ...] | None = None
+    # int8-step block noise: at most this many whole steps per coordinate, m_b = min(round(sqrt(d / d_b)),
+    # max_block_steps) (docs/noise.md section 10); None = the rule alone. Omitted from the JSON when None.
+    max_block_steps: int | None = None
 
     def __post_init__(self):
         """Validate every field and hold the choices as enums (strings are parsed once, here)."""
@@ -215,6 +231,8 @@ class RoundTask:
             del d["block_weights"]  # tasks without it stay readable by clients built before it
         else:
             d["block_weights"] = list(d["block_weights"])
+        if d["max_block_steps"] is None:
+            del d["max_block_steps"]  # likewise
         return d
 
     @classmethod
@@ -239,6 +257,7 @@ class RoundTask:
                  "leave-one-out needs k >= 2 perturbations")
         check_noise(out["domain"], out["noise"])
         out["block_weights"] = _block_weights(d.get("block_weights"), out["noise"])
+        out["max_block_steps"] = _max_block_steps(d.get("max_block_steps"), out["noise"], out["domain"])
         return out
 
     @classmethod

@@ -81,7 +81,7 @@ def step_blocks(task: RoundTask, step: int, blocks: perturb.BlockTable) -> tuple
 def draw_blocks(task: RoundTask, blocks: perturb.BlockTable, ks) -> tuple[np.ndarray, list[np.ndarray]]:
     """Block perturbations ``ks`` in the task's domain: float32 values (float) or whole int8 steps,
     blocks drawn with the task's ``block_weights`` (docs/noise.md section 11)."""
-    blocks = blocks.weighted(task.block_weights)
+    blocks = blocks.for_task(task)
     draw = blocks.draw_steps if task.domain is Domain.INT8_STEP else blocks.draw
     return draw(task.seed, task.round, task.noise_client, ks)
 
@@ -109,7 +109,7 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
     if task.baseline is Baseline.LOO:
         diffs = leave_one_out(diffs)
     if task.noise is NoiseKind.BLOCK:  # sparse: only the drawn blocks are regenerated and touched
-        blocks = require_blocks(blocks, dim).weighted(task.block_weights)
+        blocks = require_blocks(blocks, dim).for_task(task)
         drawn, values = step_blocks(task, step, blocks)
         if task.domain is Domain.FLOAT:
             return clip_inf(drawn_gradient(diffs, task.sigma, drawn, values, blocks), task.clip)

@@ -168,7 +168,8 @@ class Federation:
         return self.server.make_task(round_, client, seed=c.seed, k=self.k, sigma=c.sigma, scheme=c.scheme,
                                      noise=self.noise, noise_scope=c.noise_scope, domain=self.domain,
                                      estimator=c.int8_estimator, baseline=self.baseline,
-                                     block_weights=self.block_draw.weights if self.block_draw else None)
+                                     block_weights=self.block_draw.weights if self.block_draw else None,
+                                     max_block_steps=c.int8_block_steps)
 
     def _session(self):
         """This worker thread's simulated device (reopened when the server refreshes the bundle)."""

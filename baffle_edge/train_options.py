@@ -94,6 +94,12 @@ def _estimator(p: argparse.ArgumentParser) -> None:
                         "gradient w.r.t. the integers over one RMS step (lower variance); per-step: divide "
                         "each coordinate by its own step (unbiased, noisier). docs/quantized-perturbation.md "
                         "(default: %(default)s)")
+    g.add_argument("--int8-block-steps", type=int, default=_d(_T.int8_block_steps), metavar="M",
+                   help="int8 runtimes with block noise: move a block's weights by at most M whole quantization "
+                        "steps (m_b = min(round(sqrt(d / d_b)), M); the decoder reweighs by 1 / m_b^2, so the "
+                        "estimate stays unbiased). Large moves (LeNet's head: 20 steps) reach the loss's curvature "
+                        "as the model trains: on Fashion-MNIST M = 4 doubled the int8 block cosine to the exact "
+                        "gradient after one epoch (docs/noise.md section 10). Default: no cap")
     g.add_argument("--baseline", default=None, choices=_values(Baseline),
                    help="what each perturbed loss is compared with: L(w) (the reference), or the mean of the "
                         "other K-1 perturbed losses (unbiased; cancels the curvature offset of whole-step "
@@ -172,7 +178,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     ppc = getattr(a, "perturbations_per_call", AUTO_KEY)
     ppc = AUTO_KEY if str(ppc).strip().lower() == AUTO_KEY else resolve(ppc, a.runtime)  # ValueError if bad
     same = ("model", "dataset", "data_dir", "activation", "norm", "clients", "partition", "alpha", "batch_size",
-            "method", "strategy", "local_steps", "k", "sigma", "scheme", "noise", "noise_scope", "block_draw", "forward_budget", "int8_estimator",
+            "method", "strategy", "local_steps", "k", "sigma", "scheme", "noise", "noise_scope", "block_draw", "forward_budget", "int8_estimator", "int8_block_steps",
             "baseline", "seed", "checkpoint_every", "runtime", "provider", "target", "refresh_every", "workers",
             "report_encoding",
             "quorum", "round_timeout", "aggregate", "trim", "byzantine")  # option = TrainConfig field (enums from strings)

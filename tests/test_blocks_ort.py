@@ -2,6 +2,7 @@
 segment graphs, the incremental forward (bit-identical to full forwards), decoding, bad bundles."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -115,6 +116,65 @@ def test_int8_sparse_decoding_equals_dense_definition(bundle, lenet_batch):
     server.quant_table = s.table
     server.set_flat(w)
     np.testing.assert_allclose(server._estimate(task, report)(0, w), sparse, rtol=1e-12)
+
+
+def test_max_block_steps_caps_the_whole_steps_and_keeps_the_estimate_unbiased(bundle, lenet_batch):
+    """``max_block_steps`` (docs/noise.md section 10): m_b = min(round(sqrt(d / d_b)), M), decoder weight
+    1 / (p_b m_b^2); rows still bit-identical to full forwards; the sparse decode equals the dense definition."""
+    model, x, y = lenet_batch
+    s = _session(bundle, "onnxruntime-int8", model)
+    w = flat_params(model).numpy()
+    task = dataclasses.replace(_task(Domain.INT8_STEP, 120, weights=(5, 1, 3)), max_block_steps=4)
+    t = s.blocks.for_task(task)
+    assert t.steps.tolist() == np.minimum(s.blocks.steps, 4).tolist() and s.blocks.steps.max() > 4
+    p = np.diff(t.draw_bounds) / t.draw_total
+    np.testing.assert_allclose(t.step_weight * p * t.steps.astype(float) ** 2, 1.0)  # E[w_b eps eps^T] = I
+    drawn, values = t.draw_steps(task.seed, task.round, task.noise_client, np.arange(task.k))
+    assert all(np.abs(v).max() == min(4, s.blocks.steps[b]) for b, v in zip(drawn, values))
+    batch = Batch(x, y)
+    capped = block_losses(s, batch, task)
+    assert np.array_equal(capped, weight_set_losses(s, batch, task, 0))
+    assert not np.array_equal(capped, block_losses(s, batch, dataclasses.replace(task, max_block_steps=None)))
+    report = run_task(task, s, [batch], weights=w)
+    sparse = step_gradient(task, 0, report.losses, report.base_losses[0], s.dim, table=s.table, weights=w,
+                           blocks=s.blocks)
+    noise = step_noise(task, 0, s.dim, blocks=s.blocks)
+    flat = FlatSteps(s.table, s.table.quantize(w))
+    eff = lambda k: flat.effective(slice(None), noise(k)) * t.step_weight[drawn[k]]
+    dense = stein_gradient(report.losses - report.base_losses[0], s.table.divisor(task.estimator), eff, s.dim)
+    np.testing.assert_allclose(sparse, dense, rtol=1e-9, atol=1e-12)
+    assert RoundTask.from_json(task.to_json()) == task and '"max_block_steps": 4' in task.to_json()
+    assert "max_block_steps" not in dataclasses.replace(task, max_block_steps=None).to_json()
+
+
+@pytest.mark.parametrize("over, msg", [
+    (dict(max_block_steps=0), "max_block_steps: expected an integer in \\[1, 127\\]"),
+    (dict(max_block_steps=128), "max_block_steps: expected an integer"),
+    (dict(max_block_steps=True), "max_block_steps: expected an integer"),
+    (dict(max_block_steps="4"), "max_block_steps: expected an integer"),
+    (dict(max_block_steps=2.0), "max_block_steps: expected an integer"),
+    (dict(max_block_steps=4, noise=NoiseKind.RADEMACHER), "max_block_steps: only int8-step block noise"),
+    (dict(max_block_steps=4, domain=Domain.FLOAT), "max_block_steps: only int8-step block noise"),
+])
+def test_max_block_steps_bad_values_are_named(over, msg):
+    fields = dict(round=0, client=0, seed=1, k=4, sigma=1e-3, noise=NoiseKind.BLOCK, domain=Domain.INT8_STEP) | over
+    with pytest.raises(ValueError, match=msg):
+        RoundTask(**fields)
+
+
+def test_train_int8_block_steps_option(tmp_path):
+    """--int8-block-steps reaches every task; refused where it cannot apply, with what to change."""
+    from baffle_edge.cli import main
+    from baffle_edge.simulate import Federation, TrainConfig
+    fed = Federation(TrainConfig(runtime="onnxruntime-int8", noise="block", k=20, rounds=1, clients=2,
+                                 int8_block_steps=3))
+    assert fed.task(0, 1).max_block_steps == 3
+    with pytest.raises(ValueError, match="int8_block_steps .* use an int8 runtime with --noise block"):
+        Federation(TrainConfig(runtime="torch", noise="block", int8_block_steps=3))
+    with pytest.raises(ValueError, match="int8_block_steps .* use an int8 runtime with --noise block"):
+        Federation(TrainConfig(runtime="onnxruntime-int8", noise="rademacher", int8_block_steps=3))
+    assert main(["train", "--runtime", "onnxruntime-int8", "--noise", "block", "--int8-block-steps", "200",
+                 "--rounds", "1", "--out", str(tmp_path / "r")]) == 2
 
 
 def test_moves_that_could_leave_the_range_are_frozen_not_clipped():

@@ -40,7 +40,7 @@ function drawStep(task: RoundTask, table: BlockTable, step: number, int8: boolea
 /** One block step at float weights `w` (float session) or integers `q` (int8-step: `w` is not read). */
 export async function blockStep(task: RoundTask, rs: RoundSession, w: Float32Array, q: IntArray[] | null, step: number,
                                 x: Tensor, loss: Loss): Promise<BlockStep> {
-  const table = rs.blockTable().weighted(task.block_weights);
+  const table = rs.blockTable().forTask(task);
   const int8 = rs.domain === "int8-step";
   const central = task.scheme === "central";
   const { blocks, values } = drawStep(task, table, step, int8);

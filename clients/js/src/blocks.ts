@@ -37,6 +37,7 @@ interface Draw {
   total: bigint; // W = D[nBlocks]
   scale: Float32Array; // float32(sqrt(W / weight_b))
   stepWeight: Float64Array; // (W / weight_b) / m_b^2: the int8 decoder weight w_b
+  weight: ArrayLike<number>; // weight_b
 }
 
 interface TableParts {
@@ -55,7 +56,7 @@ export class BlockTable {
   readonly module: Int32Array; // block -> module number
   readonly row: Int32Array; // block -> output row c in its module
   readonly sizes: Int32Array; // d_b
-  readonly steps: Int32Array; // m_b (weights never change it)
+  readonly steps: Int32Array; // m_b (weights never change it; RoundTask.max_block_steps caps it)
   readonly dim: number;
   private readonly draw_: Draw;
 
@@ -120,6 +121,19 @@ export class BlockTable {
     return new BlockTable(this, drawOf(w, this.steps));
   }
 
+  /** This partition with every int8-step block moving at most `maxSteps` whole steps (RoundTask.max_block_steps;
+   * docs/noise.md section 10): m_b = min(round(sqrt(d / d_b)), maxSteps), the decoder weight following. */
+  capped(maxSteps: number | null | undefined): BlockTable {
+    if (maxSteps === null || maxSteps === undefined) return this;
+    const steps = this.steps.map((m) => Math.min(m, maxSteps));
+    return new BlockTable({ ...this, steps }, drawOf(this.draw_.weight, steps));
+  }
+
+  /** The partition a task's rows are drawn from: its block_weights and max_block_steps. */
+  forTask(task: { block_weights?: readonly number[] | null; max_block_steps?: number | null }): BlockTable {
+    return this.weighted(task.block_weights).capped(task.max_block_steps);
+  }
+
   get drawBounds(): Float64Array { return this.draw_.bounds; }
   get drawTotal(): bigint { return this.draw_.total; }
   get scale(): Float32Array { return this.draw_.scale; }
@@ -174,7 +188,7 @@ function drawOf(weight: ArrayLike<number>, steps: Int32Array): Draw {
     scale[b] = Math.sqrt(inv); // rounded to float32 once, by the store
     stepWeight[b] = inv / (steps[b] * steps[b]);
   }
-  return { bounds, total: BigInt(total), scale, stepWeight };
+  return { bounds, total: BigInt(total), scale, stepWeight, weight };
 }
 
 /** RoundTask.block_weights checked against a table's modules (the protocol checks the values, this the count). */

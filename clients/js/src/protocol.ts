@@ -18,6 +18,7 @@ export type Baseline = "base" | "leave-one-out";
 /** The task's noise: isotropic (every parameter) or one output-channel block per perturbation (docs/noise.md 8-11). */
 export type TaskNoise = NoiseKind | "block";
 export const MAX_BLOCK_MODULES = 4096;
+const MAX_BLOCK_STEPS = 127; // an int8 weight's whole range (protocol.py)
 
 export interface RoundTask {
   version: number;
@@ -37,6 +38,7 @@ export interface RoundTask {
   local_lr?: number; // protocol 2: FedAvg local step size (>= 0)
   clip?: number | null; // protocol 2: inf-norm clip of each local estimate (null = off)
   block_weights?: number[]; // block noise: draw weight per module, block-table order (absent: by block size)
+  max_block_steps?: number; // int8-step block noise: at most this many whole steps per block (absent: no cap)
 }
 
 export interface ClientReport {
@@ -60,7 +62,7 @@ export class ProtocolError extends Error {
 }
 
 const FIELDS = ["version", "round", "client", "seed", "k", "sigma", "scheme", "noise", "noise_scope", "domain",
-  "estimator", "baseline", "local_steps", "model_version", "local_lr", "clip", "block_weights"];
+  "estimator", "baseline", "local_steps", "model_version", "local_lr", "clip", "block_weights", "max_block_steps"];
 
 function req(cond: boolean, field: string, msg: string): asserts cond {
   if (!cond) throw new ProtocolError(field, msg);
@@ -145,6 +147,13 @@ export function parseTask(input: string | Json | RoundTask): RoundTask {
     req(v.every((x) => typeof x === "number" && Number.isInteger(x) && x >= 1 && x < 2 ** 32), "block_weights",
       "every weight must be an integer in [1, 2^32)");
     task.block_weights = v.slice() as number[];
+  }
+  if (d.max_block_steps !== undefined && d.max_block_steps !== null) {
+    const v = d.max_block_steps;
+    req(task.noise === "block" && task.domain === "int8-step", "max_block_steps", "only int8-step block noise moves blocks by whole steps");
+    req(typeof v === "number" && Number.isInteger(v) && v >= 1 && v <= MAX_BLOCK_STEPS, "max_block_steps",
+      `expected an integer in [1, ${MAX_BLOCK_STEPS}], got ${show(v).slice(0, 100)}`);
+    task.max_block_steps = v;
   }
   return task;
 }

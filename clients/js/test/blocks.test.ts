@@ -148,6 +148,10 @@ test("a block task this client cannot run is a clear error, never a wrong loss",
   await assert.rejects(runTask(task({ block_weights: "1,1,1" }), weights, batches, rs), /block_weights: expected a list/);
   await assert.rejects(runTask(task({ block_weights: [] }), weights, batches, rs), /block_weights: expected a list/);
   await assert.rejects(runTask(task({ noise: "rademacher", block_weights: [1, 1, 1] }), weights, batches, rs), /block_weights: only block noise/);
+  await assert.rejects(runTask(task({ max_block_steps: 0 }), weights, batches, rs), /max_block_steps: expected an integer in \[1, 127\], got 0/);
+  await assert.rejects(runTask(task({ max_block_steps: 2.5 }), weights, batches, rs), /max_block_steps: expected an integer/);
+  await assert.rejects(runTask(task({ max_block_steps: "4" }), weights, batches, rs), /max_block_steps: expected an integer/);
+  await assert.rejects(runTask(task({ noise: "rademacher", max_block_steps: 4 }), weights, batches, rs), /max_block_steps: only int8-step block noise/);
   // a bundle whose block plan does not match its parameters
   const meta = JSON.parse(JSON.stringify(kit.bundle.meta, (_k, x) => (typeof x === "bigint" ? Number(x) : x)));
   meta.formats["onnx-int8"].blocks.modules = ["features.0", "fc", "nope"];
