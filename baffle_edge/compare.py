@@ -34,13 +34,15 @@ class Run:
 
 
 def default_label(config: dict, estimator: dict | None = None) -> str:
-    """"bp", or "<runtime> <noise>" (plus the block draw when not the default) for a BAFFLE run; the noise
+    """"bp", or "<runtime> <noise>" (plus the block draw when not the default and the int8 step cap
+    ``--int8-block-steps``) for a BAFFLE run; the noise
     a run resolved (metrics.json ``estimator``) when its config left it to the default."""
     if config.get("method") == "bp":
         return "bp"
     noise = config.get("noise") or (estimator or {}).get("noise") or "default noise"
     draw = f" {config['block_draw']}" if noise == "block" and config.get("block_draw") not in (None, "size") else ""
-    return f"{config.get('runtime', 'torch')} {noise}{draw}"
+    cap = f" <={config['int8_block_steps']} steps" if config.get("int8_block_steps") else ""
+    return f"{config.get('runtime', 'torch')} {noise}{draw}{cap}"
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:

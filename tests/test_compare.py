@@ -10,13 +10,13 @@ from baffle_edge.compare import compare, load_run
 
 
 def _run(folder, *, method="baffle", runtime="torch", noise="block", acc=(0.1, 0.2, 0.3, 0.4), every=5,
-         dataset="fashion-mnist", draw="size"):
+         dataset="fashion-mnist", draw="size", cap=None):
     folder.mkdir(parents=True)
     rows = [{"round": r, "train_loss": 2.0 - r / 100} for r in range(1, every * len(acc) + 1)]
     for i, a in enumerate(acc):
         rows[every * (i + 1) - 1]["test_accuracy"] = a
     config = {"method": method, "runtime": runtime, "noise": noise, "block_draw": draw, "dataset": dataset,
-              "model": "lenet"}
+              "model": "lenet", "int8_block_steps": cap}
     (folder / "metrics.json").write_text(json.dumps({"config": config, "rounds": rows, "rounds_per_epoch": 10}))
     return folder
 
@@ -42,6 +42,8 @@ def test_asked_rounds_labels_and_an_explicit_reference(tmp_path):
     a = _run(tmp_path / "a", runtime="onnxruntime-int8", acc=(0.1, 0.2, 0.3, 0.4))
     b = _run(tmp_path / "b", draw="adaptive", acc=(0.2, 0.3, 0.4, 0.5))
     assert load_run(b).label == "torch block adaptive"
+    capped = _run(tmp_path / "c", runtime="onnxruntime-int8", cap=4)
+    assert load_run(capped).label == "onnxruntime-int8 block <=4 steps" and load_run(a).label == "onnxruntime-int8 block"
     res = compare([str(a), str(b)], labels=["int8", "fp32"], rounds=[10, 20], reference="fp32")
     assert [row["round"] for row in res["table"][:-1]] == [10, 20]
     assert res["table"][1]["int8 - fp32"] == pytest.approx(-10.0)
