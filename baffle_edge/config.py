@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .block_draw import BlockDrawPolicy
 from .compact import ReportEncoding
 from .perturb import NoiseKind
-from .protocol import DOMAIN_DEFAULTS, Baseline, Domain, NoiseScope, Scheme, StepEstimator, check_noise
+from .protocol import DOMAIN_DEFAULTS, MAX_BLOCK_STEPS, Baseline, Domain, NoiseScope, Scheme, StepEstimator, check_noise
 from .runtimes import RuntimeInfo, runtime_info
 
 
@@ -268,8 +268,8 @@ def run_choices(cfg: TrainConfig) -> RunChoices:
         if noise is not NoiseKind.BLOCK or domain is not Domain.INT8_STEP:
             raise ValueError("int8_block_steps (--int8-block-steps) caps the whole steps of int8-step block noise: "
                              "use an int8 runtime with --noise block")
-        if not (isinstance(cap, int) and 1 <= cap <= 127):
-            raise ValueError(f"int8_block_steps must be an integer in [1, 127], got {cap!r}")
+        if not (isinstance(cap, int) and 1 <= cap <= MAX_BLOCK_STEPS):
+            raise ValueError(f"int8_block_steps must be an integer in [1, {MAX_BLOCK_STEPS}], got {cap!r}")
     budget = cfg.forward_budget
     if budget is not None:
         if noise is not NoiseKind.BLOCK:

@@ -326,7 +326,7 @@ class BlockTable:
 
     def for_task(self, task) -> "BlockTable":
         """The partition a task's rows are drawn from: its ``block_weights`` and ``max_block_steps``."""
-        return self.weighted(task.block_weights).capped(getattr(task, "max_block_steps", None))
+        return self.weighted(task.block_weights).capped(task.max_block_steps)
 
     @classmethod
     def from_layout(cls, layout) -> "BlockTable":

@@ -24,7 +24,8 @@ def step_noise(task: RoundTask, step: int, dim: int, *, signs: bool = False,
     c, base = task.noise_client, step * task.k
     if task.noise is NoiseKind.BLOCK:  # float: scaled Gaussians; int8-step: whole steps (float32 integers)
         table = require_blocks(blocks, dim)
-        return lambda k: table.dense(*(v[0] for v in draw_blocks(task, table, [base + k])))
+        drawn_from = table.for_task(task)  # once, not per k
+        return lambda k: table.dense(*(v[0] for v in draw_task_blocks(task, drawn_from, [base + k])))
     if signs and task.noise is not NoiseKind.RADEMACHER:
         raise ValueError(f"sign masks need Rademacher noise, task has {task.noise.value!r}")
     return ChunkedNoise(task, base, dim, signs=signs)
@@ -75,14 +76,24 @@ def require_blocks(blocks: perturb.BlockTable | None, dim: int) -> perturb.Block
 
 def step_blocks(task: RoundTask, step: int, blocks: perturb.BlockTable) -> tuple[np.ndarray, list[np.ndarray]]:
     """All K block perturbations of one local step, sparse: (block index per k, its values per k)."""
-    return draw_blocks(task, blocks, step * task.k + np.arange(task.k))
+    return draw_blocks(task, blocks, step_counters(task, step))
+
+
+def step_counters(task: RoundTask, step: int) -> np.ndarray:
+    """The noise counter words k' = step * K + k of one local step's K perturbations."""
+    return step * task.k + np.arange(task.k)
 
 
 def draw_blocks(task: RoundTask, blocks: perturb.BlockTable, ks) -> tuple[np.ndarray, list[np.ndarray]]:
     """Block perturbations ``ks`` in the task's domain: float32 values (float) or whole int8 steps,
-    blocks drawn with the task's ``block_weights`` (docs/noise.md section 11)."""
-    blocks = blocks.for_task(task)
-    draw = blocks.draw_steps if task.domain is Domain.INT8_STEP else blocks.draw
+    blocks drawn with the task's ``block_weights`` (docs/noise.md section 11) from the model's partition ``blocks``."""
+    return draw_task_blocks(task, blocks.for_task(task), ks)
+
+
+def draw_task_blocks(task: RoundTask, table: perturb.BlockTable, ks) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``draw_blocks`` from the task's own partition ``table`` (``BlockTable.for_task``: its block weights and
+    int8 step cap already applied), for callers that also read the table's step weights."""
+    draw = table.draw_steps if task.domain is Domain.INT8_STEP else table.draw
     return draw(task.seed, task.round, task.noise_client, ks)
 
 
@@ -110,7 +121,7 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
         diffs = leave_one_out(diffs)
     if task.noise is NoiseKind.BLOCK:  # sparse: only the drawn blocks are regenerated and touched
         blocks = require_blocks(blocks, dim).for_task(task)
-        drawn, values = step_blocks(task, step, blocks)
+        drawn, values = draw_task_blocks(task, blocks, step_counters(task, step))
         if task.domain is Domain.FLOAT:
             return clip_inf(drawn_gradient(diffs, task.sigma, drawn, values, blocks), task.clip)
         if table is None or weights is None:

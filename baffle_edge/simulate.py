@@ -345,7 +345,7 @@ class Federation:
         raw = s.flat()
         acc, loss = evaluate_weights(self.model, raw, d.x_test, d.y_test)
         shown = s.eval_weights()  # the EMA once it has been updated, else the raw weights themselves
-        acc_eval = acc if shown is raw or torch.equal(shown, raw) else \
+        acc_eval = acc if torch.equal(shown, raw) else \
             evaluate_weights(self.model, shown, d.x_test, d.y_test)[0]
         return {"test_accuracy": acc_eval, "test_accuracy_raw": acc, "test_loss": loss}
 
