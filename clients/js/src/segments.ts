@@ -82,7 +82,6 @@ export function segmentRoles(plan: BlockPlan): { modules: string[]; rests: (stri
 
 export class SegmentForward {
   private t = new Map<string, Tensor>(); // the cached tensors by name (the data input included)
-  private z: Tensor | null = null;
   private feeds: Record<string, Tensor> = {};
   private readonly chain: Map<number, number>; // table module -> plan position
   private readonly rowSizes: number[][]; // per plan module: values per channel of each of its tensors
@@ -98,8 +97,11 @@ export class SegmentForward {
     const bd = plan.boundaries ?? [];
     this.inputs = this.graph ? plan.segments!.map((g) => g.input) : bd.slice(0, -1);
     this.outputs = this.graph ? plan.segments!.map((g) => g.output) : bd.slice(1);
-    const roles = segmentRoles(plan).rests;
-    roles.forEach((r, i) => { if ((r !== null) !== (sessions.rests[i] != null)) throw new BlockError(`module ${plan.modules[i]}: ${r ?? "no"} rest segment expected`); });
+    segmentRoles(plan).rests.forEach((role, i) => {
+      if ((role !== null) !== (sessions.rests[i] != null)) {
+        throw new BlockError(`module ${plan.modules[i]}: ${role ?? "no"} rest segment expected`);
+      }
+    });
     this.chain = new Map(plan.modules.map((m, i) => [table.modules.indexOf(m), i]));
     this.rowSizes = plan.modules.map((m) => table.moduleTensors[table.modules.indexOf(m)].map((t) => t.shape.slice(1).reduce((a, c) => a * c, 1)));
   }
@@ -114,8 +116,7 @@ export class SegmentForward {
     const out = await this.sessions.cache.run({ [this.input]: x, ...feeds }, names);
     this.feeds = feeds;
     this.t = new Map([[this.input, x], ...names.map((n) => [n, out[n]] as [string, Tensor])]);
-    this.z = out[this.output];
-    return this.z.data as Float32Array;
+    return out[this.output].data as Float32Array;
   }
 
   /** Logits (B x classes) of every row: block `blocks[r]` holding `values[r]` (in the feeds' element type). */
