@@ -37,6 +37,8 @@ class PluginEP:
     build_hint: str | None = None  # what a graph the EP cannot build usually lacks (shown with ORT's error)
     target: str | None = None  # the export target (--target) whose bundles the EP runs wholly (verify picks it)
     domains: tuple[str, ...] = ("float", "int8-step")  # the runtimes' domains whose graphs it runs
+    cpu_vendors: tuple[str, ...] | None = None  # /proc/cpuinfo vendor_ids whose machines it offers devices on
+    vendor_note: str | None = None  # why it offers none elsewhere
 
 
 PLUGINS: dict[str, PluginEP] = {
@@ -44,7 +46,10 @@ PLUGINS: dict[str, PluginEP] = {
                         static_batch=True, simulated_on="x86_64", target="qnn-htp", domains=("int8-step",),
                         build_hint="the HTP refuses per-channel int8 conv weights fed as graph inputs: export the "
                         "bundle with --target qnn-htp (per-tensor weights, a uint16 head output)"),
-    "openvino": PluginEP("OpenVINOExecutionProvider", "onnxruntime_ep_openvino", "openvino"),
+    "openvino": PluginEP("OpenVINOExecutionProvider", "onnxruntime_ep_openvino", "openvino",
+                         cpu_vendors=("GenuineIntel",),
+                         vendor_note="onnxruntime-ep-openvino's factory offers Intel devices only, its CPU device "
+                         "included (microsoft/onnxruntime PR #31981 would allow other CPUs)"),
 }
 _registered: set[str] = set()
 
@@ -73,6 +78,19 @@ def plugin_module(short: str):
                           f"pip install 'baffle-edge[{plugin.extra}]'") from None
 
 
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``, ...), or None where the kernel gives none."""
+    try:
+        text = open(cpuinfo, errors="replace").read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return None
+
+
 def add_plugin(so, short: str, batch: int | None) -> None:
     """Register plugin ``short`` (once per process) and add its devices to session options ``so``."""
     import onnxruntime as ort
@@ -82,8 +100,11 @@ def add_plugin(so, short: str, batch: int | None) -> None:
         _registered.add(plugin.ep_name)
     devices = [d for d in ort.get_ep_devices() if d.ep_name == plugin.ep_name]
     if not devices:
+        vendor = cpu_vendor()
+        why = (f": {plugin.vendor_note}, and this CPU's vendor is {vendor!r}"
+               if plugin.cpu_vendors and vendor not in plugin.cpu_vendors else "")
         raise ValueError(f"execution provider {short!r}: {plugin.package} registered but reports no device on this "
-                         f"machine (ort.get_ep_devices() lists only "
+                         f"machine{why} (ort.get_ep_devices() lists only "
                          f"{sorted({d.ep_name for d in ort.get_ep_devices()})}); choose another --provider")
     if plugin.static_batch:
         if not batch:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from baffle_edge.runtimes.onnxruntime_runtime import make_session, plugin_providers
-from baffle_edge.runtimes.plugin_eps import PLUGINS, node_macs, placement, plugin_module, write_check
+from baffle_edge.runtimes.plugin_eps import PLUGINS, cpu_vendor, node_macs, placement, plugin_module, write_check
 
 
 def qdq_matmul(per_tensor: bool = True) -> bytes:
@@ -97,6 +97,14 @@ def test_write_check_refuses_stale_weights():
             return [np.ones((2, 3), np.float32)]
     with pytest.raises(ValueError, match="write-check failed.*'W'"):
         write_check(Stale(), feeds(), "W", "Y")
+
+
+def test_cpu_vendor_reads_proc_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n")
+    assert cpu_vendor(str(info)) == "AuthenticAMD"
+    info.write_text("processor\t: 0\nBogoMIPS\t: 48.00\n")  # arm64 kernels give no vendor_id
+    assert cpu_vendor(str(info)) is None and cpu_vendor(str(tmp_path / "absent")) is None
 
 
 def test_missing_package_names_the_extra(monkeypatch):
@@ -224,6 +232,11 @@ def test_openvino_runs_the_int8_train_graph_wholly(tmp_path):
     pytest.importorskip("onnxruntime_ep_openvino", reason="pip install 'baffle-edge[openvino]'")
     import json
     out = export(tmp_path, "--target", "x86-vnni", "--formats", "onnx-int8")
+    if cpu_vendor() != "GenuineIntel":  # the plugin offers no device here: the error must say why
+        with pytest.raises(ValueError, match=rf"Intel devices only.*vendor is '{cpu_vendor()}'"):
+            device_and_cpu(out, "openvino")
+        pytest.skip(f"onnxruntime-ep-openvino offers Intel devices only; this CPU is {cpu_vendor()!r} "
+                    "(the error naming it was checked)")
     ov, cpu, xo, xc = device_and_cpu(out, "openvino")
     p = ov.placement
     assert p.device_mac_share == 1.0 and p.fallback() == [] and p.weights_on("cpu", "unassigned") == [], p.to_json()
