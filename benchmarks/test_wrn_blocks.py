@@ -40,6 +40,7 @@ from baffle_edge.rows import split_step, step_gradient
 
 TARGET = 3.0  # block cosine / isotropic cosine at equal MACs (issue 29)
 K_ISO = 100
+STEPS_CAP = 4  # the int8 arms' step cap (train --int8-block-steps)
 
 
 def _data():
@@ -113,23 +114,32 @@ def _compare(benchmark, seeds: int, runtime: str, tmp_path, threads: int):
     full, per = block_macs(model, cfg.image_size, cfg.in_channels, rule=rule)
     k_block = equal_compute_k(model, cfg.image_size, K_ISO + 1, cfg.in_channels, rule=rule)
 
-    def task(noise, k, seed, weights=None):
+    def task(noise, k, seed, weights=None, steps=None):
         return RoundTask.for_domain(domain, round=0, client=0, seed=seed, k=k, sigma=1e-4, noise=NoiseKind(noise),
-                                    block_weights=weights)
+                                    block_weights=weights, max_block_steps=steps)
 
-    # the adaptive draw (docs/noise.md section 11) after one observed size-draw round (seed 0)
-    draw = BlockDraw("adaptive", session.blocks, per / full, domain)
-    warm = task("block", k_block, 0)
-    draw.observe(warm, run_task(warm, session, [batch], weights=w))
-    draw.end_round()
+    def adaptive(steps=None):
+        """The adaptive draw (docs/noise.md section 11) after one observed size-draw round (seed 0)."""
+        draw = BlockDraw("adaptive", session.blocks, per / full, domain)
+        warm = task("block", k_block, 0, steps=steps)
+        draw.observe(warm, run_task(warm, session, [batch], weights=w))
+        draw.end_round()
+        return draw
+
+    draw = adaptive()
     k_adaptive = draw.k_for_budget(K_ISO + 1)
-    runs = {isotropic: (K_ISO, None), "block": (k_block, None), "adaptive": (k_adaptive, draw.weights)}
+    runs = {isotropic: (isotropic, K_ISO, None, None),
+            "block": ("block", k_block, None, None), "adaptive": ("block", k_adaptive, draw.weights, None)}
+    if domain is Domain.INT8_STEP:  # whole-step blocks capped at STEPS_CAP steps (--int8-block-steps, noise.md 10)
+        capped = adaptive(STEPS_CAP)
+        runs[f"block<={STEPS_CAP}"] = ("block", k_block, None, STEPS_CAP)
+        runs[f"adaptive<={STEPS_CAP}"] = ("block", capped.k_for_budget(K_ISO + 1), capped.weights, STEPS_CAP)
 
     def measure():
         out = {n: [] for n in runs}
         for seed in range(1, seeds + 1):  # interleaved: the runs share the machine's load alike
-            for n, (k, weights) in runs.items():
-                out[n].append(_round(session, task("block" if n == "adaptive" else n, k, seed, weights), batch, w))
+            for n, (noise, k, weights, steps) in runs.items():
+                out[n].append(_round(session, task(noise, k, seed, weights, steps), batch, w))
         return {n: (statistics.median(t for t, _ in r), [cosine(g, exact) for _, g in r]) for n, r in out.items()}
 
     res = benchmark.pedantic(measure, rounds=1, warmup_rounds=0)
@@ -153,6 +163,13 @@ def _compare(benchmark, seeds: int, runtime: str, tmp_path, threads: int):
           f"{np.mean(cos_block):.3f} {np.round(cos_block, 3).tolist()}, {t_block:.2f} s | ratio {ratio:.1f}x | "
           f"adaptive K={k_adaptive} ({fe_ad:.1f} forwards): cos {np.mean(cos_ad):.3f} {np.round(cos_ad, 3).tolist()}, "
           f"{t_ad:.2f} s, {np.mean(cos_ad) / np.mean(cos_iso):.1f}x")
+    for n in runs.keys() - {isotropic, "block", "adaptive"}:  # the int8 step-capped arms
+        t, cos = res[n]
+        key = n.replace("<=", "_max_steps_")
+        benchmark.extra_info.update({f"k_{key}": runs[n][1], f"seconds_{key}": t, f"cos_{key}": float(np.mean(cos)),
+                                     f"cos_ratio_{key}": float(np.mean(cos) / np.mean(cos_iso))})
+        print(f"  {n} K={runs[n][1]}: cos {np.mean(cos):.3f} {np.round(cos, 3).tolist()}, {t:.2f} s, "
+              f"{np.mean(cos) / np.mean(cos_iso):.1f}x")
     assert fe_block <= K_ISO + 1 and fe_ad <= K_ISO + 1
     if runtime == "torch":
         assert ratio >= 1.5
