@@ -70,30 +70,29 @@ class TargetMismatchWarning(UserWarning):
     """An int8 bundle runs on a CPU of another target than the one it was exported for."""
 
 
+def cpuinfo_field(keys: tuple[str, ...], cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The first non-empty value of a ``key : value`` line of ``cpuinfo`` whose key is one of ``keys`` (the first
+    processor's), or None when there is none or the file is unreadable."""
+    for line in _read(cpuinfo).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in keys and value.strip():
+            return value.strip()
+    return None
+
+
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
     """The CPU feature flags of the first processor in ``cpuinfo`` (empty when unreadable)."""
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86 / arm64 spelling
-            return frozenset(value.split())
-    return frozenset()
+    return frozenset((cpuinfo_field(("flags", "Features"), cpuinfo) or "").split())  # x86 / arm64 spelling
+
+
+def cpu_vendor(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The CPU's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``, ...), or None where the kernel gives none."""
+    return cpuinfo_field(("vendor_id",), cpuinfo)
 
 
 def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     """This CPU's name and target, e.g. ``Intel(R) Xeon(R) Processor (x86-vnni)`` (auto-P's cache key)."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Hardware", "CPU part") and value.strip():
-                name = value.strip()
-                break
-    except OSError:
-        pass
+    name = cpuinfo_field(("model name", "Hardware", "CPU part"), cpuinfo) or platform.processor() or platform.machine()
     try:
         return f"{name} ({detect().value})"
     except ValueError:

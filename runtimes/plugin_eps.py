@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 import numpy as np
 
+from baffle_edge.targets import cpu_vendor
+
 
 @dataclass(frozen=True)
 class PluginEP:
@@ -76,19 +78,6 @@ def plugin_module(short: str):
     except ImportError as e:
         raise ImportError(f"execution provider {short!r} needs the {plugin.package!r} package ({e}): "
                           f"pip install 'baffle-edge[{plugin.extra}]'") from None
-
-
-def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str | None:
-    """The CPU's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``, ...), or None where the kernel gives none."""
-    try:
-        text = open(cpuinfo, errors="replace").read()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "vendor_id":
-            return value.strip()
-    return None
 
 
 def add_plugin(so, short: str, batch: int | None) -> None:
