@@ -233,10 +233,11 @@ def test_openvino_runs_the_int8_train_graph_wholly(tmp_path):
     pytest.importorskip("onnxruntime_ep_openvino", reason="pip install 'baffle-edge[openvino]'")
     import json
     out = export(tmp_path, "--target", "x86-vnni", "--formats", "onnx-int8")
-    if cpu_vendor() not in PLUGINS["openvino"].cpu_vendors:  # the plugin offers no device here: the error says why
-        with pytest.raises(ValueError, match=rf"Intel devices only.*vendor is '{cpu_vendor()}'"):
+    vendor = cpu_vendor()
+    if vendor not in PLUGINS["openvino"].cpu_vendors:  # the plugin offers no device here: the error says why
+        with pytest.raises(ValueError, match=rf"Intel devices only.*vendor is '{vendor}'"):
             device_and_cpu(out, "openvino")
-        pytest.skip(f"onnxruntime-ep-openvino offers Intel devices only; this CPU is {cpu_vendor()!r} "
+        pytest.skip(f"onnxruntime-ep-openvino offers Intel devices only; this CPU is {vendor!r} "
                     "(the error naming it was checked)")
     ov, cpu, xo, xc = device_and_cpu(out, "openvino")
     p = ov.placement
