@@ -218,9 +218,13 @@ def _artifact(runtime: str, cfg: MemoryConfig, model):
     info = REGISTRY[runtime]
     if getattr(info, "artifact", "torch-model") != "bundle":
         return model
+    import atexit
+    import shutil
     import tempfile
     from pathlib import Path
-    out = Path(tempfile.mkdtemp(prefix="baffle-memory-")) / "bundle"
+    folder = tempfile.mkdtemp(prefix="baffle-memory-")
+    atexit.register(shutil.rmtree, folder, True)  # sessions may read it lazily: gone with the process
+    out = Path(folder) / "bundle"
     code = ("import sys, json; from baffle_edge.memory import MemoryConfig, export_for; "
             "export_for(MemoryConfig(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3])")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(cfg)), info.format, str(out)],

@@ -241,9 +241,13 @@ class OrtSession(LazyBlockForward, AutoP, BaseSession):
         return list(self.batched.run([self.output_name], {self.input_name: x, **stacked})[0][:len(sets)])
 
     def end_profiling(self) -> str:
-        """End profiling; returns the trace of the batched session when there is one."""
+        """End profiling; returns the path of the trace (the batched session's when there is one,
+        the other trace removed): the caller reads it and removes it."""
         trace = self.session.end_profiling()
-        return self.batched.end_profiling() if self.batched is not None else trace
+        if self.batched is None:
+            return trace
+        Path(trace).unlink(missing_ok=True)
+        return self.batched.end_profiling()
 
 
 class OrtFloatSession(FloatWeights, OrtSession):

@@ -150,5 +150,11 @@ def test_train_reports_auto_p_in_metrics(tmp_path, monkeypatch):
     metrics = train(cfg, tmp_path / "run", progress=False)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())["perturbations_per_call"]
     assert saved == metrics["perturbations_per_call"]
-    assert saved["requested"] == "auto" and saved["p"] == saved["calibration"]["p"] in (1, 2)
-    assert "runtime=torch" in saved["calibration"]["key"]
+    cal = saved["calibration"]
+    assert saved["requested"] == "auto" and cal["p"] in (1, 2)
+    # the second client's step re-checks a P > 1 against P = 1 (RoundWatch) and may fall back to P = 1
+    # on a loaded machine: the metrics then say so, in the calibration's note and its re-check record
+    fell_back = "now P=1" in cal["stopped"]
+    assert saved["p"] == (1 if fell_back else cal["p"])
+    assert not fell_back or (cal["p"] == 2 and cal["rechecks"])
+    assert "runtime=torch" in cal["key"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,7 +124,9 @@ def test_bundle_records_batched_graph(bundles):
 
 
 def _kernels(session) -> Counter:
-    trace = json.load(open(session.end_profiling()))
+    path = Path(session.end_profiling())
+    trace = json.loads(path.read_text())
+    path.unlink()
     return Counter(e["args"]["op_name"] for e in trace if e.get("cat") == "Node" and e["name"].endswith("kernel_time"))
 
 

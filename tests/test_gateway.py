@@ -5,6 +5,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import threading
 import time
 import zipfile
@@ -67,6 +68,7 @@ class Live:
         self.http = TestClient(create_app(self.board, tk.TokenStore(path), **app_options))
         self.http.__enter__()  # lifespan: long polls wake on board changes
         self.rows: list[dict] = []
+        self.devices: list = []  # device_on's clients: their bundle caches go with the test
 
     def open(self, round_: int) -> threading.Thread:
         def run():
@@ -118,6 +120,8 @@ class Live:
     def close(self):
         self.board.stop("test over")
         self.http.__exit__(None, None, None)
+        for dev in self.devices:  # not dev.close(): its http is ours, already closed
+            shutil.rmtree(dev.cache_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -279,6 +283,7 @@ def device_on(live, client: int, **options):
     dev.http.close()
     dev.http = live.http
     dev.http.headers["Authorization"] = f"Bearer {live.tokens[client]}"
+    live.devices.append(dev)
     return dev
 
 

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,7 +65,9 @@ def test_int8_kernels_run_not_a_float_fallback(setup):
     s = get_runtime("onnxruntime-int8").load(out, profile=True)
     s.set_weights(w)
     s.losses(batch, task(k=2, **INT8))
-    events = json.load(open(s.end_profiling()))
+    path = Path(s.end_profiling())
+    events = json.loads(path.read_text())
+    path.unlink()
     ops = {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
     assert {"QLinearConv", "QGemm"} <= ops, ops
     assert not ops & {"Conv", "Gemm", "FusedConv", "MatMul"}, ops

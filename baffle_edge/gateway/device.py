@@ -94,6 +94,7 @@ class Device:
     def __init__(self, dc: DeviceConfig, *, log: Callable[[str], None] = lambda s: None):
         import httpx
         self.dc, self.log = dc, log
+        self.own = self._load_own(dc.data) if dc.data else None  # first: a bad file leaves nothing open
         import ssl
         verify = ssl.create_default_context(cafile=dc.cafile) if dc.cafile else True
         self.http = httpx.Client(base_url=dc.server.rstrip("/"), verify=verify,
@@ -106,7 +107,6 @@ class Device:
         self.ints_cache: tuple[str, bytes] | None = None  # (model version, integers) of the last int8 download
         self.bundle_bytes: tuple[int | None, dict[str, bytes]] = (None, {})  # the generation held, its files
         self.cache_dir = Path(tempfile.mkdtemp(prefix="baffle-device-"))
-        self.own = self._load_own(dc.data) if dc.data else None
         self.rng = random.Random()  # backoff jitter: devices that retry together do not return together
 
     def close(self) -> None:
