@@ -28,7 +28,7 @@ import numpy as np
 from .estimator import leave_one_out, loss_differences
 from .perturb import BlockTable
 from .protocol import Baseline, ClientReport, Domain, RoundTask
-from .rows import draw_task_blocks, step_counters
+from .rows import step_counters
 
 SCALE = 1 << 24  # integer weights: per-block probability x SCALE (>= 1)
 SIZE_SHARE = 0.1  # adaptive: fraction of the draw kept in proportion to size
@@ -83,7 +83,7 @@ class BlockDraw:
             diffs = loss_differences(report.losses[s * per:(s + 1) * per], base, task.scheme)
             if task.baseline is Baseline.LOO:
                 diffs = leave_one_out(diffs)
-            drawn, _ = draw_task_blocks(task, t, step_counters(task, s))
+            drawn = t.drawn_blocks(task.seed, task.round, task.noise_client, step_counters(task, s))
             scale = t.probability[drawn] if self.domain is Domain.FLOAT else 1.0 / t.steps[drawn].astype(np.float64) ** 2
             m = t.module[drawn]
             np.add.at(self._sum, m, np.asarray(diffs, np.float64) ** 2 * scale)

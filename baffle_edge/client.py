@@ -28,7 +28,7 @@ import numpy as np
 from . import libm, perturb
 from .perturb import NoiseKind
 from .protocol import ClientReport, Domain, RoundTask, check_noise
-from .rows import local_step, require_blocks, split_step, step_blocks, step_gradient, step_noise
+from .rows import draw_task_flat, local_step, require_blocks, split_step, step_counters, step_gradient, step_noise
 
 
 @dataclass(frozen=True)
@@ -255,12 +255,11 @@ def block_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0)
     table = require_blocks(session.blocks, session.dim)
     fwd = session.block_forward
     base = fwd.cache(session.prepare(batch.x))
-    blocks, values = step_blocks(task, step, table)
     # all rows at once: the drawn blocks' indices and values concatenated, split back into one view per row
-    idx = np.concatenate([table.index[table.bounds[b]:table.bounds[b + 1]] for b in blocks])
-    eps = np.concatenate(values)
-    ends = np.cumsum([v.size for v in values])
-    starts = ends - [v.size for v in values]
+    blocks, eps = draw_task_flat(task, table.for_task(task), step_counters(task, step))
+    idx = table.indices(blocks)
+    ends = np.cumsum(table.sizes[blocks]).tolist()
+    starts = [0, *ends[:-1]]
     if session.domain is Domain.INT8_STEP:
         moved = lambda sign: session.flat.moved(idx, eps, sign)  # noqa: E731
     else:

@@ -345,39 +345,77 @@ class BlockTable:
     def draw(self, seed: int, round_: int, client: int, ks: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """The blocks and scaled Gaussian values of perturbations ``ks`` (counter words k'): block
         index per k and a float32 array of d_b values per k (vectorised over k)."""
-        def values(blocks, n, w):  # Box-Muller pairs, an even word count per k
-            z = box_muller(w)
-            starts = np.cumsum(n + (n & 1)) - (n + (n & 1))
-            return [z[s:s + m] * self.scale[b] for s, m, b in zip(starts, n, blocks)]
-        return self._draw(seed, round_, client, ks, lambda n: n + (n & 1), values)
+        return self.split(*self.draw_flat(seed, round_, client, ks))
 
     def draw_steps(self, seed: int, round_: int, client: int, ks: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """int8-step block noise (docs/noise.md section 10): the same blocks as ``draw``, each value
         ``m_b * u`` with u = +-1 (Rademacher bits from Philox block 1 on) and ``m_b = self.steps[b]``
         whole quantization steps; int64 arrays of d_b values per k."""
-        def values(blocks, n, w):
-            words_per_k = -(-n // 32)
-            starts = np.cumsum(words_per_k) - words_per_k
-            return [np.where(rademacher_negative(w[s:s + nw], m), -1, 1) * self.steps[b]
-                    for s, nw, m, b in zip(starts, words_per_k, n, blocks)]
-        return self._draw(seed, round_, client, ks, lambda n: -(-n // 32), values)
+        return self.split(*self.draw_flat(seed, round_, client, ks, steps=True))
 
-    def _draw(self, seed, round_, client, ks, n_words, values) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Pick each k's block from words 0-1 of its stream, then hand ``values`` the words
-        ``n_words(d_b)`` per k from Philox block 1 on (concatenated over k)."""
+    def draw_flat(self, seed: int, round_: int, client: int, ks, *, steps: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``draw`` (or with ``steps`` ``draw_steps``) with the values of all k concatenated, k after k
+        (block b's d_b = ``sizes[b]`` values each): what the clients' rows and the server's decode
+        consume without one array per perturbation."""
+        if steps:
+            def values(blocks, n, w):  # the first d_b bits of each k's ceil(d_b / 32) words
+                nw = -(-n // 32)
+                bits = np.unpackbits(w.astype("<u4").view(np.uint8), bitorder="little").view(bool)
+                u = np.where(self._pieces(bits, 32 * (np.cumsum(nw) - nw), n), -1, 1)
+                return u * np.repeat(self.steps[blocks], n)
+            return self._draw(seed, round_, client, ks, lambda n: -(-n // 32), values)
+
+        def values(blocks, n, w):  # Box-Muller pairs, an even word count per k
+            even = n + (n & 1)
+            return self._pieces(box_muller(w), np.cumsum(even) - even, n) * np.repeat(self.scale[blocks], n)
+        return self._draw(seed, round_, client, ks, lambda n: n + (n & 1), values)
+
+    @staticmethod
+    def _pieces(a: np.ndarray, starts: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """``a[starts[k]:starts[k] + n[k]]``, k after k, concatenated (slices: faster than a gather)."""
+        if len(n) == 0:
+            return a[:0]
+        return np.concatenate([a[s:s + m] for s, m in zip(starts.tolist(), n.tolist())])
+
+    def split(self, blocks: np.ndarray, flat: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``draw_flat``'s values as one view per perturbation."""
+        ends = np.cumsum(self.sizes[blocks]).tolist()
+        return blocks, [flat[a:b] for a, b in zip([0, *ends], ends)]
+
+    def indices(self, blocks: np.ndarray) -> np.ndarray:
+        """The flat parameter indices of ``blocks``, concatenated in order (``draw_flat``'s layout)."""
+        return self._pieces(self.index, self.bounds[blocks], self.sizes[blocks])
+
+    def drawn_blocks(self, seed: int, round_: int, client: int, ks) -> np.ndarray:
+        """The block of each perturbation ``ks`` (``draw``'s first output) without its values."""
+        return self._blocks(seed, round_, client, self._counters(seed, round_, client, ks))
+
+    @staticmethod
+    def _counters(seed, round_, client, ks) -> np.ndarray:
         ks = np.asarray(ks, dtype=np.int64).reshape(-1)
         for name, v in (("seed", seed), ("round", round_), ("client", client)):
             _check_word(name, v, 64 if name == "seed" else 32)
         if ks.size and (ks.min() < 0 or ks.max() >= 2**32):
             raise ValueError("k must be in [0, 2**32)")
+        return ks
+
+    def _blocks(self, seed, round_, client, ks: np.ndarray) -> np.ndarray:
+        """Each k's block from words 0-1 of its stream (Philox block 0)."""
+        head = _philox_blocks(np.zeros(ks.size, np.uint64), ks.astype(np.uint64), client, round_,
+                              seed & 0xFFFFFFFF, seed >> 32)
+        r = ((head[:, 1].astype(np.uint64) << np.uint64(32)) | head[:, 0].astype(np.uint64)) % np.uint64(self.draw_total)
+        return np.searchsorted(self.draw_bounds, r.astype(np.int64), side="right") - 1
+
+    def _draw(self, seed, round_, client, ks, n_words, values) -> tuple[np.ndarray, np.ndarray]:
+        """Pick each k's block from words 0-1 of its stream, then hand ``values`` the words
+        ``n_words(d_b)`` per k from Philox block 1 on (concatenated over k)."""
+        ks = self._counters(seed, round_, client, ks)
         if ks.size > self.DRAW_CHUNK:  # chunks keep the temporaries in cache (~3x faster than one pass)
             parts = [self._draw(seed, round_, client, ks[i:i + self.DRAW_CHUNK], n_words, values)
                      for i in range(0, ks.size, self.DRAW_CHUNK)]
-            return np.concatenate([p[0] for p in parts]), [v for p in parts for v in p[1]]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         k0, k1 = seed & 0xFFFFFFFF, seed >> 32
-        head = _philox_blocks(np.zeros(ks.size, np.uint64), ks.astype(np.uint64), client, round_, k0, k1)
-        r = ((head[:, 1].astype(np.uint64) << np.uint64(32)) | head[:, 0].astype(np.uint64)) % np.uint64(self.draw_total)
-        blocks = np.searchsorted(self.draw_bounds, r.astype(np.int64), side="right") - 1
+        blocks = self._blocks(seed, round_, client, ks)
         n = self.sizes[blocks]
         nw = n_words(n)
         nb = -(-nw // 4)
@@ -399,3 +437,10 @@ class BlockTable:
         idx = np.concatenate([self.index[self.bounds[b]:self.bounds[b + 1]] for b in blocks])
         w = np.concatenate([v.astype(np.float64) * c for v, c in zip(values, coef)])
         return np.bincount(idx, weights=w, minlength=self.dim)
+
+    def accumulate_flat(self, blocks: np.ndarray, flat: np.ndarray, coef: np.ndarray, *,
+                        idx: np.ndarray | None = None) -> np.ndarray:
+        """``accumulate`` of ``draw_flat``'s layout (the same sums, in the same order, so the same bits);
+        ``idx``: ``indices(blocks)`` when the caller has them."""
+        w = flat.astype(np.float64) * np.repeat(np.asarray(coef, dtype=np.float64), self.sizes[blocks])
+        return np.bincount(self.indices(blocks) if idx is None else idx, weights=w, minlength=self.dim)

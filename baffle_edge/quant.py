@@ -214,14 +214,16 @@ class FlatSteps:
             self.q[sl] = q.reshape(-1)
             self.lo[sl], self.hi[sl] = t.bounds
             self.mult[sl] = t.multiplier
+        self.room = np.minimum(self.q - self.lo, self.hi - self.q)  # the largest |delta| that stays in range
 
     def moved(self, idx: np.ndarray, steps: np.ndarray, sign: int = 1) -> np.ndarray:
         """q + delta at flat indices ``idx``, delta = sign * multiplier * steps, or q where q + delta
-        or q - delta leaves [lo, hi]; int64."""
-        q, lo, hi = self.q[idx], self.lo[idx], self.hi[idx]
-        delta = sign * self.mult[idx] * np.asarray(steps, np.int64)
-        reach = np.abs(delta)
-        return np.where((q - reach >= lo) & (q + reach <= hi), q + delta, q)
+        or q - delta leaves [lo, hi] (|delta| > ``room``); int64."""
+        q = self.q[idx]
+        delta = self.mult[idx] * np.asarray(steps, np.int64)
+        if sign < 0:
+            np.negative(delta, out=delta)
+        return np.where(np.abs(delta) <= self.room[idx], q + delta, q)
 
     def tensors(self, table: QuantTable, flat: np.ndarray) -> list[np.ndarray]:
         """A flat integer vector back into the table's tensors (their shapes and dtypes)."""

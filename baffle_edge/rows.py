@@ -97,6 +97,11 @@ def draw_task_blocks(task: RoundTask, table: perturb.BlockTable, ks) -> tuple[np
     return draw(task.seed, task.round, task.noise_client, ks)
 
 
+def draw_task_flat(task: RoundTask, table: perturb.BlockTable, ks) -> tuple[np.ndarray, np.ndarray]:
+    """``draw_task_blocks`` with the values of all k concatenated (``BlockTable.draw_flat``)."""
+    return table.draw_flat(task.seed, task.round, task.noise_client, ks, steps=task.domain is Domain.INT8_STEP)
+
+
 def split_step(task: RoundTask, out: np.ndarray) -> tuple[float | None, np.ndarray]:
     """Split a session's output for one step into (base loss, perturbed losses)."""
     if task.scheme is Scheme.FORWARD:
@@ -121,21 +126,18 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
         diffs = leave_one_out(diffs)
     if task.noise is NoiseKind.BLOCK:  # sparse: only the drawn blocks are regenerated and touched
         blocks = require_blocks(blocks, dim).for_task(task)
-        drawn, values = draw_task_blocks(task, blocks, step_counters(task, step))
+        drawn, values = draw_task_flat(task, blocks, step_counters(task, step))  # all K blocks in one pass
+        coef = np.asarray(diffs, dtype=np.float64) / len(diffs)
         if task.domain is Domain.FLOAT:
-            return clip_inf(drawn_gradient(diffs, task.sigma, drawn, values, blocks), task.clip)
+            return clip_inf(blocks.accumulate_flat(drawn, values, coef) / task.sigma, task.clip)
         if table is None or weights is None:
             raise ValueError("an int8-step report needs the bundle's quantization table to be decoded")
         from .quant import FlatSteps
         flat = FlatSteps(table, table.quantize(weights))  # eps_eff in steps, weighted (1 / p_b) / m_b^2
-        # all K blocks in one vectorised pass (elementwise: the same values as block by block)
-        idx = np.concatenate([blocks.index[blocks.bounds[b]:blocks.bounds[b + 1]] for b in drawn]) if len(drawn) \
-            else np.empty(0, np.int64)
-        sizes = blocks.sizes[drawn]
-        every = flat.effective(idx, np.concatenate(values) if len(values) else np.empty(0, np.int64),
-                               central=task.central) * np.repeat(blocks.step_weight[drawn], sizes)
-        eff = np.split(every, np.cumsum(sizes)[:-1]) if len(drawn) else []
-        return clip_inf(drawn_gradient(diffs, table.divisor(task.estimator), drawn, eff, blocks), task.clip)
+        idx = blocks.indices(drawn)
+        every = flat.effective(idx, values, central=task.central) * np.repeat(blocks.step_weight[drawn],
+                                                                            blocks.sizes[drawn])
+        return clip_inf(blocks.accumulate_flat(drawn, every, coef, idx=idx) / table.divisor(task.estimator), task.clip)
     noise = step_noise(task, step, dim)
     if task.domain is Domain.FLOAT:
         return clip_inf(stein_gradient(diffs, task.sigma, noise, dim), task.clip)
@@ -144,14 +146,6 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
     q = table.quantize(weights)
     eff = lambda k: table.effective_noise(q, noise(k), central=task.central)  # noqa: E731
     return clip_inf(stein_gradient(diffs, table.divisor(task.estimator), eff, dim), task.clip)
-
-
-def drawn_gradient(diffs: np.ndarray, sigma, drawn: np.ndarray, values: list[np.ndarray],
-                   blocks: perturb.BlockTable) -> np.ndarray:
-    """``stein_gradient`` for block noise: (1/K) sum_k diffs[k] eps_k / sigma over the drawn blocks
-    (``sigma``: a float, or int8-step the divisor per coordinate)."""
-    diffs = np.asarray(diffs, dtype=np.float64)
-    return blocks.accumulate(drawn, values, diffs / diffs.size) / sigma
 
 
 def local_step(task: RoundTask, w: np.ndarray, g: np.ndarray) -> np.ndarray:

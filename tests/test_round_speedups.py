@@ -3,6 +3,8 @@ noise for several rows per Philox pass (perturb.noise_rows, rows.ChunkedNoise), 
 cached views, no prefetch thread for chunked noise. A changed loss, noise value or row order fails
 here: every check recomputes the losses the straightforward way (one ``perturb.noise`` /
 ``negative_signs`` call per k, ``QuantTable.perturb``, one ``evaluate`` per row)."""
+import hashlib
+
 import numpy as np
 import pytest
 from bundles import trained_lenet
@@ -153,7 +155,7 @@ def test_int8_block_decode_vectorised_is_block_by_block(central):
     """The server's int8 block decode (rows.step_gradient) in one vectorised pass gives the
     block-by-block result exactly."""
     from baffle_edge.quant import FlatSteps, QuantTable, bias_tensor, weight_tensor
-    from baffle_edge.rows import drawn_gradient, step_blocks, step_gradient
+    from baffle_edge.rows import step_blocks, step_gradient
     from baffle_edge.estimator import clip_inf, loss_differences
     w1 = weight_tensor("a.weight", "a", 0, (8, 3, 3, 3), 0, tuple([0.01] * 8))
     b1 = bias_tensor("a.bias", "ab", 216, (8,), tuple([0.001] * 8), w1)
@@ -171,6 +173,39 @@ def test_int8_block_decode_vectorised_is_block_by_block(central):
     flat = FlatSteps(table, table.quantize(w))
     eff = [flat.effective(blocks.index[blocks.bounds[b]:blocks.bounds[b + 1]], v, central=central)
            * blocks.step_weight[b] for b, v in zip(drawn, values)]
-    want = clip_inf(drawn_gradient(loss_differences(losses, base, task.scheme), table.divisor(task.estimator),
-                                   drawn, eff, blocks), task.clip)
+    diffs = loss_differences(losses, base, task.scheme)
+    want = clip_inf(blocks.accumulate(drawn, eff, diffs / diffs.size) / table.divisor(task.estimator), task.clip)
     assert got.tobytes() == want.tobytes() and np.abs(got).max() > 0
+
+
+@pytest.mark.parametrize("steps", [False, True])
+def test_flat_block_draw_is_the_per_perturbation_draw(steps):
+    """``draw_flat`` (what client rows and the server's decode consume) holds ``draw`` / ``draw_steps``'s
+    values k after k, ``indices`` their parameter indices, and ``accumulate_flat`` sums them as
+    ``accumulate`` does, bit for bit; the float decode in one pass equals the per-block sum."""
+    from baffle_edge.rows import step_blocks, step_gradient
+    from baffle_edge.estimator import clip_inf, loss_differences
+    table = perturb.BlockTable([("a.weight", (8, 3, 3, 3), 0), ("a.bias", (8,), 216), ("b.weight", (5, 33), 224),
+                                ("b.bias", (5,), 389)]).capped(2 if steps else None)
+    ks = np.arange(3, 700, 3)
+    blocks, values = (table.draw_steps if steps else table.draw)(9, 4, 2, ks)
+    b, flat = table.draw_flat(9, 4, 2, ks, steps=steps)
+    assert np.array_equal(b, blocks) and flat.tobytes() == np.concatenate(values).tobytes()
+    # the streams as the per-perturbation draw produced them before it was vectorised (and the TS port draws)
+    digest = hashlib.sha256(b.astype("<i8").tobytes() + flat.tobytes()).hexdigest()[:16]
+    assert digest == ("bf0edddf26b05f59" if steps else "86f109fe1402d738"), digest
+    assert len(set(table.module[blocks].tolist())) == 2 and (np.abs(flat) == 2).any() == steps
+    assert np.array_equal(table.indices(b), np.concatenate([table.index[table.bounds[i]:table.bounds[i + 1]] for i in b]))
+    coef = np.random.default_rng(1).standard_normal(len(b))
+    assert table.accumulate_flat(b, flat, coef).tobytes() == table.accumulate(blocks, values, coef).tobytes()
+    assert np.array_equal(table.drawn_blocks(9, 4, 2, ks), blocks)
+    empty_b, empty = table.draw_flat(9, 4, 2, [], steps=steps)
+    assert empty_b.size == 0 and empty.size == 0 and table.indices(empty_b).size == 0
+    if not steps:
+        task = RoundTask(round=4, client=2, seed=9, k=50, sigma=1e-3, noise="block")
+        losses = np.random.default_rng(0).standard_normal(task.losses_per_step)
+        got = step_gradient(task, 0, losses, 0.2, table.dim, blocks=table)
+        drawn, vals = step_blocks(task, 0, table)
+        diffs = loss_differences(losses, 0.2, task.scheme)
+        want = clip_inf(table.accumulate(drawn, vals, diffs / diffs.size) / task.sigma, task.clip)
+        assert got.tobytes() == want.tobytes() and np.abs(got).max() > 0
