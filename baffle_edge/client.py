@@ -256,12 +256,13 @@ def block_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0)
     fwd = session.block_forward
     base = fwd.cache(session.prepare(batch.x))
     # all rows at once: the drawn blocks' indices and values concatenated, split back into one view per row
-    blocks, eps = draw_task_flat(task, table.for_task(task), step_counters(task, step))
+    drawn_from = table.for_task(task)
+    blocks, eps = draw_task_flat(task, drawn_from, step_counters(task, step))
     idx = table.indices(blocks)
     ends = np.cumsum(table.sizes[blocks]).tolist()
     starts = [0, *ends[:-1]]
     if session.domain is Domain.INT8_STEP:
-        moved = lambda sign: session.flat.moved(idx, eps, sign)  # noqa: E731
+        moved = lambda sign: session.flat.moved_rows(drawn_from, idx, eps, sign)  # noqa: E731
     else:
         moved = lambda sign: session.w0[idx] + np.float32(sign) * (np.float32(task.sigma) * eps)  # noqa: E731
     rows = []

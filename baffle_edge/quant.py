@@ -215,6 +215,7 @@ class FlatSteps:
             self.lo[sl], self.hi[sl] = t.bounds
             self.mult[sl] = t.multiplier
         self.room = np.minimum(self.q - self.lo, self.hi - self.q)  # the largest |delta| that stays in range
+        self._units: tuple[bytes, np.ndarray] | None = None  # (block steps, units): block rows' moves
 
     def moved(self, idx: np.ndarray, steps: np.ndarray, sign: int = 1) -> np.ndarray:
         """q + delta at flat indices ``idx``, delta = sign * multiplier * steps, or q where q + delta
@@ -224,6 +225,30 @@ class FlatSteps:
         if sign < 0:
             np.negative(delta, out=delta)
         return np.where(np.abs(delta) <= self.room[idx], q + delta, q)
+
+    def block_units(self, blocks) -> np.ndarray:
+        """Per coordinate, the integers one step of its block moves it (``multiplier``), or 0 where the block's
+        m_b steps (``blocks.steps``, a ``perturb.BlockTable``) could leave [lo, hi]: then ``moved(idx, v, sign)``
+        of values v = +-m_b drawn by ``blocks`` is q + sign * units * v at idx, with a gather and a product
+        instead of a range test per row (|delta| = |multiplier| m_b does not depend on the signs)."""
+        key = blocks.steps.tobytes()
+        if self._units is None or self._units[0] != key:
+            m = np.empty(self.q.size, np.int64)
+            m[blocks.index] = np.repeat(blocks.steps, blocks.sizes)
+            self._units = key, np.where(np.abs(self.mult) * m <= self.room, self.mult, 0)
+        return self._units[1]
+
+    def moved_rows(self, blocks, idx: np.ndarray, values: np.ndarray, sign: int = 1) -> np.ndarray:
+        """``moved(idx, values, sign)`` of block rows drawn by ``blocks`` (``draw_flat`` steps), the same integers."""
+        d = self.block_units(blocks)[idx] * values
+        q = self.q[idx]
+        return np.subtract(q, d, out=d) if sign < 0 else np.add(q, d, out=d)
+
+    def effective_rows(self, blocks, idx: np.ndarray, values: np.ndarray, *, central: bool = False) -> np.ndarray:
+        """``effective(idx, values, central=...)`` of block rows drawn by ``blocks``: the same float64 values
+        (the moved integers minus the reference ones are units * values, or twice that central)."""
+        c = 2 if central else 1
+        return (self.block_units(blocks)[idx] * (c * values)) / (c * self.mult[idx])
 
     def tensors(self, table: QuantTable, flat: np.ndarray) -> list[np.ndarray]:
         """A flat integer vector back into the table's tensors (their shapes and dtypes)."""

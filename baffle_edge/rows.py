@@ -135,8 +135,8 @@ def step_gradient(task: RoundTask, step: int, losses: np.ndarray, base: float | 
         from .quant import FlatSteps
         flat = FlatSteps(table, table.quantize(weights))  # eps_eff in steps, weighted (1 / p_b) / m_b^2
         idx = blocks.indices(drawn)
-        every = flat.effective(idx, values, central=task.central) * np.repeat(blocks.step_weight[drawn],
-                                                                            blocks.sizes[drawn])
+        every = flat.effective_rows(blocks, idx, values, central=task.central) * np.repeat(blocks.step_weight[drawn],
+                                                                                         blocks.sizes[drawn])
         return clip_inf(blocks.accumulate_flat(drawn, every, coef, idx=idx) / table.divisor(task.estimator), task.clip)
     noise = step_noise(task, step, dim)
     if task.domain is Domain.FLOAT:

@@ -209,3 +209,30 @@ def test_flat_block_draw_is_the_per_perturbation_draw(steps):
         diffs = loss_differences(losses, 0.2, task.scheme)
         want = clip_inf(table.accumulate(drawn, vals, diffs / diffs.size) / task.sigma, task.clip)
         assert got.tobytes() == want.tobytes() and np.abs(got).max() > 0
+
+
+@pytest.mark.parametrize("cap", [None, 2])
+def test_block_rows_move_as_the_range_test_says(cap):
+    """``FlatSteps.moved_rows`` / ``effective_rows`` (one unit per coordinate for the table's block steps)
+    give ``moved`` / ``effective``'s integers and values, coordinates near the range frozen included."""
+    from baffle_edge.quant import FlatSteps, QuantTable, bias_tensor, weight_tensor
+    w1 = weight_tensor("a.weight", "a", 0, (8, 3, 3, 3), 0, tuple([0.01] * 8))
+    b1 = bias_tensor("a.bias", "ab", 216, (8,), tuple([0.001] * 8), w1)
+    w2 = weight_tensor("b.weight", "b", 224, (5, 300), 0, tuple([0.02] * 5))
+    table = QuantTable((w1, b1, w2))
+    blocks = perturb.BlockTable([(t.name, t.shape, t.offset) for t in table.tensors]).capped(cap)
+    w = (np.random.default_rng(0).standard_normal(table.dim) * 1.5).astype(np.float32)
+    flat = FlatSteps(table, table.quantize(w))
+    b, v = blocks.draw_flat(3, 1, 2, np.arange(500), steps=True)
+    idx = blocks.indices(b)
+    assert (flat.moved(idx, v, 1) == flat.q[idx]).sum() > 1000  # many coordinates cannot move
+    for sign in (1, -1):
+        got, want = flat.moved_rows(blocks, idx, v, sign), flat.moved(idx, v, sign)
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    for central in (False, True):
+        got = flat.effective_rows(blocks, idx, v, central=central)
+        assert got.tobytes() == flat.effective(idx, v, central=central).tobytes()
+    other = blocks.capped(1)  # another step table: the units follow it
+    b1_, v1 = other.draw_flat(3, 1, 2, np.arange(50), steps=True)
+    i1 = other.indices(b1_)
+    assert np.array_equal(flat.moved_rows(other, i1, v1), flat.moved(i1, v1))
