@@ -144,6 +144,9 @@ class StepWeights:
         return self.flat.tensors(self.table, self.flat.moved(slice(None), eps, sign))  # block noise (dense)
 
 
+LOSS_CHUNK_VALUES = 1 << 13  # logits values per exp pass of cross_entropies, per call in step_losses (cache-sized)
+
+
 def cross_entropies(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The loss of each logits array ``logits[i]`` (n x B x C, labels (B,)): mean softmax
     cross-entropy in float64, computed exactly as docs/noise.md section 7 specifies (first maximum,
@@ -154,9 +157,16 @@ def cross_entropies(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         raise ValueError(f"cross-entropy: expected logits n x B x C and B labels, got logits {z.shape}, labels {y.shape}")
     if y.size and (y.min() < 0 or y.max() >= z.shape[2]):
         raise ValueError(f"labels outside [0, {z.shape[2]})")
-    m = np.take_along_axis(z, z.argmax(axis=2)[..., None], axis=2)  # the first largest logit of each row
-    sums = libm.pairwise_sum(libm.exp(z - m))
-    logp = (z[:, np.arange(y.size), y] - m[..., 0]) - libm.log(sums)
+    # exp and its sums in chunks of LOSS_CHUNK_VALUES logits (libm's temporaries stay in cache), the log
+    # once over all sums (it is called on B values per row: per-call overhead would dominate)
+    step = max(1, LOSS_CHUNK_VALUES // max(1, z.shape[1] * z.shape[2]))
+    sums, picked = np.empty(z.shape[:2]), np.empty(z.shape[:2])
+    for i in range(0, len(z), step):
+        c = z[i:i + step]
+        m = np.take_along_axis(c, c.argmax(axis=2)[..., None], axis=2)  # the first largest logit of each row
+        sums[i:i + step] = libm.pairwise_sum(libm.exp(c - m))
+        picked[i:i + step] = c[:, np.arange(y.size), y] - m[..., 0]
+    logp = picked - libm.log(sums)
     return -(libm.pairwise_sum(logp) / y.size)
 
 
@@ -193,7 +203,6 @@ def check_task(session: Session, task: RoundTask) -> None:
     check_noise(task.domain, task.noise)
 
 
-LOSS_CHUNK_VALUES = 1 << 13  # logits values per cross_entropies call in step_losses (its temporaries stay in cache)
 
 
 def step_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
@@ -269,8 +278,7 @@ def block_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0)
     for sign in ((1, -1) if task.central else (1,)):
         m = moved(sign)
         z = fwd.logits(blocks, [m[a:b] for a, b in zip(starts, ends)])
-        step = max(1, LOSS_CHUNK_VALUES // z[0].size)  # chunks keep libm's temporaries in cache
-        rows.extend(cross_entropies(z[i:i + step], batch.y) for i in range(0, len(z), step))
+        rows.append(cross_entropies(z, batch.y))
     return np.concatenate(([] if task.central else [cross_entropy(base, batch.y)], *rows))
 
 
