@@ -340,7 +340,7 @@ class BlockTable:
         return [{"module": m, "blocks": int((self.module == i).sum()),
                  "block_size": int(self.sizes[self.module == i][0])} for i, m in enumerate(self.modules)]
 
-    DRAW_CHUNK = 128  # perturbations per vectorised Philox + Box-Muller pass
+    DRAW_WORDS = 1 << 16  # Philox words per vectorised pass (Box-Muller or bit unpacking): cache-sized
 
     def draw(self, seed: int, round_: int, client: int, ks: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """The blocks and scaled Gaussian values of perturbations ``ks`` (counter words k'): block
@@ -358,16 +358,13 @@ class BlockTable:
         (block b's d_b = ``sizes[b]`` values each): what the clients' rows and the server's decode
         consume without one array per perturbation."""
         if steps:
-            def values(blocks, n, w):  # the first d_b bits of each k's ceil(d_b / 32) words
-                nw = -(-n // 32)
+            def values(blocks, n, w, starts):  # the first d_b bits of each k's words
                 bits = np.unpackbits(w.astype("<u4").view(np.uint8), bitorder="little").view(bool)
-                u = np.where(self._pieces(bits, 32 * (np.cumsum(nw) - nw), n), -1, 1)
-                return u * np.repeat(self.steps[blocks], n)
+                return np.where(self._pieces(bits, 32 * starts, n), -1, 1) * np.repeat(self.steps[blocks], n)
             return self._draw(seed, round_, client, ks, lambda n: -(-n // 32), values)
 
-        def values(blocks, n, w):  # Box-Muller pairs, an even word count per k
-            even = n + (n & 1)
-            return self._pieces(box_muller(w), np.cumsum(even) - even, n) * np.repeat(self.scale[blocks], n)
+        def values(blocks, n, w, starts):  # Box-Muller pairs: each k's words start on a Philox block (even)
+            return self._pieces(box_muller(w), starts, n) * np.repeat(self.scale[blocks], n)
         return self._draw(seed, round_, client, ks, lambda n: n + (n & 1), values)
 
     @staticmethod
@@ -407,22 +404,25 @@ class BlockTable:
         return np.searchsorted(self.draw_bounds, r.astype(np.int64), side="right") - 1
 
     def _draw(self, seed, round_, client, ks, n_words, values) -> tuple[np.ndarray, np.ndarray]:
-        """Pick each k's block from words 0-1 of its stream, then hand ``values`` the words
-        ``n_words(d_b)`` per k from Philox block 1 on (concatenated over k)."""
+        """Pick each k's block from words 0-1 of its stream, then hand ``values`` the Philox blocks 1 ..
+        ceil(n_words(d_b) / 4) of each k, concatenated over k (a k's last block may hold words it does
+        not use), with the word at which each k's words start."""
         ks = self._counters(seed, round_, client, ks)
-        if ks.size > self.DRAW_CHUNK:  # chunks keep the temporaries in cache (~3x faster than one pass)
-            parts = [self._draw(seed, round_, client, ks[i:i + self.DRAW_CHUNK], n_words, values)
-                     for i in range(0, ks.size, self.DRAW_CHUNK)]
-            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         k0, k1 = seed & 0xFFFFFFFF, seed >> 32
         blocks = self._blocks(seed, round_, client, ks)
-        n = self.sizes[blocks]
-        nw = n_words(n)
-        nb = -(-nw // 4)
-        ctr = np.arange(nb.sum()) - np.repeat(np.cumsum(nb) - nb, nb) + 1  # Philox block 1, 2, ... per k
+        nb = -(-n_words(self.sizes[blocks]) // 4)  # Philox blocks of values per k
+        # passes of about DRAW_WORDS words keep the temporaries in cache (~3x faster than one pass)
+        cuts = [0, *(np.flatnonzero(np.diff(np.cumsum(nb) // (self.DRAW_WORDS // 4))) + 1).tolist(), ks.size]
+        out = [self._values(client, round_, k0, k1, ks[a:b], blocks[a:b], nb[a:b], values)
+               for a, b in zip(cuts[:-1], cuts[1:])]
+        return blocks, (np.concatenate(out) if len(out) > 1 else out[0])
+
+    def _values(self, client, round_, k0, k1, ks, blocks, nb, values) -> np.ndarray:
+        """One pass of ``_draw``: the values of perturbations ``ks`` (their blocks ``blocks``, ``nb`` Philox blocks each)."""
+        first = np.cumsum(nb) - nb
+        ctr = np.arange(nb.sum()) - np.repeat(first, nb) + 1  # Philox block 1, 2, ... per k
         w = _philox_blocks(ctr.astype(np.uint64), np.repeat(ks, nb).astype(np.uint64), client, round_, k0, k1)
-        keep = (np.arange(4)[None, :] + 4 * (ctr - 1)[:, None]) < np.repeat(nw, nb)[:, None]
-        return blocks, values(blocks, n, w[keep])
+        return values(blocks, self.sizes[blocks], w.reshape(-1), 4 * first)
 
     def dense(self, block: int, values: np.ndarray) -> np.ndarray:
         """eps_k as a flat float32 vector (zero outside the block)."""
