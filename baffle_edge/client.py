@@ -203,8 +203,6 @@ def check_task(session: Session, task: RoundTask) -> None:
     check_noise(task.domain, task.noise)
 
 
-
-
 def step_losses(session: Session, batch: Batch, task: RoundTask, step: int = 0) -> np.ndarray:
     """The losses of one local step: ``[L(w)] + [L(w + d_k) for k] (+ [L(w - d_k) for k] central)``.
 
